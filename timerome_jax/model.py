@@ -1,0 +1,227 @@
+"""The MDLM backbone as pure functions over a params pytree (every family, one code path).
+
+Params layout (plain dicts; layers stacked on a leading axis L and run with `lax.scan`):
+
+    embed      [V, D]
+    layers     attn_norm [L, D]; wq [L, D, H*hd]; wk, wv [L, D, Hkv*hd]; wo [L, H*hd, D]
+               (bq [L, H*hd], bk, bv [L, Hkv*hd] when qkv_bias)
+               (q_norm, k_norm [L, hd] when qk_norm)
+               mlp_norm [L, D]
+               dense: w_gate, w_up [L, D, F]; w_down [L, F, D]
+               moe:   router [L, D, E]; w_gate, w_up [L, E, D, Fe]; w_down [L, E, Fe, D]
+    final_norm [D]
+    lm_head    [D, V]   (absent when tie_embeddings)
+
+Precision policy: matmuls in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softmax, the
+MoE router and the logits in float32.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .intervene import Intervene, apply_edit, apply_patch, read
+
+RESID, ATTN, MLP = 0, 1, 2
+
+
+class Out(NamedTuple):
+    """logits [B,T,V] float32 (None when the forward stopped early);
+    acts: dict resid/attn/mlp -> [L, B, S, D] at `intervene.read_pos` (None when nothing is read)."""
+
+    logits: Optional[jax.Array]
+    acts: Optional[dict]
+
+
+def cdtype(cfg: ModelConfig):
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def rms_norm(x, w, eps):
+    """HF order: normalise in float32, cast back to the input dtype, then scale."""
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return (w.astype(jnp.float32) * y.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions, rot_dim: int, theta: float):
+    """cos, sin [..., T, rot_dim] in float32, half-split (HF `rotate_half`) layout."""
+    inv = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin, rot_dim: int):
+    """x [B,T,N,hd]; rotate the first rot_dim dims in float32 (half split), pass the rest through."""
+    xr, xp = x[..., :rot_dim].astype(jnp.float32), x[..., rot_dim:]
+    half = rot_dim // 2
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = (xr * c + rot * s).astype(x.dtype)
+    return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
+
+
+def _mm(x, w, dt):
+    return jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+
+
+def attention(q, k, v, pad_mask, cfg: ModelConfig):
+    """Bidirectional attention. q [B,T,H,hd], k/v [B,T,Hkv,hd]; pad_mask [B,T] bool (keys only)."""
+    if cfg.attn_impl == "cudnn":
+        mask = None if pad_mask is None else pad_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation="cudnn")
+    b, t, h, hd = q.shape
+    g = h // k.shape[2]
+    qg = q.reshape(b, t, k.shape[2], g, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    if pad_mask is not None:
+        s = jnp.where(pad_mask[:, None, None, None, :], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return o.reshape(b, t, h, hd)
+
+
+def attn_block(lp, x, cos, sin, pad_mask, cfg: ModelConfig):
+    """Attention sub-layer output (before the residual add). x [B,T,D] -> [B,T,D]."""
+    dt = cdtype(cfg)
+    b, t, _ = x.shape
+    n = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+    q, k, v = _mm(n, lp["wq"], dt), _mm(n, lp["wk"], dt), _mm(n, lp["wv"], dt)
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
+    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:  # LLaDA-MoE: per-head RMSNorm before RoPE
+        q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
+    q, k = apply_rope(q, cos, sin, cfg.rot_dim), apply_rope(k, cos, sin, cfg.rot_dim)
+    o = attention(q, k, v, pad_mask, cfg).reshape(b, t, cfg.n_heads * cfg.head_dim)
+    return _mm(o, lp["wo"], dt)
+
+
+def swiglu(x, w_gate, w_up, w_down, dt):
+    return _mm(jax.nn.silu(_mm(x, w_gate, dt)) * _mm(x, w_up, dt), w_down, dt)
+
+
+def mlp_block(lp, h, cfg: ModelConfig):
+    """MLP sub-layer output (before the residual add). h [B,T,D] -> [B,T,D]."""
+    dt = cdtype(cfg)
+    m = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
+    if not cfg.is_moe:
+        return swiglu(m, lp["w_gate"], lp["w_up"], lp["w_down"], dt)
+    # Softmax router in float32, top-k, no renormalisation unless the config asks for it. Experts are
+    # evaluated densely and weighted by a (mostly zero) routing matrix: simple and exact; the
+    # wasted expert FLOPs only matter at LLaDA-MoE scale.
+    logits = jnp.einsum("btd,de->bte", m.astype(jnp.float32), lp["router"].astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    topv, topi = jax.lax.top_k(probs, cfg.n_experts_per_tok)
+    if cfg.norm_topk_prob:
+        topv = topv / jnp.sum(topv, axis=-1, keepdims=True)
+    route = jnp.sum(jax.nn.one_hot(topi, cfg.n_experts, dtype=jnp.float32) * topv[..., None], axis=-2)
+    gate = jnp.einsum("btd,edf->btef", m.astype(dt), lp["w_gate"].astype(dt), preferred_element_type=jnp.float32)
+    up = jnp.einsum("btd,edf->btef", m.astype(dt), lp["w_up"].astype(dt), preferred_element_type=jnp.float32)
+    act = (jax.nn.silu(gate) * up).astype(dt)
+    y = jnp.einsum("btef,efd->bted", act, lp["w_down"].astype(dt), preferred_element_type=jnp.float32)
+    return jnp.einsum("bted,bte->btd", y, route).astype(dt)
+
+
+def embed(params, tokens, cfg: ModelConfig):
+    return params["embed"][tokens].astype(cdtype(cfg))
+
+
+def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Intervene] = None,
+        step=0, stop_layer: Optional[int] = None) -> Out:
+    """Full forward with interventions.
+
+    tokens [B,T] int32; pad_mask [B,T] bool (True = real token; None = no padding).
+    step: int32 scalar, the denoising-step index seen by patches and edits.
+    stop_layer: static; run layers 0..stop_layer only and return no logits (capture mode).
+    """
+    iv = intervene if intervene is not None else Intervene()
+    step = jnp.asarray(step, jnp.int32)
+    x = embed(params, tokens, cfg)
+    if iv.noise is not None:
+        x = x + iv.noise.astype(x.dtype)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    cos, sin = rope_tables(positions, cfg.rot_dim, cfg.rope_theta)
+    layers = params["layers"]
+    if stop_layer is not None:
+        layers = jax.tree.map(lambda a: a[: stop_layer + 1], layers)
+
+    def body(h, xs):
+        lp, l = xs
+        a = attn_block(lp, h, cos, sin, pad_mask, cfg)
+        a = apply_edit(apply_patch(a, iv.patch, l, step, ATTN), iv.edit, l, step, ATTN)
+        h = h + a
+        m = mlp_block(lp, h, cfg)
+        m = apply_edit(apply_patch(m, iv.patch, l, step, MLP), iv.edit, l, step, MLP)
+        h = h + m
+        h = apply_edit(apply_patch(h, iv.patch, l, step, RESID), iv.edit, l, step, RESID)
+        ys = None
+        if iv.read_pos is not None:
+            ys = {"resid": read(h, iv.read_pos), "attn": read(a, iv.read_pos), "mlp": read(m, iv.read_pos)}
+        return h, ys
+
+    n_run = jax.tree.leaves(layers)[0].shape[0]
+    h, acts = jax.lax.scan(body, x, (layers, jnp.arange(n_run, dtype=jnp.int32)))
+    if stop_layer is not None:
+        return Out(None, acts)
+    return Out(head(params, h, cfg), acts)
+
+
+def head(params, h, cfg: ModelConfig):
+    """Final norm + LM head, float32 logits aligned so that [:, i] predicts token i."""
+    h = rms_norm(h, params["final_norm"], cfg.norm_eps).astype(jnp.float32)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", h, w.astype(jnp.float32))
+    if cfg.logits_shift:  # AR-aligned families: hidden i-1 predicts token i
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
+    return logits
+
+
+def forward(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Intervene] = None, step=0):
+    """Logits [B,T,V] float32 with [:, i] predicting token i, for every family."""
+    return run(params, tokens, cfg, pad_mask, intervene, step).logits
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The expected params tree as {path: shape}; converters and `init_params` both use it."""
+    L, D, V, hd = cfg.n_layers, cfg.d_model, cfg.vocab_size, cfg.head_dim
+    qd, kvd = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    lay = {"attn_norm": (L, D), "wq": (L, D, qd), "wk": (L, D, kvd), "wv": (L, D, kvd), "wo": (L, qd, D),
+           "mlp_norm": (L, D)}
+    if cfg.qkv_bias:
+        lay.update(bq=(L, qd), bk=(L, kvd), bv=(L, kvd))
+    if cfg.qk_norm:
+        lay.update(q_norm=(L, hd), k_norm=(L, hd))
+    if cfg.is_moe:
+        E, F = cfg.n_experts, cfg.d_expert
+        lay.update(router=(L, D, E), w_gate=(L, E, D, F), w_up=(L, E, D, F), w_down=(L, E, F, D))
+    else:
+        lay.update(w_gate=(L, D, cfg.d_ff), w_up=(L, D, cfg.d_ff), w_down=(L, cfg.d_ff, D))
+    shapes = {"embed": (V, D), "layers": lay, "final_norm": (D,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(key, cfg: ModelConfig, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random params (normal(std) matrices, unit norms) in the `param_shapes` layout."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for k, shp, path in zip(keys, flat, paths):
+        if "norm" in path:
+            leaves.append(jnp.ones(shp, dtype))
+        else:
+            leaves.append((std * jax.random.normal(k, shp)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
