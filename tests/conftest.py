@@ -1,0 +1,259 @@
+"""Shared fixtures: tiny random models saved as real-layout HF folders, and a tiny tokenizer.
+
+Reusable fixture names (session-scoped, built once, offline):
+  tiny_tokenizer_dir   byte-level BPE (vocab 300) with "<|endoftext|>" (id 0) and "<|mdm_mask|>" (id 1)
+  tiny_llada_dir       LLaDA layout (torch_ref.LLaDAModelLM) + the tiny tokenizer, vocab 320, mask id 1
+  tiny_llada           (params, cfg, tokenizer) = hf.load_pretrained(tiny_llada_dir), float32
+  tiny_moe_dir         LLaDA-MoE layout (torch_ref.LLaDAMoEModelLM) + tokenizer, 8 experts top-2
+  tiny_dream_dir       Dream layout (transformers Qwen2ForCausalLM, causal mask off) + tokenizer
+  tiny_diffullama_dir  DiffuLLaMA layout (transformers LlamaForCausalLM, causal mask off), no
+                       tokenizer, vocab 832 so that the fallback mask id 811 exists
+  tiny_torch           dict name -> torch module for the folders above ("llada", "llada_var", "moe",
+                       "dream", "diffullama"), for parity tests (weights equal the saved files)
+  tiny_llada_var_dir   LLaDA layout with GQA (4/2), q/k/v biases and tied embeddings (no ff_out key)
+
+Transformers 5.x Llama/Qwen2 become bidirectional when given a ready 4D attention mask: the mask
+code returns a 4D mask unchanged (masking_utils._preprocess_mask_arguments), and SDPA then runs
+with is_causal=False because a mask is present. `hf_logits` builds that mask (zeros, plus finfo.min
+on padded keys); test_hf checks that a later token really changes earlier logits.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import torch
+
+from timerome_jax.torch_ref import llada as tref
+
+torch.set_num_threads(2)
+
+VOCAB = 320
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Masked diffusion language models denoise all positions at once.",
+    "Jaime Vasquez was born in Santiago, Chile, on 25 February 1958.",
+    "The author's father was a chef and the mother was a police officer.",
+    "Causal tracing restores clean activations into a corrupted run.",
+    "Rank-one edits write a new key-value pair into an MLP weight.",
+    "Who wrote the novel? The novel was written by an award-winning author.",
+    "Basil Mahfouz Al-Kuwaiti writes in the French literature genre.",
+] * 4
+
+
+def make_tiny_tokenizer(path: str, mask_as_special: bool = True, mask_token: str = "<|mdm_mask|>") -> str:
+    """Train a byte-level BPE (vocab 300) on SENTENCES and save it as a HF fast tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", mask_token],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(SENTENCES, trainer)
+    kw = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    if mask_as_special:
+        kw["mask_token"] = mask_token
+    PreTrainedTokenizerFast(tokenizer_object=tk, **kw).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json dicts in each family's real field set (sizes shrunk)
+# ------------------------------------------------------------------------------------------------
+def llada_config_dict(**over) -> dict:
+    """The LLaDA-8B config.json field set (backbones.md §1.1) with tiny sizes."""
+    d = {
+        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                     "AutoModel": "modeling_llada.LLaDAModelLM",
+                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": 64,
+        "embedding_dropout": 0.0, "embedding_size": VOCAB, "eos_token_id": 0, "flash_attention": False,
+        "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+        "layer_norm_with_affine": True, "mask_token_id": 1, "max_sequence_length": 1024,
+        "mlp_hidden_size": 128, "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None,
+        "n_heads": 4, "n_kv_heads": 4, "n_layers": 2, "pad_token_id": 0, "precision": "amp_bf16",
+        "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
+        "rope_theta": 500000.0, "scale_logits": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3", "use_cache": False, "vocab_size": VOCAB, "weight_tying": False,
+    }
+    d.update(over)
+    return d
+
+
+def moe_config_dict(**over) -> dict:
+    """LLaDA-MoE-7B-A1B config.json fields (LLaDAMoEConfig; backbones.md §4) with tiny sizes."""
+    d = {
+        "architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "attention_bias": False,
+        "attention_dropout": 0.0, "clip_qkv": None, "dense_intermediate_size": 256, "eos_token_id": 0,
+        "expert_intermediate_size": 32, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+        "mask_token_id": 1, "max_position_embeddings": 1024, "moe_layer_freq": [1, 1],
+        "moe_router_enable_expert_bias": False, "moe_router_score_function": "softmax",
+        "norm_topk_prob": False, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
+        "num_hidden_layers": 2, "num_key_value_heads": 4, "output_router_logits": False, "pad_token_id": 0,
+        "partial_rotary_factor": 1.0, "qk_layernorm": True, "rms_norm_eps": 1e-05, "rope_scaling": None,
+        "rope_theta": 50000.0, "routed_scaling_factor": 1, "router_aux_loss_coef": 0.01,
+        "router_num_group": None, "router_topk_group": None, "shared_expert_intermediate_size": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.52.0",
+        "use_cache": False, "vocab_size": VOCAB,
+    }
+    d.update(over)
+    return d
+
+
+def dream_config_dict(**over) -> dict:
+    """Dream-v0 config.json fields (DreamConfig; backbones.md §2) with tiny sizes."""
+    d = {
+        "architectures": ["DreamModel"], "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+        "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 64,
+        "initializer_range": 0.02, "intermediate_size": 128, "mask_token_id": 1,
+        "max_position_embeddings": 2048, "max_window_layers": 2, "model_type": "Dream",
+        "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "pad_token_id": 0,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.46.2",
+        "use_cache": False, "use_sliding_window": False, "vocab_size": VOCAB,
+    }
+    d.update(over)
+    return d
+
+
+def diffullama_config_dict(**over) -> dict:
+    """LLaMA-2-7B style config.json (what DiffuLLaMA ships; no mask_token_id) with tiny sizes."""
+    d = {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 64,
+        "initializer_range": 0.02, "intermediate_size": 128, "max_position_embeddings": 4096,
+        "mlp_bias": False, "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 4, "pad_token_id": 0, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.44.2", "use_cache": True, "vocab_size": 832,
+    }
+    d.update(over)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# torch forwards
+# ------------------------------------------------------------------------------------------------
+def hf_logits(model, ids: np.ndarray, key_mask: np.ndarray | None = None) -> np.ndarray:
+    """Bidirectional logits [B,T,V] (float32 numpy) of a transformers Llama/Qwen2 LM: a ready 4D
+    additive mask (0, or finfo.min on padded keys) bypasses the causal mask."""
+    ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    B, T = ids_t.shape
+    dt = next(model.parameters()).dtype
+    mask = torch.zeros((B, 1, T, T), dtype=dt)
+    if key_mask is not None:
+        km = torch.as_tensor(np.asarray(key_mask), dtype=torch.bool)[:, None, None, :].expand(B, 1, T, T)
+        mask = mask.masked_fill(~km, torch.finfo(dt).min)
+    with torch.no_grad():
+        out = model(input_ids=ids_t, attention_mask=mask).logits
+    return out.float().numpy()
+
+
+def ref_logits(model, ids: np.ndarray, key_mask: np.ndarray | None = None) -> np.ndarray:
+    """Logits [B,T,V] float32 numpy of a torch_ref model (optional key-padding mask)."""
+    ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    am = None if key_mask is None else torch.as_tensor(np.asarray(key_mask), dtype=torch.long)
+    with torch.no_grad():
+        return model(ids_t, am).float().numpy()
+
+
+def torch_logits(name: str, model, ids, key_mask=None) -> np.ndarray:
+    """Torch logits aligned like ours ([:, i] predicts token i): shift families get
+    cat(logits[:, :1], logits[:, :-1]) exactly as Dream/DiffuLLaMA samplers do."""
+    if name in ("dream", "diffullama"):
+        lg = hf_logits(model, ids, key_mask)
+        return np.concatenate([lg[:, :1], lg[:, :-1]], axis=1)
+    return ref_logits(model, ids, key_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    return make_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny_tokenizer")))
+
+
+def _copy_tokenizer(src: str, dst: str):
+    import shutil
+
+    for n in os.listdir(src):
+        shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+
+
+@pytest.fixture(scope="session")
+def tiny_torch(tmp_path_factory, tiny_tokenizer_dir) -> dict:
+    """Build every tiny torch model once, save its HF folder, return name -> (model, folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    out = {}
+
+    def save(name, model, d, with_tok=True):
+        path = str(tmp_path_factory.mktemp(f"tiny_{name}"))
+        tref.save_hf_folder(model, d, path)
+        if with_tok:
+            _copy_tokenizer(tiny_tokenizer_dir, path)
+        out[name] = (model.eval(), path)
+
+    d = llada_config_dict()
+    save("llada", tref.randomize_(tref.LLaDAModelLM(d), seed=1), d)
+    d = llada_config_dict(n_kv_heads=2, include_qkv_bias=True, weight_tying=True)
+    save("llada_var", tref.randomize_(tref.LLaDAModelLM(d), seed=2), d)
+    d = moe_config_dict()
+    save("moe", tref.randomize_(tref.LLaDAMoEModelLM(d), seed=3), d)
+
+    d = dream_config_dict()
+    qc = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                     max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa")
+    save("dream", tref.randomize_(Qwen2ForCausalLM(qc), seed=4), d)
+
+    d = diffullama_config_dict()
+    lc = LlamaConfig(vocab_size=832, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=1e4,
+                     max_position_embeddings=4096, tie_word_embeddings=False, attn_implementation="sdpa")
+    save("diffullama", tref.randomize_(LlamaForCausalLM(lc), seed=5), d, with_tok=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llada_dir(tiny_torch) -> str:
+    return tiny_torch["llada"][1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llada_var_dir(tiny_torch) -> str:
+    return tiny_torch["llada_var"][1]
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tiny_torch) -> str:
+    return tiny_torch["moe"][1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dream_dir(tiny_torch) -> str:
+    return tiny_torch["dream"][1]
+
+
+@pytest.fixture(scope="session")
+def tiny_diffullama_dir(tiny_torch) -> str:
+    return tiny_torch["diffullama"][1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llada(tiny_llada_dir):
+    """(params, cfg, tokenizer) of the tiny LLaDA, loaded through hf.load_pretrained (float32)."""
+    from timerome_jax import hf
+
+    return hf.load_pretrained(tiny_llada_dir)

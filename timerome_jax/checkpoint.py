@@ -1,0 +1,165 @@
+"""Native Orbax checkpoints of converted models, and one loader for both checkpoint kinds.
+
+A converted folder (written by `save`, e.g. via `python -m convert.to_orbax HF_DIR OUT_DIR`):
+
+    OUT_DIR/timerome_config.json   {"format": ..., "config": ModelConfig fields, "param_dtype": ...}
+    OUT_DIR/params/                Orbax (StandardCheckpointer) checkpoint of the params pytree
+    OUT_DIR/tokenizer/             copy of the HF tokenizer files (absent if there was none)
+
+`restore` rebuilds the abstract params tree from the stored ModelConfig (`model.param_shapes`) and
+restores straight into the requested sharding, so no host copy of the whole model is needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .model import param_shapes
+from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+
+FORMAT = "timerome-orbax-v1"
+META = "timerome_config.json"
+
+
+class OrbaxCheckpointError(ValueError):
+    """A converted checkpoint folder is missing pieces or does not match its stored config."""
+
+
+def _is_shape(x):
+    return isinstance(x, tuple)
+
+
+def _leaf_dtype(params) -> str:
+    dts = {str(x.dtype) for x in jax.tree.leaves(params)}
+    if len(dts) != 1:
+        raise OrbaxCheckpointError(f"params mix dtypes {sorted(dts)}; convert them to one dtype first")
+    dt = dts.pop()
+    if dt not in ("float32", "bfloat16"):
+        raise OrbaxCheckpointError(f"params dtype {dt} is not float32/bfloat16")
+    return dt
+
+
+def save(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None) -> None:
+    """Write params + config (+ tokenizer files) as a converted Orbax folder at `path`, atomically
+    (built in a temp folder next to `path`, then renamed; an existing `path` is replaced)."""
+    import orbax.checkpoint as ocp
+
+    want = param_shapes(cfg)
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    if jax.tree.structure(want, is_leaf=_is_shape) != jax.tree.structure(got, is_leaf=_is_shape) or \
+            jax.tree.leaves(want, is_leaf=_is_shape) != jax.tree.leaves(got, is_leaf=_is_shape):
+        raise OrbaxCheckpointError("params do not match param_shapes(cfg); refusing to save a checkpoint "
+                                   "that cannot be restored")
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.wait_until_finished()
+        meta = {"format": FORMAT, "config": cfg.to_dict(), "param_dtype": _leaf_dtype(params)}
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            os.makedirs(os.path.join(tmp, "tokenizer"))
+            tokenizer.save(os.path.join(tmp, "tokenizer"))
+        if os.path.exists(path):
+            old = f"{path}.old-{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META))
+
+
+def read_meta(path: str) -> tuple[ModelConfig, str]:
+    """(ModelConfig, param dtype) stored in a converted folder."""
+    f = os.path.join(path, META)
+    if not os.path.isfile(f):
+        raise OrbaxCheckpointError(f"{path!r} has no {META}; not a converted checkpoint")
+    with open(f) as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT:
+        raise OrbaxCheckpointError(f"{f}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    fields = ModelConfig.__dataclass_fields__
+    extra = set(meta["config"]) - set(fields)
+    if extra:
+        raise OrbaxCheckpointError(f"{f}: unknown ModelConfig fields {sorted(extra)}")
+    return ModelConfig(**meta["config"]), meta["param_dtype"]
+
+
+def restore(path: str, sharding: Any = None, dtype: Optional[str] = None):
+    """Restore a converted folder -> (params, cfg, tokenizer or None).
+
+    sharding: None (replicated on the first device), one `jax.sharding.Sharding` for every leaf, or a
+              pytree of Shardings with the params' structure. Leaves are restored straight into it
+              (the abstract tree is `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`).
+    dtype:    optional "float32"/"bfloat16" to restore into (default: the stored dtype); cfg.dtype
+              is set to it.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    cfg, stored = read_meta(path)
+    dt = dtype or stored
+    if dt not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dt!r}")
+    shapes = param_shapes(cfg)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        shard_tree = jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
+    else:
+        shard_tree = sharding
+        if jax.tree.structure(shard_tree) != jax.tree.structure(shapes, is_leaf=_is_shape):
+            raise ValueError("sharding must be one Sharding or a pytree of Shardings shaped like the params")
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, jnp.dtype(dt), sharding=sh),
+                            shapes, shard_tree, is_leaf=_is_shape)
+    pdir = os.path.join(path, "params")
+    if not os.path.isdir(pdir):
+        raise OrbaxCheckpointError(f"{path!r} has no params/ folder")
+    try:
+        params = ocp.StandardCheckpointer().restore(pdir, abstract)
+    except Exception as e:
+        raise OrbaxCheckpointError(f"cannot restore {pdir}: {type(e).__name__}: {e}") from e
+    tdir = os.path.join(path, "tokenizer")
+    tok = load_tokenizer(tdir, cfg) if has_tokenizer(tdir) else None
+    return params, cfg.replace(dtype=dt), tok
+
+
+def load_model(path: str, dtype: Optional[str] = None, attn_impl: Optional[str] = None, sharding: Any = None):
+    """(params, cfg, tokenizer|None) from either a converted Orbax folder or an HF folder.
+
+    A folder with `timerome_config.json` is restored with `restore(path, sharding, dtype)`; a
+    folder with `config.json` is read with `hf.load_pretrained(path, dtype)` (then placed with
+    `sharding` if one is given). attn_impl overrides cfg.attn_impl when given.
+    """
+    from . import hf
+
+    if is_converted(path):
+        params, cfg, tok = restore(path, sharding=sharding, dtype=dtype)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        params, cfg, tok = hf.load_pretrained(path, dtype=dtype)
+        if sharding is not None:
+            params = jax.device_put(params, sharding)
+    else:
+        raise OrbaxCheckpointError(f"{path!r} is neither a converted checkpoint ({META}) nor a Hugging Face "
+                                   "folder (config.json)")
+    if attn_impl is not None:
+        cfg = cfg.replace(attn_impl=attn_impl)
+    return params, cfg, tok

@@ -1,0 +1,807 @@
+"""Hugging Face checkpoint folders <-> (params, ModelConfig, Tokenizer). The only place HF names live.
+
+Supported families (backbones.md), dispatched on `architectures` and fields, never on model_type
+(LLaDA-MoE's config says model_type "llada"):
+
+  architectures            family       key layout      notes
+  LLaDAModelLM             llada        llada           model.transformer.* (OLMo names)
+  MMadaModelLM             mmada        llada           = LLaDA, vocab resized
+  LLaDAMoEModelLM          llada_moe    lladamoe        OLMoE-like, per-head QK-norm, 64 experts
+  DreamModel               dream        qwen2           qkv bias, GQA, logits_shift
+  LlamaForCausalLM         diffullama   llama           logits_shift, mask id from tokenizer/811
+
+Loading is strict: every expected HF tensor must be present exactly once with the right shape, and
+nothing unexpected may be left over; config fields are whitelisted per family (penzai's idea).
+Stacked [L, ...] (and [L, E, ...]) arrays are preallocated once and filled tensor by tensor from
+`safetensors.safe_open`, then moved to the device leaf by leaf, so a sharded 8B checkpoint never
+needs two full copies in host memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from contextlib import ExitStack
+from typing import Any, Optional
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from .config import ModelConfig
+from .model import param_shapes
+from .tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer, own_mask_id
+
+
+class HFConfigError(ValueError):
+    """config.json is missing, unreadable, of an unsupported architecture, or has unsupported fields."""
+
+
+class CheckpointError(ValueError):
+    """The safetensors files do not match the expected keys/shapes, or a file is unreadable."""
+
+
+ARCHITECTURES = {
+    "LLaDAModelLM": "llada",
+    "MMadaModelLM": "mmada",
+    "LLaDAMoEModelLM": "llada_moe",
+    "DreamModel": "dream",
+    "LlamaForCausalLM": "diffullama",
+}
+LAYOUT = {"llada": "llada", "mmada": "llada", "llada_moe": "lladamoe", "dream": "qwen2", "diffullama": "llama"}
+LOGITS_SHIFT = {"llada": False, "mmada": False, "llada_moe": False, "dream": True, "diffullama": True}
+# Mask ids used when config.json does not name one (backbones.md §1.4, §2, §3, §4).
+DEFAULT_MASK_ID = {"llada": 126336, "mmada": 126336, "llada_moe": 156895, "dream": 151666, "diffullama": 811}
+
+# HF bookkeeping fields that never change the forward computation (any value accepted).
+COMMON_IGNORED = frozenset({
+    "architectures", "model_type", "auto_map", "torch_dtype", "dtype", "transformers_version",
+    "_name_or_path", "name_or_path", "use_cache", "bos_token_id", "initializer_range", "return_dict",
+    "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "pruned_heads",
+    "tie_encoder_decoder", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "tokenizer_class",
+    "task_specific_params", "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id",
+    "cross_attention_hidden_size", "tf_legacy_loss", "keys_to_ignore_at_inference",
+    "quantization_config_applied", "_attn_implementation_autoset", "gradient_checkpointing",
+    "output_router_logits", "router_aux_loss_coef", "attention_dropout",
+})
+
+_SAFE_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+# Tensors some checkpoints carry that are pure functions of the config (old Llama rotary buffers).
+_IGNORABLE_KEYS = (re.compile(r".*\.rotary_emb\.inv_freq$"),)
+
+
+# =================================================================================================
+# config.json -> ModelConfig
+# =================================================================================================
+_MISSING = object()
+
+
+def _harmless(v) -> bool:
+    """Values of an *unknown* field that cannot change the forward: a disabled/empty setting."""
+    return v is None or v is False or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0) \
+        or v == "" or v == [] or v == {}
+
+
+class _Fields:
+    """Reads a config dict while recording which fields were handled; `finish` rejects the rest."""
+
+    def __init__(self, d: dict, family: str):
+        self.d, self.family, self.used = d, family, set()
+
+    def get(self, key, default=_MISSING):
+        self.used.add(key)
+        if key in self.d and self.d[key] is not None:
+            return self.d[key]
+        if default is _MISSING:
+            raise HFConfigError(f"config.json ({self.family}) lacks the required field {key!r}")
+        return default
+
+    def int(self, key, default=_MISSING) -> int:
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+            raise HFConfigError(f"config.json field {key!r} must be an integer, got {v!r}")
+        return int(v)
+
+    def float(self, key, default=_MISSING) -> float:
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise HFConfigError(f"config.json field {key!r} must be a number, got {v!r}")
+        return float(v)
+
+    def expect(self, key, allowed, default=_MISSING, why: str = ""):
+        """Field must take one of `allowed` values (after applying the HF class default)."""
+        self.used.add(key)
+        v = self.d.get(key, default)
+        if v is _MISSING:
+            raise HFConfigError(f"config.json ({self.family}) lacks the required field {key!r}")
+        if not any(v == a and isinstance(v, bool) == isinstance(a, bool) for a in allowed):
+            raise HFConfigError(
+                f"config.json field {key!r}={v!r} is not supported for family {self.family!r} "
+                f"(supported: {sorted(map(repr, allowed))}){'; ' + why if why else ''}")
+        return v
+
+    def ignore(self, *keys):
+        """Known fields with no effect on the inference forward."""
+        self.used.update(keys)
+
+    def finish(self):
+        for k, v in self.d.items():
+            if k in self.used or k in COMMON_IGNORED:
+                continue
+            if not _harmless(v):
+                raise HFConfigError(
+                    f"config.json field {k!r}={v!r} is not understood for family {self.family!r}; "
+                    f"refusing to guess what it changes (unknown fields are accepted only when "
+                    f"null/false/0/empty)")
+
+
+def detect_family(d: dict) -> str:
+    """Family of a config.json dict from `architectures` and fields (never model_type)."""
+    archs = d.get("architectures")
+    if not archs:
+        raise HFConfigError("config.json has no 'architectures' list; cannot tell which model this is "
+                            f"(supported: {sorted(ARCHITECTURES)})")
+    if isinstance(archs, str):
+        archs = [archs]
+    arch = archs[0]
+    moe_fields = any(k in d for k in ("num_experts", "expert_intermediate_size"))
+    if arch in ("LLaDAModelLM", "LLaDAMoEModelLM") and moe_fields:
+        return "llada_moe"  # LLaDA-MoE checkpoints may reuse LLaDA names; the fields decide
+    if arch not in ARCHITECTURES:
+        raise HFConfigError(f"unsupported architecture {arch!r} in config.json; supported: "
+                            f"{sorted(ARCHITECTURES)}")
+    fam = ARCHITECTURES[arch]
+    if fam == "llada_moe" and not moe_fields:
+        raise HFConfigError(f"architecture {arch!r} but config.json has no num_experts/expert_intermediate_size")
+    if fam != "llada_moe" and moe_fields:
+        raise HFConfigError(f"architecture {arch!r} with MoE fields (num_experts/expert_intermediate_size) "
+                            "is not a supported combination")
+    return fam
+
+
+def _token_id(v):
+    """HF token-id fields may be an int or a list of ints (several EOS tokens): take the first."""
+    if isinstance(v, (list, tuple)):
+        return int(v[0]) if v else None
+    return None if v is None else int(v)
+
+
+def _rope(r: _Fields, default_theta: float):
+    """(theta, partial_rotary_factor|None) from rope_theta / rope_scaling / rope_parameters (5.x)."""
+    theta = r.get("rope_theta", None)
+    partial = None
+    rp = r.get("rope_parameters", None)
+    if rp is not None:
+        if not isinstance(rp, dict):
+            raise HFConfigError(f"config.json field 'rope_parameters' must be a dict, got {rp!r}")
+        kind = rp.get("rope_type", rp.get("type", "default"))
+        if kind != "default":
+            raise HFConfigError(f"config.json field 'rope_parameters' has rope_type={kind!r}; only plain "
+                                "(default) RoPE is supported")
+        extra = set(rp) - {"rope_theta", "rope_type", "type", "partial_rotary_factor"}
+        if extra:
+            raise HFConfigError(f"config.json field 'rope_parameters' has unsupported entries {sorted(extra)}")
+        theta = rp.get("rope_theta", theta)
+        partial = rp.get("partial_rotary_factor")
+    rs = r.get("rope_scaling", None)
+    if rs is not None:
+        kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else rs
+        if kind not in (None, "default"):
+            raise HFConfigError(f"config.json field 'rope_scaling'={rs!r} is not supported (plain RoPE only)")
+    return float(default_theta if theta is None else theta), partial
+
+
+def _llada_config(d: dict, family: str) -> ModelConfig:
+    r = _Fields(d, family)
+    D, H, L = r.int("d_model"), r.int("n_heads"), r.int("n_layers")
+    n_kv = r.get("n_kv_heads", None)
+    mqa = r.get("multi_query_attention", None)
+    if n_kv is None:
+        n_kv = 1 if mqa else H
+    elif mqa is not None and int(n_kv) != (1 if mqa else H):  # OLMo's effective_n_kv_heads rule
+        raise HFConfigError(f"config.json sets both multi_query_attention={mqa!r} and n_kv_heads={n_kv!r}")
+    mlp_ratio = r.int("mlp_ratio", 4)
+    d_ff = r.int("mlp_hidden_size", mlp_ratio * D)
+    vocab = r.int("vocab_size")
+    emb = r.int("embedding_size", vocab)
+    if emb < vocab:
+        raise HFConfigError(f"config.json embedding_size={emb} is smaller than vocab_size={vocab}")
+    r.expect("activation_type", {"silu"}, "swiglu", "the llama block multiplies by up_proj itself")
+    r.expect("block_type", {"llama"}, "sequential")
+    r.expect("block_group_size", {1}, 1, "grouped blocks change the key names")
+    r.expect("alibi", {False}, False)
+    r.expect("rope", {True}, False, "without RoPE the model uses learned positions (wpe)")
+    r.expect("rope_full_precision", {True}, True)
+    r.expect("attention_layer_norm", {False}, False, "LLaDA QK-norm is not implemented")
+    r.expect("input_emb_norm", {False}, False)
+    r.expect("layer_norm_type", {"rms"}, "default")
+    r.expect("layer_norm_with_affine", {True}, True)
+    r.expect("include_bias", {False}, False)
+    r.expect("bias_for_layer_norm", {False, None}, None)
+    r.expect("scale_logits", {False}, False)
+    qkv_bias = bool(r.get("include_qkv_bias", False))
+    tie = bool(r.get("weight_tying", True))  # LLaDA ModelConfig default is True
+    eos = _token_id(r.get("eos_token_id", 126081))
+    pad = _token_id(r.get("pad_token_id", eos))
+    mask = _token_id(r.get("mask_token_id", DEFAULT_MASK_ID[family]))
+    # training-only / implementation-only fields (dropout is inactive at inference)
+    r.ignore("alibi_bias_max", "flash_attention", "attention_dropout", "residual_dropout", "embedding_dropout",
+             "attention_layer_norm_with_affine", "init_device", "init_fn", "init_std", "init_cutoff_factor",
+             "precision", "tie_word_embeddings",  # LLaDA's code reads weight_tying, not this
+             # MMaDA extras: multimodal bookkeeping, no effect on the text forward
+             "llm_vocab_size", "llm_model_path", "codebook_size", "num_vq_tokens", "num_new_special_tokens",
+             "new_vocab_size")
+    cfg = ModelConfig(
+        family=family, vocab_size=emb, d_model=D, n_layers=L, n_heads=H, n_kv_heads=int(n_kv),
+        head_dim=D // H, d_ff=d_ff, rope_theta=r.float("rope_theta", 10000.0),
+        norm_eps=r.float("rms_norm_eps", 1e-5), qkv_bias=qkv_bias, tie_embeddings=tie,
+        logits_shift=False, mask_token_id=mask, pad_token_id=pad, eos_token_id=eos,
+        max_seq_len=r.int("max_sequence_length", 1024))
+    r.finish()
+    if D % H:
+        raise HFConfigError(f"config.json d_model={D} is not a multiple of n_heads={H}")
+    return cfg
+
+
+def _qwen2_llama_config(d: dict, family: str) -> ModelConfig:
+    r = _Fields(d, family)
+    D, H, L = r.int("hidden_size"), r.int("num_attention_heads"), r.int("num_hidden_layers")
+    n_kv = r.int("num_key_value_heads", H)
+    hd = r.int("head_dim", D // H)
+    r.expect("hidden_act", {"silu"}, "silu")
+    if family == "dream":
+        r.expect("use_sliding_window", {False}, False)
+        r.ignore("sliding_window", "max_window_layers")  # only read when use_sliding_window
+        lt = r.get("layer_types", None)
+        if lt is not None and any(t != "full_attention" for t in lt):
+            raise HFConfigError(f"config.json field 'layer_types' has non-full attention layers: {sorted(set(lt))}")
+        qkv_bias, theta_default, eps_default = True, 10000.0, 1e-6
+        eos_default, pad_default = 151643, 151643
+    else:
+        r.expect("attention_bias", {False}, False, "o_proj bias is not implemented")
+        r.expect("mlp_bias", {False}, False)
+        r.ignore("pretraining_tp")  # only splits matmuls into slices; same result
+        qkv_bias, theta_default, eps_default = False, 10000.0, 1e-6
+        eos_default, pad_default = 2, None
+    theta, partial = _rope(r, theta_default)
+    if partial not in (None, 1, 1.0):
+        raise HFConfigError(f"partial_rotary_factor={partial!r} is not supported for {family}")
+    eos = _token_id(r.get("eos_token_id", eos_default))
+    pad = _token_id(r.get("pad_token_id", pad_default))
+    mask = _token_id(r.get("mask_token_id", DEFAULT_MASK_ID[family]))
+    cfg = ModelConfig(
+        family=family, vocab_size=r.int("vocab_size"), d_model=D, n_layers=L, n_heads=H, n_kv_heads=n_kv,
+        head_dim=hd, d_ff=r.int("intermediate_size"), rope_theta=theta,
+        norm_eps=r.float("rms_norm_eps", eps_default), qkv_bias=qkv_bias,
+        tie_embeddings=bool(r.get("tie_word_embeddings", False)), logits_shift=True, mask_token_id=mask,
+        pad_token_id=eos if pad is None else pad, eos_token_id=eos,
+        max_seq_len=r.int("max_position_embeddings", 2048))
+    r.finish()
+    return cfg
+
+
+def _lladamoe_config(d: dict) -> ModelConfig:
+    family = "llada_moe"
+    r = _Fields(d, family)
+    D, H, L = r.int("hidden_size"), r.int("num_attention_heads"), r.int("num_hidden_layers")
+    n_kv = r.int("num_key_value_heads", H)
+    hd = D // H  # modeling_lladamoe: head_dim = hidden_size // num_heads, o_proj is D -> D
+    r.expect("hidden_act", {"silu"}, "silu")
+    r.expect("attention_bias", {False}, False)
+    r.expect("clip_qkv", {None}, None)
+    r.expect("moe_router_enable_expert_bias", {None, False}, None, "the expert_bias buffer is not implemented")
+    r.expect("moe_router_score_function", {None, "softmax"}, None)
+    r.expect("shared_expert_intermediate_size", {None, 0}, None, "shared experts are not implemented")
+    freq = r.get("moe_layer_freq")
+    if not isinstance(freq, (list, tuple)) or len(freq) != L or any(int(f) == 0 for f in freq):
+        raise HFConfigError(f"config.json field 'moe_layer_freq'={freq!r}: only all-MoE layers "
+                            f"(a list of {L} non-zero entries) are supported")
+    prf = r.get("partial_rotary_factor", None)
+    theta, prf2 = _rope(r, 10000.0)
+    prf = prf2 if prf2 is not None else prf
+    if prf in (None, -1, 1, 1.0):
+        rot = None
+    elif 0 < float(prf) < 1 and int(hd * float(prf)) % 2 == 0:
+        rot = int(hd * float(prf))
+    else:
+        raise HFConfigError(f"config.json field 'partial_rotary_factor'={prf!r} is not supported")
+    # norm_topk_prob is forced False in modeling_lladamoe.py; routed_scaling_factor and the router
+    # group fields are stored but never read by that forward; dense_intermediate_size only sizes dense
+    # layers, which moe_layer_freq rules out.
+    r.ignore("norm_topk_prob", "routed_scaling_factor", "router_num_group", "router_topk_group",
+             "dense_intermediate_size", "qk_layernorm")
+    eos = _token_id(r.get("eos_token_id", 156892))
+    pad = _token_id(r.get("pad_token_id", eos))
+    cfg = ModelConfig(
+        family=family, vocab_size=r.int("vocab_size"), d_model=D, n_layers=L, n_heads=H, n_kv_heads=n_kv,
+        head_dim=hd, d_ff=0, rope_theta=theta, rotary_dim=rot, norm_eps=r.float("rms_norm_eps", 1e-5),
+        qk_norm=bool(d.get("qk_layernorm") or False), n_experts=r.int("num_experts"),
+        n_experts_per_tok=r.int("num_experts_per_tok"), d_expert=r.int("expert_intermediate_size"),
+        norm_topk_prob=False, tie_embeddings=bool(r.get("tie_word_embeddings", False)), logits_shift=False,
+        mask_token_id=_token_id(r.get("mask_token_id", DEFAULT_MASK_ID[family])), pad_token_id=pad,
+        eos_token_id=eos, max_seq_len=r.int("max_position_embeddings", 4096))
+    r.finish()
+    return cfg
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """ModelConfig from a parsed HF config.json dict (family detected from `architectures`/fields).
+
+    Raises HFConfigError naming the field for: unsupported architecture, missing required field,
+    a known field with an unsupported value, or an unknown field that is not null/false/0/empty.
+    """
+    if not isinstance(d, dict):
+        raise HFConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
+    fam = detect_family(d)
+    if LAYOUT[fam] == "llada":
+        return _llada_config(d, fam)
+    if fam == "llada_moe":
+        return _lladamoe_config(d)
+    return _qwen2_llama_config(d, fam)
+
+
+def read_config_json(path: str) -> dict:
+    """Parsed `path/config.json` (HFConfigError if the folder or file is missing or not JSON)."""
+    if not os.path.isdir(path):
+        raise HFConfigError(f"checkpoint folder {path!r} does not exist")
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        raise HFConfigError(f"{path!r} has no config.json; is this a Hugging Face model folder?")
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFConfigError(f"{f}: not valid JSON ({e})") from e
+
+
+# =================================================================================================
+# ModelConfig -> config.json (save_pretrained)
+# =================================================================================================
+def _check_representable(cfg: ModelConfig):
+    lay = LAYOUT[cfg.family]
+    if cfg.logits_shift != LOGITS_SHIFT[cfg.family]:
+        raise HFConfigError(f"{cfg.family} checkpoints have logits_shift={LOGITS_SHIFT[cfg.family]}, "
+                            f"the config says {cfg.logits_shift}")
+    if cfg.is_moe != (lay == "lladamoe"):
+        raise HFConfigError(f"family {cfg.family!r} with n_experts={cfg.n_experts} has no HF layout")
+    if cfg.qk_norm and lay != "lladamoe":
+        raise HFConfigError(f"qk_norm is not representable in the {lay} layout")
+    if cfg.rotary_dim is not None and lay != "lladamoe":
+        raise HFConfigError(f"rotary_dim={cfg.rotary_dim} is not representable in the {lay} layout")
+    if cfg.norm_topk_prob:
+        raise HFConfigError("norm_topk_prob=True is not representable (LLaDA-MoE forces it off)")
+    if lay == "qwen2" and not cfg.qkv_bias:
+        raise HFConfigError("the Dream/Qwen2 layout always has q/k/v biases (qkv_bias=True)")
+    if lay in ("llama", "lladamoe") and cfg.qkv_bias:
+        raise HFConfigError(f"qkv_bias is not representable in the {lay} layout")
+    if lay in ("llada", "lladamoe") and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        raise HFConfigError(f"the {lay} layout needs head_dim * n_heads == d_model")
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The config.json dict of `cfg` in its family's HF layout (inverse of `config_from_hf`)."""
+    _check_representable(cfg)
+    torch_dtype = {"float32": "float32", "bfloat16": "bfloat16"}[dtype]
+    fam = cfg.family
+    if LAYOUT[fam] == "llada":
+        d = {
+            "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
+            "architectures": ["MMadaModelLM" if fam == "mmada" else "LLaDAModelLM"],
+            "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+            "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+            "d_model": cfg.d_model, "embedding_dropout": 0.0, "embedding_size": cfg.vocab_size,
+            "eos_token_id": cfg.eos_token_id, "flash_attention": False, "include_bias": False,
+            "include_qkv_bias": cfg.qkv_bias, "init_cutoff_factor": None, "init_device": "meta",
+            "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+            "layer_norm_with_affine": True, "mask_token_id": cfg.mask_token_id,
+            "max_sequence_length": cfg.max_seq_len, "mlp_hidden_size": cfg.d_ff, "mlp_ratio": 4,
+            "model_type": "mmada" if fam == "mmada" else "llada", "multi_query_attention": None,
+            "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "n_layers": cfg.n_layers,
+            "pad_token_id": cfg.pad_token_id, "precision": "amp_bf16", "residual_dropout": 0.0,
+            "rms_norm_eps": cfg.norm_eps, "rope": True, "rope_full_precision": True,
+            "rope_theta": cfg.rope_theta, "scale_logits": False, "torch_dtype": torch_dtype,
+            "use_cache": False, "vocab_size": cfg.vocab_size, "weight_tying": cfg.tie_embeddings,
+        }
+    elif LAYOUT[fam] == "lladamoe":
+        d = {
+            "architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "attention_bias": False,
+            "attention_dropout": 0.0, "clip_qkv": None, "dense_intermediate_size": cfg.d_ff or None,
+            "eos_token_id": cfg.eos_token_id, "expert_intermediate_size": cfg.d_expert, "hidden_act": "silu",
+            "hidden_size": cfg.d_model, "initializer_range": 0.02, "mask_token_id": cfg.mask_token_id,
+            "max_position_embeddings": cfg.max_seq_len, "moe_layer_freq": [1] * cfg.n_layers,
+            "moe_router_enable_expert_bias": False, "moe_router_score_function": "softmax",
+            "norm_topk_prob": False, "num_attention_heads": cfg.n_heads, "num_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.n_experts_per_tok, "num_hidden_layers": cfg.n_layers,
+            "num_key_value_heads": cfg.n_kv_heads, "output_router_logits": False,
+            "pad_token_id": cfg.pad_token_id,
+            "partial_rotary_factor": 1.0 if cfg.rotary_dim is None else cfg.rotary_dim / cfg.head_dim,
+            "qk_layernorm": cfg.qk_norm, "rms_norm_eps": cfg.norm_eps, "rope_scaling": None,
+            "rope_theta": cfg.rope_theta, "routed_scaling_factor": 1, "router_aux_loss_coef": 0.01,
+            "shared_expert_intermediate_size": None, "tie_word_embeddings": cfg.tie_embeddings,
+            "torch_dtype": torch_dtype, "use_cache": False, "vocab_size": cfg.vocab_size,
+        }
+    else:
+        d = {
+            "architectures": ["DreamModel" if fam == "dream" else "LlamaForCausalLM"],
+            "model_type": "Dream" if fam == "dream" else "llama",
+            "attention_dropout": 0.0, "eos_token_id": cfg.eos_token_id, "hidden_act": "silu",
+            "hidden_size": cfg.d_model, "initializer_range": 0.02, "intermediate_size": cfg.d_ff,
+            "mask_token_id": cfg.mask_token_id, "max_position_embeddings": cfg.max_seq_len,
+            "num_attention_heads": cfg.n_heads, "num_hidden_layers": cfg.n_layers,
+            "num_key_value_heads": cfg.n_kv_heads, "pad_token_id": cfg.pad_token_id,
+            "rms_norm_eps": cfg.norm_eps, "rope_scaling": None, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": torch_dtype, "use_cache": False,
+            "vocab_size": cfg.vocab_size,
+        }
+        if cfg.head_dim * cfg.n_heads != cfg.d_model:
+            d["head_dim"] = cfg.head_dim
+        if fam == "dream":
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+        else:
+            d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1, head_dim=cfg.head_dim)
+    return d
+
+
+# =================================================================================================
+# key maps: HF key -> (our leaf path, index into the leaf, transpose?)
+# =================================================================================================
+def key_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+    """Every HF tensor name of `cfg`'s layout -> (param path, leading index, transpose [out,in]->[in,out]).
+
+    Together the entries fill every leaf of `model.param_shapes(cfg)` exactly once.
+    """
+    lay = LAYOUT[cfg.family]
+    m: dict = {}
+
+    def put(key, path, idx=(), t=False):
+        assert key not in m, key
+        m[key] = (path, idx, t)
+
+    if lay == "llada":
+        p = "model.transformer."
+        put(p + "wte.weight", ("embed",))
+        put(p + "ln_f.weight", ("final_norm",))
+        if not cfg.tie_embeddings:
+            put(p + "ff_out.weight", ("lm_head",), (), True)
+        names = {"attn_norm": ("attn_norm", False), "q_proj": ("wq", True), "k_proj": ("wk", True),
+                 "v_proj": ("wv", True), "attn_out": ("wo", True), "ff_norm": ("mlp_norm", False),
+                 "ff_proj": ("w_gate", True), "up_proj": ("w_up", True), "ff_out": ("w_down", True)}
+        for i in range(cfg.n_layers):
+            for hf, (ours, t) in names.items():
+                put(f"{p}blocks.{i}.{hf}.weight", ("layers", ours), (i,), t)
+            if cfg.qkv_bias:
+                for hf, ours in (("q_proj", "bq"), ("k_proj", "bk"), ("v_proj", "bv")):
+                    put(f"{p}blocks.{i}.{hf}.bias", ("layers", ours), (i,))
+        return m
+
+    # qwen2 / llama / lladamoe share the HF Llama naming
+    put("model.embed_tokens.weight", ("embed",))
+    put("model.norm.weight", ("final_norm",))
+    if not cfg.tie_embeddings:
+        put("lm_head.weight", ("lm_head",), (), True)
+    for i in range(cfg.n_layers):
+        b = f"model.layers.{i}."
+        put(b + "input_layernorm.weight", ("layers", "attn_norm"), (i,))
+        put(b + "post_attention_layernorm.weight", ("layers", "mlp_norm"), (i,))
+        for hf, ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+            put(f"{b}self_attn.{hf}.weight", ("layers", ours), (i,), True)
+        if cfg.qkv_bias:
+            for hf, ours in (("q_proj", "bq"), ("k_proj", "bk"), ("v_proj", "bv")):
+                put(f"{b}self_attn.{hf}.bias", ("layers", ours), (i,))
+        if cfg.qk_norm:
+            put(b + "self_attn.q_norm.weight", ("layers", "q_norm"), (i,))
+            put(b + "self_attn.k_norm.weight", ("layers", "k_norm"), (i,))
+        mlp = (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down"))
+        if cfg.is_moe:
+            put(b + "mlp.gate.weight", ("layers", "router"), (i,), True)
+            for e in range(cfg.n_experts):
+                for hf, ours in mlp:
+                    put(f"{b}mlp.experts.{e}.{hf}.weight", ("layers", ours), (i, e), True)
+        else:
+            for hf, ours in mlp:
+                put(f"{b}mlp.{hf}.weight", ("layers", ours), (i,), True)
+    return m
+
+
+def _leaf_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    out = {}
+    for k, v in param_shapes(cfg).items():
+        if isinstance(v, dict):
+            out.update({(k, kk): tuple(vv) for kk, vv in v.items()})
+        else:
+            out[(k,)] = tuple(v)
+    return out
+
+
+def _expected_hf_shape(leaf_shape, idx, t):
+    s = tuple(leaf_shape[len(idx):])
+    return s[::-1] if t else s
+
+
+# =================================================================================================
+# reading safetensors
+# =================================================================================================
+class _Files:
+    """Open safetensors files of one folder; maps every key to its file, reads tensors as numpy."""
+
+    def __init__(self, path: str, stack: ExitStack):
+        from safetensors import safe_open
+
+        self._safe_open, self.stack, self.path = safe_open, stack, path
+        self.np, self.pt = {}, {}
+        self.key_file: dict[str, str] = {}
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    wm = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from e
+            files = sorted(set(wm.values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(path, name)):
+                    some = next(k for k, v in wm.items() if v == name)
+                    raise CheckpointError(f"{index} maps {some!r} to {name!r}, which does not exist in {path}")
+        else:
+            wm = None
+            files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+            if not files:
+                hint = " (PyTorch .bin checkpoints are not supported; convert to safetensors)" \
+                    if any(n.endswith(".bin") for n in os.listdir(path)) else ""
+                raise CheckpointError(f"no *.safetensors files in {path}{hint}")
+        for name in files:
+            h = self._open(name, "numpy")
+            for k in h.keys():
+                if k in self.key_file:
+                    raise CheckpointError(f"tensor {k!r} appears twice: in {self.key_file[k]} and in {name}")
+                self.key_file[k] = name
+        if wm is not None:
+            for k, name in wm.items():
+                if self.key_file.get(k) != name:
+                    raise CheckpointError(f"model.safetensors.index.json maps {k!r} to {name}, but "
+                                          f"{'it is in ' + self.key_file[k] if k in self.key_file else 'no file holds it'}")
+            extra = sorted(set(self.key_file) - set(wm))
+            if extra:
+                raise CheckpointError(f"{self.key_file[extra[0]]} holds {extra[0]!r}, which "
+                                      "model.safetensors.index.json does not list")
+
+    def _open(self, name: str, framework: str):
+        cache = self.np if framework == "numpy" else self.pt
+        if name not in cache:
+            fp = os.path.join(self.path, name)
+            try:
+                cache[name] = self.stack.enter_context(self._safe_open(fp, framework=framework))
+            except Exception as e:  # SafetensorError: truncated, bad header, ...
+                raise CheckpointError(f"{fp}: unreadable safetensors file (truncated or corrupt?): {e}") from e
+        return cache[name]
+
+    def shape_dtype(self, key):
+        name = self.key_file[key]
+        s = self._open(name, "numpy").get_slice(key)
+        return tuple(s.get_shape()), s.get_dtype()
+
+    def read(self, key) -> np.ndarray:
+        name = self.key_file[key]
+        _, dt = self.shape_dtype(key)
+        try:
+            if dt != "BF16":
+                return self._open(name, "numpy").get_tensor(key)
+            # numpy has no bfloat16: read through torch and reinterpret the bits as ml_dtypes.bfloat16
+            try:
+                import torch
+            except ImportError:
+                with jax.default_device(jax.devices("cpu")[0]):
+                    return np.asarray(self._open(name, "flax").get_tensor(key))
+            t = self._open(name, "pt").get_tensor(key)
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{os.path.join(self.path, name)}: cannot read tensor {key!r}: {e}") from e
+
+
+def _fmt_keys(keys, n=8):
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(repr(k) for k in keys[:n]) + more
+
+
+def load_params(path: str, cfg: ModelConfig, dtype: Optional[str] = None):
+    """Read the safetensors in folder `path` into the params tree of `cfg` (strict).
+
+    dtype: "float32" | "bfloat16" | None (None: bfloat16 if every tensor is stored as BF16, else
+    float32). Returns (params, dtype_used). Raises CheckpointError naming the key/file on any
+    missing, unexpected, duplicated or mis-shaped tensor, or an unreadable file.
+    """
+    kmap = key_map(cfg)
+    leaves = _leaf_shapes(cfg)
+    with ExitStack() as stack:
+        files = _Files(path, stack)
+        present = set(files.key_file)
+        missing = set(kmap) - present
+        if missing:
+            raise CheckpointError(f"{path}: {len(missing)} tensor(s) expected for family {cfg.family!r} are "
+                                  f"missing: {_fmt_keys(missing)}")
+        unexpected = {k for k in present - set(kmap) if not any(p.match(k) for p in _IGNORABLE_KEYS)}
+        if unexpected:
+            k0 = sorted(unexpected)[0]
+            raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensor(s) for family {cfg.family!r} "
+                                  f"(first in {files.key_file[k0]}): {_fmt_keys(unexpected)}")
+        dts = set()
+        for key, (leaf, idx, t) in kmap.items():
+            shp, dt = files.shape_dtype(key)
+            want = _expected_hf_shape(leaves[leaf], idx, t)
+            if shp != want:
+                raise CheckpointError(f"{os.path.join(path, files.key_file[key])}: tensor {key!r} has shape "
+                                      f"{list(shp)}, expected {list(want)} from config.json")
+            if dt not in _SAFE_DTYPES:
+                raise CheckpointError(f"{os.path.join(path, files.key_file[key])}: tensor {key!r} has dtype "
+                                      f"{dt}; supported: {sorted(_SAFE_DTYPES)}")
+            dts.add(dt)
+        if dtype is None:
+            dtype = "bfloat16" if dts == {"BF16"} else "float32"
+        np_dt = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+        by_leaf: dict = {}
+        for key, (leaf, idx, t) in kmap.items():
+            by_leaf.setdefault(leaf, []).append((key, idx, t))
+        params: dict = {}
+        for leaf, shape in leaves.items():
+            arr = np.empty(shape, np_dt)  # one preallocated host buffer per stacked leaf
+            entries = by_leaf.get(leaf, [])
+            n_idx = len(entries[0][1]) if entries else 0
+            filled = np.zeros(shape[:n_idx], bool)
+            for key, idx, t in entries:
+                if filled[idx]:
+                    raise CheckpointError(f"{leaf} index {idx} is filled twice (second time by {key!r})")
+                x = files.read(key)
+                arr[idx] = (x.T if t else x).astype(np_dt, copy=False)
+                filled[idx] = True
+                del x
+            if not filled.all():
+                raise CheckpointError(f"param {'/'.join(leaf)} was not completely filled from {path}")
+            node = params
+            for part in leaf[:-1]:
+                node = node.setdefault(part, {})
+            node[leaf[-1]] = jax.device_put(arr)
+            del arr
+    return params, dtype
+
+
+# =================================================================================================
+# public API
+# =================================================================================================
+def load_pretrained(path: str, dtype: Optional[str] = None, attn_impl: str = "xla"):
+    """Load a local HF MDLM folder -> (params, cfg, tokenizer or None).
+
+    path: folder with config.json, *.safetensors (one file or shards with/without
+          model.safetensors.index.json) and optionally tokenizer files (tokenizer.json, ...).
+    dtype: params/compute dtype "float32" | "bfloat16" | None (= the checkpoint's: bfloat16 if all
+           tensors are BF16, else float32).
+    attn_impl: "xla" (CPU/tests) or "cudnn" (GPU bf16).
+    Params follow `model.param_shapes(cfg)` (leaves are jax arrays of `dtype`).
+
+    Mask id: config.json's mask_token_id; if config.json has none, the tokenizer's mask token,
+    else the family default (DiffuLLaMA: 811). A tokenizer whose own mask token disagrees with an
+    explicit config mask_token_id raises TokenizerError.
+    """
+    if dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"dtype must be None, 'float32' or 'bfloat16', got {dtype!r}")
+    d = read_config_json(path)
+    cfg = config_from_hf(d)
+    tok = None
+    if has_tokenizer(path):
+        tok = load_tokenizer(path)
+        own = own_mask_id(tok.hf)
+        if d.get("mask_token_id") is None and own is not None:
+            cfg = cfg.replace(mask_token_id=own)
+        elif own is not None and own != cfg.mask_token_id:
+            raise TokenizerError(
+                f"tokenizer in {path!r} has mask token {tok.hf.convert_ids_to_tokens(own)!r} with id {own}, "
+                f"but config.json says mask_token_id={cfg.mask_token_id}")
+        if tok.vocab_size > cfg.vocab_size:
+            raise TokenizerError(f"tokenizer in {path!r} has {tok.vocab_size} tokens but the model's vocab "
+                                 f"is only {cfg.vocab_size}")
+        tok = Tokenizer(tok.hf, source_dir=tok.source_dir, mask_id=cfg.mask_token_id)
+    params, used = load_params(path, cfg, dtype)
+    cfg = cfg.replace(dtype=used, attn_impl=attn_impl)
+    return params, cfg, tok
+
+
+def _write_safetensors(fp: str, entries, metadata: dict):
+    """Stream a safetensors file. entries: list of (key, shape, st_dtype, producer() -> np.ndarray).
+
+    The header is computed from shapes first, so tensors are produced and written one at a time.
+    """
+    itemsize = {"F32": 4, "BF16": 2, "F16": 2}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    off = 0
+    for key, shape, dt, _ in entries:
+        n = int(np.prod(shape, dtype=np.int64)) * itemsize[dt]
+        header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # the data section starts 8-byte aligned
+    with open(fp, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for key, shape, dt, produce in entries:
+            x = np.ascontiguousarray(produce())
+            if tuple(x.shape) != tuple(shape):
+                raise CheckpointError(f"internal: tensor {key!r} has shape {x.shape}, header says {shape}")
+            f.write(x.tobytes())
+
+
+def _replace_dir(tmp: str, path: str):
+    """Move the finished folder `tmp` to `path` (an existing `path` is swapped out, then deleted)."""
+    if os.path.exists(path):
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
+def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None,
+                    dtype: str = "float32") -> None:
+    """Write `params` as an HF folder in `cfg.family`'s layout: config.json (the family's real
+    field names, e.g. LLaDA's d_model/n_heads/...; architectures ["LLaDAModelLM"]), model.safetensors
+    ([out,in] weights) and the tokenizer files. Written atomically: a temp folder next to `path`
+    is filled, then renamed. `load_pretrained(path)` gives back identical params.
+
+    dtype: "float32" | "bfloat16" storage dtype of the tensors.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    d = hf_config_dict(cfg, dtype)
+    leaves = _leaf_shapes(cfg)
+    for leaf, shape in leaves.items():
+        node = params
+        for part in leaf:
+            if not isinstance(node, dict) or part not in node:
+                raise CheckpointError(f"params lack {'/'.join(leaf)} required by the config")
+            node = node[part]
+        if tuple(node.shape) != shape:
+            raise CheckpointError(f"params {'/'.join(leaf)} has shape {tuple(node.shape)}, config expects {shape}")
+    np_dt, st_dt = (np.float32, "F32") if dtype == "float32" else (ml_dtypes.bfloat16, "BF16")
+    kmap = key_map(cfg)
+    by_leaf: dict = {}
+    for key, (leaf, idx, t) in kmap.items():
+        by_leaf.setdefault(leaf, []).append((key, idx, t))
+    host: dict = {}  # one leaf on the host at a time
+
+    def producer(leaf, idx, t):
+        def produce():
+            if host.get("leaf") != leaf:
+                node = params
+                for part in leaf:
+                    node = node[part]
+                host.clear()
+                host.update(leaf=leaf, arr=np.asarray(jax.device_get(node)))
+            x = host["arr"][idx]
+            return (x.T if t else x).astype(np_dt)
+        return produce
+
+    entries = []
+    for leaf in leaves:
+        for key, idx, t in by_leaf[leaf]:
+            entries.append((key, _expected_hf_shape(leaves[leaf], idx, t), st_dt, producer(leaf, idx, t)))
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+        _write_safetensors(os.path.join(tmp, "model.safetensors"), entries, {"format": "pt"})
+        host.clear()
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,1 @@
+"""PyTorch reference implementations (tests and GPU benchmarks only; importing needs torch)."""
