@@ -1,0 +1,688 @@
+"""TOFU evaluation of a masked diffusion LM (optionally under an intervention / edit memory).
+
+`evaluate(params, cfg, tokenizer, split="forget01", ...)` scores four evaluation sets
+
+    forget  = <split>_perturbed          (question, answer, paraphrased_answer, perturbed_answer[5])
+    retain  = retain_perturbed           (same fields; full[:400], the same for every split)
+    ra      = real_authors_perturbed     (question, answer, perturbed_answer[3])
+    wf      = world_facts_perturbed      (question, answer, perturbed_answer[3])
+
+and reports, per seed (metric names, `metrics=` accepts these, or the groups in `GROUPS`):
+
+    forget_lp, retain_lp, ra_lp, wf_lp   mean over the set of the MC ELBO of log p(answer + EOS |
+                                         prompt), summed over answer tokens (nats): the paper's
+                                         Table I ForgetLP / RetainLP / RealAuth / WorldFact
+    forget_prob, retain_prob             mean P̄(answer), P̄ = exp(ELBO / |answer|)
+    ra_prob, wf_prob                     mean P̄(a) / (P̄(a) + Σ_j P̄(â_j))   (normalised)
+    forget_tr                            mean min(TR, 1/TR), TR = GM_j P̄(perturbed_j) / P̄(paraphrased)
+    retain_tr                            mean max(0, 1 − TR), same TR
+    ra_tr, wf_tr                         mean max(0, 1 − TR), TR with the answer in place of a paraphrase
+    forget_rouge, ... wf_rouge           mean ROUGE-L recall of a greedy generation vs the answer
+    forget_quality                       KS p-value of this model's per-sample forget TRs vs the retain
+                                         model's (`retain_tr`); None when they are not given
+    model_utility                        hmean of the nine retain/ra/wf prob, rouge, tr numbers
+
+Every likelihood is `likelihood.elbo` (fixed n_mc; its masks depend only on the PRNG key and an
+example id). The example id of an answer is derived from the question's identity (its index in
+full.json for forget/retain rows, so forget01 row 0 and forget10 row 360 share masks) and the
+answer variant, never from the batch it lands in. So two models (or an edit vs no edit) evaluated
+with the same seed see identical masks: the paired comparisons over seeds use common random
+numbers. Answers are encode(answer) + [eos] (TOFU counts the end token in |a|).
+
+ROUGE uses `sampler.generate_text` (default: greedy, low-confidence remasking). A deterministic
+sampler (temperature 0 and no random remasking) gives the same text for every seed, so it runs once
+and its ROUGE is shared by all seeds.
+
+`intervene` (an `Intervene`, e.g. with an edit memory) is passed unchanged to every ELBO forward
+and to generation. Its batch-shaped fields must broadcast against any batch ([1, 1, D] noise, say),
+because evaluation batches differ in size and length.
+
+Results keep per-sample values in open-unlearning's shape:
+    result["per_seed"][seed][metric] = {"agg_value": x, "value_by_index": {row: {...}}}
+with row = the row index in the evaluated set (as a string), so a retain model's forget TRs can be
+stored (`forget_tr_by_index`) and used for Forget Quality later.
+
+`compare` and `write_report` turn several methods' results into the paper's table (mean, 95%
+bootstrap CI over seeds, paired t vs no_edit on shared seeds). `main(argv)` is the CLI
+`timerome eval ...` (`build_eval_parser` + `run_eval` are wired into timerome_jax/cli.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from . import metrics as M
+from . import tofu
+
+SETS = ("forget", "retain", "ra", "wf")
+SET_FILES = {"retain": "retain_perturbed", "ra": "real_authors_perturbed", "wf": "world_facts_perturbed"}
+KINDS = ("lp", "prob", "tr", "rouge")
+ALL_METRICS = tuple(f"{s}_{k}" for s in SETS for k in KINDS) + ("forget_quality", "model_utility")
+GROUPS = {
+    "lp": tuple(f"{s}_lp" for s in SETS),
+    "prob": tuple(f"{s}_prob" for s in SETS),
+    "truth_ratio": tuple(f"{s}_tr" for s in SETS),
+    "rouge": tuple(f"{s}_rouge" for s in SETS),
+    "table1": ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_quality"),
+    "tofu": ("forget_prob", "forget_tr", "forget_rouge", "forget_quality", "model_utility"),
+    "all": ALL_METRICS,
+}
+DEFAULT_METRICS = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "prob", "truth_ratio", "rouge",
+                   "forget_quality", "model_utility")
+MU_SOURCES = {"retain_prob": "retain_prob", "retain_rouge": "retain_rouge", "retain_tr": "retain_tr",
+              "ra_prob": "ra_prob", "ra_rouge": "ra_rouge", "ra_tr": "ra_tr",
+              "wf_prob": "wf_prob", "wf_rouge": "wf_rouge", "wf_tr": "wf_tr"}
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL = ASSETS / "tofu_target"
+DEFAULT_RETAIN_MODEL = ASSETS / "tofu_retain"
+
+_SET_CODE = {"full": 1, "ra": 2, "wf": 3}
+_N_VARIANTS = 8  # answer, paraphrase, up to 6 perturbed answers
+
+
+def default_sampler(gen_length: int = 128):
+    """Greedy MDLM decoding for ROUGE: steps = gen_length, blocks of 32, low-confidence remasking."""
+    from .sampler import SamplerConfig
+
+    return SamplerConfig(steps=gen_length, block_length=min(32, gen_length), temperature=0.0,
+                         remasking="low_confidence")
+
+
+def expand_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """Metric names and groups -> the ordered tuple of metric names (dependencies not included)."""
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    out = []
+    for m in metrics:
+        if m in GROUPS:
+            out.extend(GROUPS[m])
+        elif m in ALL_METRICS:
+            out.append(m)
+        else:
+            raise ValueError(f"unknown metric {m!r}; expected one of {ALL_METRICS} or a group {tuple(GROUPS)}")
+    return tuple(dict.fromkeys(out))
+
+
+def _needs(metrics: tuple[str, ...]) -> dict[str, set]:
+    """Which per-set quantities the metrics need: set -> subset of {answer, tr, rouge}."""
+    want = set(metrics)
+    if "model_utility" in want:
+        want |= set(MU_SOURCES.values())
+    if "forget_quality" in want:
+        want.add("forget_tr")
+    need = {s: set() for s in SETS}
+    for m in want:
+        if m in ("forget_quality", "model_utility"):
+            continue
+        s, k = m.split("_", 1)
+        if k == "lp" or (k == "prob" and s in ("forget", "retain")):
+            need[s].add("answer")
+        elif k == "prob" or k == "tr":  # ra/wf prob uses answer + perturbed, like their tr
+            need[s].add("tr")
+        elif k == "rouge":
+            need[s].add("rouge")
+    return need
+
+
+def _eval_rows(split: str, which: str, limit: Optional[int], root=None) -> list[dict]:
+    name = f"{split}_perturbed" if which == "forget" else SET_FILES[which]
+    rows = tofu.load_split(name, root=root, subjects=False)
+    if which in ("forget", "retain"):  # global index in full.json, for example ids
+        off = {"forget01": 3960, "forget05": 3800, "forget10": 3600}.get(split, 0) if which == "forget" else 0
+        for r in rows:
+            r["_qid"] = (_SET_CODE["full"], off + r["index"])
+    else:
+        for r in rows:
+            r["_qid"] = (_SET_CODE[which], r["index"])
+    return rows if limit is None else rows[:limit]
+
+
+def _example_id(qid: tuple[int, int], variant: int) -> int:
+    code, idx = qid
+    return (code * 100_000 + idx) * _N_VARIANTS + variant
+
+
+@dataclasses.dataclass
+class _Item:
+    which: str
+    row: int           # position in the evaluated rows
+    variant: int       # 0 = answer, 1 = paraphrased answer (forget/retain), 2 + j = perturbed j
+    prompt: list
+    answer: list       # with EOS
+    eid: int
+
+
+def _items(rows_by_set, need, tokenizer, eos: int) -> list[_Item]:
+    items, enc = [], {}
+
+    def e(text):
+        if text not in enc:
+            enc[text] = list(tokenizer.encode(text))
+        return enc[text]
+
+    for which in SETS:
+        nd = need[which]
+        if not nd & {"answer", "tr"}:
+            continue
+        for i, r in enumerate(rows_by_set[which]):
+            variants = []
+            if "answer" in nd or ("tr" in nd and which in ("ra", "wf")):
+                variants.append((0, r["answer"]))
+            if "tr" in nd:
+                if which in ("forget", "retain"):
+                    variants.append((1, r["paraphrased_answer"]))
+                if len(r["perturbed_answer"]) > _N_VARIANTS - 2:
+                    raise ValueError(f"{which} row {i}: {len(r['perturbed_answer'])} perturbed answers, "
+                                     f"at most {_N_VARIANTS - 2} supported")
+                variants += [(2 + j, a) for j, a in enumerate(r["perturbed_answer"])]
+            p = e(tofu.format_prompt(r["question"]))
+            for v, a in variants:
+                items.append(_Item(which, i, v, p, e(a) + [eos], _example_id(r["_qid"], v)))
+    return items
+
+
+def _bucket(n: int, q: int) -> int:
+    return int(math.ceil(n / q) * q)
+
+
+def _batches(items: list[_Item], batch_size: int, max_seq_len: int, q: int):
+    """Length-sorted batches (fixed by the data alone) with a bucketed length (few compiles)."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].prompt) + len(items[i].answer), i))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        L = max(len(items[i].prompt) + len(items[i].answer) for i in idx)
+        if L > max_seq_len:
+            raise ValueError(f"an evaluation example has {L} tokens (prompt + answer + EOS), more than "
+                             f"cfg.max_seq_len={max_seq_len}")
+        yield idx, min(_bucket(L, q), max_seq_len)
+
+
+def _score_items(params, cfg, items, key, n_mc, batch_size, intervene, estimator, mc_batch, progress, desc, q):
+    """ELBO [N] float64 for every item (batched; the last batch is padded with repeats)."""
+    from . import likelihood
+
+    out = np.full(len(items), np.nan)
+    batches = list(_batches(items, batch_size, cfg.max_seq_len, q))
+    for idx, L in _tqdm(batches, progress, desc):
+        pad = idx + [idx[-1]] * (batch_size - len(idx))  # constant batch shape
+        toks, amask, pmask = likelihood.make_qa_batch([items[i].prompt for i in pad],
+                                                      [items[i].answer for i in pad], cfg, max_len=L)
+        eids = np.array([items[i].eid for i in pad], np.int32)
+        ll = likelihood.elbo(params, cfg, toks, amask, pmask, key, n_mc=n_mc, example_ids=eids,
+                             intervene=intervene, estimator=estimator, mc_batch=mc_batch)
+        out[idx] = np.asarray(ll, np.float64)[: len(idx)]
+    if not np.all(np.isfinite(out)):
+        bad = int(np.flatnonzero(~np.isfinite(out))[0])
+        raise FloatingPointError(f"non-finite ELBO for {items[bad].which} row {items[bad].row} "
+                                 f"variant {items[bad].variant}")
+    return out
+
+
+def _generate(params, cfg, tokenizer, rows_by_set, need, gen_length, scfg, seed, batch_size, intervene,
+              progress, q) -> dict[str, list[str]]:
+    from .sampler import generate_text
+
+    jobs = [(w, i, tofu.format_prompt(r["question"])) for w in SETS if "rouge" in need[w]
+            for i, r in enumerate(rows_by_set[w])]
+    lens = [len(tokenizer.encode(p)) for _, _, p in jobs]
+    order = sorted(range(len(jobs)), key=lambda j: (lens[j], j))
+    gens: dict[str, list] = {w: [None] * len(rows_by_set[w]) for w in SETS if "rouge" in need[w]}
+    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    for idx in _tqdm(chunks, progress, f"generate (seed {seed})"):
+        pad = idx + [idx[-1]] * (batch_size - len(idx))
+        longest = max(lens[j] for j in idx)
+        # bucketed canvas length (few compiles), never below what the batch needs
+        T = max(min(_bucket(longest, q) + gen_length, cfg.max_seq_len), longest + gen_length)
+        texts = generate_text(params, cfg, tokenizer, [jobs[j][2] for j in pad], gen_length, scfg,
+                              seed=seed, intervene=intervene, max_len=T)
+        for j, t in zip(idx, texts):
+            gens[jobs[j][0]][jobs[j][1]] = t
+    return gens
+
+
+def _tqdm(it, progress, desc):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
+
+
+def _deterministic(scfg) -> bool:
+    return scfg.temperature == 0 and scfg.remasking not in ("random", "origin") and scfg.alg_temp == 0
+
+
+def _retain_tr_for(retain_tr, seed: int, index_keys: list[str]):
+    """The retain model's per-sample forget TRs for `seed`, aligned with `index_keys` (or None)."""
+    if retain_tr is None:
+        return None, None
+    if isinstance(retain_tr, (str, os.PathLike)):
+        retain_tr = load_retain_tr(retain_tr)
+    used = None
+    if isinstance(retain_tr, Mapping) and retain_tr and all(isinstance(v, (Mapping, list, tuple, np.ndarray))
+                                                            for v in retain_tr.values()):
+        by_seed = {int(k): v for k, v in retain_tr.items()}
+        used = seed if seed in by_seed else min(by_seed)
+        retain_tr = by_seed[used]
+    if isinstance(retain_tr, Mapping):
+        missing = [k for k in index_keys if k not in retain_tr]
+        if missing:
+            raise ValueError(f"retain_tr has no truth ratio for forget rows {missing[:5]}")
+        return np.array([retain_tr[k] for k in index_keys], np.float64), used
+    arr = np.asarray(retain_tr, np.float64)
+    if arr.ndim != 1 or arr.size < len(index_keys):
+        raise ValueError(f"retain_tr must have one truth ratio per forget row ({len(index_keys)}), got shape {arr.shape}")
+    return arr[[int(k) for k in index_keys]], used
+
+
+def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[str] = DEFAULT_METRICS,
+             n_mc: int = 16, seeds: Sequence[int] = (0,), intervene=None, retain_tr=None,
+             batch_size: int = 16, gen_length: int = 128, sampler=None, progress: bool = True,
+             limit: Optional[int] = None, estimator: str = "auto", mc_batch: Optional[int] = None,
+             gen_batch_size: Optional[int] = None, length_bucket: int = 32, data_root=None) -> dict:
+    """Evaluate a model on TOFU `split` (forget01/05/10) for each seed. See the module docstring.
+
+    params/cfg: model; tokenizer: .encode/.decode/.eos_id (None -> cfg.eos_token_id).
+    metrics: names/groups (`ALL_METRICS`, `GROUPS`); model_utility and forget_quality pull in what
+        they need. retain_tr: the retain model's per-sample forget TRs: {row: tr}, {seed: {row: tr}},
+        a list indexed by row, or a JSON path written by `save_retain_tr`; the seed's own entry is
+        used when present, else the lowest seed's.
+    limit: evaluate only the first `limit` rows of every set (quick runs).
+    length_bucket: batch lengths are rounded up to a multiple of it (capped at cfg.max_seq_len), so
+        a whole evaluation compiles only a few shapes; batches are length-sorted, padded to
+        `batch_size` with repeats (discarded). gen_batch_size: generation batch (default batch_size).
+    data_root: TOFU folder (None = packaged copy; see `tofu.load_split`).
+    sampler: a `sampler.SamplerConfig` for ROUGE generation (default `default_sampler(gen_length)`).
+    Returns a JSON-serialisable dict: {"split", "seeds", "n_mc", ..., "metrics": {name: [value per
+    seed]}, "per_seed": {seed: {name: {"agg_value", "value_by_index"}}}, "generations": ...}.
+    """
+    import jax
+
+    if split not in tofu.FORGET_SPLITS:
+        raise ValueError(f"split must be one of {tofu.FORGET_SPLITS}, got {split!r}")
+    names = expand_metrics(metrics)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+    if n_mc < 1 or batch_size < 1:
+        raise ValueError(f"n_mc and batch_size must be >= 1, got {n_mc}, {batch_size}")
+    scfg = sampler if sampler is not None else default_sampler(gen_length)
+    gbs = gen_batch_size or batch_size
+    eos = getattr(tokenizer, "eos_id", None)
+    eos = cfg.eos_token_id if eos is None else int(eos)
+    need = _needs(names)
+    rows = {w: _eval_rows(split, w, limit, data_root) if need[w] else [] for w in SETS}
+    items = _items(rows, need, tokenizer, eos)
+    t0 = time.time()
+    result: dict[str, Any] = {
+        "split": split, "metrics_requested": list(names), "seeds": seeds, "n_mc": n_mc,
+        "estimator": estimator, "limit": limit, "batch_size": batch_size, "gen_length": gen_length,
+        "length_bucket": length_bucket,
+        "sampler": dataclasses.asdict(scfg), "intervened": intervene is not None,
+        "prompt_template": tofu.PROMPT_TEMPLATE, "n_rows": {w: len(rows[w]) for w in SETS if need[w]},
+        "per_seed": {}, "generations": {},
+    }
+    gens_shared = None
+    for seed in seeds:
+        per: dict[str, dict] = {}
+        if items:
+            ll = _score_items(params, cfg, items, jax.random.PRNGKey(seed), n_mc, batch_size, intervene,
+                              estimator, mc_batch, progress, f"ELBO (seed {seed})", length_bucket)
+            _fill_likelihood_metrics(per, items, ll, rows, need)
+        if any("rouge" in need[w] for w in SETS):
+            if gens_shared is not None:
+                gens = gens_shared
+            else:
+                gens = _generate(params, cfg, tokenizer, rows, need, gen_length, scfg, seed, gbs, intervene,
+                                 progress, length_bucket)
+                if _deterministic(scfg):
+                    gens_shared = gens
+                result["generations"][str(seed)] = gens
+            for w, texts in gens.items():
+                refs = [r["answer"] for r in rows[w]]
+                rec = M.rouge_l_recall(refs, texts)
+                per[f"{w}_rouge"] = {"agg_value": float(rec.mean()), "value_by_index": {
+                    str(r["index"]): {"rouge_recall": float(v)} for r, v in zip(rows[w], rec)}}
+        if "forget_quality" in names:
+            keys = [str(r["index"]) for r in rows["forget"]]
+            ref, used = _retain_tr_for(retain_tr, seed, keys)
+            mine = [per["forget_tr"]["value_by_index"][k]["score"] for k in keys]
+            per["forget_quality"] = {"agg_value": None if ref is None else M.forget_quality(mine, ref),
+                                     "retain_tr_seed": used}
+        if "model_utility" in names:
+            per["model_utility"] = {"agg_value": M.model_utility(
+                {k: per[src]["agg_value"] for k, src in MU_SOURCES.items()})}
+        result["per_seed"][str(seed)] = per
+    if gens_shared is not None:
+        result["generations"] = {"shared": gens_shared}
+    result["metrics"] = {m: [result["per_seed"][str(s)][m]["agg_value"] for s in seeds] for m in names}
+    result["seconds"] = round(time.time() - t0, 3)
+    return result
+
+
+def _fill_likelihood_metrics(per: dict, items: list[_Item], ll: np.ndarray, rows, need) -> None:
+    """Turn item ELBOs into the lp/prob/tr metrics with per-sample values."""
+    table: dict[tuple[str, int, int], tuple[float, int]] = {}
+    for it, v in zip(items, ll):
+        table[(it.which, it.row, it.variant)] = (float(v), len(it.answer))
+    for w in SETS:
+        nd, rs = need[w], rows[w]
+        if not rs or not nd & {"answer", "tr"}:
+            continue
+        keys = [str(r["index"]) for r in rs]
+        if "answer" in nd or ("tr" in nd and w in ("ra", "wf")):
+            a_ll = np.array([table[(w, i, 0)][0] for i in range(len(rs))])
+            a_n = np.array([table[(w, i, 0)][1] for i in range(len(rs))])
+            a_avg = M.avg_ll(a_ll, a_n)
+            per[f"{w}_lp"] = {"agg_value": float(a_ll.mean()), "value_by_index": {
+                k: {"ll": float(x), "n_tokens": int(n)} for k, x, n in zip(keys, a_ll, a_n)}}
+        if "tr" in nd:
+            K = len(rs[0]["perturbed_answer"])
+            p_avg = np.array([[M.avg_ll([table[(w, i, 2 + j)][0]], [table[(w, i, 2 + j)][1]])[0]
+                               for j in range(K)] for i in range(len(rs))])
+            if w in ("forget", "retain"):
+                ref = np.array([M.avg_ll([table[(w, i, 1)][0]], [table[(w, i, 1)][1]])[0] for i in range(len(rs))])
+            else:
+                ref = a_avg
+            tr = M.truth_ratio(ref, p_avg)
+            agg = M.tr_forget_score(tr) if w == "forget" else M.tr_retain_score(tr)
+            per[f"{w}_tr"] = {"agg_value": agg, "value_by_index": {
+                k: {"score": float(t), "avg_ll_ref": float(r), "avg_ll_perturbed": [float(x) for x in p]}
+                for k, t, r, p in zip(keys, tr, ref, p_avg)}}
+        if w in ("forget", "retain") and "answer" in nd:
+            pb = np.exp(a_avg)
+            per[f"{w}_prob"] = {"agg_value": float(pb.mean()), "value_by_index": {
+                k: {"prob": float(p), "avg_loss": float(-a)} for k, p, a in zip(keys, pb, a_avg)}}
+        if w in ("ra", "wf") and "tr" in nd:
+            npb = M.normalised_prob(a_avg, p_avg)
+            per[f"{w}_prob"] = {"agg_value": float(npb.mean()), "value_by_index": {
+                k: {"prob": float(p)} for k, p in zip(keys, npb)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# retain-model truth ratios (Forget Quality reference)
+# ---------------------------------------------------------------------------------------------
+
+def forget_tr_by_index(result: dict) -> dict[str, dict[str, float]]:
+    """{seed: {row: TR}} of the forget set from an `evaluate` result (needs forget_tr)."""
+    out = {}
+    for seed, per in result["per_seed"].items():
+        if "forget_tr" not in per:
+            raise ValueError("this result has no per-sample forget truth ratios (evaluate with 'forget_tr')")
+        out[seed] = {k: v["score"] for k, v in per["forget_tr"]["value_by_index"].items()}
+    return out
+
+
+def save_retain_tr(path, result: dict, model: str = "") -> None:
+    """Write the forget TRs of a retain-model `evaluate` result as JSON (atomically)."""
+    payload = {"kind": "timerome_retain_forget_tr", "model": str(model), "split": result["split"],
+               "n_mc": result["n_mc"], "estimator": result["estimator"], "limit": result["limit"],
+               "by_seed": forget_tr_by_index(result)}
+    _atomic_write(path, json.dumps(payload, indent=1))
+
+
+def load_retain_tr(path) -> dict[str, dict[str, float]]:
+    """{seed: {row: TR}} from a file written by `save_retain_tr`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read retain truth ratios from {path}: {e}") from e
+    if not isinstance(d, dict) or d.get("kind") != "timerome_retain_forget_tr" or "by_seed" not in d:
+        raise ValueError(f"{path} is not a retain truth-ratio file (missing kind/by_seed)")
+    return d["by_seed"]
+
+
+def retain_tr_cache_path(out_dir, split: str, n_mc: int, estimator: str = "auto") -> Path:
+    return Path(out_dir) / f"retain_forget_tr_{split}_nmc{n_mc}_{estimator}.json"
+
+
+def cached_retain_tr(out_dir, split: str, seeds: Sequence[int], n_mc: int, retain_model=DEFAULT_RETAIN_MODEL,
+                     estimator: str = "auto", limit: Optional[int] = None, batch_size: int = 16,
+                     progress: bool = True, loader=None, length_bucket: int = 32) -> Optional[dict]:
+    """The retain model's forget TRs for `seeds`, from the cache JSON in `out_dir` when it has them,
+    else computed (loading `retain_model`) and added to the cache. None if the model is absent."""
+    path = retain_tr_cache_path(out_dir, split, n_mc, estimator)
+    have = {}
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("limit") == limit and d.get("model") == str(retain_model):
+            have = d["by_seed"]
+    missing = [s for s in seeds if str(s) not in have]
+    if not missing:
+        return {k: have[k] for k in map(str, seeds)}
+    if not Path(retain_model).is_dir():
+        return None
+    params, cfg, tok = (loader or _load_model)(retain_model)
+    res = evaluate(params, cfg, tok, split, metrics=("forget_tr",), n_mc=n_mc, seeds=missing,
+                   batch_size=batch_size, progress=progress, limit=limit, estimator=estimator,
+                   length_bucket=length_bucket)
+    have.update(forget_tr_by_index(res))
+    os.makedirs(out_dir, exist_ok=True)
+    payload = {"kind": "timerome_retain_forget_tr", "model": str(retain_model), "split": split, "n_mc": n_mc,
+               "estimator": estimator, "limit": limit, "by_seed": have}
+    _atomic_write(path, json.dumps(payload, indent=1))
+    return {k: have[k] for k in map(str, seeds)}
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison table
+# ---------------------------------------------------------------------------------------------
+
+def _per_seed_values(res) -> dict[str, dict[int, float]]:
+    """{metric: {seed: value}} from an `evaluate` result or such a mapping already."""
+    if isinstance(res, Mapping) and "per_seed" in res and "seeds" in res:
+        out: dict[str, dict[int, float]] = {}
+        for m, vals in res["metrics"].items():
+            out[m] = {int(s): v for s, v in zip(res["seeds"], vals) if v is not None}
+        return out
+    if isinstance(res, Mapping):
+        return {m: {int(s): v for s, v in vs.items() if v is not None} for m, vs in res.items()}
+    raise ValueError(f"cannot read per-seed metric values from a {type(res).__name__}")
+
+
+def compare(results_by_method: Mapping[str, Any], reference: str = "no_edit", n_resamples: int = 2000,
+            level: float = 0.95, seed: int = 0) -> list[dict]:
+    """Per (method, metric) rows: mean, std over seeds, bootstrap CI, and a paired t-test vs `reference`.
+
+    results_by_method: {method: evaluate() result, or {metric: {seed: value}}}.
+    Row keys: method, metric, n, seeds, mean, std (ddof=1; None for n=1), ci_lo, ci_hi, and vs the
+    reference on the seeds both have: n_paired, delta (mean a − ref), delta_ci_lo, delta_ci_hi,
+    t, p, sig ('*' p<0.05, '**' p<0.01, '***' p<1e-4). Values that are None are skipped.
+    """
+    vals = {m: _per_seed_values(r) for m, r in results_by_method.items()}
+    if reference not in vals:
+        raise ValueError(f"reference method {reference!r} is not among {list(vals)}")
+    metric_order = list(dict.fromkeys(k for v in vals.values() for k in v))
+    rows = []
+    for method, per in vals.items():
+        for metric in metric_order:
+            by_seed = per.get(metric, {})
+            if not by_seed:
+                continue
+            seeds = sorted(by_seed)
+            x = np.array([by_seed[s] for s in seeds], np.float64)
+            lo, hi = M.bootstrap_ci(x, n_resamples, level, seed)
+            row = {"method": method, "metric": metric, "n": len(x), "seeds": seeds, "mean": float(x.mean()),
+                   "std": float(x.std(ddof=1)) if len(x) > 1 else None, "ci_lo": lo, "ci_hi": hi,
+                   "n_paired": None, "delta": None, "delta_ci_lo": None, "delta_ci_hi": None,
+                   "t": None, "p": None, "sig": ""}
+            ref = vals[reference].get(metric, {})
+            shared = [s for s in seeds if s in ref]
+            if method != reference and shared:
+                a = np.array([by_seed[s] for s in shared])
+                b = np.array([ref[s] for s in shared])
+                t, p = M.paired_t(a, b)
+                dlo, dhi = M.diff_ci(a, b, n_resamples, level, seed)
+                row.update(n_paired=len(shared), delta=float((a - b).mean()), delta_ci_lo=dlo, delta_ci_hi=dhi,
+                           t=None if math.isnan(t) else t, p=None if math.isnan(p) else p, sig=M.significance(p))
+            rows.append(row)
+    return rows
+
+
+def _fmt(x, nd=3) -> str:
+    if x is None:
+        return "–"
+    ax = abs(x)
+    if ax != 0 and (ax < 1e-3 or ax >= 1e5):
+        return f"{x:.2e}"
+    return f"{x:.{nd}f}"
+
+
+def markdown_table(rows: list[dict], reference: Optional[str] = None) -> str:
+    """Two Markdown tables: mean ± std [95% CI] per method × metric; Δ vs `reference` with p."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    cell = {(r["method"], r["metric"]): r for r in rows}
+    head = "| method | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
+    t1, t2 = head, head
+    for m in methods:
+        c1, c2 = [], []
+        for k in metrics:
+            r = cell.get((m, k))
+            if r is None:
+                c1.append("")
+                c2.append("")
+                continue
+            sd = f" ± {_fmt(r['std'])}" if r["std"] is not None else ""
+            c1.append(f"{_fmt(r['mean'])}{sd} [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]")
+            c2.append(f"{_fmt(r['delta'])}{r['sig']} (p={_fmt(r['p'])}, n={r['n_paired']})"
+                      if r["delta"] is not None else ("ref" if m == reference else "–"))
+        t1 += f"| {m} | " + " | ".join(c1) + " |\n"
+        t2 += f"| {m} | " + " | ".join(c2) + " |\n"
+    return ("Mean ± std over seeds [95% bootstrap CI, 2000 resamples]\n\n" + t1 +
+            "\nPaired difference vs reference on shared seeds: Δ (two-tailed paired t p; "
+            "* p<0.05, ** p<0.01, *** p<1e-4)\n\n" + t2)
+
+
+def _atomic_write(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(rows: list[dict], out_dir, name: str, reference: Optional[str] = None) -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>.json` (the rows) and `<out_dir>/<name>.md` atomically; return both paths.
+    reference: the method marked "ref" in the Δ table (default: the one whose rows have no delta)."""
+    if reference is None:
+        refs = {r["method"] for r in rows} - {r["method"] for r in rows if r["n_paired"] is not None}
+        reference = next(iter(refs)) if len(refs) == 1 else None
+    out = Path(out_dir)
+    js, md = out / f"{name}.json", out / f"{name}.md"
+    _atomic_write(js, json.dumps(rows, indent=1, default=_json_default))
+    _atomic_write(md, f"# {name}\n\n" + markdown_table(rows, reference))
+    return js, md
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def _load_model(path):
+    from . import hf
+
+    return hf.load_pretrained(str(path))
+
+
+def build_eval_parser(subparsers=None) -> argparse.ArgumentParser:
+    """Add the `eval` sub-command to `subparsers` (or build a stand-alone parser when None)."""
+    kw = dict(description="Evaluate a masked diffusion LM on TOFU (paper Table I metrics + TOFU FQ/MU).")
+    p = subparsers.add_parser("eval", help="TOFU evaluation", **kw) if subparsers is not None \
+        else argparse.ArgumentParser(prog="timerome eval", **kw)
+    p.add_argument("--split", default="forget01", choices=tofu.FORGET_SPLITS)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: packaged TOFU target)")
+    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL),
+                   help="retain model folder for Forget Quality (its forget TRs are cached in --out)")
+    p.add_argument("--retain-tr", default=None, help="JSON of retain-model forget TRs (instead of --retain-model)")
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
+                   help=f"metric names or groups {tuple(GROUPS)}")
+    p.add_argument("--n-mc", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of every set")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: gen length)")
+    p.add_argument("--block-length", type=int, default=None, help="sampler block length (default: 32)")
+    p.add_argument("--estimator", default="auto")
+    p.add_argument("--mc-batch", type=int, default=None)
+    p.add_argument("--length-bucket", type=int, default=32, help="round batch lengths up to a multiple of this")
+    p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--name", default=None, help="file stem of the outputs (default eval_<split>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args, loader=None) -> dict:
+    """Run `timerome eval` from parsed args; writes <out>/<name>.json (full result) and
+    <out>/<name>_summary.{json,md}; returns the result."""
+    from .sampler import SamplerConfig
+
+    load = loader or _load_model
+    names = expand_metrics(args.metrics)
+    gl = args.gen_length
+    scfg = SamplerConfig(steps=args.steps or gl, block_length=args.block_length or min(32, gl),
+                         temperature=0.0, remasking="low_confidence")
+    retain_tr = None
+    if "forget_quality" in names:
+        if args.retain_tr:
+            retain_tr = load_retain_tr(args.retain_tr)
+        else:
+            retain_tr = cached_retain_tr(args.out, args.split, args.seeds, args.n_mc, args.retain_model,
+                                         args.estimator, args.limit, args.batch_size, not args.no_progress, load,
+                                         args.length_bucket)
+            if retain_tr is None:
+                print(f"[timerome eval] no retain model at {args.retain_model}: forget_quality will be None")
+    params, cfg, tok = load(args.model)
+    res = evaluate(params, cfg, tok, args.split, metrics=names, n_mc=args.n_mc, seeds=args.seeds,
+                   retain_tr=retain_tr, batch_size=args.batch_size, gen_length=gl, sampler=scfg,
+                   progress=not args.no_progress, limit=args.limit, estimator=args.estimator,
+                   mc_batch=args.mc_batch, length_bucket=args.length_bucket)
+    res["model"] = str(args.model)
+    name = args.name or f"eval_{args.split}"
+    _atomic_write(Path(args.out) / f"{name}.json", json.dumps(res, indent=1, default=_json_default))
+    write_report(compare({"model": res}, reference="model"), args.out, f"{name}_summary")
+    for m in names:
+        vals = res["metrics"][m]
+        print(f"{m:16s} " + " ".join(_fmt(v) for v in vals))
+    return res
+
+
+def main(argv=None) -> int:
+    """`python -m timerome_jax.evaluate ...` (same options as `timerome eval`)."""
+    args = build_eval_parser(None).parse_args(argv)
+    run_eval(args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
