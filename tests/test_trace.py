@@ -98,8 +98,9 @@ def test_plan_lanes_covers_each_candidate_once_with_minimal_work():
 def test_decay_weights_and_select():
     w = tr.decay_weights(4, 0.5)
     np.testing.assert_allclose(w.sum(1), 1.0)
-    assert w[1, 0] == 0 and w[1, 1] == 0 and w[1, 2] > w[1, 3] > 0
-    np.testing.assert_allclose(w[1, 2] / w[1, 3], np.exp(0.5))
+    # row k=1 weighs k' = 2..4, stored at columns k'-1 = 1..3
+    assert w[1, 0] == 0 and w[1, 1] > w[1, 2] > w[1, 3] > 0 and w[3].sum() == 1 and w[3, 3] == 1
+    np.testing.assert_allclose(w[1, 1] / w[1, 2], np.exp(0.5))
     tb = np.zeros((2, 3, 4, 5))
     tb[:, 0, 2, 1] = [3.0, -5.0]  # resid, layer 2, step 1: mean |.| = 4
     tb[:, 2, 3, 0] = 10.0         # mlp is stronger, but not allowed by default
