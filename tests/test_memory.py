@@ -1,0 +1,645 @@
+"""Tests for timerome_jax.memory (edit memory, capture, save/load) and torch_ref/hooks.py."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import zipfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from timerome_jax import memory as M
+from timerome_jax import model
+from timerome_jax.config import MODULES, ModelConfig
+from timerome_jax.intervene import Intervene, Patch
+from timerome_jax.torch_ref import hooks as H
+
+CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                  d_ff=64, rope_theta=10000.0, mask_token_id=96, pad_token_id=0, eos_token_id=1,
+                  max_seq_len=64)
+HYP = settings(max_examples=15, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def params():
+    # numpy init (faster than eager jax.random per leaf); std 0.2 so that edits and patches
+    # visibly move the logits of this tiny model
+    rng = np.random.default_rng(0)
+    shapes = model.param_shapes(CFG)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.2),
+        shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+
+_fwd = jax.jit(model.forward, static_argnames="cfg")
+
+
+def fwd(params, tokens, iv=None, step=0):
+    return _fwd(params, tokens, CFG, intervene=iv, step=step)
+
+
+def rand_mem(rng, n, d=32, capacity=None, lam=0.5, alpha=1.0, q=0, layer=1, module=0, step=-1,
+             scale=1.0):
+    u, vo, vt = (scale * rng.normal(size=(n, d)) for _ in range(3))
+    return M.build(u, vo, vt, lam, alpha, q, layer, module, step=step, capacity=capacity)
+
+
+@jax.jit
+def _delta(mem, h):
+    return mem.delta(h)
+
+
+def delta_np(mem, h):
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(_delta(mem, jnp.asarray(h, jnp.float32)))
+
+
+# --------------------------------------------------------------------------------------------
+# memory algebra
+# --------------------------------------------------------------------------------------------
+
+@HYP
+@given(n=st.integers(1, 6), d=st.integers(2, 10), extra=st.integers(0, 3),
+       lam=st.floats(0.05, 20.0), seed=st.integers(0, 2**31 - 1))
+def test_kernel_form_equals_primal_ridge(n, d, extra, lam, seed):
+    rng = np.random.default_rng(seed)
+    u, vo, vt = rng.normal(size=(3, n, d))
+    mem = M.build(u, vo, vt, lam, 1.0, 0, 0, "resid", capacity=n + extra)
+    # primal ridge: M* = argmin sum |M u_z - d_z|^2 + lam |M|_F^2 = D^T U (U^T U + lam I_H)^{-1}
+    Dt = (vt - vo).T
+    Mstar = Dt @ u @ np.linalg.inv(u.T @ u + lam * np.eye(d))
+    h = rng.normal(size=(2, 3, d))
+    want = h @ Mstar.T
+    got = delta_np(mem, h)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    G = np.asarray(mem.G, np.float64)
+    np.testing.assert_allclose(G[:n, :n], np.linalg.inv(u @ u.T + lam * np.eye(n)), rtol=1e-4,
+                               atol=1e-5 / lam)
+    # inactive rows are decoupled from active ones
+    assert np.all(G[:n, n:] == 0) and np.all(G[n:, :n] == 0)
+
+
+@HYP
+@given(n=st.integers(1, 6), extra=st.integers(0, 3), q_big=st.integers(0, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_topq_zero_and_large_equal_dense(n, extra, q_big, seed):
+    rng = np.random.default_rng(seed)
+    dense = rand_mem(rng, n, capacity=n + extra)
+    h = rng.normal(size=(2, 4, 32))
+    want = delta_np(dense, h)
+    for q in (0, n + q_big):
+        got = delta_np(dataclasses.replace(dense, q=jnp.int32(q)), h)
+        np.testing.assert_array_equal(got, want)
+
+
+@HYP
+@given(n=st.integers(2, 8), q=st.integers(1, 7), seed=st.integers(0, 2**31 - 1))
+def test_topq_keeps_exactly_q_largest(n, q, seed):
+    rng = np.random.default_rng(seed)
+    mem = rand_mem(rng, n, capacity=n + 2)
+    mem_q = dataclasses.replace(mem, q=jnp.int32(q))
+    h = jnp.asarray(rng.normal(size=(3, 5, 32)), jnp.float32)
+    dense = np.asarray(mem.coefficients(h))
+    kept = np.asarray(mem_q.coefficients(h))
+    mags = np.abs(dense[..., :n]).reshape(-1, n)
+    assert all(len(set(r.tolist())) == n for r in mags), "random draws gave tied magnitudes"
+    k = min(q, n)
+    nz = (kept != 0).reshape(-1, n + 2)
+    assert np.all(nz[:, n:] == 0), "inactive slots fired"
+    assert np.all(nz.sum(-1) == k)
+    top = np.argsort(-mags, axis=-1)[:, :k]
+    for row, t in zip(nz, top):
+        assert set(np.flatnonzero(row).tolist()) == set(t.tolist())
+    np.testing.assert_array_equal(kept[kept != 0], dense[kept != 0])
+
+
+def test_top_q_tie_rule():
+    c = jnp.asarray([[3.0, -2.0, 2.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(M.top_q(c, 1), [[3.0, 0, 0, 0, 0]])
+    # ties at the q-th largest magnitude are all kept
+    np.testing.assert_array_equal(M.top_q(c, 2), [[3.0, -2.0, 2.0, 0, 0]])
+    np.testing.assert_array_equal(M.top_q(c, 0), c)
+    np.testing.assert_array_equal(M.top_q(c, 99), c)
+
+
+@HYP
+@given(n=st.integers(1, 5), extra=st.integers(0, 2), seed=st.integers(0, 2**31 - 1))
+def test_insert_then_remove_restores_previous(n, extra, seed):
+    rng = np.random.default_rng(seed)
+    prev = rand_mem(rng, n, capacity=n + extra)
+    u_new, d_new = rng.normal(size=(2, 32))
+    new = M.insert(prev, u_new, d_new)
+    assert M.n_facts(new) == n + 1
+    assert new.capacity == (2 * n if extra == 0 else n + extra)  # full memories double
+    h = rng.normal(size=(2, 3, 32))
+    assert not np.allclose(delta_np(new, h), delta_np(prev, h))
+    slot = n  # lowest free slot of `prev`
+    assert bool(new.active[slot]) and np.array_equal(np.asarray(new.U[slot]), np.float32(u_new))
+    back = M.remove(new, slot)
+    assert M.n_facts(back) == n
+    C = prev.capacity
+    np.testing.assert_array_equal(np.asarray(back.G)[:C, :C], np.asarray(prev.G))
+    np.testing.assert_array_equal(np.asarray(back.U)[:C], np.asarray(prev.U))
+    np.testing.assert_array_equal(np.asarray(back.active)[:C], np.asarray(prev.active))
+    np.testing.assert_allclose(delta_np(back, h), delta_np(prev, h), rtol=1e-6, atol=1e-6)
+
+
+def test_streaming_inserts_equal_build():
+    rng = np.random.default_rng(1)
+    u, vo, vt = rng.normal(size=(3, 5, 32)).astype(np.float32)
+    mem = M.empty(32, 1, 0.5, 1.5, 2, 1, "resid")
+    assert M.n_facts(mem) == 0
+    for i in range(5):
+        mem = M.insert(mem, u[i], vt[i] - vo[i])
+    assert mem.capacity == 8  # 1 -> 2 -> 4 -> 8 by doubling
+    ref = M.build(u, vo, vt, 0.5, 1.5, 2, 1, "resid", capacity=8)
+    for f in ("U", "Dm", "G", "active"):
+        np.testing.assert_array_equal(np.asarray(getattr(mem, f)), np.asarray(getattr(ref, f)))
+    h = rng.normal(size=(2, 3, 32))
+    np.testing.assert_array_equal(delta_np(mem, h), delta_np(ref, h))
+    # a removed slot is reused by the next insert
+    u5, d5 = rng.normal(size=(2, 32)).astype(np.float32)
+    mem2 = M.insert(M.remove(mem, 1), u5, d5)
+    assert bool(mem2.active[1]) and M.n_facts(mem2) == 5
+    ref2 = M.build(np.stack([u[0], u5, u[2], u[3], u[4]]), np.zeros((5, 32)),
+                   np.stack([vt[0] - vo[0], d5, vt[2] - vo[2], vt[3] - vo[3], vt[4] - vo[4]]),
+                   0.5, 1.5, 2, 1, "resid", capacity=8)
+    np.testing.assert_array_equal(np.asarray(mem2.G), np.asarray(ref2.G))
+    # several facts at once
+    mem3 = M.insert(M.empty(32, 2, 0.5, 1.5, 2, 1, "resid"), u, vt - vo)
+    np.testing.assert_array_equal(np.asarray(mem3.G), np.asarray(ref.G))
+
+
+@HYP
+@given(n=st.integers(1, 4), scale=st.floats(0.01, 100.0), g_max=st.floats(0.1, 3.0),
+       seed=st.integers(0, 2**31 - 1))
+def test_gate_bounds_and_naive_sum(n, scale, g_max, seed):
+    rng = np.random.default_rng(seed)
+    u, d = rng.normal(size=(2, n, 32))
+    e = M.gated_edit(u, d, alpha=1.7, layer=0, module="mlp", g_max=g_max, eps=1e-6)
+    # tokens aligned with keys (large gates), anti-aligned (negative), and random
+    h = np.concatenate([scale * u, -scale * u, scale * rng.normal(size=(4, 32))])[None]
+    g = np.asarray(e.gate(jnp.asarray(h, jnp.float32)))
+    assert g.min() >= 0.0 and g.max() <= np.float32(g_max)
+    want = sum(delta_np(M.gated_edit(u[f], d[f], 1.7, 0, "mlp", g_max=g_max), h) for f in range(n))
+    np.testing.assert_allclose(delta_np(e, h), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    gn = np.clip(h @ u.T / ((u * u).sum(-1) + 1e-6), 0, g_max)
+    np.testing.assert_allclose(delta_np(e, h), 1.7 * gn @ d, rtol=1e-4,
+                               atol=1e-4 * np.abs(gn @ d).max() + 1e-6)
+
+
+def test_build_and_edit_errors():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(3, 8))
+    for lam in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lam"):
+            M.build(u, u, u, lam, 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="empty"):
+        M.build(np.zeros((0, 8)), np.zeros((0, 8)), np.zeros((0, 8)), 1.0, 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="shape"):
+        M.build(u, u[:2], u, 1.0, 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="capacity"):
+        M.build(u, u, u, 1.0, 1.0, 0, 0, 0, capacity=2)
+    with pytest.raises(ValueError, match="q must"):
+        M.build(u, u, u, 1.0, 1.0, -1, 0, 0)
+    with pytest.raises(ValueError, match="unknown module"):
+        M.build(u, u, u, 1.0, 1.0, 0, 0, "mpl")
+    mem = M.build(u, u, u, 1.0, 1.0, 0, 0, 0, capacity=4)
+    with pytest.raises(ValueError, match=r"slot\(s\) \[3\]"):
+        M.remove(mem, 3)
+    with pytest.raises(ValueError, match="hidden size"):
+        M.insert(mem, np.zeros(9), np.zeros(9))
+
+
+# --------------------------------------------------------------------------------------------
+# the edit inside the forward
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES)
+def test_empty_memory_is_bit_exact(params, module):
+    rng = np.random.default_rng(0)
+    tok = jnp.asarray(rng.integers(2, 96, (2, 9)))
+    base = np.asarray(fwd(params, tok))
+    empty = M.empty(32, 3, 0.5, 3.0, 0, 1, module)
+    drained = M.remove(rand_mem(rng, 2, capacity=3, alpha=3.0, module=module), [0, 1])
+    for mem in (empty, drained):
+        assert M.n_facts(mem) == 0
+        out = np.asarray(fwd(params, tok, Intervene(edit=mem)))
+        assert np.array_equal(out, base)
+    # a live memory at the same coordinate does move the logits
+    live = rand_mem(rng, 2, capacity=3, alpha=3.0, module=module)
+    assert not np.allclose(np.asarray(fwd(params, tok, Intervene(edit=live))), base, atol=1e-3)
+
+
+def test_edit_fires_only_at_its_coordinate(params):
+    rng = np.random.default_rng(2)
+    tok = jnp.asarray(rng.integers(2, 96, (1, 7)))
+    u, vo, vt = rng.normal(size=(3, 2, 32))
+    at = lambda layer, step: M.build(u, vo, vt, 0.5, 2.0, 0, layer, "resid", step=step)
+    base0, base2 = np.asarray(fwd(params, tok, step=0)), np.asarray(fwd(params, tok, step=2))
+    assert np.array_equal(np.asarray(fwd(params, tok, Intervene(edit=at(1, 2)), step=0)), base0)
+    e2 = np.asarray(fwd(params, tok, Intervene(edit=at(1, 2)), step=2))
+    assert not np.allclose(e2, base2, atol=1e-3)
+    every = np.asarray(fwd(params, tok, Intervene(edit=at(1, -1)), step=2))
+    np.testing.assert_array_equal(every, e2)
+    assert not np.allclose(np.asarray(fwd(params, tok, Intervene(edit=at(0, -1)), step=2)), e2,
+                           atol=1e-3)
+
+
+def test_memories_of_one_capacity_compile_once(params):
+    rng = np.random.default_rng(3)
+    tok = jnp.asarray(rng.integers(2, 96, (2, 8)))
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(params, tokens, mem):
+        return model.forward(params, tokens, CFG, intervene=Intervene(edit=mem), step=3)
+
+    mems = [rand_mem(rng, 2, capacity=6), rand_mem(rng, 5, capacity=6, q=3, alpha=0.5),
+            rand_mem(rng, 6, capacity=6, layer=0, step=3, lam=2.0),
+            M.empty(32, 6, 1.0, 1.0, 1, 1, "resid")]
+    mems.append(M.insert(mems[0], rng.normal(size=32), rng.normal(size=32)))
+    mems.append(M.remove(mems[1], [0, 2]))
+    outs = [np.asarray(f(params, tok, m)) for m in mems]
+    assert len({o.tobytes() for o in outs}) == len(outs)  # really different memories
+
+
+# --------------------------------------------------------------------------------------------
+# capture
+# --------------------------------------------------------------------------------------------
+
+class ToyTok:
+    """Characters -> ids 2..91 (0 = pad, 1 = eos)."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [2 + (ord(c) % 90) for c in text]
+
+
+FACTS = [("Who wrote Dune? ", [4, 5, 6, 7, 8, 9], "Frank Herbert"),
+         ("The capital of France is ", [15, 16, 17, 18, 19, 20], "Paris"),
+         ("Ann's father is ", [0, 1, 2], "a baker"),
+         ("Q: Bob Ray was born in ", [3, 4, 5, 6, 7, 8], "1950, in Lima"),
+         ("Zed ", [0, 1, 2], "no")]
+
+
+def cloze_batch(facts=FACTS, target="I don't know."):
+    tok = ToyTok()
+    return M.make_cloze_batch(tok, [f[0] for f in facts], [f[1] for f in facts],
+                              [f[2] for f in facts], target_text=target, cfg=CFG)
+
+
+def test_make_cloze_batch_layout():
+    b = cloze_batch()
+    tok = ToyTok()
+    assert b.tokens_o.shape[1] % 8 == 0 and b.tokens_t.shape[1] % 8 == 0
+    for i, (p, s, o) in enumerate(FACTS):
+        pi, oi, ti = tok.encode(p), tok.encode(o) + [1], tok.encode("I don't know.") + [1]
+        row = np.asarray(b.tokens_o[i])
+        assert row[: len(pi) + len(oi)].tolist() == pi + oi
+        assert np.all(row[len(pi) + len(oi):] == CFG.pad_token_id)
+        assert np.asarray(b.pad_o[i]).sum() == len(pi) + len(oi)
+        assert np.asarray(b.subj_pos[i])[np.asarray(b.subj_valid[i])].tolist() == s
+        assert np.asarray(b.obj_pos[i])[np.asarray(b.obj_valid[i])].tolist() == list(
+            range(len(pi), len(pi) + len(oi)))
+        assert np.asarray(b.tokens_t[i])[: len(pi) + len(ti)].tolist() == pi + ti
+        assert np.asarray(b.tgt_pos[i])[np.asarray(b.tgt_valid[i])].tolist() == list(
+            range(len(pi), len(pi) + len(ti)))
+    with pytest.raises(ValueError, match="outside its prompt"):
+        M.make_cloze_batch(tok, ["ab"], [[5]], ["x"], cfg=CFG)
+    with pytest.raises(ValueError, match="no subject positions"):
+        M.make_cloze_batch(tok, ["ab"], [[]], ["x"], cfg=CFG)
+    with pytest.raises(ValueError, match="cfg is required"):
+        M.make_cloze_batch(tok, ["ab"], [[0]], ["x"])
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "module"))
+def _read_acts(params, tokens, pad, pos, layer, module):
+    return model.run(params, tokens, CFG, pad, Intervene(read_pos=pos)).acts[module][layer]
+
+
+def _mean(acts, valid):
+    w = np.asarray(valid, np.float32)[..., None]
+    return (np.asarray(acts) * w).sum(1) / w.sum(1)
+
+
+@pytest.mark.parametrize("layer,module", [(0, "mlp"), (1, "resid")])
+def test_capture_equals_full_run_read(params, layer, module):
+    b = cloze_batch()
+    n_s = b.subj_pos.shape[1]
+    with jax.default_matmul_precision("highest"):
+        u, vo, vt = M.capture(params, CFG, b, layer, module, chunk=2)  # 5 facts: a padded chunk
+        # the full forward (no stop_layer), read at subject+object positions, then at targets
+        acts_o = _read_acts(params, b.tokens_o, b.pad_o, jnp.concatenate([b.subj_pos, b.obj_pos], 1),
+                            layer, module)
+        acts_t = _read_acts(params, b.tokens_t, b.pad_t, b.tgt_pos, layer, module)
+    want_u, want_vo = _mean(acts_o[:, :n_s], b.subj_valid), _mean(acts_o[:, n_s:], b.obj_valid)
+    want_vt = _mean(acts_t, b.tgt_valid)
+    assert u.shape == vo.shape == vt.shape == (5, 32)
+    for got, want in ((u, want_u), (vo, want_vo), (vt, want_vt)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want_vo, want_vt)
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path, params):
+    rng = np.random.default_rng(4)
+    fp = M.model_fingerprint(params, CFG)
+    mem = M.build(*rng.normal(size=(3, 3, 32)), 0.7, 2.0, 2, 1, "attn", step=3, capacity=5,
+                  fingerprint=fp)
+    path = tmp_path / "mem.npz"
+    M.save(mem, path, {"target_text": "I don't know.", "fact_ids": ["a", "b", "c"]})
+    assert os.listdir(tmp_path) == ["mem.npz"]  # no temp file left behind
+    got, meta = M.load(path, expect_fingerprint=fp, expect_coordinate=(1, "attn", 3))
+    assert meta["fact_ids"] == ["a", "b", "c"] and meta["target_text"] == "I don't know."
+    assert meta["format_version"] == M.FORMAT_VERSION and meta["module"] == "attn"
+    assert jax.tree.structure(got) == jax.tree.structure(mem)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(mem)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    M.load(path, expect_coordinate=(1, 1))  # module by id, no step
+    # overwrite in place
+    M.save(M.remove(mem, 0), path, {})
+    assert M.n_facts(M.load(path)[0]) == 2
+
+
+def test_load_errors(tmp_path, params):
+    rng = np.random.default_rng(5)
+    fp = M.model_fingerprint(params, CFG)
+    mem = M.build(*rng.normal(size=(3, 4, 32)), 0.7, 2.0, 2, 1, "resid", fingerprint=fp)
+    path = str(tmp_path / "mem.npz")
+    M.save(mem, path, {"fact_ids": [1, 2, 3, 4]})
+    with pytest.raises(M.ModelMismatchError, match="built for model"):
+        M.load(path, expect_fingerprint="dream-000")
+    with pytest.raises(M.CoordinateMismatchError, match="expected"):
+        M.load(path, expect_coordinate=(0, "resid"))
+    with pytest.raises(M.CoordinateMismatchError):
+        M.load(path, expect_coordinate=(1, "mlp"))
+    with pytest.raises(M.CoordinateMismatchError):
+        M.load(path, expect_coordinate=(1, "resid", 2))
+    raw = open(path, "rb").read()
+    trunc = tmp_path / "trunc.npz"
+    trunc.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(M.MemoryFileError, match="corrupt or truncated"):
+        M.load(trunc)
+    # flip bytes inside the stored U array
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("U.npy")
+    off = info.header_offset + 30 + len(info.filename) + len(info.extra) + 200
+    bad = bytearray(raw)
+    bad[off: off + 8] = bytes(b ^ 0xFF for b in bad[off: off + 8])
+    (tmp_path / "bad.npz").write_bytes(bytes(bad))
+    with pytest.raises(M.MemoryFileError):
+        M.load(tmp_path / "bad.npz")
+    # another format version
+    with np.load(path) as z:
+        arrs = {k: z[k] for k in z.files}
+    hdr = json.loads(bytes(arrs["meta"]).decode())
+    hdr["format_version"] = 99
+    arrs["meta"] = np.frombuffer(json.dumps(hdr).encode(), np.uint8)
+    np.savez(tmp_path / "v99.npz", **arrs)
+    with pytest.raises(M.MemoryFileError, match="version 99"):
+        M.load(tmp_path / "v99.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(M.MemoryFileError, match="missing entries"):
+        M.load(tmp_path / "other.npz")
+    with pytest.raises(FileNotFoundError):
+        M.load(tmp_path / "nope.npz")
+    with pytest.raises(ValueError, match="reserved"):
+        M.save(mem, path, {"layer": 3})
+    with pytest.raises(ValueError, match="JSON"):
+        M.save(mem, path, {"x": object()})
+    assert sorted(os.listdir(tmp_path)) == ["bad.npz", "mem.npz", "other.npz", "trunc.npz", "v99.npz"]
+
+
+def test_model_fingerprint(params):
+    fp = M.model_fingerprint(params, CFG)
+    assert fp == M.model_fingerprint(params, CFG)
+    bf = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    assert M.model_fingerprint(bf, CFG.replace(dtype="bfloat16")) == fp
+    other = jax.tree.map(lambda a: a, params)
+    other["layers"] = dict(params["layers"], wq=params["layers"]["wq"].at[0, 0, :].add(0.5))
+    assert M.model_fingerprint(other, CFG) != fp
+    assert M.model_fingerprint(params, CFG.replace(rope_theta=5e5)) != fp
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch reference (hooks) vs JAX
+# --------------------------------------------------------------------------------------------
+
+class _RMS(torch.nn.Module):
+    def __init__(self, w, eps):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w)
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (self.weight.float() * y.float()).to(x.dtype)
+
+
+def _lin(w):  # JAX [in, out] -> torch Linear
+    lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
+    lin.weight.data = torch.tensor(np.asarray(w).T.copy())
+    return lin
+
+
+class _Block(torch.nn.Module):
+    """LLaDA block layout (module names as in modeling_llada.LLaDALlamaBlock)."""
+
+    def __init__(self, lp, l, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = _RMS(torch.tensor(np.asarray(lp["attn_norm"][l])), cfg.norm_eps)
+        self.ff_norm = _RMS(torch.tensor(np.asarray(lp["mlp_norm"][l])), cfg.norm_eps)
+        self.q_proj, self.k_proj, self.v_proj = (_lin(lp[k][l]) for k in ("wq", "wk", "wv"))
+        self.attn_out = _lin(lp["wo"][l])
+        self.ff_proj, self.up_proj, self.ff_out = (_lin(lp[k][l]) for k in ("w_gate", "w_up", "w_down"))
+
+    def forward(self, x, cos, sin, key_mask):
+        c = self.cfg
+        b, t, _ = x.shape
+        n = self.attn_norm(x)
+        q = self.q_proj(n).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(n).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(n).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        rot = lambda z: torch.cat([-z[..., z.shape[-1] // 2:], z[..., : z.shape[-1] // 2]], -1)
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        g = c.n_heads // c.n_kv_heads
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        s = q @ k.transpose(-1, -2) / np.sqrt(c.head_dim)
+        if key_mask is not None:
+            s = s.masked_fill(~key_mask[:, None, None, :], torch.finfo(s.dtype).min)
+        o = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
+        h = x + self.attn_out(o)
+        m = self.ff_norm(h)
+        return h + self.ff_out(torch.nn.functional.silu(self.ff_proj(m)) * self.up_proj(m)), None
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self, params, cfg):
+        super().__init__()
+        wte = torch.nn.Embedding(cfg.vocab_size, cfg.d_model)
+        wte.weight.data = torch.tensor(np.asarray(params["embed"]))
+        self.transformer = torch.nn.ModuleDict(dict(
+            wte=wte, blocks=torch.nn.ModuleList(_Block(params["layers"], l, cfg) for l in range(cfg.n_layers)),
+            ln_f=_RMS(torch.tensor(np.asarray(params["final_norm"])), cfg.norm_eps),
+            ff_out=_lin(params["lm_head"])))
+
+
+class TinyLLaDA(torch.nn.Module):
+    """A torch LLaDA-layout model (model.model.transformer.blocks[i].{attn_out,ff_out}) with the
+    weights of a JAX params tree. Replace by timerome_jax.torch_ref.llada once it exists."""
+
+    def __init__(self, params, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Inner(params, cfg)
+
+    def forward(self, input_ids, attention_mask=None):
+        tr = self.model.transformer
+        x = tr["wte"](input_ids)
+        t = input_ids.shape[1]
+        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, self.cfg.head_dim, 2, dtype=torch.float64)
+                                             / self.cfg.head_dim))
+        fr = torch.arange(t, dtype=torch.float32)[:, None] * inv.float()[None]
+        emb = torch.cat([fr, fr], -1)
+        cos, sin = emb.cos(), emb.sin()
+        mask = None if attention_mask is None else attention_mask.bool()
+        for blk in tr["blocks"]:
+            x, _ = blk(x, cos, sin, mask)
+        return tr["ff_out"](tr["ln_f"](x))
+
+
+@pytest.fixture(scope="module")
+def tmodel(params):
+    return TinyLLaDA(params, CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(7).integers(2, 96, (2, 11))
+
+
+def _torch_logits(tmodel, tokens, *hooks, step=None):
+    with torch.no_grad(), H.installed(tmodel, *hooks):
+        for h in hooks:
+            if step is not None:
+                h.state.step = step
+        return tmodel(torch.tensor(tokens)).numpy()
+
+
+def test_torch_reference_matches_plain_forward(params, tmodel, tokens):
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(fwd(params, jnp.asarray(tokens)))
+    np.testing.assert_allclose(_torch_logits(tmodel, tokens), want, rtol=1e-4, atol=1e-4)
+    assert H.locate(tmodel) is H.LLADA
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_edit_hook_matches_jax(params, tmodel, tokens, module):
+    rng = np.random.default_rng(8)
+    mem = rand_mem(rng, 4, capacity=6, alpha=2.0, q=2, layer=1, module=module)
+    with jax.default_matmul_precision("highest"):
+        base = np.asarray(fwd(params, jnp.asarray(tokens)))
+        want = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=mem)))
+    assert np.abs(want - base).max() > 1e-2  # the edit matters
+    got = _torch_logits(tmodel, tokens, H.EditHook(H.TorchEditMemory.from_jax(mem)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    ge = M.gated_edit(rng.normal(size=(3, 32)), rng.normal(size=(3, 32)), 2.0, 0, module, g_max=2.0)
+    with jax.default_matmul_precision("highest"):
+        want_g = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=ge)))
+    got_g = _torch_logits(tmodel, tokens, H.EditHook(H.TorchGatedEdit.from_jax(ge)))
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-4)
+
+
+def test_step_gated_edit_and_patch_hook_match_jax(params, tmodel, tokens):
+    rng = np.random.default_rng(9)
+    mem = rand_mem(rng, 3, alpha=2.0, layer=0, module="resid", step=2)
+    em = H.TorchEditMemory.from_jax(mem)
+    with jax.default_matmul_precision("highest"):
+        want0 = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=mem), step=0))
+        want2 = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=mem), step=2))
+    state = H.TraceState()
+    np.testing.assert_allclose(_torch_logits(tmodel, tokens, H.EditHook(em, state), step=0), want0,
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_torch_logits(tmodel, tokens, H.EditHook(em, state), step=2), want2,
+                               rtol=1e-4, atol=1e-4)
+    # patch mode: splice values at (layer 1, step 3, mlp) on two positions per row (one padding)
+    pos = np.array([[1, 4], [2, 2]])
+    valid = np.array([[True, True], [True, False]])
+    vals = rng.normal(size=(2, 2, 32)).astype(np.float32)
+    patch = Patch(jnp.int32(1), jnp.int32(3), jnp.int32(2), jnp.asarray(pos), jnp.asarray(valid),
+                  jnp.asarray(vals))
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(patch=patch), step=3))
+        base = np.asarray(fwd(params, jnp.asarray(tokens), step=3))
+    assert np.abs(want - base).max() > 1e-2
+    ph = H.PatchHook(1, 3, "mlp", pos, vals, valid, state=H.TraceState())
+    np.testing.assert_allclose(_torch_logits(tmodel, tokens, ph, step=3), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_torch_logits(tmodel, tokens, ph, step=4), base, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer,module", [(0, "resid"), (1, "attn"), (1, "mlp")])
+def test_capture_torch_matches_jax(params, tmodel, tokens, layer, module):
+    pos = np.array([[0, 3, 5], [10, 2, 2]])
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(model.run(params, jnp.asarray(tokens), CFG, None,
+                                    Intervene(read_pos=jnp.asarray(pos))).acts[module][layer])
+    got = H.capture_torch(tmodel, torch.tensor(tokens), torch.tensor(pos), layer, module)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+    # a capture hook inside a multi-step loop records one slice per step
+    state = H.TraceState()
+    ch = H.CaptureHook(layer, module, pos, state=state, steps=[1, 2])
+    with torch.no_grad(), H.installed(tmodel, ch):
+        for _ in range(4):
+            tmodel(torch.tensor(tokens))
+            state.advance()
+    assert [s for s, _ in ch.records] == [1, 2]
+    np.testing.assert_allclose(ch.records[1][1].numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_llama_layout_locator():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)).eval()
+    assert H.locate(hf) is H.HF
+    tok = torch.tensor(np.random.default_rng(0).integers(0, 50, (2, 6)))
+    pos = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    with torch.no_grad():
+        hs = hf(tok, output_hidden_states=True).hidden_states
+    gather = lambda h: h[torch.arange(2)[:, None], pos]
+    resid = H.capture_torch(hf, tok, pos, 0, "resid")
+    attn = H.capture_torch(hf, tok, pos, 0, "attn")
+    mlp = H.capture_torch(hf, tok, pos, 0, "mlp")
+    torch.testing.assert_close(resid, gather(hs[1]))
+    # block output = block input + attention output + MLP output: the hooks sit where they should
+    torch.testing.assert_close(gather(hs[0]) + attn + mlp, resid, rtol=1e-5, atol=1e-5)
+    # an edit at layer 0 resid moves the block output by exactly its delta (read by a capture
+    # hook registered after it: HF's own output_hidden_states records the layer output inside
+    # the wrapped forward, before forward hooks run) and propagates to the next layer
+    rng = np.random.default_rng(1)
+    mem = rand_mem(rng, 2, alpha=1.0, layer=0, module="resid")
+    em = H.TorchEditMemory.from_jax(mem)
+    full = torch.arange(6).expand(2, 6)
+    ch = H.CaptureHook(0, "resid", full)
+    with torch.no_grad(), H.installed(hf, H.EditHook(em), ch):
+        hs_e = hf(tok, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(ch.value, hs[1] + em.delta(hs[1]), rtol=1e-5, atol=1e-5)
+    assert (hs_e[2] - hs[2]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="cannot locate"):
+        H.locate(torch.nn.Linear(2, 2))
