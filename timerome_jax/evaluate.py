@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -607,10 +608,16 @@ def _json_default(o):
 # CLI
 # ---------------------------------------------------------------------------------------------
 
-def _load_model(path):
+def _load_model(path, dtype: Optional[str] = None, attn_impl: str = "xla"):
+    """(params, cfg, tokenizer) of a local model folder via `hf.load_pretrained`."""
     from . import hf
 
-    return hf.load_pretrained(str(path))
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    params, cfg, tok = hf.load_pretrained(str(path), dtype=dtype, attn_impl=attn_impl)
+    if tok is None:
+        raise ValueError(f"model folder {path} has no tokenizer (tokenizer.json); evaluation needs one")
+    return params, cfg, tok
 
 
 def build_eval_parser(subparsers=None) -> argparse.ArgumentParser:
@@ -635,6 +642,9 @@ def build_eval_parser(subparsers=None) -> argparse.ArgumentParser:
     p.add_argument("--estimator", default="auto")
     p.add_argument("--mc-batch", type=int, default=None)
     p.add_argument("--length-bucket", type=int, default=32, help="round batch lengths up to a multiple of this")
+    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"), help="attention kernel (cudnn: GPU, bf16)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--name", default=None, help="file stem of the outputs (default eval_<split>)")
     p.add_argument("--no-progress", action="store_true")
@@ -647,7 +657,7 @@ def run_eval(args, loader=None) -> dict:
     <out>/<name>_summary.{json,md}; returns the result."""
     from .sampler import SamplerConfig
 
-    load = loader or _load_model
+    load = loader or functools.partial(_load_model, dtype=args.dtype, attn_impl=args.attn_impl)
     names = expand_metrics(args.metrics)
     gl = args.gen_length
     scfg = SamplerConfig(steps=args.steps or gl, block_length=args.block_length or min(32, gl),
