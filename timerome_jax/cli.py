@@ -1,0 +1,187 @@
+"""`timerome` command line: demo (the main job), trace, edit, eval.
+
+Every sub-command is a thin layer over the Python API in `pipeline`, `trace`, `memory` and
+`evaluate`, with the same defaults, so the CLI and the API agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import evaluate as ev
+from . import tofu
+
+
+def _load(path, dtype=None, attn_impl="xla"):
+    from .checkpoint import load_model
+
+    if not Path(path).is_dir():
+        raise SystemExit(f"error: model folder {path} does not exist")
+    params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl)
+    if tok is None:
+        raise SystemExit(f"error: model folder {path} has no tokenizer files; tracing and editing need one")
+    return params, cfg, tok
+
+
+def _model_args(p):
+    p.add_argument("--model", default=str(ev.DEFAULT_MODEL), help="HF or converted folder (default: packaged TOFU target)")
+    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
+    p.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"))
+    p.add_argument("--split", default="forget01", choices=tofu.FORGET_SPLITS)
+    p.add_argument("--out", default="results")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _trace_args(p):
+    from .trace import TraceConfig
+
+    d = TraceConfig()
+    p.add_argument("--n-trace", type=int, default=8, help="facts traced (the validation set F_v)")
+    p.add_argument("--steps", type=int, default=d.steps, help="denoising steps K")
+    p.add_argument("--noise-scale", type=float, default=d.noise_scale, help="sigma / std(embeddings)")
+    p.add_argument("--n-noise", type=int, default=d.n_noise)
+    p.add_argument("--tau", type=float, default=d.tau)
+    p.add_argument("--chunk", type=int, default=d.chunk, help="candidate lanes vmapped at once")
+
+
+def _tcfg(a):
+    from .trace import TraceConfig
+
+    return TraceConfig(steps=a.steps, noise_scale=a.noise_scale, n_noise=a.n_noise, tau=a.tau, chunk=a.chunk)
+
+
+def run_trace(a):
+    from . import facts as F
+    from . import pipeline as pl
+    from . import trace as tr
+
+    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl)
+    eos = tok.eos_id if tok.eos_id is not None else cfg.eos_token_id
+    facts = F.load_facts(tok, a.split, eos, limit=a.n_trace, require_subject=True)
+    tcfg = _tcfg(a)
+    res = pl.trace_facts(params, cfg, facts, tcfg, batch=a.n_trace, progress=not a.no_progress)
+    coord, score = tr.select(res.tie_bar, modules=tuple(a.modules), k_star=None if a.single_step else -1)
+    paths = pl.save_trace(res, coord, facts, tcfg, a.out, f"TIE_bar, {len(facts)} {a.split} facts")
+    print(json.dumps({"coordinate": coord._asdict(), "max_mean_abs_tie": float(score.max()), **paths}, indent=1))
+
+
+def run_edit(a):
+    from . import facts as F
+    from . import memory as mem_lib
+    from . import pipeline as pl
+    from .config import MODULES
+    from .intervene import Intervene
+    from .trace import Coordinate
+
+    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl)
+    if a.layer is None:
+        npz = Path(a.trace)
+        if not npz.is_file():
+            raise SystemExit(f"error: no --layer given and no trace result at {npz} (run `timerome trace` first)")
+        import numpy as np
+
+        c = np.load(npz)["coordinate"]
+        coord = Coordinate(int(c[0]), int(c[1]), int(c[2]))
+    else:
+        coord = Coordinate(a.layer, a.step, MODULES.index(a.module))
+    eos = tok.eos_id if tok.eos_id is not None else cfg.eos_token_id
+    facts = F.load_facts(tok, a.split, eos, limit=a.limit)
+    target = a.target_text
+    if a.idk_targets:
+        idk = tofu.load_split("idontknow")
+        target = [idk[i % len(idk)]["text"] if isinstance(idk[i % len(idk)], dict) else str(idk[i % len(idk)])
+                  for i in range(len(facts))]
+    memory, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, a.lam, target)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    mem_path = Path(a.out) / "memory.npz"
+    mem_lib.save(memory, mem_path, {"split": a.split, "target_text": a.target_text if not a.idk_targets else "idontknow",
+                                    "fact_index": [f.index for f in facts]})
+    print(json.dumps({**info, "memory": str(mem_path)}, indent=1))
+    if a.evaluate:
+        retain_tr = ev.cached_retain_tr(a.out, a.split, a.seeds, a.n_mc, retain_model=a.retain_model,
+                                        progress=not a.no_progress)
+        rows, _ = pl.evaluate_methods(params, cfg, tok, {"no_edit": None, "timerome": Intervene(edit=memory)},
+                                      a.split, retain_tr, a.out, "edit_table", n_mc=a.n_mc, seeds=a.seeds,
+                                      metrics=("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr",
+                                               "forget_quality"), progress=not a.no_progress)
+        pl.print_rows(rows)
+
+
+def run_demo(a):
+    from . import pipeline as pl
+
+    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl)
+    d = pl.DemoConfig()
+    dcfg = pl.DemoConfig(split=a.split, n_trace=a.n_trace, trace=_tcfg(a), seeds=tuple(a.seeds), n_mc=a.n_mc,
+                         limit=a.limit, lam=a.lam, target_text=a.target_text,
+                         batch_size=a.batch_size if a.batch_size else d.batch_size)
+    retain = a.retain_model if Path(a.retain_model).is_dir() else None
+    if retain is None:
+        print(f"[timerome demo] no retain model at {a.retain_model}: Forget Quality is skipped")
+    out = pl.demo(params, cfg, tok, a.out, dcfg, retain_model=retain, progress=not a.no_progress)
+    s = out["summary"]
+    print(f"\ncoordinate: layer {s['coordinate']['layer']}, module {s['coordinate']['module']}, "
+          f"step {s['coordinate']['step']} (every step)  |  install {s['install']['install_s']:.2f} s "
+          f"(capture {s['install']['capture_s']:.2f} s, solve {s['install']['solve_s']:.3f} s) for "
+          f"{s['n_facts']} facts  |  total {s['total_s']:.0f} s")
+    pl.print_rows(out["rows"])
+    print(f"\nwrote {a.out}/: heatmap.png, tie.npz, table.md, table.json, memory.npz, demo.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="timerome", description="TimeROME-DLM: diffusion-time causal tracing and "
+                                 "closed-form inference-time editing for masked diffusion LMs (JAX).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="the main job: trace, select, edit and evaluate on the packaged TOFU model")
+    _model_args(p)
+    _trace_args(p)
+    p.add_argument("--retain-model", default=str(ev.DEFAULT_RETAIN_MODEL))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(__import__("timerome_jax.pipeline",
+                                                                          fromlist=["x"]).DemoConfig().seeds))
+    p.add_argument("--n-mc", type=int, default=8)
+    p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set")
+    p.add_argument("--batch-size", type=int, default=0)
+    p.add_argument("--lam", type=float, default=None, help="ridge lambda (default 0.1 * mean ||u||^2)")
+    p.add_argument("--target-text", default="I don't know.")
+    p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("trace", help="Stage 1-2: TIE heatmaps and the selected coordinate")
+    _model_args(p)
+    _trace_args(p)
+    p.add_argument("--modules", nargs="+", default=["resid"], choices=("resid", "attn", "mlp"))
+    p.add_argument("--single-step", action="store_true", help="select k* too (default k* = -1: every step)")
+    p.set_defaults(func=run_trace)
+
+    p = sub.add_parser("edit", help="Stage 3: build, save (and evaluate) the edit memory")
+    _model_args(p)
+    p.add_argument("--trace", default="results/tie.npz", help="trace result giving the coordinate")
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--module", default="resid", choices=("resid", "attn", "mlp"))
+    p.add_argument("--step", type=int, default=-1, help="-1 = every denoising step")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--q", type=int, default=2, help="TopQ sparsity (0 = dense)")
+    p.add_argument("--lam", type=float, default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N facts of the split")
+    p.add_argument("--target-text", default="I don't know.")
+    p.add_argument("--idk-targets", action="store_true", help="targets from TOFU idontknow.jsonl")
+    p.add_argument("--evaluate", action="store_true", help="also evaluate no_edit vs the edit")
+    p.add_argument("--retain-model", default=str(ev.DEFAULT_RETAIN_MODEL))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n-mc", type=int, default=16)
+    p.set_defaults(func=run_edit)
+
+    ev.build_eval_parser(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

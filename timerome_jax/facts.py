@@ -1,0 +1,83 @@
+"""TOFU rows -> facts (prompt ids, subject token positions, object ids) for tracing and editing.
+
+A fact z = (s, r, o): the prompt is `tofu.format_prompt(question)`, the subject s is the author's
+name as it appears in the question (`tofu` derives it), the object o is encode(answer) + [eos].
+
+Questions that do not name their author (2 of forget01's 40, e.g. the "What is the full name of the
+author born in ...?" opener) have no subject span. Tracing skips them (`require_subject=True`); the
+edit memory keeps them, keyed on the mean over all *question* tokens instead (`key_source` says
+which was used), so "build the edit for all 40 forget01 facts" covers every row.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+from . import tofu
+from .config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Fact:
+    index: int                 # row index within its split
+    global_index: Optional[int]  # row index in TOFU full (None for holdout rows)
+    question: str
+    answer: str
+    subject: Optional[str]
+    prompt_ids: tuple
+    key_pos: tuple             # subject token positions (or question token positions, see key_source)
+    key_source: str            # "subject" | "question"
+    object_ids: tuple          # encode(answer) + [eos]
+
+
+def question_token_positions(tokenizer, question: str) -> list[int]:
+    """Positions of the question's tokens inside encode(format_prompt(question))."""
+    prompt = tofu.format_prompt(question)
+    shift = tofu.PROMPT_TEMPLATE.index("{question}")
+    _, offs = tofu.token_offsets(tokenizer, prompt)
+    a, b = tofu.token_span(offs, (shift, shift + len(question)))
+    return list(range(a, b))
+
+
+def make_facts(tokenizer, rows: Sequence[dict], eos_id: int, require_subject: bool = False) -> list[Fact]:
+    """Facts from TOFU rows (as returned by `tofu.load_split`, with subjects)."""
+    facts = []
+    for i, r in enumerate(rows):
+        subj = r.get("subject")
+        if subj is None and require_subject:
+            continue
+        prompt = tokenizer.encode(tofu.format_prompt(r["question"]))
+        if subj is not None:
+            pos, src = tofu.subject_token_positions(tokenizer, r["question"], subj), "subject"
+        else:
+            pos, src = question_token_positions(tokenizer, r["question"]), "question"
+        facts.append(Fact(i, r.get("global_index"), r["question"], r["answer"], subj, tuple(prompt), tuple(pos), src,
+                          tuple(tokenizer.encode(r["answer"])) + (int(eos_id),)))
+    if not facts:
+        raise ValueError("no usable facts: the fact set is empty" +
+                         (" (no row names its subject in the question)" if require_subject and rows else ""))
+    return facts
+
+
+def load_facts(tokenizer, split: str, eos_id: int, limit: Optional[int] = None, require_subject: bool = False,
+               data_root=None) -> list[Fact]:
+    """Facts of a TOFU split (first `limit` usable rows)."""
+    rows = tofu.load_split(split, root=data_root)
+    facts = make_facts(tokenizer, rows, eos_id, require_subject)
+    return facts[:limit] if limit else facts
+
+
+def fact_batch(facts: Sequence[Fact], cfg: ModelConfig):
+    """`trace.FactBatch` for a list of facts (the object region is masked)."""
+    from .trace import make_fact_batch
+
+    return make_fact_batch([f.prompt_ids for f in facts], [f.key_pos for f in facts],
+                           [f.object_ids for f in facts], cfg)
+
+
+def cloze_batch(facts: Sequence[Fact], tokenizer, cfg: ModelConfig, target_text):
+    """`memory.ClozeBatch` for a list of facts (object = answer + eos, target = target_text + eos)."""
+    from .memory import make_cloze_batch
+
+    return make_cloze_batch(tokenizer, [list(f.prompt_ids) for f in facts], [list(f.key_pos) for f in facts],
+                            [f.answer for f in facts], target_text, cfg)

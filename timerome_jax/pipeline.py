@@ -1,0 +1,205 @@
+"""The TimeROME-DLM pipeline (Algorithm 1) on TOFU: trace -> select -> install -> evaluate.
+
+Python API (the CLI in `cli.py` is a thin layer over these):
+
+    trace_facts(params, cfg, facts, tcfg)            Stage 1, TIE heatmaps for a list of facts
+    trace.select(result.tie_bar, ...)                Stage 2, Eq. 5
+    install(params, cfg, tok, facts, coord, ...)     Stage 3, capture + ridge solve -> EditMemory
+    evaluate_methods(...)                            no_edit vs edit memories, TOFU metrics,
+                                                     bootstrap CIs and paired tests
+    demo(...)                                        all of it, writing results/
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from . import evaluate as ev
+from . import facts as F
+from . import memory as mem_lib
+from . import trace as tr
+from .config import MODULES
+from .intervene import Intervene
+from .io import write_json, write_text
+
+DEFAULT_TARGET = "I don't know."
+
+
+def _bar(total, desc, progress):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
+
+
+def trace_facts(params, cfg, facts: Sequence[F.Fact], tcfg: tr.TraceConfig = tr.TraceConfig(), batch: int = 8,
+                progress: bool = True) -> tr.TraceResult:
+    """Stage 1: TIE for every fact (facts need a subject span; batches of `batch` facts)."""
+    no_subj = [f.index for f in facts if f.key_source != "subject"]
+    if no_subj:
+        raise ValueError(f"trace_facts: facts {no_subj} have no subject span in their question")
+    if not facts:
+        raise ValueError("trace_facts: empty fact list")
+    parts = []
+    with _bar(len(facts) * tcfg.n_noise, "trace (facts x noise draws)", progress) as bar:
+        for i in range(0, len(facts), batch):
+            chunk = list(facts[i:i + batch])
+            fb = F.fact_batch(chunk, cfg)
+            parts.append(tr.trace(params, cfg, fb, tcfg, progress=lambda *_: bar.update(len(chunk))))
+    return tr.TraceResult(*(np.concatenate([getattr(p, k) for p in parts], axis=1 if k == "corrupted" else 0)
+                            for k in tr.TraceResult._fields))
+
+
+def save_trace(result: tr.TraceResult, coord: tr.Coordinate, facts, tcfg, out_dir, title="") -> dict:
+    """Write tie.npz (raw arrays), heatmap.png (mean TIE_bar, one panel per module); return paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    npz = out / "tie.npz"
+    from .io import atomic_path
+
+    with atomic_path(npz) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, tie=result.tie, tie_bar=result.tie_bar, clean=result.clean, corrupted=result.corrupted,
+                     fact_index=np.array([f.index for f in facts]), coordinate=np.array(coord),
+                     steps=tcfg.steps, tau=tcfg.tau, noise_scale=tcfg.noise_scale, n_noise=tcfg.n_noise)
+    png = out / "heatmap.png"
+    tr.plot_heatmaps(np.nanmean(result.tie_bar, 0), str(png), title)
+    return {"npz": str(npz), "png": str(png)}
+
+
+def default_lam(u: np.ndarray, rel: float = 0.1) -> float:
+    """lambda = rel * mean ||u_z||^2: the ridge term on the scale of the keys' Gram matrix."""
+    return float(rel * np.mean(np.sum(np.asarray(u, np.float64) ** 2, -1)))
+
+
+def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinate, alpha: float, q: int,
+            lam: Optional[float] = None, target_text: str = DEFAULT_TARGET, capacity: Optional[int] = None,
+            chunk: int = 16):
+    """Stage 3: capture (Eqs. 6-9) and solve (Eq. 11) -> (EditMemory, info).
+
+    lam None = `default_lam` of the captured keys. target_text: one string, or one per fact (e.g.
+    TOFU idontknow lines). info: capture_s, solve_s, n_facts, lam, coordinate."""
+    if not facts:
+        raise ValueError("install: the forget set is empty")
+    if lam is not None and not lam > 0:
+        raise ValueError(f"install: lambda must be > 0, got {lam}")
+    t0 = time.perf_counter()
+    cb = F.cloze_batch(facts, tokenizer, cfg, target_text)
+    u, v_o, v_t = mem_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)
+    u, v_o, v_t = (np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
+    t1 = time.perf_counter()
+    lam = default_lam(u) if lam is None else float(lam)
+    memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
+                           step=coord.step, capacity=capacity, fingerprint=mem_lib.model_fingerprint(params, cfg))
+    jax.block_until_ready(memory.G)
+    t2 = time.perf_counter()
+    info = {"capture_s": t1 - t0, "solve_s": t2 - t1, "install_s": t2 - t0, "n_facts": len(facts), "lam": lam,
+            "alpha": alpha, "q": q, "coordinate": {"layer": coord.layer, "step": coord.step,
+                                                   "module": MODULES[coord.module]}}
+    return memory, info
+
+
+def with_hparams(memory: mem_lib.EditMemory, alpha: float, q: int) -> mem_lib.EditMemory:
+    """The same memory at another (alpha, q): data only, so it reuses compiled programs."""
+    return dataclasses.replace(memory, alpha=np.float32(alpha), q=np.int32(q))
+
+
+def evaluate_methods(params, cfg, tokenizer, methods: dict, split: str, retain_tr, out_dir, name: str,
+                     **eval_kw) -> tuple[list, dict]:
+    """Evaluate {method: Intervene or None} with `evaluate.evaluate` on the same seeds and masks,
+    then `compare` (bootstrap CIs, paired t vs no_edit) and write <out_dir>/<name>.{json,md}."""
+    results = {}
+    for m, iv in methods.items():
+        results[m] = ev.evaluate(params, cfg, tokenizer, split, intervene=iv, retain_tr=retain_tr, **eval_kw)
+    rows = ev.compare(results, reference="no_edit")
+    ev.write_report(rows, out_dir, name, reference="no_edit")
+    write_json(Path(out_dir) / f"{name}_full.json", results)
+    return rows, results
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What `timerome demo` does (defaults sized to finish in minutes on a 2-core CPU)."""
+
+    split: str = "forget01"
+    n_trace: int = 8
+    trace: tr.TraceConfig = tr.TraceConfig()
+    settings: tuple = (("timerome_safe", 0.5, 2), ("timerome_strong", 2.0, 4))
+    lam: Optional[float] = None
+    target_text: str = DEFAULT_TARGET
+    metrics: tuple = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr", "forget_quality")
+    seeds: tuple = (0, 1, 2, 3, 4)
+    n_mc: int = 8
+    limit: Optional[int] = 40
+    batch_size: int = 40
+
+
+def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retain_model=None,
+         progress: bool = True) -> dict:
+    """The main job: trace `n_trace` facts of the forget split, select the coordinate (Eq. 5, resid,
+    k* = -1), build the memory for every fact of the split, evaluate no_edit vs each (alpha, q) setting,
+    and write heatmap.png, tie.npz, table.{md,json}, memory.npz and demo.json into `out_dir`.
+    retain_model: folder of the retain model for Forget Quality (None: FQ is not computed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
+    all_facts = F.load_facts(tokenizer, dcfg.split, eos)
+    traced = [f for f in all_facts if f.key_source == "subject"][: dcfg.n_trace]
+    t0 = time.perf_counter()
+    result = trace_facts(params, cfg, traced, dcfg.trace, batch=dcfg.n_trace, progress=progress)
+    coord, score = tr.select(result.tie_bar)
+    t_trace = time.perf_counter() - t0
+    paths = save_trace(result, coord, traced, dcfg.trace, out,
+                       f"TIE_bar over {len(traced)} {dcfg.split} facts (K={dcfg.trace.steps})")
+    memory, info = install(params, cfg, tokenizer, all_facts, coord, alpha=dcfg.settings[0][1], q=dcfg.settings[0][2],
+                           lam=dcfg.lam, target_text=dcfg.target_text)
+    mem_lib.save(memory, out / "memory.npz", {"split": dcfg.split, "target_text": dcfg.target_text,
+                                              "fact_index": [f.index for f in all_facts]})
+    retain_tr = None
+    if "forget_quality" in ev.expand_metrics(dcfg.metrics) and retain_model is not None:
+        retain_tr = ev.cached_retain_tr(out, dcfg.split, dcfg.seeds, dcfg.n_mc, retain_model=str(retain_model),
+                                        limit=dcfg.limit, batch_size=dcfg.batch_size, progress=progress)
+    methods = {"no_edit": None}
+    for name, alpha, q in dcfg.settings:
+        methods[f"{name} (a={alpha:g}, q={q})"] = Intervene(edit=with_hparams(memory, alpha, q))
+    t0 = time.perf_counter()
+    rows, _ = evaluate_methods(params, cfg, tokenizer, methods, dcfg.split, retain_tr, out, "table",
+                               metrics=dcfg.metrics, n_mc=dcfg.n_mc, seeds=dcfg.seeds, limit=dcfg.limit,
+                               batch_size=dcfg.batch_size, progress=progress)
+    summary = {"coordinate": info["coordinate"], "install": info, "trace_s": t_trace,
+               "eval_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start,
+               "traced_facts": [f.index for f in traced], "n_facts": len(all_facts),
+               "clean_final_logp": result.clean[:, -1].tolist(),
+               "corrupted_final_logp": result.corrupted[:, :, -1].mean(0).tolist(),
+               "max_mean_abs_tie": float(score.max()), "files": {**paths, "table": str(out / "table.md"),
+                                                                  "memory": str(out / "memory.npz")},
+               "config": json.loads(json.dumps(dataclasses.asdict(dcfg), default=str))}
+    write_json(out / "demo.json", summary)
+    return {"summary": summary, "rows": rows}
+
+
+def print_rows(rows, metrics=("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr", "forget_quality")):
+    """Short console table: mean [CI] and Δ vs no_edit."""
+    lines = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for k in metrics:
+            r = next((r for r in rows if r["method"] == m and r["metric"] == k), None)
+            if r is None:
+                continue
+            d = f" Δ{r['delta']:+.2f}{r['sig']}" if r["delta"] is not None else ""
+            cells.append(f"{k}={r['mean']:.3g}{d}")
+        lines.append(f"{m:32s} " + "  ".join(cells))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+__all__ = ["trace_facts", "save_trace", "install", "with_hparams", "evaluate_methods", "DemoConfig", "demo",
+           "default_lam", "print_rows", "write_text"]
