@@ -3,9 +3,6 @@ import collections
 import hashlib
 import importlib.resources
 import json
-import os
-import shutil
-import warnings
 
 import pytest
 
