@@ -103,6 +103,25 @@ def read_meta(path: str) -> tuple[ModelConfig, str]:
     return ModelConfig(**meta["config"]), meta["param_dtype"]
 
 
+def _check_stored_shapes(ckptr, pdir: str, shapes) -> None:
+    """Compare the stored tree (Orbax metadata) with param_shapes(cfg) before reading any array."""
+    try:
+        stored = ckptr.metadata(pdir).item_metadata.tree
+    except Exception as e:
+        raise OrbaxCheckpointError(f"cannot read the Orbax metadata of {pdir}: {type(e).__name__}: {e}") from e
+    want = dict(jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0])
+    got = {p: tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    for p in sorted(set(want) | set(got), key=str):
+        name = jax.tree_util.keystr(p)
+        if p not in got:
+            raise OrbaxCheckpointError(f"{pdir} lacks params{name}, which the stored config requires")
+        if p not in want:
+            raise OrbaxCheckpointError(f"{pdir} holds params{name}, which the stored config does not have")
+        if got[p] != tuple(want[p]):
+            raise OrbaxCheckpointError(f"{pdir}: params{name} is stored with shape {got[p]}, the stored "
+                                       f"config expects {tuple(want[p])}")
+
+
 def restore(path: str, sharding: Any = None, dtype: Optional[str] = None):
     """Restore a converted folder -> (params, cfg, tokenizer or None).
 
@@ -133,8 +152,10 @@ def restore(path: str, sharding: Any = None, dtype: Optional[str] = None):
     pdir = os.path.join(path, "params")
     if not os.path.isdir(pdir):
         raise OrbaxCheckpointError(f"{path!r} has no params/ folder")
+    ckptr = ocp.StandardCheckpointer()
+    _check_stored_shapes(ckptr, pdir, shapes)
     try:
-        params = ocp.StandardCheckpointer().restore(pdir, abstract)
+        params = ckptr.restore(pdir, abstract)
     except Exception as e:
         raise OrbaxCheckpointError(f"cannot restore {pdir}: {type(e).__name__}: {e}") from e
     tdir = os.path.join(path, "tokenizer")
