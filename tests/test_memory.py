@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import torch_logits
 from hypothesis import given, settings, strategies as st
 
 from timerome_jax import memory as M
@@ -437,195 +438,127 @@ def test_model_fingerprint(params):
 # PyTorch reference (hooks) vs JAX
 # --------------------------------------------------------------------------------------------
 
-class _RMS(torch.nn.Module):
-    def __init__(self, w, eps):
-        super().__init__()
-        self.weight = torch.nn.Parameter(w)
-        self.eps = eps
-
-    def forward(self, x):
-        x32 = x.float()
-        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (self.weight.float() * y.float()).to(x.dtype)
-
-
-def _lin(w):  # JAX [in, out] -> torch Linear
-    lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
-    lin.weight.data = torch.tensor(np.asarray(w).T.copy())
-    return lin
-
-
-class _Block(torch.nn.Module):
-    """LLaDA block layout (module names as in modeling_llada.LLaDALlamaBlock)."""
-
-    def __init__(self, lp, l, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.attn_norm = _RMS(torch.tensor(np.asarray(lp["attn_norm"][l])), cfg.norm_eps)
-        self.ff_norm = _RMS(torch.tensor(np.asarray(lp["mlp_norm"][l])), cfg.norm_eps)
-        self.q_proj, self.k_proj, self.v_proj = (_lin(lp[k][l]) for k in ("wq", "wk", "wv"))
-        self.attn_out = _lin(lp["wo"][l])
-        self.ff_proj, self.up_proj, self.ff_out = (_lin(lp[k][l]) for k in ("w_gate", "w_up", "w_down"))
-
-    def forward(self, x, cos, sin, key_mask):
-        c = self.cfg
-        b, t, _ = x.shape
-        n = self.attn_norm(x)
-        q = self.q_proj(n).view(b, t, c.n_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(n).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(n).view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        rot = lambda z: torch.cat([-z[..., z.shape[-1] // 2:], z[..., : z.shape[-1] // 2]], -1)
-        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
-        g = c.n_heads // c.n_kv_heads
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-        s = q @ k.transpose(-1, -2) / np.sqrt(c.head_dim)
-        if key_mask is not None:
-            s = s.masked_fill(~key_mask[:, None, None, :], torch.finfo(s.dtype).min)
-        o = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
-        h = x + self.attn_out(o)
-        m = self.ff_norm(h)
-        return h + self.ff_out(torch.nn.functional.silu(self.ff_proj(m)) * self.up_proj(m)), None
-
-
-class _Inner(torch.nn.Module):
-    def __init__(self, params, cfg):
-        super().__init__()
-        wte = torch.nn.Embedding(cfg.vocab_size, cfg.d_model)
-        wte.weight.data = torch.tensor(np.asarray(params["embed"]))
-        self.transformer = torch.nn.ModuleDict(dict(
-            wte=wte, blocks=torch.nn.ModuleList(_Block(params["layers"], l, cfg) for l in range(cfg.n_layers)),
-            ln_f=_RMS(torch.tensor(np.asarray(params["final_norm"])), cfg.norm_eps),
-            ff_out=_lin(params["lm_head"])))
-
-
-class TinyLLaDA(torch.nn.Module):
-    """A torch LLaDA-layout model (model.model.transformer.blocks[i].{attn_out,ff_out}) with the
-    weights of a JAX params tree. Replace by timerome_jax.torch_ref.llada once it exists."""
-
-    def __init__(self, params, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.model = _Inner(params, cfg)
-
-    def forward(self, input_ids, attention_mask=None):
-        tr = self.model.transformer
-        x = tr["wte"](input_ids)
-        t = input_ids.shape[1]
-        inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, self.cfg.head_dim, 2, dtype=torch.float64)
-                                             / self.cfg.head_dim))
-        fr = torch.arange(t, dtype=torch.float32)[:, None] * inv.float()[None]
-        emb = torch.cat([fr, fr], -1)
-        cos, sin = emb.cos(), emb.sin()
-        mask = None if attention_mask is None else attention_mask.bool()
-        for blk in tr["blocks"]:
-            x, _ = blk(x, cos, sin, mask)
-        return tr["ff_out"](tr["ln_f"](x))
-
+# The torch side is the team's reference models (timerome_jax.torch_ref.llada, transformers
+# Llama/Qwen2) from the conftest fixtures; the JAX side loads the same folders via hf.load_pretrained.
 
 @pytest.fixture(scope="module")
-def tmodel(params):
-    return TinyLLaDA(params, CFG).eval()
+def pair(tiny_torch):
+    """name -> (torch model, jax params, cfg) for the LLaDA, LLaDA-MoE and Dream layouts."""
+    from timerome_jax import hf
+
+    out = {}
+    for name in ("llada", "moe", "dream"):
+        tm, path = tiny_torch[name]
+        p, cfg, _ = hf.load_pretrained(path, dtype="float32")
+        out[name] = (tm, p, cfg)
+    return out
 
 
-@pytest.fixture(scope="module")
-def tokens():
-    return np.random.default_rng(7).integers(2, 96, (2, 11))
+_fwd_cfg = jax.jit(model.forward, static_argnames="cfg")
+TOK = np.random.default_rng(7).integers(2, 300, (2, 11))
 
 
-def _torch_logits(tmodel, tokens, *hooks, step=None):
-    with torch.no_grad(), H.installed(tmodel, *hooks):
+def _jax_logits(p, cfg, iv=None, step=0):
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(_fwd_cfg(p, jnp.asarray(TOK), cfg, intervene=iv, step=step))
+
+
+def _torch_logits(name, tm, *hooks, step=None):
+    if step is not None:
         for h in hooks:
-            if step is not None:
-                h.state.step = step
-        return tmodel(torch.tensor(tokens)).numpy()
+            h.state.step = step
+    with H.installed(tm, *hooks):
+        return torch_logits(name, tm, TOK)
 
 
-def test_torch_reference_matches_plain_forward(params, tmodel, tokens):
-    with jax.default_matmul_precision("highest"):
-        want = np.asarray(fwd(params, jnp.asarray(tokens)))
-    np.testing.assert_allclose(_torch_logits(tmodel, tokens), want, rtol=1e-4, atol=1e-4)
-    assert H.locate(tmodel) is H.LLADA
+# (layout, module): every module on LLaDA; the HF paths (o_proj, mlp.down_proj, MoE mlp) elsewhere
+EDIT_CASES = [("llada", "resid"), ("llada", "attn"), ("llada", "mlp"), ("moe", "mlp"),
+              ("dream", "attn")]
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_edit_hook_matches_jax(params, tmodel, tokens, module):
+@pytest.mark.parametrize("name,module", EDIT_CASES)
+def test_edit_hook_matches_jax(pair, name, module):
+    tm, p, cfg = pair[name]
     rng = np.random.default_rng(8)
-    mem = rand_mem(rng, 4, capacity=6, alpha=2.0, q=2, layer=1, module=module)
-    with jax.default_matmul_precision("highest"):
-        base = np.asarray(fwd(params, jnp.asarray(tokens)))
-        want = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=mem)))
+    d = cfg.d_model
+    base = _jax_logits(p, cfg)
+    np.testing.assert_allclose(_torch_logits(name, tm), base, rtol=1e-4, atol=1e-4)
+    mem = rand_mem(rng, 4, d=d, capacity=6, alpha=2.0, q=2, layer=1, module=module)
+    want = _jax_logits(p, cfg, Intervene(edit=mem))
     assert np.abs(want - base).max() > 1e-2  # the edit matters
-    got = _torch_logits(tmodel, tokens, H.EditHook(H.TorchEditMemory.from_jax(mem)))
+    got = _torch_logits(name, tm, H.EditHook(H.TorchEditMemory.from_jax(mem)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    ge = M.gated_edit(rng.normal(size=(3, 32)), rng.normal(size=(3, 32)), 2.0, 0, module, g_max=2.0)
-    with jax.default_matmul_precision("highest"):
-        want_g = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=ge)))
-    got_g = _torch_logits(tmodel, tokens, H.EditHook(H.TorchGatedEdit.from_jax(ge)))
+    if (name, module) != ("llada", "resid"):
+        return
+    ge = M.gated_edit(rng.normal(size=(3, d)), rng.normal(size=(3, d)), 2.0, 0, module, g_max=2.0)
+    want_g = _jax_logits(p, cfg, Intervene(edit=ge))
+    assert np.abs(want_g - base).max() > 1e-2
+    got_g = _torch_logits(name, tm, H.EditHook(H.TorchGatedEdit.from_jax(ge)))
     np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-4)
 
 
-def test_step_gated_edit_and_patch_hook_match_jax(params, tmodel, tokens):
+def test_step_gated_edit_and_patch_hook_match_jax(pair):
+    tm, p, cfg = pair["llada"]
+    d = cfg.d_model
     rng = np.random.default_rng(9)
-    mem = rand_mem(rng, 3, alpha=2.0, layer=0, module="resid", step=2)
+    mem = rand_mem(rng, 3, d=d, alpha=2.0, layer=0, module="resid", step=2)
     em = H.TorchEditMemory.from_jax(mem)
-    with jax.default_matmul_precision("highest"):
-        want0 = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=mem), step=0))
-        want2 = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(edit=mem), step=2))
+    want0 = _jax_logits(p, cfg, Intervene(edit=mem), step=0)
+    want2 = _jax_logits(p, cfg, Intervene(edit=mem), step=2)
+    assert np.abs(want2 - want0).max() > 1e-2
     state = H.TraceState()
-    np.testing.assert_allclose(_torch_logits(tmodel, tokens, H.EditHook(em, state), step=0), want0,
+    np.testing.assert_allclose(_torch_logits("llada", tm, H.EditHook(em, state), step=0), want0,
                                rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(_torch_logits(tmodel, tokens, H.EditHook(em, state), step=2), want2,
+    np.testing.assert_allclose(_torch_logits("llada", tm, H.EditHook(em, state), step=2), want2,
                                rtol=1e-4, atol=1e-4)
     # patch mode: splice values at (layer 1, step 3, mlp) on two positions per row (one padding)
     pos = np.array([[1, 4], [2, 2]])
     valid = np.array([[True, True], [True, False]])
-    vals = rng.normal(size=(2, 2, 32)).astype(np.float32)
+    vals = rng.normal(size=(2, 2, d)).astype(np.float32)
     patch = Patch(jnp.int32(1), jnp.int32(3), jnp.int32(2), jnp.asarray(pos), jnp.asarray(valid),
                   jnp.asarray(vals))
-    with jax.default_matmul_precision("highest"):
-        want = np.asarray(fwd(params, jnp.asarray(tokens), Intervene(patch=patch), step=3))
-        base = np.asarray(fwd(params, jnp.asarray(tokens), step=3))
+    want = _jax_logits(p, cfg, Intervene(patch=patch), step=3)
+    base = _jax_logits(p, cfg, step=3)
     assert np.abs(want - base).max() > 1e-2
     ph = H.PatchHook(1, 3, "mlp", pos, vals, valid, state=H.TraceState())
-    np.testing.assert_allclose(_torch_logits(tmodel, tokens, ph, step=3), want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(_torch_logits(tmodel, tokens, ph, step=4), base, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_torch_logits("llada", tm, ph, step=3), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_torch_logits("llada", tm, ph, step=4), base, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("layer,module", [(0, "resid"), (1, "attn"), (1, "mlp")])
-def test_capture_torch_matches_jax(params, tmodel, tokens, layer, module):
+def test_capture_torch_matches_jax(pair, layer, module):
+    tm, p, cfg = pair["llada"]
+    assert H.locate(tm) is H.LLADA
     pos = np.array([[0, 3, 5], [10, 2, 2]])
     with jax.default_matmul_precision("highest"):
-        want = np.asarray(model.run(params, jnp.asarray(tokens), CFG, None,
+        want = np.asarray(model.run(p, jnp.asarray(TOK), cfg, None,
                                     Intervene(read_pos=jnp.asarray(pos))).acts[module][layer])
-    got = H.capture_torch(tmodel, torch.tensor(tokens), torch.tensor(pos), layer, module)
+    got = H.capture_torch(tm, torch.tensor(TOK), torch.tensor(pos), layer, module)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
-    # a capture hook inside a multi-step loop records one slice per step
+    # a capture hook inside a multi-step loop records one slice per step asked for
     state = H.TraceState()
     ch = H.CaptureHook(layer, module, pos, state=state, steps=[1, 2])
-    with torch.no_grad(), H.installed(tmodel, ch):
+    with torch.no_grad(), H.installed(tm, ch):
         for _ in range(4):
-            tmodel(torch.tensor(tokens))
+            tm(torch.tensor(TOK))
             state.advance()
     assert [s for s, _ in ch.records] == [1, 2]
     np.testing.assert_allclose(ch.records[1][1].numpy(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_hf_llama_layout_locator():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2)).eval()
-    assert H.locate(hf) is H.HF
-    tok = torch.tensor(np.random.default_rng(0).integers(0, 50, (2, 6)))
+def test_hf_layout_locators(pair, tiny_torch):
+    assert H.locate(pair["moe"][0]) is H.HF_MOE
+    assert H.locate(tiny_torch["diffullama"][0]) is H.HF  # transformers LlamaForCausalLM
+    hf_model = pair["dream"][0]  # transformers Qwen2ForCausalLM
+    assert H.locate(hf_model) is H.HF
+    tok = torch.tensor(TOK)
     pos = torch.tensor([[0, 2, 5], [1, 3, 4]])
     with torch.no_grad():
-        hs = hf(tok, output_hidden_states=True).hidden_states
+        hs = hf_model(tok, output_hidden_states=True).hidden_states
     gather = lambda h: h[torch.arange(2)[:, None], pos]
-    resid = H.capture_torch(hf, tok, pos, 0, "resid")
-    attn = H.capture_torch(hf, tok, pos, 0, "attn")
-    mlp = H.capture_torch(hf, tok, pos, 0, "mlp")
+    resid = H.capture_torch(hf_model, tok, pos, 0, "resid")
+    attn = H.capture_torch(hf_model, tok, pos, 0, "attn")
+    mlp = H.capture_torch(hf_model, tok, pos, 0, "mlp")
     torch.testing.assert_close(resid, gather(hs[1]))
     # block output = block input + attention output + MLP output: the hooks sit where they should
     torch.testing.assert_close(gather(hs[0]) + attn + mlp, resid, rtol=1e-5, atol=1e-5)
@@ -633,13 +566,15 @@ def test_hf_llama_layout_locator():
     # hook registered after it: HF's own output_hidden_states records the layer output inside
     # the wrapped forward, before forward hooks run) and propagates to the next layer
     rng = np.random.default_rng(1)
-    mem = rand_mem(rng, 2, alpha=1.0, layer=0, module="resid")
+    mem = rand_mem(rng, 2, d=hf_model.config.hidden_size, alpha=1.0, layer=0, module="resid")
     em = H.TorchEditMemory.from_jax(mem)
-    full = torch.arange(6).expand(2, 6)
-    ch = H.CaptureHook(0, "resid", full)
-    with torch.no_grad(), H.installed(hf, H.EditHook(em), ch):
-        hs_e = hf(tok, output_hidden_states=True).hidden_states
+    ch = H.CaptureHook(0, "resid", torch.arange(TOK.shape[1]).expand(2, -1))
+    with torch.no_grad(), H.installed(hf_model, H.EditHook(em), ch):
+        hs_e = hf_model(tok, output_hidden_states=True).hidden_states
     torch.testing.assert_close(ch.value, hs[1] + em.delta(hs[1]), rtol=1e-5, atol=1e-5)
     assert (hs_e[2] - hs[2]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="cannot locate"):
         H.locate(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        H.install(hf_model, [H.EditHook(H.TorchEditMemory.from_jax(
+            rand_mem(rng, 1, d=hf_model.config.hidden_size, layer=5)))])
