@@ -25,7 +25,7 @@ import json
 import os
 import tempfile
 import zipfile
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp

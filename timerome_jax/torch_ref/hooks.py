@@ -14,6 +14,10 @@ patch hooks read it, and `EditHook` fires at every step (edit.step = -1) or only
 Hooks that share a module run in registration order; register a patch before an edit to match
 the JAX forward (patch, then edit, at one module).
 
+Reading hidden states: transformers 5.x records `output_hidden_states` inside the wrapped decoder
+layer forward, i.e. before forward hooks run, so at an edited/patched layer it shows the value
+*before* the hook; read post-hook values with a `CaptureHook` registered after the edit.
+
 Everything here is inference-only and batched: call under `torch.no_grad()`/`inference_mode()`;
 edits compute in float32 and add the update in the activation dtype (bf16 at 8B scale), exactly as
 `timerome_jax.intervene.apply_edit` does.
