@@ -8,8 +8,8 @@ Reusable fixture names (session-scoped, built once, offline):
   tiny_dream_dir       Dream layout (transformers Qwen2ForCausalLM, causal mask off) + tokenizer
   tiny_diffullama_dir  DiffuLLaMA layout (transformers LlamaForCausalLM, causal mask off), no
                        tokenizer, vocab 832 so that the fallback mask id 811 exists
-  tiny_torch           dict name -> torch module for the folders above ("llada", "llada_var", "moe",
-                       "dream", "diffullama"), for parity tests (weights equal the saved files)
+  tiny_torch           dict name -> (torch module, folder) for "llada", "llada_var", "moe", "dream",
+                       "diffullama", for parity tests (weights equal the saved files)
   tiny_llada_var_dir   LLaDA layout with GQA (4/2), q/k/v biases and tied embeddings (no ff_out key)
 
 Transformers 5.x Llama/Qwen2 become bidirectional when given a ready 4D attention mask: the mask
@@ -190,65 +190,87 @@ def _copy_tokenizer(src: str, dst: str):
         shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
 
 
+def _save(tmp_path_factory, tok_dir, name, model, d):
+    path = str(tmp_path_factory.mktemp(f"tiny_{name}"))
+    tref.save_hf_folder(model, d, path)
+    if tok_dir is not None:
+        _copy_tokenizer(tok_dir, path)
+    return model.eval(), path
+
+
+# Each model is its own session fixture, so a test module pays only for the models it uses.
 @pytest.fixture(scope="session")
-def tiny_torch(tmp_path_factory, tiny_tokenizer_dir) -> dict:
-    """Build every tiny torch model once, save its HF folder, return name -> (model, folder)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    out = {}
-
-    def save(name, model, d, with_tok=True):
-        path = str(tmp_path_factory.mktemp(f"tiny_{name}"))
-        tref.save_hf_folder(model, d, path)
-        if with_tok:
-            _copy_tokenizer(tiny_tokenizer_dir, path)
-        out[name] = (model.eval(), path)
-
+def _tiny_llada_pair(tmp_path_factory, tiny_tokenizer_dir):
     d = llada_config_dict()
-    save("llada", tref.randomize_(tref.LLaDAModelLM(d), seed=1), d)
-    d = llada_config_dict(n_kv_heads=2, include_qkv_bias=True, weight_tying=True)
-    save("llada_var", tref.randomize_(tref.LLaDAModelLM(d), seed=2), d)
-    d = moe_config_dict()
-    save("moe", tref.randomize_(tref.LLaDAMoEModelLM(d), seed=3), d)
+    return _save(tmp_path_factory, tiny_tokenizer_dir, "llada", tref.randomize_(tref.LLaDAModelLM(d), seed=1), d)
 
-    d = dream_config_dict()
+
+@pytest.fixture(scope="session")
+def _tiny_llada_var_pair(tmp_path_factory, tiny_tokenizer_dir):
+    d = llada_config_dict(n_kv_heads=2, include_qkv_bias=True, weight_tying=True)
+    return _save(tmp_path_factory, tiny_tokenizer_dir, "llada_var", tref.randomize_(tref.LLaDAModelLM(d), seed=2), d)
+
+
+@pytest.fixture(scope="session")
+def _tiny_moe_pair(tmp_path_factory, tiny_tokenizer_dir):
+    d = moe_config_dict()
+    return _save(tmp_path_factory, tiny_tokenizer_dir, "moe", tref.randomize_(tref.LLaDAMoEModelLM(d), seed=3), d)
+
+
+@pytest.fixture(scope="session")
+def _tiny_dream_pair(tmp_path_factory, tiny_tokenizer_dir):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     qc = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
                      max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa")
-    save("dream", tref.randomize_(Qwen2ForCausalLM(qc), seed=4), d)
+    torch.manual_seed(0)
+    m = tref.randomize_(Qwen2ForCausalLM(qc), seed=4)
+    return _save(tmp_path_factory, tiny_tokenizer_dir, "dream", m, dream_config_dict())
 
-    d = diffullama_config_dict()
+
+@pytest.fixture(scope="session")
+def _tiny_diffullama_pair(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     lc = LlamaConfig(vocab_size=832, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=1e4,
                      max_position_embeddings=4096, tie_word_embeddings=False, attn_implementation="sdpa")
-    save("diffullama", tref.randomize_(LlamaForCausalLM(lc), seed=5), d, with_tok=False)
-    return out
+    torch.manual_seed(0)
+    m = tref.randomize_(LlamaForCausalLM(lc), seed=5)
+    return _save(tmp_path_factory, None, "diffullama", m, diffullama_config_dict())
 
 
 @pytest.fixture(scope="session")
-def tiny_llada_dir(tiny_torch) -> str:
-    return tiny_torch["llada"][1]
+def tiny_torch(_tiny_llada_pair, _tiny_llada_var_pair, _tiny_moe_pair, _tiny_dream_pair, _tiny_diffullama_pair) -> dict:
+    """name -> (torch model in eval mode, HF folder it was saved to), for every tiny family."""
+    return {"llada": _tiny_llada_pair, "llada_var": _tiny_llada_var_pair, "moe": _tiny_moe_pair,
+            "dream": _tiny_dream_pair, "diffullama": _tiny_diffullama_pair}
 
 
 @pytest.fixture(scope="session")
-def tiny_llada_var_dir(tiny_torch) -> str:
-    return tiny_torch["llada_var"][1]
+def tiny_llada_dir(_tiny_llada_pair) -> str:
+    return _tiny_llada_pair[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_moe_dir(tiny_torch) -> str:
-    return tiny_torch["moe"][1]
+def tiny_llada_var_dir(_tiny_llada_var_pair) -> str:
+    return _tiny_llada_var_pair[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_dream_dir(tiny_torch) -> str:
-    return tiny_torch["dream"][1]
+def tiny_moe_dir(_tiny_moe_pair) -> str:
+    return _tiny_moe_pair[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_diffullama_dir(tiny_torch) -> str:
-    return tiny_torch["diffullama"][1]
+def tiny_dream_dir(_tiny_dream_pair) -> str:
+    return _tiny_dream_pair[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_diffullama_dir(_tiny_diffullama_pair) -> str:
+    return _tiny_diffullama_pair[1]
 
 
 @pytest.fixture(scope="session")
