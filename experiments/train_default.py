@@ -152,6 +152,10 @@ def main(argv=None):
                     help="if > 0: time the second chunk and lower --steps to fit this training budget "
                          "(the chosen step count is logged; rerunning with --steps N reproduces the weights)")
     ap.add_argument("--tiny", action="store_true", help="tiny model for a CPU smoke run")
+    ap.add_argument("--init", default=None, help="folder with target.npz/retain.npz to continue training from "
+                    "(a fresh optimizer state and schedule)")
+    ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="activation dtype during training (params and optimizer stay float32)")
     a = ap.parse_args(argv)
 
     out = Path(a.out)
@@ -171,10 +175,18 @@ def main(argv=None):
 
     keys = jax.random.split(jax.random.key(a.seed), 3)
     params = jax.vmap(lambda k: init_params(k, cfg))(jax.random.split(keys[0], 2))
+    if a.init:  # continue from a previous stage: same tree, leaves read by their key path
+        stacked = []
+        for name in splits:
+            z = np.load(Path(a.init) / f"{name}.npz")
+            stacked.append(z)
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, v: jnp.stack([jnp.asarray(z[jax.tree_util.keystr(p)]) for z in stacked]).astype(v.dtype), params)
+    train_cfg = cfg.replace(dtype=a.compute_dtype)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.inject_hyperparams(optax.adamw)(learning_rate=a.lr, b2=0.98, weight_decay=0.0))
     opt_state = jax.vmap(tx.init)(params)
-    run_chunk = make_train_chunk(cfg, tx, a.batch, a.chunk)
+    run_chunk = make_train_chunk(train_cfg, tx, a.batch, a.chunk)
 
     def lr_at(step):  # linear warm-up, cosine decay to 1% of the peak
         if step < a.warmup:
