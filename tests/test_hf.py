@@ -471,3 +471,38 @@ def test_save_rejects_mismatched_params(tiny_llada, tmp_path):
     with pytest.raises(CheckpointError, match=r"layers/w_gate has shape \(2, 64, 128\), config expects \(2, 64, 256\)"):
         hf.save_pretrained(params, cfg.replace(d_ff=256), str(tmp_path / "x"))
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# torch_ref hook points = our activation semantics
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llada", "moe"])
+def test_torch_hook_points_match_our_acts(loaded, name):
+    """Forward hooks on the documented torch_ref modules (LLaDA: attn_out / ff_out / block; LLaDA-MoE:
+    self_attn.o_proj / mlp / layer) capture exactly our attn / mlp / resid activations."""
+    from timerome_jax.intervene import Intervene
+
+    params, cfg, _, m = loaded[name]
+    ids = _ids(cfg, (2, 24), seed=9)
+    rp = np.array([[0, 7, 23], [3, 4, 20]])
+    if name == "llada":
+        layers = m.model.transformer.blocks
+        mods = {"attn": lambda b: b.attn_out, "mlp": lambda b: b.ff_out, "resid": lambda b: b}
+    else:
+        layers = m.model.layers
+        mods = {"attn": lambda b: b.self_attn.o_proj, "mlp": lambda b: b.mlp, "resid": lambda b: b}
+    caught, hooks = {k: [] for k in mods}, []
+    for blk in layers:
+        for k, get in mods.items():
+            hooks.append(get(blk).register_forward_hook(lambda mod, inp, out, k=k: caught[k].append(out.detach())))
+    try:
+        torch_logits(name, m, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    with jax.default_matmul_precision("highest"):
+        out = model.run(params, jnp.asarray(ids, jnp.int32), cfg, intervene=Intervene(read_pos=jnp.asarray(rp)))
+    for k in mods:
+        ref = np.stack([t.numpy()[np.arange(2)[:, None], rp] for t in caught[k]])
+        assert ref.shape == out.acts[k].shape == (cfg.n_layers, 2, 3, cfg.d_model)
+        assert rel_err(out.acts[k], ref) <= TOL, k

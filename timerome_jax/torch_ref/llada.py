@@ -441,10 +441,21 @@ def save_hf_folder(model: nn.Module, cfg_dict: dict, path: str, dtype: Optional[
     os.makedirs(path, exist_ok=True)
     sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous().clone()
           for k, v in model.state_dict().items()}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg_dict, f, indent=2, sort_keys=True)
+
+    def atomic(name, write):  # write to a temp file in the same folder, then os.replace
+        tmp = os.path.join(path, f".{name}.tmp-{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, os.path.join(path, name))
+
+    def write_json(obj):
+        def w(fp):
+            with open(fp, "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True)
+        return w
+
+    atomic("config.json", write_json(cfg_dict))
     if n_shards <= 1:
-        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        atomic("model.safetensors", lambda fp: save_file(sd, fp, metadata={"format": "pt"}))
         return
     keys = list(sd)
     per = -(-len(keys) // n_shards)
@@ -452,12 +463,11 @@ def save_hf_folder(model: nn.Module, cfg_dict: dict, path: str, dtype: Optional[
     for s in range(n_shards):
         part = keys[s * per:(s + 1) * per]
         name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: sd[k] for k in part}, os.path.join(path, name), metadata={"format": "pt"})
+        atomic(name, lambda fp, part=part: save_file({k: sd[k] for k in part}, fp, metadata={"format": "pt"}))
         for k in part:
             weight_map[k] = name
             total += sd[k].numel() * sd[k].element_size()
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    atomic("model.safetensors.index.json", write_json({"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
 def load_hf_folder(path: str, device=None, dtype=None) -> nn.Module:
