@@ -24,11 +24,8 @@ import os
 import numpy as np
 import pytest
 
-import torch
-
-from timerome_jax.torch_ref import llada as tref
-
-torch.set_num_threads(2)
+# torch is imported lazily (inside the helpers/fixtures) so test modules that never build a
+# torch model do not pay for the import.
 
 VOCAB = 320
 
@@ -146,6 +143,8 @@ def diffullama_config_dict(**over) -> dict:
 def hf_logits(model, ids: np.ndarray, key_mask: np.ndarray | None = None) -> np.ndarray:
     """Bidirectional logits [B,T,V] (float32 numpy) of a transformers Llama/Qwen2 LM: a ready 4D
     additive mask (0, or finfo.min on padded keys) bypasses the causal mask."""
+    import torch
+
     ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     B, T = ids_t.shape
     dt = next(model.parameters()).dtype
@@ -160,6 +159,8 @@ def hf_logits(model, ids: np.ndarray, key_mask: np.ndarray | None = None) -> np.
 
 def ref_logits(model, ids: np.ndarray, key_mask: np.ndarray | None = None) -> np.ndarray:
     """Logits [B,T,V] float32 numpy of a torch_ref model (optional key-padding mask)."""
+    import torch
+
     ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     am = None if key_mask is None else torch.as_tensor(np.asarray(key_mask), dtype=torch.long)
     with torch.no_grad():
@@ -190,7 +191,14 @@ def _copy_tokenizer(src: str, dst: str):
         shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
 
 
+def _tref():
+    from timerome_jax.torch_ref import llada as tref
+
+    return tref
+
+
 def _save(tmp_path_factory, tok_dir, name, model, d):
+    tref = _tref()
     path = str(tmp_path_factory.mktemp(f"tiny_{name}"))
     tref.save_hf_folder(model, d, path)
     if tok_dir is not None:
@@ -201,25 +209,31 @@ def _save(tmp_path_factory, tok_dir, name, model, d):
 # Each model is its own session fixture, so a test module pays only for the models it uses.
 @pytest.fixture(scope="session")
 def _tiny_llada_pair(tmp_path_factory, tiny_tokenizer_dir):
+    tref = _tref()
     d = llada_config_dict()
     return _save(tmp_path_factory, tiny_tokenizer_dir, "llada", tref.randomize_(tref.LLaDAModelLM(d), seed=1), d)
 
 
 @pytest.fixture(scope="session")
 def _tiny_llada_var_pair(tmp_path_factory, tiny_tokenizer_dir):
+    tref = _tref()
     d = llada_config_dict(n_kv_heads=2, include_qkv_bias=True, weight_tying=True)
     return _save(tmp_path_factory, tiny_tokenizer_dir, "llada_var", tref.randomize_(tref.LLaDAModelLM(d), seed=2), d)
 
 
 @pytest.fixture(scope="session")
 def _tiny_moe_pair(tmp_path_factory, tiny_tokenizer_dir):
+    tref = _tref()
     d = moe_config_dict()
     return _save(tmp_path_factory, tiny_tokenizer_dir, "moe", tref.randomize_(tref.LLaDAMoEModelLM(d), seed=3), d)
 
 
 @pytest.fixture(scope="session")
 def _tiny_dream_pair(tmp_path_factory, tiny_tokenizer_dir):
+    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tref = _tref()
 
     qc = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
@@ -231,7 +245,10 @@ def _tiny_dream_pair(tmp_path_factory, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def _tiny_diffullama_pair(tmp_path_factory):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    tref = _tref()
 
     lc = LlamaConfig(vocab_size=832, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=1e4,

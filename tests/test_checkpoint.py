@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from convert import to_orbax
-from timerome_jax import checkpoint, hf, model
+from timerome_jax import checkpoint, model
 from timerome_jax.checkpoint import OrbaxCheckpointError
 
 
