@@ -142,18 +142,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--attn", choices=("auto", "cudnn", "xla"), default="auto",
                     help="attention impl; auto = cudnn on GPU (falls back to xla, recorded, if cudnn fails)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median; >= 5)")
-    ap.add_argument("--seq-len", type=int, default=None, help="forward length (default 256; --tiny 64)")
+    ap.add_argument("--seq-len", type=int, default=None, help="forward length (default 256; --tiny 32)")
     ap.add_argument("--prompt-length", type=int, default=None, help="default 128; --tiny 16")
-    ap.add_argument("--gen-length", type=int, default=None, help="default 128; --tiny 32")
-    ap.add_argument("--steps", type=int, default=None, help="default 64; --tiny 16")
+    ap.add_argument("--gen-length", type=int, default=None, help="default 128; --tiny 16")
+    ap.add_argument("--steps", type=int, default=None, help="default 64; --tiny 8")
     ap.add_argument("--block-length", type=int, default=None, help="default: one block")
     ap.add_argument("--no-batch8", action="store_true", help="skip the batch-8 generation")
     args = ap.parse_args(argv)
     if args.repeats < 5:
         ap.error("--repeats must be >= 5")
     # --tiny shrinks the shapes too (a 2-core CPU runs [8, 256] tiny forwards at ~10 per second)
-    for name, full, tiny in (("seq_len", 256, 64), ("prompt_length", 128, 16), ("gen_length", 128, 32),
-                             ("steps", 64, 16)):
+    for name, full, tiny in (("seq_len", 256, 32), ("prompt_length", 128, 16), ("gen_length", 128, 16),
+                             ("steps", 64, 8)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
 

@@ -104,6 +104,9 @@ def _round_half_even_div(num, den):
     return q + (2 * r > den) + ((2 * r == den) & (q % 2 == 1))
 
 
+_RANK_BLOCK = 128
+
+
 def _row_masks(key, ex_id, amask, js, n_mc: int, estimator: str, eps: float):
     """Masks [m,T] bool and weights [m] float32 of samples js [m] for one example (answer mask [T])."""
     T = amask.shape[0]
@@ -114,11 +117,16 @@ def _row_masks(key, ex_id, amask, js, n_mc: int, estimator: str, eps: float):
     k_strat, k_samp = jax.random.split(k_ex)
     r_idx = jnp.arange(T, dtype=jnp.int32)
 
+    n_blk = -(-T // _RANK_BLOCK)
+
     def one(j):
         kj = jax.random.fold_in(k_samp, j)
-        # one uniform per ANSWER RANK (not per absolute position or per array shape), so the mask of
-        # an example does not depend on its prompt length, its padding or the batch's T
-        u_rank = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(kj, r), (), jnp.float32))(r_idx)
+        # uniforms indexed by ANSWER RANK (not by absolute position), drawn in fixed-size blocks keyed
+        # by fold_in(kj, block): the value for rank r never depends on T, so the mask of an example
+        # does not depend on its prompt length, its padding or the batch's T. (Blocks rather than one
+        # fold_in per rank: a vmapped per-rank fold_in takes seconds to compile on CPU.)
+        u_rank = jax.vmap(lambda b: jax.random.uniform(jax.random.fold_in(kj, b), (_RANK_BLOCK,), jnp.float32))(
+            jnp.arange(n_blk, dtype=jnp.int32)).reshape(-1)
         u = u_rank[rank]
         if estimator == "llada":
             kk = jnp.clip(1 + jnp.floor(jax.random.uniform(k_strat, (), jnp.float32) * Lc).astype(jnp.int32), 1, Lc)

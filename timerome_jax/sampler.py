@@ -215,16 +215,12 @@ def schedule(x, pad_mask, cfg: ModelConfig, scfg: SamplerConfig) -> Schedule:
     positions in the row's block and spb steps per block, base = n // spb, and the first n % spb
     steps of the block get one more.
     """
-    x = jnp.asarray(x)
-    pad_mask = jnp.asarray(pad_mask, bool)
-    if x.ndim != 2 or pad_mask.shape != x.shape:
-        raise ValueError(f"schedule: x must be [B,T] and pad_mask the same shape; got x {x.shape}, "
-                         f"pad_mask {pad_mask.shape}")
-    gen = (x == cfg.mask_token_id) & pad_mask
-    n_gen = jnp.sum(gen, axis=1, dtype=jnp.int32)
-    G = jnp.max(n_gen)
     if not _is_traced(x, pad_mask):
-        g = int(G)
+        xn, pn = np.asarray(x), np.asarray(pad_mask, bool)
+        if xn.ndim != 2 or pn.shape != xn.shape:
+            raise ValueError(f"schedule: x must be [B,T] and pad_mask the same shape; got x {xn.shape}, "
+                             f"pad_mask {pn.shape}")
+        g = int(((xn == cfg.mask_token_id) & pn).sum(1).max())
         if g == 0:
             raise ValueError(f"schedule: the canvas has no generation positions (no mask token "
                              f"{cfg.mask_token_id} where pad_mask is True)")
@@ -234,23 +230,43 @@ def schedule(x, pad_mask, cfg: ModelConfig, scfg: SamplerConfig) -> Schedule:
         if scfg.steps % (g // bl):
             raise ValueError(f"schedule: steps={scfg.steps} is not a multiple of the number of blocks "
                              f"{g // bl} (generation length {g} / block_length {bl})")
-    bl = jnp.maximum(G if scfg.block_length is None else jnp.int32(scfg.block_length), 1)
+    elif jnp.ndim(x) != 2 or jnp.shape(pad_mask) != jnp.shape(x):
+        raise ValueError(f"schedule: x must be [B,T] and pad_mask the same shape; got x {jnp.shape(x)}, "
+                         f"pad_mask {jnp.shape(pad_mask)}")
+    return _schedule_jit(jnp.asarray(x), jnp.asarray(pad_mask, bool), mask_token_id=cfg.mask_token_id,
+                         steps=scfg.steps, block_length=scfg.block_length, eps=float(scfg.eps))
+
+
+def _schedule_arrays(x, pad_mask, mask_token_id: int, steps: int, block_length: Optional[int], eps: float) -> Schedule:
+    gen = (x == mask_token_id) & pad_mask
+    n_gen = jnp.sum(gen, axis=1, dtype=jnp.int32)
+    G = jnp.max(n_gen)
+    bl = jnp.maximum(G if block_length is None else jnp.int32(block_length), 1)
     n_blocks = jnp.maximum(G // bl, 1)
-    spb = jnp.maximum(jnp.int32(scfg.steps) // n_blocks, 1).astype(jnp.int32)
+    spb = jnp.maximum(jnp.int32(steps) // n_blocks, 1).astype(jnp.int32)
     rank = jnp.cumsum(gen, axis=1, dtype=jnp.int32) - 1
     block = jnp.where(gen, rank // bl, -1).astype(jnp.int32)
-    st = jnp.arange(scfg.steps, dtype=jnp.int32)
+    st = jnp.arange(steps, dtype=jnp.int32)
     b_of, i_loc = st // spb, st % spb
     # generation positions are numbered contiguously, so block b of a row holds
     # clip(n_gen - b * bl, 0, bl) of them
     n_blk = jnp.clip(n_gen[:, None] - b_of[None, :] * bl, 0, bl)
     n_transfer = (n_blk // spb + (i_loc[None, :] < n_blk % spb)).astype(jnp.int32)
-    # Dream: timesteps = linspace(1, eps, spb + 1); step i of a block goes from t = ts[i] to s = ts[i+1]
+    # Dream: timesteps = torch.linspace(1, eps, spb + 1); step i of a block goes from t = ts[i] to
+    # s = ts[i+1]. torch fills the second half from the end, so the last value is exactly eps.
     f = jnp.float32
-    t = 1.0 + i_loc.astype(f) * (f(scfg.eps) - 1.0) / spb.astype(f)
-    s = 1.0 + (i_loc + 1).astype(f) * (f(scfg.eps) - 1.0) / spb.astype(f)
+    delta = (f(eps) - f(1.0)) / spb.astype(f)
+
+    def ts(j):
+        return jnp.where(j < (spb + 1) // 2, f(1.0) + delta * j.astype(f), f(eps) - delta * (spb - j).astype(f))
+
     return Schedule(gen_mask=gen, block=block, n_transfer=n_transfer, steps_per_block=spb,
-                    t=t.astype(f), s=s.astype(f), last=i_loc == spb - 1)
+                    t=ts(i_loc).astype(f), s=ts(i_loc + 1).astype(f), last=i_loc == spb - 1)
+
+
+# one dispatch instead of ~30 eager ops (inlined inside a caller's trace); static on the few fields it
+# reads, so e.g. a temperature change does not recompile it
+_schedule_jit = jax.jit(_schedule_arrays, static_argnames=("mask_token_id", "steps", "block_length", "eps"))
 
 
 # --------------------------------------------------------------------------------------- commit
