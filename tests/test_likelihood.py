@@ -11,7 +11,7 @@ import pytest
 from timerome_jax import likelihood as LK
 from timerome_jax import model
 from timerome_jax.config import ModelConfig
-from timerome_jax.intervene import Intervene
+from timerome_jax.intervene import Intervene, Patch
 
 MASK, PAD, EOS = 95, 0, 1
 CFG = ModelConfig(family="llada", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8,
@@ -124,7 +124,7 @@ def test_dream_masks_are_stratified_bernoulli():
 
 
 @pytest.mark.parametrize("cfg,estimator,with_noise", [(CFG, "llada", False), (CFG_SHIFT, "auto", True)],
-                         ids=["llada", "dream-shifted+noise"])
+                         ids=["llada", "dream-shifted+noise+patch"])
 def test_elbo_matches_numpy_on_same_masks(cfg, estimator, with_noise):
     params = np_params(cfg, seed=1)
     tok, am, pm = LK.make_qa_batch(PROMPTS, ANSWERS, cfg)
@@ -132,8 +132,11 @@ def test_elbo_matches_numpy_on_same_masks(cfg, estimator, with_noise):
     key = jax.random.PRNGKey(9)
     iv = None
     if with_noise:
-        noise = 0.5 * np.random.default_rng(0).standard_normal(tok.shape + (cfg.d_model,))
-        iv = Intervene(noise=jnp.asarray(noise, jnp.float32))
+        rng = np.random.default_rng(0)
+        noise = 0.5 * rng.standard_normal(tok.shape + (cfg.d_model,))
+        patch = Patch(layer=jnp.int32(0), step=jnp.int32(0), module=jnp.int32(0), pos=jnp.asarray([[3], [1], [4]]),
+                      valid=jnp.ones((3, 1), bool), value=jnp.asarray(rng.standard_normal((3, 1, cfg.d_model)), jnp.float32))
+        iv = Intervene(noise=jnp.asarray(noise, jnp.float32), patch=patch)
     est = LK.resolve_estimator(cfg, estimator)
     assert est == ("dream" if cfg.logits_shift else "llada")
     n = 4

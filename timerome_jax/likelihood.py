@@ -23,6 +23,7 @@ Logits come from `model.forward`, which is aligned so [:, i] predicts token i fo
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import jax
@@ -173,17 +174,37 @@ def _token_ce(logits, tokens):
     return jax.nn.logsumexp(lg, axis=-1) - jnp.take_along_axis(lg, tokens[..., None], -1)[..., 0]
 
 
+def tile_intervene(iv: Optional[Intervene], B: int, m: int) -> Optional[Intervene]:
+    """Repeat the batch-shaped fields of an `Intervene` (noise, read_pos, patch pos/valid/value with
+    leading dim B) m times along the batch, matching a batch laid out as row j * B + b. Leading-dim-1
+    fields (broadcast) and the edit memory (not batch-shaped) are kept as they are."""
+    if iv is None or m == 1:
+        return iv
+
+    def tile(a):
+        if a is None or a.ndim == 0 or a.shape[0] != B:
+            return a
+        return jnp.tile(a, (m,) + (1,) * (a.ndim - 1))
+
+    patch = iv.patch
+    if patch is not None:
+        patch = dataclasses.replace(patch, pos=tile(patch.pos), valid=tile(patch.valid), value=tile(patch.value))
+    return dataclasses.replace(iv, noise=tile(iv.noise), read_pos=tile(iv.read_pos), patch=patch)
+
+
 def _elbo_impl(params, tokens, answer_mask, pad_mask, key, example_ids, intervene, cfg, n_mc, estimator,
                mc_batch, eps):
-    B = tokens.shape[0]
+    B, T = tokens.shape
 
     def chunk(acc, c):
         js = c * mc_batch + jnp.arange(mc_batch, dtype=jnp.int32)
         masks, w = mc_masks(key, example_ids, answer_mask, n_mc, estimator, eps, js)  # [m,B,T], [m,B]
         noisy = jnp.where(masks, cfg.mask_token_id, tokens[None])
-        # vmap over the samples (not a reshape into the batch), so batch-shaped intervention fields
-        # (noise, patch positions) broadcast over them unchanged
-        logits = jax.vmap(lambda xt: model.forward(params, xt, cfg, pad_mask, intervene))(noisy)
+        # the samples go into the batch axis (row j * B + b), not through vmap: the cuDNN attention
+        # batching rule does not batch its padding mask, so a vmapped forward is not safe there
+        m = mc_batch
+        logits = model.forward(params, noisy.reshape(m * B, T), cfg, jnp.tile(pad_mask, (m, 1)),
+                               tile_intervene(intervene, B, m)).reshape(m, B, T, -1)
         ce = _token_ce(logits, jnp.broadcast_to(tokens, noisy.shape))
         loss = jnp.sum(jnp.where(masks, ce, 0.0), axis=-1) * w  # [m,B]
         return acc + jnp.sum(loss, axis=0), None
