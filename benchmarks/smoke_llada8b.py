@@ -9,7 +9,10 @@ Measures, on jax.devices()[0]:
   one forward on a [1, 256] batch;
 - generate: compile time and steady-state time of a --steps step generation of --gen-length tokens
   after a --prompt-length prompt, at batch 1 and (if memory allows) batch 8;
-- peak device memory (memory_stats()['peak_bytes_in_use'], None on CPU).
+- peak device memory (memory_stats()['peak_bytes_in_use'], None on CPU), recorded after each phase;
+  it is the running peak since the process started, so later phases include earlier ones.
+If --attn auto picks cudnn and the cudnn forward fails, the error is recorded ("cudnn_error") and
+everything is measured with the xla attention instead ("attn_impl_used").
 Writes a JSON file (device kind, jax version, config, all timings) atomically to --out.
 Random weights: the numbers are speed and memory only, never quality.
 """
