@@ -453,14 +453,8 @@ def _capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: 
     return u, v_o, v_t
 
 
-def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str],
-            chunk: int = 16):
-    """Eqs. 6-8 at (layer, module), denoising step 0, for every fact of `batch`.
-
-    Returns (u, v_o, v_t), each [N,D] float32. The forward stops at `layer`; facts run in chunks
-    of `chunk` (the last chunk is padded with copies of fact 0, so every chunk has one shape and
-    the capture compiles once per batch shape).
-    """
+def _check_capture(cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str]) -> int:
+    """Validate a capture request (shared with `sharding.capture`); returns the module id."""
     m = _module_id(module)
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"capture: layer {layer} out of range for a {cfg.n_layers}-layer model")
@@ -469,6 +463,18 @@ def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Uni
         empty_rows = np.flatnonzero(~np.asarray(valid).any(axis=1))
         if empty_rows.size:
             raise ValueError(f"capture: facts {empty_rows.tolist()} have no valid {name} positions")
+    return m
+
+
+def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str],
+            chunk: int = 16):
+    """Eqs. 6-8 at (layer, module), denoising step 0, for every fact of `batch`.
+
+    Returns (u, v_o, v_t), each [N,D] float32. The forward stops at `layer`; facts run in chunks
+    of `chunk` (the last chunk is padded with copies of fact 0, so every chunk has one shape and
+    the capture compiles once per batch shape).
+    """
+    m = _check_capture(cfg, batch, layer, module)
     n = batch.n
     chunk = max(1, min(int(chunk), n))
     outs = []

@@ -34,7 +34,7 @@ Lanes are vmapped in chunks (`lax.map(batch_size=chunk)`) so memory stays bounde
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,9 @@ class TraceConfig:
 class FactBatch:
     """Facts laid out on one canvas. x0 [B,T]: left-padded prompt + masked object region (right
     padded to the longest object); pad_mask, prompt_mask [B,T] bool; obj [B,T] int32 object token at
-    object positions (0 elsewhere); obj_mask [B,T] bool; subj_pos [B,S] int32; subj_valid [B,S]."""
+    object positions (0 elsewhere); obj_mask [B,T] bool; subj_pos [B,S] int32; subj_valid [B,S].
+    pad_mask may be None (no padding): the forward then runs without a mask (`trace` drops an
+    all-True mask, since cuDNN attention mishandles a padding mask under vmap)."""
 
     x0: jax.Array
     pad_mask: jax.Array
@@ -130,6 +132,12 @@ class Trajectory(NamedTuple):
     acts: Optional[jax.Array]  # [K, 3, L, B, S, D] module outputs on the subject (clean run only)
 
 
+def _schedule(fb: FactBatch, cfg: ModelConfig, scfg) -> sampler.Schedule:
+    # the schedule needs a mask even when the forward gets none (pad_mask None = no padding)
+    mask = fb.pad_mask if fb.pad_mask is not None else jnp.ones(fb.x0.shape, bool)
+    return sampler.schedule(fb.x0, mask, cfg, scfg)
+
+
 def _step(params, cfg, scfg, fb: FactBatch, sched, x, lpf, step, iv: Intervene, read: bool):
     """One traced denoising step: forward, object-log-prob bookkeeping, commit."""
     out = model.run(params, x, cfg, fb.pad_mask, iv, step)
@@ -143,7 +151,7 @@ def _step(params, cfg, scfg, fb: FactBatch, sched, x, lpf, step, iv: Intervene, 
 
 def _trajectory(params, fb: FactBatch, noise, cfg: ModelConfig, tcfg: TraceConfig, read: bool) -> Trajectory:
     scfg = tcfg.sampler
-    sched = sampler.schedule(fb.x0, fb.pad_mask, cfg, scfg)
+    sched = _schedule(fb, cfg, scfg)
     iv = Intervene(noise=noise, read_pos=fb.subj_pos if read else None)
 
     def body(carry, k):
@@ -183,7 +191,7 @@ def _run_lanes(params, fb: FactBatch, noise, corr: Trajectory, clean_acts, lanes
                tcfg: TraceConfig):
     """Scores [N, K+1, B] of every lane's K+1 steps (see module docstring)."""
     scfg, K = tcfg.sampler, tcfg.steps
-    sched = sampler.schedule(fb.x0, fb.pad_mask, cfg, scfg)
+    sched = _schedule(fb, cfg, scfg)
 
     def lane(row):
         kA, lA, mA, kB, lB, mB = (row[i] for i in range(6))
@@ -241,11 +249,17 @@ def embedding_noise(key, fb: FactBatch, params, sigma: float) -> jax.Array:
     return jnp.where(on[..., None], sigma * jax.random.normal(key, (B, T, D), jnp.float32), 0.0)
 
 
-def trace(params, cfg: ModelConfig, fb: FactBatch, tcfg: TraceConfig = TraceConfig(), progress=None) -> TraceResult:
+def trace(params, cfg: ModelConfig, fb: FactBatch, tcfg: TraceConfig = TraceConfig(), progress=None,
+          lanes_runner: Optional[Callable] = None) -> TraceResult:
     """Full TIE sweep over all (layer, step, module) for a batch of facts (Eqs. 2-4).
 
     Returns a TraceResult (NumPy). `progress(i, n)` is called after each noise draw when given.
+    lanes_runner(params, fb, noise, corr, clean_acts, lanes [N,6] int32 NumPy) -> scores [N, K+1, B]
+    replaces the one-device `run_lanes` (e.g. `sharding.lanes_runner(mesh)` spreads the lanes over
+    devices). A FactBatch without padding (all-True pad_mask) runs its forwards with no mask.
     """
+    if fb.pad_mask is not None and bool(np.all(np.asarray(fb.pad_mask))):
+        fb = dataclasses.replace(fb, pad_mask=None)
     K, L = tcfg.steps, cfg.n_layers
     sigma = tcfg.noise_scale * float(jnp.std(params["embed"].astype(jnp.float32)))
     clean = trajectory(params, fb, None, cfg=cfg, tcfg=tcfg, read=True)
@@ -256,7 +270,10 @@ def trace(params, cfg: ModelConfig, fb: FactBatch, tcfg: TraceConfig = TraceConf
     for r in range(tcfg.n_noise):
         noise = embedding_noise(jax.random.fold_in(jax.random.key(tcfg.seed), r), fb, params, sigma)
         corr = trajectory(params, fb, noise, cfg=cfg, tcfg=tcfg, read=False)
-        scores = np.asarray(run_lanes(params, fb, noise, corr, clean.acts, jnp.asarray(lanes), cfg=cfg, tcfg=tcfg))
+        if lanes_runner is None:
+            scores = np.asarray(run_lanes(params, fb, noise, corr, clean.acts, jnp.asarray(lanes), cfg=cfg, tcfg=tcfg))
+        else:
+            scores = np.asarray(lanes_runner(params, fb, noise, corr, clean.acts, lanes))
         cs = np.asarray(corr.scores)  # [K, B]
         corr_scores.append(cs.T)
         for n, (kA, lA, mA, kB, lB, mB) in enumerate(lanes):

@@ -1,0 +1,146 @@
+"""Ceilings of this card, measured in the same run as the figures: bf16 matmul rate and copy bandwidth.
+
+    python benchmarks/bench_ceiling.py --out benchmarks/results            # 8192^3 bf16, 4 GiB copy
+    python benchmarks/bench_ceiling.py --out /tmp/r --tiny                  # 512^3, 16 MiB (CPU)
+
+Matmul: C <- A @ C repeated `reps` times inside one jitted fori_loop (A ~ N(0, 1/n), so the values
+keep their scale; random data, never zeros), 2 n^3 FLOPs each; median of 5 calls after a warm-up.
+PyTorch: the same chain timed with CUDA events. Copy: y = x + 1 over a bf16 buffer, counting bytes
+read plus bytes written (torch: dst.copy_(src)). The figures take the JAX numbers as the ceiling.
+Writes ceiling.json.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 32, calls: int = 5) -> dict:
+    """JAX bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, read + written)."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = (jax.random.normal(ka, (n, n), jnp.float32) / jnp.sqrt(n)).astype(jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+
+    @jax.jit
+    def chain(a, c):
+        return jax.lax.fori_loop(0, reps, lambda i, c: jnp.dot(a, c, preferred_element_type=jnp.float32)
+                                 .astype(jnp.bfloat16), c)
+
+    out = {"n": n, "reps": reps}
+    t0 = time.perf_counter()
+    chain_c = chain.lower(a, b).compile()
+    out["matmul_compile_s"] = time.perf_counter() - t0
+    C.block(chain_c(a, b))
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        r = C.block(chain_c(a, b))
+        ts.append((time.perf_counter() - t0) / reps)
+    out["matmul_times_s"] = ts
+    out["matmul_s"] = statistics.median(ts)
+    out["matmul_flops_per_s"] = 2 * n ** 3 / out["matmul_s"]
+    out["matmul_result_finite"] = bool(jnp.isfinite(r.astype(jnp.float32)).all())
+
+    m = copy_bytes // 2
+    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + jnp.bfloat16(1)).lower(x).compile()
+    C.block(add(x))
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        C.block(add(x))
+        ts.append(time.perf_counter() - t0)
+    out["copy_bytes"] = 2 * m * 2
+    out["copy_times_s"] = ts
+    out["copy_bytes_per_s"] = out["copy_bytes"] / statistics.median(ts)
+    return out
+
+
+def measure_torch(n: int, reps: int = 10, copy_bytes: int = 1 << 32, calls: int = 5) -> dict:
+    """The same two numbers through PyTorch (CUDA events on GPU, host clock on CPU)."""
+    import torch
+
+    dev = C.torch_device()
+    g = torch.Generator(device=dev).manual_seed(1)
+    a = (torch.randn(n, n, device=dev, generator=g) / n ** 0.5).to(torch.bfloat16)
+    c = torch.randn(n, n, device=dev, generator=g).to(torch.bfloat16)
+    bufs = [c, torch.empty_like(c)]
+    cuda = dev.type == "cuda"
+
+    def chain():
+        for i in range(reps):
+            torch.matmul(a, bufs[i % 2], out=bufs[(i + 1) % 2])
+
+    def timed(fn):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            return s.elapsed_time(e) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    out = {"n": n, "reps": reps, "device": str(dev)}
+    with torch.no_grad():
+        chain()
+        C.torch_sync()
+        ts = [timed(chain) / reps for _ in range(calls)]
+        out["matmul_times_s"] = ts
+        out["matmul_s"] = statistics.median(ts)
+        out["matmul_flops_per_s"] = 2 * n ** 3 / out["matmul_s"]
+        out["matmul_result_finite"] = bool(torch.isfinite(bufs[reps % 2].float()).all())
+        m = copy_bytes // 2
+        src = torch.randn(m, device=dev, generator=g).to(torch.bfloat16)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        C.torch_sync()
+        ts = [timed(lambda: dst.copy_(src)) for _ in range(calls)]
+        out["copy_bytes"] = 2 * m * 2
+        out["copy_times_s"] = ts
+        out["copy_bytes_per_s"] = out["copy_bytes"] / statistics.median(ts)
+    del a, c, bufs, src, dst
+    C.torch_release()
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = C.base_parser(__doc__)
+    ap.add_argument("--n", type=int, default=None, help="matmul size (8192; --tiny 512)")
+    ap.add_argument("--reps", type=int, default=None, help="matmuls per timed call (10; --tiny 4)")
+    ap.add_argument("--copy-mib", type=int, default=None, help="copy buffer MiB (4096; --tiny 16)")
+    args = ap.parse_args(argv)
+    n = args.n or (512 if args.tiny else 8192)
+    reps = args.reps or (4 if args.tiny else 10)
+    copy_bytes = (args.copy_mib or (16 if args.tiny else 4096)) << 20
+    os.makedirs(args.out, exist_ok=True)
+    rec = C.Record(os.path.join(args.out, "ceiling.json"), "ceiling", "bf16 matmul and copy ceilings", args)
+    with rec.section("jax"):
+        rec["jax"] = measure_jax(n, reps, copy_bytes)
+        rec["ceiling"] = {"matmul_flops_per_s": rec["jax"]["matmul_flops_per_s"],
+                          "bytes_per_s": rec["jax"]["copy_bytes_per_s"], "from": "jax"}
+    if not args.skip_torch:
+        with rec.section("torch"):
+            rec["torch"] = measure_torch(n, reps, copy_bytes)
+    if "jax" in rec.data and "torch" in rec.data:
+        rec["torch_over_jax_matmul_rate"] = rec["torch"]["matmul_flops_per_s"] / rec["jax"]["matmul_flops_per_s"]
+    out = rec.finish()
+    j = out.get("jax", {})
+    print(f"[ceiling] jax matmul {j.get('matmul_flops_per_s', 0) / 1e12:.1f} TFLOP/s, copy "
+          f"{j.get('copy_bytes_per_s', 0) / 1e12:.2f} TB/s; torch matmul "
+          f"{out.get('torch', {}).get('matmul_flops_per_s', 0) / 1e12:.1f} TFLOP/s", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

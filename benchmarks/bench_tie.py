@@ -1,0 +1,460 @@
+"""Figure a: the full TIE sweep (every layer x step x module) for 8 facts, JAX lanes vs PyTorch hooks.
+
+    python benchmarks/bench_tie.py --out benchmarks/results                      # figure a
+    python benchmarks/bench_tie.py --out R --what stages --profile R/profile     # where the time goes
+    python benchmarks/bench_tie.py --out R --what scaling                        # 1 vs all local devices
+    python benchmarks/bench_tie.py --out R --tiny --what sweep,stages,scaling    # CPU, seconds
+
+sweep (fig_a_tie.json): 8 unpadded facts of prompt 112 + answer 16 = 128 tokens (subject 6 tokens),
+K = 8 denoising steps, n_noise = 1, LLaDA-8B shape with random bf16 weights made on the device.
+JAX: `timerome_jax.trace.trace` (lanes; an unpadded FactBatch runs with no attention mask, so
+cuDNN attention is vmapped without a mask). PyTorch: `torch_ref.trace.torch_trace` (forward hooks,
+candidates of one step batched, prefix steps shared) on the same canvases, the same noise draw and
+the same weights (DLPack views). Both run `chunk` candidates x 8 facts = 64 rows per forward, so the
+[rows, 128, 126464] float32 logits fit. JAX programs are compiled ahead (AOT, timed apart); the
+timed sweeps must compile nothing (checked). A full sweep takes minutes at 8B: `--repeats`
+(default 1) sets how many are timed; the JSON says how many were.
+
+stages (tie_stages.json): the lane loop on the first `--stage-lanes` lanes, with stages left out:
+full (= trace.run_lanes), no_commit (canvas never updated), no_logprob (no log_softmax
+bookkeeping), forward_only (forward + LM head, logits reduced by a max), body_only (no LM head).
+Differences between variants say where the time goes. `--profile DIR` wraps one steady run of
+`full` in jax.profiler.trace.
+
+scaling (tie_scaling.json): `timerome_jax.sharding.trace` (lanes sharded over a 1-D mesh, params
+replicated) on 1 device and on all local devices (or `--scaling-devices 1,2,4`), same code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timerome_jax import model as model_lib  # noqa: E402
+from timerome_jax import sampler  # noqa: E402
+from timerome_jax import sharding  # noqa: E402
+from timerome_jax import trace as tr  # noqa: E402
+from timerome_jax.intervene import Intervene, Patch  # noqa: E402
+
+STAGES = ("full", "no_commit", "no_logprob", "forward_only", "body_only")
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def make_facts(cfg, n_facts: int, prompt_len: int, answer_len: int, subj_len: int, seed: int) -> tr.FactBatch:
+    """n_facts random facts of identical lengths (so the FactBatch has no padding)."""
+    if subj_len > prompt_len:
+        raise ValueError(f"subject length {subj_len} > prompt length {prompt_len}")
+    rng = np.random.default_rng(seed)
+    prompts = C.random_tokens(rng, (n_facts, prompt_len), cfg)
+    objects = C.random_tokens(rng, (n_facts, answer_len), cfg)
+    starts = rng.integers(0, prompt_len - subj_len + 1, n_facts)
+    subj = [list(range(s, s + subj_len)) for s in starts]
+    fb = tr.make_fact_batch([list(p) for p in prompts], subj, [list(o) for o in objects], cfg)
+    assert bool(np.all(np.asarray(fb.pad_mask))), "benchmark facts must be unpadded"
+    return fb
+
+
+def _unpadded(fb: tr.FactBatch) -> tr.FactBatch:
+    # what trace.trace does first: an all-True mask is dropped, the forward then gets none
+    if fb.pad_mask is not None and bool(np.all(np.asarray(fb.pad_mask))):
+        return dataclasses.replace(fb, pad_mask=None)
+    return fb
+
+
+def sigma_of(params, tcfg) -> float:
+    return tcfg.noise_scale * float(jnp.std(params["embed"].astype(jnp.float32)))
+
+
+def noises_of(params, fb, tcfg) -> list:
+    """The embedding-noise draws trace.trace uses (same keys), as NumPy [B,T,D] for torch."""
+    sigma = sigma_of(params, tcfg)
+    return [np.asarray(tr.embedding_noise(jax.random.fold_in(jax.random.key(tcfg.seed), r), fb, params, sigma))
+            for r in range(tcfg.n_noise)]
+
+
+def sweep_work(cfg, B: int, T: int, tcfg: tr.TraceConfig, chunk: int) -> dict:
+    """Rows (sequences) the sweep must run, its FLOPs, and the forward calls of the JAX lane plan."""
+    K, L, R = tcfg.steps, cfg.n_layers, tcfg.n_noise
+    traj_rows = (1 + R) * K * B
+    cand_rows = R * 3 * L * (K * (K + 1) // 2) * B  # a candidate patching step k runs steps k..K-1
+    n_lanes = len(tr.plan_lanes(L, K))
+    calls = (1 + R) * K + R * (-(-n_lanes // chunk)) * (K + 1)
+    return {"rows": traj_rows + cand_rows, "trajectory_rows": traj_rows, "candidate_rows": cand_rows,
+            "n_candidates": 3 * L * K, "n_lanes": n_lanes, "jax_forward_calls": calls,
+            "flops": C.forward_flops(cfg, traj_rows + cand_rows, T),
+            "bytes": calls * C.weight_bytes(cfg)}
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX: compile ahead, then time trace.trace
+# ------------------------------------------------------------------------------------------------
+
+
+def warm_trace(params, cfg, fb, tcfg, runner=None) -> dict:
+    """Compile (AOT) every program `trace.trace` will run for these shapes, with the very arguments
+    it will build (so the timed calls hit the compilation cache). Runs the two short trajectories."""
+    watch = C.CompileWatch.get()
+    mark, t0 = watch.mark(), time.perf_counter()
+    fb = _unpadded(fb)
+    clean = tr.trajectory(params, fb, None, cfg=cfg, tcfg=tcfg, read=True)
+    sigma = sigma_of(params, tcfg)
+    noise = tr.embedding_noise(jax.random.fold_in(jax.random.key(tcfg.seed), 0), fb, params, sigma)
+    corr = tr.trajectory(params, fb, noise, cfg=cfg, tcfg=tcfg, read=False)
+    lanes = tr.plan_lanes(cfg.n_layers, tcfg.steps)
+    if runner is None:
+        compiled = tr.run_lanes.lower(params, fb, noise, corr, clean.acts, jnp.asarray(lanes), cfg=cfg,
+                                      tcfg=tcfg).compile()
+    else:
+        compiled = runner.lower(params, fb, noise, corr, clean.acts, lanes).compile()
+    C.block((clean, corr))
+    n, secs = watch.since(mark)
+    return {"wall_s": time.perf_counter() - t0, "compile_s": secs, "n_compilations": n,
+            "run_lanes_memory": C.memory_analysis(compiled)}
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch hooks
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_sweep(model, cfg, fb, noises, tcfg, chunk, device) -> dict:
+    """torch_ref.trace.torch_trace on the FactBatch's arrays (tie, tie_bar, clean, corrupted)."""
+    from timerome_jax.torch_ref.trace import torch_trace
+
+    return torch_trace(model, fb.x0, fb.pad_mask, fb.obj, fb.obj_mask, fb.subj_pos, fb.subj_valid, noises,
+                       K=tcfg.steps, mask_id=cfg.mask_token_id, tau=tcfg.tau, chunk=chunk, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage variants (where the time goes)
+# ------------------------------------------------------------------------------------------------
+
+
+def _stage_step(params, cfg, scfg, fb, sched, x, lpf, step, iv, stage: str):
+    """trace._step with stages left out (stage="full" is the same computation)."""
+    if stage == "body_only":  # every layer, no LM head: read the last block output on the subject
+        out = model_lib.run(params, x, cfg, fb.pad_mask, dataclasses.replace(iv, read_pos=fb.subj_pos), step,
+                            stop_layer=cfg.n_layers - 1)
+        return x, lpf, jnp.sum(out.acts["resid"][-1].astype(jnp.float32), axis=(-1, -2))
+    logits = model_lib.run(params, x, cfg, fb.pad_mask, iv, step).logits
+    if stage == "forward_only":  # logits made and read once, nothing else
+        return x, lpf, jnp.sum(jnp.max(logits, -1), -1)
+    if stage in ("full", "no_commit"):
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), fb.obj[..., None], -1)[..., 0]
+        lpf = jnp.where((x == cfg.mask_token_id) & fb.obj_mask, lp, lpf)
+        score = jnp.sum(jnp.where(fb.obj_mask, lpf, 0.0), -1)
+    if stage in ("full", "no_logprob"):
+        x = sampler.commit(logits, x, sched, step, jax.random.key(0), cfg, scfg)
+    if stage == "no_logprob":
+        score = jnp.sum(x, -1).astype(jnp.float32)  # keeps the commit chain alive
+    return x, lpf, score
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "tcfg", "stage"))
+def stage_lanes(params, fb, noise, corr, clean_acts, lanes, cfg, tcfg, stage: str):
+    """trace._run_lanes with `_stage_step` (same lane pairing, restarts and patches)."""
+    scfg, K = tcfg.sampler, tcfg.steps
+    sched = tr._schedule(fb, cfg, scfg)
+
+    def lane(row):
+        kA, lA, mA, kB, lB, mB = (row[i] for i in range(6))
+        seg = K - kA
+
+        def body(carry, j):
+            x, lpf = carry
+            inA = j < seg
+            restart = j == seg
+            x = jnp.where(restart, corr.xs[jnp.minimum(kB, K - 1)], x)
+            lpf = jnp.where(restart, corr.lpf[jnp.minimum(kB, K - 1)], lpf)
+            start = jnp.where(inA, kA, kB)
+            step = jnp.where(inA, kA + j, kB + j - seg)
+            layer, mod = jnp.where(inA, lA, lB), jnp.where(inA, mA, mB)
+            value = clean_acts[start, mod, jnp.maximum(layer, 0)]
+            patch = Patch(layer=layer, step=start, module=mod, pos=fb.subj_pos, valid=fb.subj_valid, value=value)
+            x, lpf, score = _stage_step(params, cfg, scfg, fb, sched, x, lpf, step,
+                                        Intervene(noise=noise, patch=patch), stage)
+            return (x, lpf), score
+
+        _, scores = jax.lax.scan(body, (corr.xs[kA], corr.lpf[kA]), jnp.arange(K + 1, dtype=jnp.int32))
+        return scores
+
+    return jax.lax.map(lane, lanes, batch_size=tcfg.chunk)
+
+
+def lane_inputs(params, cfg, fb, tcfg):
+    """(fb without mask, noise, corrupted trajectory, clean acts) as trace.trace builds them."""
+    fb = _unpadded(fb)
+    clean = tr.trajectory(params, fb, None, cfg=cfg, tcfg=tcfg, read=True)
+    noise = tr.embedding_noise(jax.random.fold_in(jax.random.key(tcfg.seed), 0), fb, params, sigma_of(params, tcfg))
+    corr = tr.trajectory(params, fb, noise, cfg=cfg, tcfg=tcfg, read=False)
+    return fb, noise, corr, clean.acts
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse(argv=None):
+    ap = C.base_parser(__doc__)
+    ap.add_argument("--what", default="sweep", help="comma list of sweep, stages, scaling")
+    ap.add_argument("--facts", type=int, default=None, help="facts (8; --tiny 4)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (112; --tiny 12)")
+    ap.add_argument("--answer-len", type=int, default=None, help="answer tokens (16; --tiny 4)")
+    ap.add_argument("--subj-len", type=int, default=None, help="subject tokens (6; --tiny 3)")
+    ap.add_argument("--steps", type=int, default=None, help="K denoising steps (8; --tiny 4)")
+    ap.add_argument("--n-noise", type=int, default=1)
+    ap.add_argument("--noise-scale", type=float, default=3.0)
+    ap.add_argument("--tau", type=float, default=0.5)
+    ap.add_argument("--chunk", type=int, default=None, help="JAX lanes per vmapped chunk (8; --tiny 4)")
+    ap.add_argument("--torch-chunk", type=int, default=None,
+                    help="torch candidates per batch (default: --chunk, so both run the same rows per forward)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed full sweeps per framework (steady state)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"stage variants to time ({','.join(STAGES)})")
+    ap.add_argument("--stage-lanes", type=int, default=None, help="lanes in the stage runs (2 x chunk)")
+    ap.add_argument("--stage-repeats", type=int, default=5)
+    ap.add_argument("--scaling-devices", default="1,all", help="device counts for --what scaling")
+    args = ap.parse_args(argv)
+    tiny = args.tiny
+    for name, full, small in (("facts", 8, 4), ("prompt_len", 112, 12), ("answer_len", 16, 4), ("subj_len", 6, 3),
+                              ("steps", 8, 4), ("chunk", 8, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else full)
+    if args.torch_chunk is None:
+        args.torch_chunk = args.chunk
+    if args.stage_lanes is None:
+        args.stage_lanes = 2 * args.chunk
+    args.what = [w.strip() for w in args.what.split(",") if w.strip()]
+    bad = set(args.what) - {"sweep", "stages", "scaling"}
+    if bad:
+        ap.error(f"--what: unknown parts {sorted(bad)}")
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if set(args.stages) - set(STAGES):
+        ap.error(f"--stages: unknown {sorted(set(args.stages) - set(STAGES))}; choose from {STAGES}")
+    return args
+
+
+def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
+    B, T = fb.x0.shape
+    rec = C.Record(os.path.join(args.out, "fig_a_tie.json"), "a", "TIE sweep: JAX lanes vs PyTorch hooks", args)
+    work = sweep_work(cfg, B, T, tcfg, args.chunk)
+    rec["shapes"] = {**C.shape_info(cfg, params), "facts": B, "seq_len": T, "prompt_len": args.prompt_len,
+                     "answer_len": args.answer_len, "subj_len": args.subj_len, "steps": tcfg.steps,
+                     "n_noise": tcfg.n_noise, "jax_chunk_lanes": args.chunk, "torch_chunk_candidates": args.torch_chunk,
+                     "rows_per_forward": args.chunk * B, "unpadded": True}
+    rec["work"] = work
+    rec["ceiling"] = ceiling
+    rec["floor"] = C.floor(work["flops"], work["bytes"], ceiling)
+    rec["init_s"] = init_s
+    rec["targets"] = {"jax_over_floor_max": 1.5, "torch_over_jax_min": 1.0}
+    jax_res = torch_res = None
+
+    if not args.skip_torch:
+        with rec.section("torch"):
+            import torch
+
+            t0 = time.perf_counter()
+            tmodel, how = C.torch_model(params, cfg)
+            dev = C.torch_device()
+            rec["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
+            noises = noises_of(params, fb, tcfg)
+            C.torch_reset_peak()
+            with torch.no_grad():  # warm-up: one forward of a full chunk of rows
+                x = torch.as_tensor(np.array(fb.x0), device=dev).repeat(args.torch_chunk, 1)
+                t0 = time.perf_counter()
+                tmodel(x, attention_mask=torch.ones_like(x)).float().log_softmax(-1)
+                C.torch_sync()
+                warm_s = time.perf_counter() - t0
+                del x
+            m = C.measure(lambda: torch_sweep(tmodel, cfg, fb, noises, tcfg, args.torch_chunk, dev), want=args.repeats,
+                          deadline=deadline.at, sync=lambda _: C.torch_sync())
+            torch_res = m["out"]
+            rec["torch"] = {**C.strip(m), "warmup_forward_s": warm_s, "peak_bytes": C.torch_peak_bytes(),
+                            "ratio_to_floor": C.ratio(m["steady_s"], rec["floor"]["floor_s"])}
+            del tmodel
+            C.torch_release()
+
+    def jax_part(cfg_used):
+        nonlocal jax_res
+        warm = warm_trace(params, cfg_used, fb, tcfg)
+        m = C.measure(lambda: tr.trace(params, cfg_used, fb, tcfg), want=args.repeats, deadline=deadline.at,
+                      allow_estimate=True)
+        jax_res = m["out"]
+        rec["jax"] = {**C.strip(m), "compile": warm, "peak_bytes": C.jax_peak_bytes(),
+                      "memory": C.jax_memory(), "ratio_to_floor": C.ratio(m["steady_s"], rec["floor"]["floor_s"])}
+
+    with rec.section("jax"):
+        C.with_attn_fallback(rec, cfg, jax_part)
+
+    if jax_res is not None:
+        rec["jax_result_finite"] = {k: bool(np.isfinite(getattr(jax_res, k)[~np.isnan(getattr(jax_res, k))]).all())
+                                    for k in ("tie", "tie_bar", "clean", "corrupted")}
+    if jax_res is not None and torch_res is not None:
+        rec["agreement"] = {k: C.agreement(getattr(jax_res, k), torch_res[k])
+                            for k in ("tie", "tie_bar", "clean", "corrupted")}
+        jt, tt = rec["jax"]["steady_s"], rec["torch"]["steady_s"]
+        rec["torch_over_jax"] = C.ratio(tt, jt)
+    if "jax" in rec.data:
+        rec["met"] = {"jax_within_1.5x_floor": (rec["jax"]["ratio_to_floor"] or 1e9) <= 1.5,
+                      "faster_than_torch": (rec.data.get("torch_over_jax") or 0) > 1.0}
+    out = rec.finish()
+    j, t = out.get("jax", {}), out.get("torch", {})
+    print(f"[a] floor {out['floor']['floor_s']:.3g}s  jax {j.get('steady_s')}s (compile "
+          f"{j.get('compile', {}).get('compile_s')}s)  torch {t.get('steady_s')}s  torch/jax {out.get('torch_over_jax')}",
+          flush=True)
+    return out
+
+
+def run_stages(args, cfg, params, fb, tcfg, ceiling, deadline):
+    B, T = fb.x0.shape
+    rec = C.Record(os.path.join(args.out, "tie_stages.json"), "stages", "TIE lane loop with stages left out", args)
+    lanes_all = tr.plan_lanes(cfg.n_layers, tcfg.steps)
+    lanes = jnp.asarray(lanes_all[: args.stage_lanes])
+    n = int(lanes.shape[0])
+    rows = n * (tcfg.steps + 1) * B
+    rec["shapes"] = {**C.shape_info(cfg), "lanes": n, "of_lanes": len(lanes_all), "rows": rows, "seq_len": T,
+                     "rows_per_forward": min(args.chunk, n) * B}
+    rec["ceiling"] = ceiling
+    flops = {"full": C.forward_flops(cfg, rows, T), "body_only": C.forward_flops(cfg, rows, T, head=False)}
+    rec["floor"] = {k: C.floor(v, 0, ceiling) for k, v in flops.items()}
+    rec["stages"] = {}
+
+    def part(cfg_used):
+        fb_u, noise, corr, acts = lane_inputs(params, cfg_used, fb, tcfg)
+        ref = None
+        for st in args.stages + (["full"] if args.profile and "full" not in args.stages else []):
+            watch = C.CompileWatch.get()
+            mark, t0 = watch.mark(), time.perf_counter()
+            comp = stage_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg, stage=st).compile()
+            c_wall, (nc, csec) = time.perf_counter() - t0, watch.since(mark)
+            m = C.measure(lambda: comp(params, fb_u, noise, corr, acts, lanes), want=args.stage_repeats,
+                          deadline=deadline.at)
+            if st == "full":
+                ref = np.asarray(m["out"])
+            rec["stages"][st] = {**C.strip(m), "compile_wall_s": c_wall, "compile_s": csec,
+                                 "memory": C.memory_analysis(comp),
+                                 "per_lane_step_ms": 1e3 * m["steady_s"] / (n * (tcfg.steps + 1))}
+            rec.save()
+        if args.profile:
+            comp = stage_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg,
+                                     stage="full").compile()
+            C.block(comp(params, fb_u, noise, corr, acts, lanes))
+            with C.maybe_profile(args.profile):
+                t0 = time.perf_counter()
+                C.block(comp(params, fb_u, noise, corr, acts, lanes))
+                rec["profile"] = {"dir": os.path.abspath(args.profile), "stage": "full",
+                                  "wall_s": time.perf_counter() - t0}
+        # the variant "full" must be the library's lane loop: same scores as trace.run_lanes
+        if ref is not None:
+            lib = np.asarray(tr.run_lanes(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg))
+            rec["full_equals_run_lanes"] = C.agreement(ref, lib)
+
+    with rec.section("jax"):
+        C.with_attn_fallback(rec, cfg, part)
+    s = rec["stages"]
+    if "full" in s and s["full"]["steady_s"]:
+        f = s["full"]["steady_s"]
+        share = {}
+        for st, what in (("no_commit", "commit"), ("no_logprob", "logprob_bookkeeping")):
+            if st in s and s[st]["steady_s"] is not None:
+                share[what] = (f - s[st]["steady_s"]) / f
+        if "forward_only" in s and s["forward_only"]["steady_s"] is not None:
+            share["commit_and_logprob"] = (f - s["forward_only"]["steady_s"]) / f
+            if "body_only" in s and s["body_only"]["steady_s"] is not None:
+                share["lm_head"] = (s["forward_only"]["steady_s"] - s["body_only"]["steady_s"]) / f
+        if "body_only" in s and s["body_only"]["steady_s"] is not None:
+            share["layers"] = s["body_only"]["steady_s"] / f
+        rec["share_of_full"] = share
+        rec["full_over_floor"] = f / rec["floor"]["full"]["floor_s"]
+    out = rec.finish()
+    print("[stages] " + "  ".join(f"{k} {v.get('steady_s')}" for k, v in out["stages"].items()), flush=True)
+    return out
+
+
+def run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline):
+    B, T = fb.x0.shape
+    rec = C.Record(os.path.join(args.out, "tie_scaling.json"), "scaling",
+                   "TIE sweep sharded over local devices (jax.sharding)", args)
+    devs = jax.local_devices()
+    want = []
+    for tok in args.scaling_devices.split(","):
+        tok = tok.strip()
+        k = len(devs) if tok == "all" else int(tok)
+        if 1 <= k <= len(devs) and k not in want:
+            want.append(k)
+    work = sweep_work(cfg, B, T, tcfg, args.chunk)
+    rec["shapes"] = {**C.shape_info(cfg), "facts": B, "seq_len": T, "steps": tcfg.steps, "chunk": args.chunk}
+    rec["work"] = work
+    rec["ceiling"] = ceiling
+    rec["floor"] = C.floor(work["flops"], work["bytes"], ceiling)
+    rec["n_local_devices"] = len(devs)
+    rec["device_counts"] = want
+    rec["runs"] = {}
+    if len(devs) == 1:
+        rec["note"] = "one local device: multi-device scaling not measured (the 1-device sharded run is still timed)"
+    rec["targets"] = {"speedup_2": 1.8, "speedup_4": 3.4}
+    results = {}
+
+    def part(cfg_used):
+        for k in want:
+            mesh = sharding.make_mesh(devs[:k])
+            p_k, fb_k = sharding.replicate(params, mesh), sharding.replicate(fb, mesh)
+            warm = warm_trace(p_k, cfg_used, fb_k, tcfg, runner=sharding.LanesRunner(mesh, cfg_used, tcfg))
+            m = C.measure(lambda: sharding.trace(p_k, cfg_used, fb_k, tcfg, mesh=mesh), want=args.repeats,
+                          deadline=deadline.at, allow_estimate=True)
+            results[k] = m["out"]
+            rec["runs"][str(k)] = {**C.strip(m), "compile": warm, "memory": C.jax_memory(),
+                                   "ratio_to_floor_of_one_device": C.ratio(m["steady_s"], rec["floor"]["floor_s"])}
+            rec.save()
+            del p_k, fb_k
+
+    with rec.section("jax"):
+        C.with_attn_fallback(rec, cfg, part)
+    runs = rec["runs"]
+    if "1" in runs and runs["1"]["steady_s"]:
+        rec["speedup"] = {k: runs["1"]["steady_s"] / v["steady_s"] for k, v in runs.items() if v["steady_s"]}
+        if 1 in results:
+            rec["equal_to_one_device"] = {str(k): C.agreement(results[k].tie_bar, results[1].tie_bar)
+                                          for k in results if k != 1}
+    out = rec.finish()
+    print(f"[scaling] {out.get('speedup')}", flush=True)
+    return out
+
+
+def main(argv=None):
+    args = parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cfg, std = C.setup(args)
+    deadline = C.Deadline(args.budget_s)
+    ceiling = C.load_ceiling(args.ceiling_json, args.tiny)
+    t0 = time.perf_counter()
+    params = C.init_params(jax.random.key(args.seed), cfg, std)
+    init_s = time.perf_counter() - t0
+    fb = make_facts(cfg, args.facts, args.prompt_len, args.answer_len, args.subj_len, args.seed + 1)
+    tcfg = tr.TraceConfig(steps=args.steps, noise_scale=args.noise_scale, n_noise=args.n_noise, tau=args.tau,
+                          chunk=args.chunk, seed=args.seed)
+    out = {}
+    if "sweep" in args.what:
+        out["sweep"] = run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s)
+    if "stages" in args.what:
+        out["stages"] = run_stages(args, cfg, params, fb, tcfg, ceiling, deadline)
+    if "scaling" in args.what:
+        out["scaling"] = run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""Shared pieces of the GPU benchmark suite (issue 5): shapes, weights, FLOP counts, timing, records.
+
+Every figure script (bench_ceiling, bench_tie, bench_install, bench_generate) imports this first:
+it puts the repo root on sys.path and turns JAX's GPU memory preallocation off (before JAX starts),
+because the PyTorch reference runs in the same process and needs its own share of the card.
+
+Conventions used by every figure:
+- Weights: random, made ON the device by one jitted init (nothing is downloaded). PyTorch sees the
+  very same weights through DLPack (zero-copy views of the JAX buffers, transposed where torch's
+  Linear stores [out, in]); if DLPack fails the weights are copied through the host (recorded).
+- Compile vs steady state: every JAX compilation is heard through `jax.monitoring`
+  (`CompileWatch`). A timed call during which XLA compiled is a *compile run* (reported apart, with
+  the compile seconds); steady state is the median of calls that compiled nothing.
+- FLOPs: 2 x (matmul parameters) x tokens per forward, + attention 4 T^2 (H hd) per layer per
+  sequence, + the LM head 2 D V per token when the logits are computed. The floor of a figure is
+  max(FLOPs / matmul ceiling, weight bytes read / copy ceiling), ceilings measured in the same run
+  by bench_ceiling (the JAX numbers).
+- Records: one JSON per figure, rewritten (atomically) after every section, so a crash keeps what
+  was measured before it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable, Optional
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timerome_jax import model as model_lib  # noqa: E402
+from timerome_jax.config import ModelConfig, llada_8b  # noqa: E402
+from timerome_jax.io import write_json  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def on_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"
+
+
+def model_config(tiny: bool, dtype: Optional[str] = None, attn: Optional[str] = None) -> ModelConfig:
+    """LLaDA-8B shape (bf16, cuDNN attention on GPU) or, with `tiny`, a 2-layer d=64 model that runs
+    the same code on a CPU in seconds (fp32, XLA attention)."""
+    if tiny:
+        return ModelConfig(family="llada", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                           head_dim=16, d_ff=128, mask_token_id=255, pad_token_id=0, eos_token_id=1,
+                           max_seq_len=512, dtype=dtype or "float32", attn_impl=attn or "xla")
+    return llada_8b().replace(dtype=dtype or "bfloat16", attn_impl=attn or ("cudnn" if on_gpu() else "xla"))
+
+
+def default_init_std(tiny: bool) -> float:
+    # tiny: large enough that the TIE values are far from zero (so agreement checks mean something)
+    return 0.25 if tiny else 0.02
+
+
+def special_ids(cfg: ModelConfig) -> set:
+    return {cfg.mask_token_id, cfg.pad_token_id, cfg.eos_token_id}
+
+
+def random_tokens(rng: np.random.Generator, shape, cfg: ModelConfig) -> np.ndarray:
+    """Random ordinary token ids (never mask/pad/eos, never 0/1)."""
+    x = rng.integers(2, cfg.vocab_size, size=shape).astype(np.int32)
+    bad = np.isin(x, list(special_ids(cfg)))
+    while bad.any():
+        x[bad] = rng.integers(2, cfg.vocab_size, size=int(bad.sum()))
+        bad = np.isin(x, list(special_ids(cfg)))
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# weights
+# ------------------------------------------------------------------------------------------------
+
+
+def init_params(key, cfg: ModelConfig, std: float, sharding=None):
+    """Random params in cfg.dtype made inside one jit on the device (no host copies): matrices
+    N(0, std^2), norm weights 1. `sharding` (optional) is the out_sharding of every leaf."""
+    shapes = model_lib.param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    dt = model_lib.cdtype(cfg)
+
+    def make(key):
+        keys = jax.random.split(key, len(flat))
+        leaves = []
+        for k, (path, shp) in zip(keys, flat):
+            if "norm" in jax.tree_util.keystr(path):
+                leaves.append(jnp.ones(shp, dt))
+            else:
+                leaves.append(jax.random.normal(k, shp, dt) * jnp.asarray(std, dt))
+        return jax.tree.unflatten(treedef, leaves)
+
+    f = jax.jit(make) if sharding is None else jax.jit(make, out_shardings=sharding)
+    return jax.block_until_ready(f(key))
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if on_gpu() and torch.cuda.is_available() else "cpu")
+
+
+def _to_torch(x, device):
+    import torch
+
+    try:
+        t = torch.from_dlpack(x)
+        if t.device.type != torch.device(device).type:
+            raise RuntimeError(f"DLPack gave a {t.device} tensor, wanted {device}")
+        return t, "dlpack"
+    except Exception:  # noqa: BLE001 - fall back to a host copy, recorded by the caller
+        a = np.asarray(x)
+        if a.dtype.name == "bfloat16":
+            t = torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(device), "host_copy"
+
+
+def torch_model(params, cfg: ModelConfig):
+    """The torch_ref LLaDAModelLM holding the SAME weights as `params` (DLPack views; HF key map
+    of `timerome_jax.hf`). Returns (model in eval mode, how the weights were moved)."""
+    import torch
+
+    from timerome_jax import hf
+    from timerome_jax.torch_ref.llada import LLaDAModelLM
+
+    dev = torch_device()
+    if dev.type == "cpu":
+        # seen on a 2-core CPU: after JAX has run, torch's default intra-op pool made tiny matmuls
+        # ~100x slower until the thread count was set explicitly
+        torch.set_num_threads(os.cpu_count() or 1)
+    tdt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    m = LLaDAModelLM(hf.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
+    leaves, how = {}, set()
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
+        leaves[key], h = _to_torch(x, dev)
+        how.add(h)
+    sd = {}
+    for name, (path, idx, transpose) in hf.key_map(cfg).items():
+        t = leaves[tuple(path)]
+        for i in idx:
+            t = t[i]
+        sd[name] = t.T if transpose else t  # a view: torch's matmuls take transposed operands as is
+    m.load_state_dict(sd, strict=True, assign=True)
+    return m.eval(), "+".join(sorted(how))
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs and bytes
+# ------------------------------------------------------------------------------------------------
+
+
+def layer_matmul_params(cfg: ModelConfig) -> int:
+    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return cfg.d_model * (qd + 2 * kvd) + qd * cfg.d_model + 3 * cfg.d_model * cfg.d_ff
+
+
+def forward_flops(cfg: ModelConfig, rows: int, T: int, layers: Optional[int] = None, head: bool = True) -> int:
+    """FLOPs of `rows` forwards of length T through `layers` layers (default all) [+ LM head]."""
+    L = cfg.n_layers if layers is None else layers
+    tokens = rows * T
+    f = 2 * layer_matmul_params(cfg) * L * tokens
+    f += 4 * T * T * cfg.n_heads * cfg.head_dim * L * rows  # QK^T and PV
+    if head:
+        f += 2 * cfg.d_model * cfg.vocab_size * tokens
+    return int(f)
+
+
+def weight_bytes(cfg: ModelConfig, layers: Optional[int] = None, head: bool = True) -> int:
+    """Bytes of the weights one forward must read (matmul weights of `layers` layers [+ LM head];
+    the embedding is only gathered, norms are negligible)."""
+    L = cfg.n_layers if layers is None else layers
+    itemsize = 2 if cfg.dtype == "bfloat16" else 4
+    n = layer_matmul_params(cfg) * L + (cfg.d_model * cfg.vocab_size if head else 0)
+    return int(n * itemsize)
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def floor(flops: float, bytes_: float, ceiling: dict) -> dict:
+    """Floor of a figure: the larger of FLOPs / matmul rate and bytes / copy bandwidth."""
+    t_f = flops / ceiling["matmul_flops_per_s"]
+    t_b = bytes_ / ceiling["bytes_per_s"] if ceiling.get("bytes_per_s") else 0.0
+    return {"flops": float(flops), "bytes": float(bytes_), "flop_time_s": t_f, "byte_time_s": t_b,
+            "floor_s": max(t_f, t_b), "bound": "compute" if t_f >= t_b else "memory"}
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------
+
+
+class CompileWatch:
+    """Hears every JAX compilation (jax.monitoring duration events), so a timed region can say
+    whether XLA compiled inside it and for how long."""
+
+    _instance = None
+    KEYS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+    def __init__(self):
+        self.events = []
+        jax.monitoring.register_event_duration_secs_listener(self._hear)
+
+    @classmethod
+    def get(cls) -> "CompileWatch":
+        if cls._instance is None:
+            cls._instance = CompileWatch()
+        return cls._instance
+
+    def _hear(self, name, secs, **_):
+        if name in self.KEYS:
+            self.events.append((name, float(secs)))
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def since(self, mark: int) -> tuple[int, float]:
+        """(number of backend compilations, seconds spent tracing+lowering+compiling) since mark."""
+        ev = self.events[mark:]
+        n = sum(1 for k, _ in ev if k == self.KEYS[0])
+        return n, sum(s for _, s in ev)
+
+
+def block(x):
+    return jax.block_until_ready(x)
+
+
+def torch_sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable, *, want: int = 5, deadline: Optional[float] = None, sync: Callable = block,
+            allow_estimate: bool = False, max_compile_runs: int = 2) -> dict:
+    """Call fn() until `want` steady runs (no XLA compilation inside) are done.
+
+    Past `deadline` (time.perf_counter()) it stops once it has one steady run, or, with
+    `allow_estimate`, as soon as it has a compile run (steady then estimated as wall - compile
+    seconds, flagged). Returns steady_s (median), times_s, n_steady, compile runs (wall and compile
+    seconds), and the last output (key "out", dropped before saving).
+    """
+    watch = CompileWatch.get()
+    steady, comp = [], []
+    out = None
+    while True:
+        mark = watch.mark()
+        t0 = time.perf_counter()
+        out = fn()
+        sync(out)
+        dt = time.perf_counter() - t0
+        n_comp, secs = watch.since(mark)
+        if n_comp:
+            comp.append({"wall_s": dt, "compile_s": secs, "n_compilations": n_comp})
+        else:
+            steady.append(dt)
+        late = deadline is not None and time.perf_counter() > deadline
+        if len(steady) >= want:
+            break
+        if late and (steady or (allow_estimate and comp)):
+            break
+        if len(comp) > max_compile_runs:
+            break  # recompiling on every call: report it rather than loop
+    res = {"n_steady": len(steady), "times_s": steady, "steady_s": statistics.median(steady) if steady else None,
+           "want": want, "compile_runs": comp, "out": out}
+    if not steady and comp:
+        res["steady_s"] = max(comp[-1]["wall_s"] - comp[-1]["compile_s"], 0.0)
+        res["steady_estimated_from_compile_run"] = True
+    if len(comp) > max_compile_runs:
+        res["error"] = f"XLA compiled in each of {len(comp)} calls: the program is not reused"
+    return res
+
+
+def strip(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "out"}
+
+
+class Deadline:
+    """A figure's soft time budget: optional repeats stop once it has passed."""
+
+    def __init__(self, budget_s: Optional[float]):
+        self.t0 = time.perf_counter()
+        self.at = None if budget_s is None else self.t0 + float(budget_s)
+
+    def left(self) -> float:
+        return float("inf") if self.at is None else self.at - time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+# ------------------------------------------------------------------------------------------------
+
+
+def jax_memory() -> dict:
+    """Peak / in-use bytes per local device (None on CPU, which keeps no stats)."""
+    out = {}
+    for d in jax.local_devices():
+        s = d.memory_stats()
+        if s:
+            out[str(d.id)] = {"peak_bytes_in_use": int(s.get("peak_bytes_in_use", 0)),
+                              "bytes_in_use": int(s.get("bytes_in_use", 0)),
+                              "bytes_limit": int(s.get("bytes_limit", 0))}
+    return out or None
+
+
+def jax_peak_bytes() -> Optional[int]:
+    m = jax_memory()
+    return None if m is None else max(v["peak_bytes_in_use"] for v in m.values())
+
+
+def torch_reset_peak():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def torch_peak_bytes() -> Optional[int]:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+def torch_allocated() -> Optional[int]:
+    import torch
+
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
+
+
+def torch_release():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def memory_analysis(compiled) -> Optional[dict]:
+    """Sizes XLA assigned to a compiled program (bytes), or None where the backend gives none."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if m is None:
+        return None
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes", "peak_memory_in_bytes")
+    return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+# ------------------------------------------------------------------------------------------------
+# environment and records
+# ------------------------------------------------------------------------------------------------
+
+
+def env_info() -> dict:
+    """Card, software versions and the knobs of the environment that change timings."""
+    import jaxlib
+
+    d = jax.devices()[0]
+    info = {"jax_device_kind": d.device_kind, "jax_platform": d.platform, "n_devices": jax.device_count(),
+            "n_local_devices": jax.local_device_count(), "jax_version": jax.__version__,
+            "jaxlib_version": jaxlib.__version__, "numpy_version": np.__version__,
+            "python": platform.python_version(), "host": platform.node(), "cpu_count": os.cpu_count(),
+            "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                                                     "XLA_PYTHON_CLIENT_MEM_FRACTION", "PYTORCH_CUDA_ALLOC_CONF",
+                                                     "CUDA_VISIBLE_DEVICES")}}
+    try:
+        import torch
+
+        info["torch_version"] = torch.__version__
+        info["torch_cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            info["torch_device_name"] = torch.cuda.get_device_name(0)
+            info["torch_cudnn"] = torch.backends.cudnn.version()
+    except Exception as e:  # noqa: BLE001
+        info["torch_error"] = f"{type(e).__name__}: {e}"
+    try:
+        import transformers
+
+        info["transformers_version"] = transformers.__version__
+    except Exception:  # noqa: BLE001
+        info["transformers_version"] = None
+    try:
+        import subprocess
+
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        if q.returncode == 0:
+            info["nvidia_smi"] = q.stdout.strip().splitlines()
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+class Record:
+    """One figure's JSON record, rewritten atomically after every section."""
+
+    def __init__(self, path: str, figure: str, title: str, args: argparse.Namespace):
+        self.path = path
+        self.data = {"figure": figure, "title": title, "status": "running", "env": env_info(),
+                     "knobs": {k: v for k, v in sorted(vars(args).items())}, "errors": {}}
+        self.save()
+
+    def __setitem__(self, k, v):
+        self.data[k] = v
+
+    def __getitem__(self, k):
+        return self.data[k]
+
+    def save(self):
+        write_json(self.path, self.data)
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        """Run a section; on an exception record it (with traceback) and carry on with the next."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001
+            self.data["errors"][name] = {"error": f"{type(e).__name__}: {e}"[:4000],
+                                         "traceback": traceback.format_exc()[-6000:]}
+            print(f"[{self.data['figure']}] section {name} failed: {type(e).__name__}: {str(e)[:500]}",
+                  file=sys.stderr, flush=True)
+        finally:
+            self.data.setdefault("section_wall_s", {})[name] = time.perf_counter() - t0
+            self.save()
+
+    def finish(self):
+        self.data["status"] = "ok" if not self.data["errors"] else "partial"
+        self.save()
+        return self.data
+
+
+def load_ceiling(path: Optional[str], tiny: bool) -> dict:
+    """The JAX ceilings of this run (bench_ceiling's JSON), or measured now when no file is given."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            c = json.load(f)
+        out = dict(c["ceiling"])
+        out["source"] = os.path.abspath(path)
+        return out
+    from bench_ceiling import measure_jax  # noqa: E402 - same folder
+
+    n = 512 if tiny else 8192
+    j = measure_jax(n, reps=4 if tiny else 10, copy_bytes=(1 << 24) if tiny else (1 << 32))
+    return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["copy_bytes_per_s"],
+            "source": "measured in this process (bench_ceiling.measure_jax)"}
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for the JSON results")
+    ap.add_argument("--tiny", action="store_true", help="tiny config: the same code on a CPU in seconds")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="compute dtype (default bfloat16; --tiny float32)")
+    ap.add_argument("--attn", choices=("cudnn", "xla"), default=None,
+                    help="JAX attention (default cudnn on GPU, xla on CPU; falls back to xla if cudnn fails)")
+    ap.add_argument("--init-std", type=float, default=None, help="std of the random weights (0.02; --tiny 0.25)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="soft budget of this figure: optional repeats stop once it is spent")
+    ap.add_argument("--ceiling-json", default=None, help="bench_ceiling's JSON of this run (else measured now)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="wrap one steady-state JAX run in jax.profiler.trace(DIR)")
+    ap.add_argument("--skip-torch", action="store_true", help="JAX only")
+    return ap
+
+
+def setup(args) -> tuple[ModelConfig, float]:
+    cfg = model_config(args.tiny, args.dtype, args.attn)
+    std = args.init_std if args.init_std is not None else default_init_std(args.tiny)
+    if cfg.dtype == "float32" and args.tiny:
+        # exact fp32 on the CPU, so the JAX/torch agreement checks are tight
+        jax.config.update("jax_default_matmul_precision", "highest")
+    return cfg, std
+
+
+def shape_info(cfg: ModelConfig, params=None) -> dict:
+    d = {"config": cfg.to_dict()}
+    if params is not None:
+        d["param_count"] = param_count(params)
+        d["param_bytes"] = tree_bytes(params)
+    return d
+
+
+@contextlib.contextmanager
+def maybe_profile(path: Optional[str]):
+    if not path:
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    with jax.profiler.trace(path):
+        yield
+
+
+def with_attn_fallback(rec: Record, cfg: ModelConfig, run: Callable[[ModelConfig], None]):
+    """run(cfg); if cuDNN attention fails, record the error and run again with XLA attention."""
+    try:
+        run(cfg)
+        rec["attn_impl_used"] = cfg.attn_impl
+        return cfg
+    except Exception as e:  # noqa: BLE001
+        if cfg.attn_impl != "cudnn":
+            raise
+        rec["cudnn_error"] = f"{type(e).__name__}: {e}"[:3000]
+        rec.save()
+        cfg = cfg.replace(attn_impl="xla")
+        run(cfg)
+        rec["attn_impl_used"] = cfg.attn_impl
+        return cfg
+
+
+def agreement(a, b) -> dict:
+    """max |a-b|, ||a-b|| / ||b|| and max |b| over the entries finite in both (NaN = undefined)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return {"error": f"shapes differ: {a.shape} vs {b.shape}"}
+    ok = np.isfinite(a) & np.isfinite(b)
+    same_nan = bool(np.array_equal(np.isnan(a), np.isnan(b)))
+    if not ok.any():
+        return {"max_abs_diff": None, "rel_err": None, "max_abs_ref": None, "same_nan_pattern": same_nan}
+    d = a[ok] - b[ok]
+    nb = np.linalg.norm(b[ok])
+    return {"max_abs_diff": float(np.abs(d).max()), "rel_err": float(np.linalg.norm(d) / nb) if nb else None,
+            "max_abs_ref": float(np.abs(b[ok]).max()), "same_nan_pattern": same_nan,
+            "n_finite": int(ok.sum()), "n_nonfinite_a": int((~np.isfinite(a) & ~np.isnan(b)).sum())}
