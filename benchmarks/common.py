@@ -142,9 +142,9 @@ def torch_model(params, cfg: ModelConfig):
 
     dev = torch_device()
     if dev.type == "cpu":
-        # seen on a 2-core CPU: after JAX has run, torch's default intra-op pool made tiny matmuls
-        # ~100x slower until the thread count was set explicitly
-        torch.set_num_threads(os.cpu_count() or 1)
+        # CPU runs are the tiny smoke test only. Seen on a busy 2-core CPU: after JAX has run,
+        # torch's default intra-op pool made tiny matmuls ~100x slower; one thread avoids it.
+        torch.set_num_threads(1)
     tdt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     m = LLaDAModelLM(hf.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
     leaves, how = {}, set()
@@ -412,10 +412,10 @@ def env_info() -> dict:
             info["torch_cudnn"] = torch.backends.cudnn.version()
     except Exception as e:  # noqa: BLE001
         info["torch_error"] = f"{type(e).__name__}: {e}"
-    try:
-        import transformers
+    try:  # the version only: importing transformers costs seconds
+        from importlib.metadata import version
 
-        info["transformers_version"] = transformers.__version__
+        info["transformers_version"] = version("transformers")
     except Exception:  # noqa: BLE001
         info["transformers_version"] = None
     try:

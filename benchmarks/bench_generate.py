@@ -1,0 +1,257 @@
+"""Figures c and d: denoising generation with and without an |F| = 400, q = 4 edit memory.
+
+    python benchmarks/bench_generate.py --out benchmarks/results
+    python benchmarks/bench_generate.py --out /tmp/r --tiny          # CPU, seconds
+
+c (fig_c_generate.json): prompt 64 random tokens + 64 generated tokens (canvas 128), 64 denoising
+steps (one block, LLaDA low-confidence remasking, temperature 0), batch 1 and 32, LLaDA-8B shape,
+random bf16 weights. Edit: `memory.build` from random keys/values, |F| = 400 facts, q = 4, at layer
+19 resid, every step (k* = -1). JAX: `sampler.generate` (one jitted scan over the steps; compiled
+ahead and timed apart) with `Intervene(edit=memory)`. PyTorch: a Python loop of forward +
+`torch_ref.trace.commit` (the same low-confidence rule) with `hooks.EditHook(TorchEditMemory)`, same
+weights (DLPack views), no attention mask (no padding: SDPA may pick its flash kernel).
+Reported: steady time per generation (median of up to --repeats within the budget), per step, the
+edit's overhead in % of the step time, new tokens/s and the JAX/torch throughput ratio.
+
+d (fig_d_memory.json): what the edit adds to memory. JAX: the compiled programs' memory analysis
+(argument / temp / output bytes) with and without the edit, against the edit's own arrays (U, Dm,
+G, active). PyTorch: peak allocated bytes during a generation with and without the hook.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timerome_jax import memory as mem_lib  # noqa: E402
+from timerome_jax import sampler  # noqa: E402
+from timerome_jax.config import module_id  # noqa: E402
+from timerome_jax.intervene import Intervene  # noqa: E402
+
+
+def make_memory(cfg, n_facts: int, q: int, alpha: float, layer: int, module: str, seed: int) -> mem_lib.EditMemory:
+    """An EditMemory of n_facts random keys/values (speed only; lam = 0.1 mean |u|^2)."""
+    rng = np.random.default_rng(seed)
+    D = cfg.d_model
+    u = rng.standard_normal((n_facts, D)).astype(np.float32)
+    v_o = 0.1 * rng.standard_normal((n_facts, D)).astype(np.float32)
+    v_t = 0.1 * rng.standard_normal((n_facts, D)).astype(np.float32)
+    lam = 0.1 * float(np.mean(np.sum(u.astype(np.float64) ** 2, -1)))
+    return mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=layer, module=module, step=-1,
+                         fingerprint="random-benchmark-memory")
+
+
+def edit_flops(cfg, mem, tokens: int) -> int:
+    C_, D = mem.capacity, cfg.d_model
+    return int(tokens * (2 * D * C_ + 2 * C_ * C_ + 2 * C_ * D))
+
+
+def torch_generate(model, x0, steps: int, mask_id: int, edit=None):
+    """The low-confidence sampler (one block, temperature 0) as a torch loop; EditHook when edit."""
+    import torch
+
+    from timerome_jax.torch_ref.hooks import EditHook, TraceState, installed
+    from timerome_jax.torch_ref.trace import commit, n_transfer
+
+    gen = x0 == mask_id
+    ks = n_transfer(gen.sum(1), steps)
+    state = TraceState()
+    hooks = [] if edit is None else [EditHook(edit, state)]
+    x = x0
+    with torch.no_grad(), installed(model, *hooks):
+        for s in range(steps):
+            state.step = s
+            x = commit(model(x), x, gen, ks[:, s], mask_id)
+    return x
+
+
+def parse(argv=None):
+    ap = C.base_parser(__doc__)
+    ap.add_argument("--batches", default=None, help="comma list (1,32; --tiny 1,4)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="64; --tiny 8")
+    ap.add_argument("--gen-len", type=int, default=None, help="64; --tiny 8")
+    ap.add_argument("--steps", type=int, default=None, help="64; --tiny 8")
+    ap.add_argument("--edit-facts", type=int, default=None, help="|F| of the edit memory (400; --tiny 16)")
+    ap.add_argument("--q", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--layer", type=int, default=None, help="19; --tiny 1")
+    ap.add_argument("--module", default="resid")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    for name, full, small in (("batches", "1,32", "1,4"), ("prompt_len", 64, 8), ("gen_len", 64, 8),
+                              ("steps", 64, 8), ("edit_facts", 400, 16), ("layer", 19, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.tiny else full)
+    args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cfg, std = C.setup(args)
+    deadline = C.Deadline(args.budget_s)
+    ceiling = C.load_ceiling(args.ceiling_json, args.tiny)
+    rc = C.Record(os.path.join(args.out, "fig_c_generate.json"), "c", "generation with / without the edit", args)
+    rd = C.Record(os.path.join(args.out, "fig_d_memory.json"), "d", "memory the edit adds", args)
+    t0 = time.perf_counter()
+    params = C.init_params(jax.random.key(args.seed), cfg, std)
+    rc["init_s"] = time.perf_counter() - t0
+    mem = make_memory(cfg, args.edit_facts, args.q, args.alpha, args.layer, args.module, args.seed + 3)
+    edit_bytes = C.tree_bytes(mem)
+    T = args.prompt_len + args.gen_len
+    scfg = sampler.SamplerConfig(steps=args.steps, remasking="low_confidence", temperature=0.0)
+    shapes = {**C.shape_info(cfg, params), "prompt_len": args.prompt_len, "gen_len": args.gen_len, "seq_len": T,
+              "steps": args.steps, "block_length": None, "batches": args.batches,
+              "edit": {"facts": args.edit_facts, "capacity": mem.capacity, "q": args.q, "alpha": args.alpha,
+                       "layer": args.layer, "module": args.module, "step": -1, "bytes": edit_bytes,
+                       "arrays": {k: list(getattr(mem, k).shape) for k in ("U", "Dm", "G", "active")}}}
+    rc["shapes"], rd["shapes"] = shapes, shapes
+    rc["ceiling"] = ceiling
+    rng = np.random.default_rng(args.seed + 4)
+    canv = {}
+    per_b = {}
+    for B in args.batches:
+        prompts = C.random_tokens(rng, (B, args.prompt_len), cfg)
+        x, pad, pm = sampler.make_canvas([list(p) for p in prompts], args.gen_len, cfg)
+        canv[B] = (x, pad, pm, sampler.schedule(x, pad, cfg, scfg))
+        fl = C.forward_flops(cfg, B * args.steps, T)
+        fe = edit_flops(cfg, mem, B * T * args.steps)
+        per_b[str(B)] = {"batch": B, "flops": fl, "edit_flops": fe,
+                         "floor": C.floor(fl, args.steps * C.weight_bytes(cfg), ceiling),
+                         "floor_with_edit": C.floor(fl + fe, args.steps * C.weight_bytes(cfg), ceiling)}
+    rc["batches"] = per_b
+    rd["batches"] = {str(B): {"edit_bytes": edit_bytes} for B in args.batches}
+    rc.save()
+    toks = {}
+
+    if not args.skip_torch:
+        with rc.section("torch"):
+            import torch
+
+            from timerome_jax.torch_ref.hooks import TorchEditMemory
+
+            t0 = time.perf_counter()
+            tmodel, how = C.torch_model(params, cfg)
+            dev = C.torch_device()
+            rc["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
+            base = C.torch_allocated()
+            tedit = TorchEditMemory.from_jax(mem, device=dev)
+            t_edit_bytes = sum(t.numel() * t.element_size() for t in (tedit.U, tedit.D, tedit.G, tedit.active))
+            rd["torch_edit_bytes"] = t_edit_bytes
+            for B in args.batches:
+                x0 = torch.as_tensor(np.array(canv[B][0]), device=dev).long()
+                with torch.no_grad():
+                    tmodel(x0)  # warm-up
+                C.torch_sync()
+                res = {}
+                for name, ed in (("no_edit", None), ("edit", tedit)):
+                    C.torch_reset_peak()
+                    before = C.torch_allocated()
+                    m = C.measure(lambda: torch_generate(tmodel, x0, args.steps, cfg.mask_token_id, ed),
+                                  want=args.repeats, deadline=deadline.at, sync=lambda _: C.torch_sync())
+                    peak = C.torch_peak_bytes()
+                    toks[("torch", name, B)] = m["out"].cpu().numpy()
+                    res[name] = {**C.strip(m), "step_ms": 1e3 * m["steady_s"] / args.steps,
+                                 "new_tokens_per_s": B * args.gen_len / m["steady_s"], "peak_bytes": peak,
+                                 "peak_above_start_bytes": None if peak is None else peak - before}
+                res["edit_overhead_pct"] = 100 * (res["edit"]["steady_s"] / res["no_edit"]["steady_s"] - 1)
+                per_b[str(B)]["torch"] = res
+                rd["batches"][str(B)]["torch"] = {
+                    "peak_above_start_no_edit": res["no_edit"]["peak_above_start_bytes"],
+                    "peak_above_start_edit": res["edit"]["peak_above_start_bytes"],
+                    "edit_arrays_bytes": t_edit_bytes, "allocated_before_bytes": base}
+                rc.save()
+                rd.save()
+                del x0
+            del tmodel, tedit
+            C.torch_release()
+
+    def jax_part(cfg_used):
+        key = jax.random.key(args.seed + 5)
+        watch = C.CompileWatch.get()
+        for B in args.batches:
+            x, pad, pm, sched = canv[B]
+            res, ma = {}, {}
+            for name, iv in (("no_edit", None), ("edit", Intervene(edit=mem))):
+                mark, t0 = watch.mark(), time.perf_counter()
+                comp = sampler.generate_scan.lower(params, x, pad, pm, sched, key, iv, cfg=cfg_used, scfg=scfg,
+                                                   return_history=False).compile()
+                c_wall, (nc, csec) = time.perf_counter() - t0, watch.since(mark)
+                ma[name] = C.memory_analysis(comp)
+                m = C.measure(lambda: comp(params, x, pad, pm, sched, key, iv), want=args.repeats, deadline=deadline.at)
+                toks[("jax", name, B)] = np.asarray(m["out"])
+                res[name] = {**C.strip(m), "compile_wall_s": c_wall, "compile_s": csec,
+                             "step_ms": 1e3 * m["steady_s"] / args.steps,
+                             "new_tokens_per_s": B * args.gen_len / m["steady_s"], "memory_analysis": ma[name],
+                             "ratio_to_floor": C.ratio(m["steady_s"], per_b[str(B)]["floor" if name == "no_edit"
+                                                                                   else "floor_with_edit"]["floor_s"])}
+                if args.profile and name == "edit" and B == max(args.batches):
+                    with C.maybe_profile(args.profile):
+                        C.block(comp(params, x, pad, pm, sched, key, iv))
+                    rc["profile"] = {"dir": os.path.abspath(args.profile), "what": f"generate edit batch {B}"}
+                rc.save()
+            res["edit_overhead_pct"] = 100 * (res["edit"]["steady_s"] / res["no_edit"]["steady_s"] - 1)
+            res["peak_bytes_so_far"] = C.jax_peak_bytes()
+            per_b[str(B)]["jax"] = res
+            d = rd["batches"][str(B)]
+            d["jax"] = {"no_edit": ma["no_edit"], "edit": ma["edit"]}
+            if ma["no_edit"] and ma["edit"]:
+                add = {k: ma["edit"][k] - ma["no_edit"][k] for k in ma["edit"] if k in ma["no_edit"]}
+                d["jax"]["added"] = add
+                d["jax"]["added_argument_minus_edit_bytes"] = add.get("argument_size_in_bytes", 0) - edit_bytes
+                d["jax"]["added_temp_over_edit_bytes"] = add.get("temp_size_in_bytes", 0) / edit_bytes
+                # "adds no more than its own arrays": the arguments grow by the edit's arrays and the
+                # working memory by at most as much again
+                d["met"] = {"arguments_grow_by_edit_arrays_only":
+                            abs(d["jax"]["added_argument_minus_edit_bytes"]) <= 64,
+                            "temp_growth_at_most_edit_bytes": add.get("temp_size_in_bytes", 0) <= edit_bytes}
+            rd.save()
+
+    with rc.section("jax"):
+        C.with_attn_fallback(rc, cfg, jax_part)
+    rd["attn_impl_used"] = rc.data.get("attn_impl_used")
+
+    met = {}
+    for B in args.batches:
+        r = per_b[str(B)]
+        agree = {}
+        for name in ("no_edit", "edit"):
+            if ("jax", name, B) in toks and ("torch", name, B) in toks:
+                a, b = toks[("jax", name, B)], toks[("torch", name, B)]
+                agree[name] = {"tokens_equal_fraction": float(np.mean(a == b)),
+                               "rows_identical": int(np.sum(np.all(a == b, 1))), "rows": int(a.shape[0])}
+            if ("jax", name, B) in toks:
+                g = toks[("jax", name, B)][:, -args.gen_len:]
+                agree.setdefault("jax_masks_left", {})[name] = int(np.sum(g == cfg.mask_token_id))
+        r["agreement"] = agree
+        if "jax" in r and "torch" in r:
+            r["jax_over_torch_throughput"] = {n: r["torch"][n]["steady_s"] / r["jax"][n]["steady_s"]
+                                              for n in ("no_edit", "edit")}
+        if "jax" in r:
+            met[str(B)] = {"edit_overhead_at_most_1pct": r["jax"]["edit_overhead_pct"] <= 1.0,
+                           "faster_than_torch": (r.get("jax_over_torch_throughput", {}).get("edit") or 0) > 1.0}
+    rc["met"] = met
+    rc["targets"] = {"edit_overhead_pct_max": 1.0, "jax_over_torch_throughput_min": 1.0}
+    out_c = rc.finish()
+    rd.data["errors"] = dict(rc.data["errors"])
+    out_d = rd.finish()
+    for B in args.batches:
+        r = out_c["batches"][str(B)]
+        j, t = r.get("jax", {}), r.get("torch", {})
+        print(f"[c] batch {B}: jax step {j.get('no_edit', {}).get('step_ms')} ms (+edit {j.get('edit_overhead_pct')}%)"
+              f"  torch step {t.get('no_edit', {}).get('step_ms')} ms  jax/torch throughput "
+              f"{r.get('jax_over_torch_throughput')}", flush=True)
+        print(f"[d] batch {B}: {out_d['batches'][str(B)].get('jax', {}).get('added')} edit bytes {edit_bytes}", flush=True)
+    return out_c, out_d
+
+
+if __name__ == "__main__":
+    main()

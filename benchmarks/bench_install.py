@@ -1,0 +1,273 @@
+"""Figure b: edit install (capture, Eqs. 6-9, + ridge solve, Eq. 11) for |F| in {1, 40, 400, 4000}.
+
+    python benchmarks/bench_install.py --out benchmarks/results
+    python benchmarks/bench_install.py --out /tmp/r --tiny            # CPU, seconds
+
+Facts are random token arrays laid out as a `memory.ClozeBatch` directly (no tokenizer): prompt 112
+tokens (a 6-token subject inside it) + object 16 tokens, and prompt + target 16 tokens, so both
+cloze sequences are exactly 128 tokens (no padding). Coordinate: layer 19, resid (k* = -1).
+
+JAX (what `pipeline.install` does after tokenising): `memory.capture` (forward stopped at the layer,
+`--chunk` facts per forward, results brought to the host) then the solve: `default_lam` +
+`memory.build` (host float64 Cholesky). The model fingerprint that `pipeline.install` also computes
+is timed apart (`fingerprint_s`) and included in `install_s`.
+PyTorch: `torch_ref.hooks.capture_torch` (a forward hook at the layer that stops the forward), same
+chunks, masked means in float32 on the device; solve on the GPU in float64 (Cholesky, then
+cholesky_inverse), the same lam rule. Same weights (DLPack views).
+Capture and solve are reported apart; compile time apart from steady state (median of up to
+`--repeats` runs within the budget; the JSON gives how many).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timerome_jax import memory as mem_lib  # noqa: E402
+from timerome_jax.config import module_id  # noqa: E402
+from timerome_jax.pipeline import default_lam  # noqa: E402
+
+TARGETS_S = {1: 0.2, 40: 0.5, 400: 3.0, 4000: 25.0}
+
+
+def make_cloze(cfg, n: int, prompt_len: int, obj_len: int, tgt_len: int, subj_len: int, seed: int) -> dict:
+    """NumPy arrays of a ClozeBatch of n random facts (no padding): see the module docstring."""
+    rng = np.random.default_rng(seed)
+    prompts = C.random_tokens(rng, (n, prompt_len), cfg)
+    objs = C.random_tokens(rng, (n, obj_len), cfg)
+    tgts = C.random_tokens(rng, (n, tgt_len), cfg)
+    starts = rng.integers(0, prompt_len - subj_len + 1, n)
+    subj = starts[:, None] + np.arange(subj_len)[None]
+    to = np.concatenate([prompts, objs], 1)
+    tt = np.concatenate([prompts, tgts], 1)
+    opos = np.broadcast_to(np.arange(prompt_len, prompt_len + obj_len), (n, obj_len))
+    tpos = np.broadcast_to(np.arange(prompt_len, prompt_len + tgt_len), (n, tgt_len))
+    i32 = lambda a: np.ascontiguousarray(a, np.int32)  # noqa: E731
+    ones = lambda a: np.ones(a.shape, bool)  # noqa: E731
+    return {"tokens_o": i32(to), "pad_o": ones(to), "subj_pos": i32(subj), "subj_valid": ones(subj),
+            "obj_pos": i32(opos), "obj_valid": ones(opos), "tokens_t": i32(tt), "pad_t": ones(tt),
+            "tgt_pos": i32(tpos), "tgt_valid": ones(tpos)}
+
+
+def cloze_batch(arrs: dict, n: int) -> mem_lib.ClozeBatch:
+    return mem_lib.ClozeBatch(**{k: jnp.asarray(v[:n]) for k, v in arrs.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX
+# ------------------------------------------------------------------------------------------------
+
+
+def jax_capture(params, cfg, cb, layer, module, chunk):
+    """memory.capture, results on the host (as pipeline.install)."""
+    u, v_o, v_t = mem_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
+    return tuple(np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
+
+
+def jax_solve(u, v_o, v_t, layer, module, alpha, q, fingerprint):
+    lam = default_lam(u)
+    mem = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=layer, module=module, step=-1,
+                        fingerprint=fingerprint)
+    jax.block_until_ready(mem.G)
+    return mem
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch
+# ------------------------------------------------------------------------------------------------
+
+
+def torch_capture(model, tb: dict, n: int, layer: int, module: int, chunk: int):
+    """capture_torch per chunk (forward stops at the layer), masked means in float32 -> u, v_o, v_t."""
+    import torch
+
+    from timerome_jax.torch_ref.hooks import capture_torch
+
+    def mean(h, valid):
+        w = valid.float()[..., None]
+        return (h.float() * w).sum(1) / w.sum(1)
+
+    us, vos, vts = [], [], []
+    S = tb["subj_pos"].shape[1]
+    for s in range(0, n, chunk):
+        sl = slice(s, min(n, s + chunk))
+        pos_o = torch.cat([tb["subj_pos"][sl], tb["obj_pos"][sl]], 1)
+        a_o = capture_torch(model, tb["tokens_o"][sl], pos_o, layer, module, attention_mask=tb["pad_o"][sl])
+        a_t = capture_torch(model, tb["tokens_t"][sl], tb["tgt_pos"][sl], layer, module,
+                            attention_mask=tb["pad_t"][sl])
+        us.append(mean(a_o[:, :S], tb["subj_valid"][sl]))
+        vos.append(mean(a_o[:, S:], tb["obj_valid"][sl]))
+        vts.append(mean(a_t, tb["tgt_valid"][sl]))
+    return torch.cat(us), torch.cat(vos), torch.cat(vts)
+
+
+def torch_solve(u, v_o, v_t, rel: float = 0.1):
+    """G = (U U^T + lam I)^{-1} in float64 on the device (lam = rel * mean |u|^2, as default_lam);
+    D = v_t - v_o. Returns (G float32, D, lam)."""
+    import torch
+
+    U = u.double()
+    lam = rel * (U * U).sum(-1).mean()
+    K = U @ U.T + lam * torch.eye(U.shape[0], dtype=U.dtype, device=U.device)
+    G = torch.cholesky_inverse(torch.linalg.cholesky(K))
+    G = 0.5 * (G + G.T)
+    return G.float(), v_t - v_o, lam
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse(argv=None):
+    ap = C.base_parser(__doc__)
+    ap.add_argument("--sizes", default=None, help="comma list of |F| (1,40,400,4000; --tiny 1,4,40)")
+    ap.add_argument("--layer", type=int, default=None, help="capture layer (19; --tiny 1)")
+    ap.add_argument("--module", default="resid")
+    ap.add_argument("--chunk", type=int, default=None, help="facts per forward, both frameworks (200; --tiny 8)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="112; --tiny 12")
+    ap.add_argument("--object-len", type=int, default=None, help="16; --tiny 4")
+    ap.add_argument("--target-len", type=int, default=None, help="16; --tiny 4")
+    ap.add_argument("--subj-len", type=int, default=None, help="6; --tiny 3")
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--q", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per size (fewer once the budget is spent)")
+    args = ap.parse_args(argv)
+    for name, full, small in (("sizes", "1,40,400,4000", "1,4,40"), ("layer", 19, 1), ("chunk", 200, 8),
+                              ("prompt_len", 112, 12), ("object_len", 16, 4), ("target_len", 16, 4),
+                              ("subj_len", 6, 3)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.tiny else full)
+    args.sizes = sorted({int(s) for s in str(args.sizes).split(",") if s.strip()})
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cfg, std = C.setup(args)
+    deadline = C.Deadline(args.budget_s)
+    ceiling = C.load_ceiling(args.ceiling_json, args.tiny)
+    m_id = module_id(args.module)
+    rec = C.Record(os.path.join(args.out, "fig_b_install.json"), "b", "edit install: capture + solve", args)
+    t0 = time.perf_counter()
+    params = C.init_params(jax.random.key(args.seed), cfg, std)
+    rec["init_s"] = time.perf_counter() - t0
+    n_max = max(args.sizes)
+    arrs = make_cloze(cfg, n_max, args.prompt_len, args.object_len, args.target_len, args.subj_len, args.seed + 2)
+    T_o, T_t = arrs["tokens_o"].shape[1], arrs["tokens_t"].shape[1]
+    rec["shapes"] = {**C.shape_info(cfg, params), "sizes": args.sizes, "layer": args.layer, "module": args.module,
+                     "seq_len_object_cloze": T_o, "seq_len_target_cloze": T_t, "chunk": args.chunk,
+                     "unpadded": True}
+    rec["ceiling"] = ceiling
+    L_run = args.layer + 1
+    rows = {}
+    for n in args.sizes:
+        f_cap = C.forward_flops(cfg, n, T_o, L_run, head=False) + C.forward_flops(cfg, n, T_t, L_run, head=False)
+        f_solve = 2 * n * n * cfg.d_model + n ** 3  # Gram matrix + Cholesky and inverse (~n^3/3 + 2n^3/3)
+        calls = 2 * -(-n // args.chunk)
+        fl = C.floor(f_cap + f_solve, calls * C.weight_bytes(cfg, L_run, head=False), ceiling)
+        rows[str(n)] = {"n": n, "capture_flops": f_cap, "solve_flops": f_solve, "floor": fl,
+                        "target_install_s": TARGETS_S.get(n)}
+    rec["sizes"] = rows
+    rec.save()
+    results = {}
+
+    if not args.skip_torch:
+        with rec.section("torch"):
+            import torch
+
+            t0 = time.perf_counter()
+            tmodel, how = C.torch_model(params, cfg)
+            dev = C.torch_device()
+            rec["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
+            tb = {k: torch.as_tensor(v, device=dev).long() if v.dtype != bool else torch.as_tensor(v, device=dev)
+                  for k, v in arrs.items()}
+            with torch.no_grad():
+                torch_capture(tmodel, tb, 1, args.layer, m_id, args.chunk)  # warm-up (handles, kernels)
+                C.torch_sync()
+                for n in args.sizes:
+                    C.torch_reset_peak()
+                    cap = C.measure(lambda: torch_capture(tmodel, tb, n, args.layer, m_id, args.chunk),
+                                    want=args.repeats, deadline=deadline.at, sync=lambda _: C.torch_sync())
+                    u, v_o, v_t = cap["out"]
+                    sol = C.measure(lambda: torch_solve(u, v_o, v_t), want=args.repeats, deadline=deadline.at,
+                                    sync=lambda _: C.torch_sync())
+                    G, D, lam = sol["out"]
+                    r = rows[str(n)]
+                    r["torch"] = {"capture": C.strip(cap), "solve": C.strip(sol), "peak_bytes": C.torch_peak_bytes(),
+                                  "install_s": cap["steady_s"] + sol["steady_s"]}
+                    r["torch"]["ratio_to_floor"] = C.ratio(r["torch"]["install_s"], r["floor"]["floor_s"])
+                    results[("torch", n)] = tuple(x.float().cpu().numpy() for x in (u, v_o, v_t, G, D))
+                    del u, v_o, v_t, G, D, cap, sol
+                    rec.save()
+            del tmodel, tb
+            C.torch_release()
+
+    def jax_part(cfg_used):
+        # pipeline.install computes it on every install; its first call compiles small gathers
+        fpm = C.measure(lambda: mem_lib.model_fingerprint(params, cfg_used), want=3, deadline=deadline.at,
+                        sync=lambda _: None)
+        fp = fpm["out"]
+        rec["fingerprint"] = C.strip(fpm)
+        rec["fingerprint_s"] = fpm["steady_s"]
+        for n in args.sizes:
+            cb = cloze_batch(arrs, n)
+            cap = C.measure(lambda: jax_capture(params, cfg_used, cb, args.layer, m_id, args.chunk),
+                            want=args.repeats, deadline=deadline.at, allow_estimate=n >= 4000)
+            u, v_o, v_t = cap["out"]
+            sol = C.measure(lambda: jax_solve(u, v_o, v_t, args.layer, m_id, args.alpha, args.q, fp),
+                            want=args.repeats, deadline=deadline.at)
+            mem = sol["out"]
+            r = rows[str(n)]
+            comp = sum(c["compile_s"] for c in cap["compile_runs"])
+            r["jax"] = {"capture": C.strip(cap), "solve": C.strip(sol), "capture_compile_s": comp,
+                        "install_s": cap["steady_s"] + sol["steady_s"] + rec["fingerprint_s"],
+                        "install_s_without_fingerprint": cap["steady_s"] + sol["steady_s"],
+                        "peak_bytes_so_far": C.jax_peak_bytes()}
+            r["jax"]["ratio_to_floor"] = C.ratio(r["jax"]["install_s"], r["floor"]["floor_s"])
+            results[("jax", n)] = (u, v_o, v_t, np.asarray(mem.G)[:n, :n], np.asarray(mem.Dm)[:n])
+            rec.save()
+        if args.profile:
+            n = max(args.sizes)
+            cb = cloze_batch(arrs, n)
+            with C.maybe_profile(args.profile):
+                jax_capture(params, cfg_used, cb, args.layer, m_id, args.chunk)
+            rec["profile"] = {"dir": os.path.abspath(args.profile), "what": f"capture |F|={n}"}
+
+    with rec.section("jax"):
+        C.with_attn_fallback(rec, cfg, jax_part)
+
+    met = {}
+    for n in args.sizes:
+        r = rows[str(n)]
+        if ("jax", n) in results and ("torch", n) in results:
+            j, t = results[("jax", n)], results[("torch", n)]
+            r["agreement"] = {k: C.agreement(a, b) for k, a, b in zip(("u", "v_o", "v_t", "G", "D"), j, t)}
+        if "jax" in r and "torch" in r:
+            r["torch_over_jax"] = {"capture": C.ratio(r["torch"]["capture"]["steady_s"], r["jax"]["capture"]["steady_s"]),
+                                   "solve": C.ratio(r["torch"]["solve"]["steady_s"], r["jax"]["solve"]["steady_s"]),
+                                   "install": C.ratio(r["torch"]["install_s"], r["jax"]["install_s"])}
+        if "jax" in r:
+            tgt = TARGETS_S.get(n)
+            met[str(n)] = {"within_target_s": None if tgt is None else r["jax"]["install_s"] <= tgt,
+                           "within_2x_floor": (r["jax"]["ratio_to_floor"] or 1e9) <= 2.0}
+    rec["met"] = met
+    rec["jax_peak_bytes"] = C.jax_peak_bytes()
+    out = rec.finish()
+    for n in args.sizes:
+        r = out["sizes"][str(n)]
+        print(f"[b] |F|={n}: floor {r['floor']['floor_s']:.3g}s jax install {r.get('jax', {}).get('install_s')} "
+              f"torch {r.get('torch', {}).get('install_s')}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Markdown summary of the benchmark JSONs in a folder (written by run_all after every figure).
+
+    python benchmarks/summarize.py benchmarks/results          # writes benchmarks/results/summary.md
+
+States the card (JAX device kind, torch device name, driver), the JAX / jaxlib / torch /
+transformers versions, and per figure: FLOPs, floor (from the ceilings measured in the same run),
+compile time and steady-state time apart (with the number of timed runs), ratio to the floor, the
+torch/JAX ratio, peak memory and whether each target of issue 5 was met. Missing or failed figures
+are listed as such.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FIGS = (("ceiling", "ceiling.json"), ("a", "fig_a_tie.json"), ("b", "fig_b_install.json"),
+        ("c", "fig_c_generate.json"), ("d", "fig_d_memory.json"), ("stages", "tie_stages.json"),
+        ("scaling", "tie_scaling.json"))
+
+
+def _load(folder):
+    out = {}
+    for key, name in FIGS:
+        p = os.path.join(folder, name)
+        if os.path.exists(p):
+            try:
+                with open(p) as f:
+                    out[key] = json.load(f)
+            except (OSError, ValueError) as e:
+                out[key] = {"status": f"unreadable ({e})", "errors": {}}
+    return out
+
+
+def s(x, nd=3):
+    """Seconds."""
+    if x is None:
+        return "-"
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} µs"
+    if x < 1:
+        return f"{x * 1e3:.{max(nd - 1, 0)}g} ms"
+    return f"{x:.{nd}g} s"
+
+
+def r(x, nd=3):
+    return "-" if x is None else f"{x:.{nd}g}"
+
+
+def gb(x):
+    return "-" if x is None else f"{x / 2 ** 30:.2f} GiB"
+
+
+def mb(x):
+    return "-" if x is None else f"{x / 2 ** 20:.2f} MiB"
+
+
+def fl(x):
+    if x is None:
+        return "-"
+    for unit, k in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= k:
+            return f"{x / k:.3g} {unit}"
+    return f"{x:.3g} FLOP"
+
+
+def yes(x):
+    return "-" if x is None else ("met" if x else "**missed**")
+
+
+def n_of(m):
+    if not m:
+        return "-"
+    n = m.get("n_steady", 0)
+    est = " (est. from compile run)" if m.get("steady_estimated_from_compile_run") else ""
+    return f"{n}/{m.get('want')}{est}"
+
+
+def _env_lines(figs):
+    env = next((f["env"] for f in figs.values() if isinstance(f, dict) and "env" in f), None)
+    if env is None:
+        return ["No results yet."]
+    lines = [f"- Card: **{env.get('torch_device_name') or env.get('jax_device_kind')}** (JAX device_kind "
+             f"`{env.get('jax_device_kind')}`, {env.get('n_local_devices')} local device(s)"
+             + (f"; nvidia-smi: {'; '.join(env['nvidia_smi'])}" if env.get("nvidia_smi") else "") + ")",
+             f"- JAX {env.get('jax_version')} (jaxlib {env.get('jaxlib_version')}), torch {env.get('torch_version')} "
+             f"(CUDA {env.get('torch_cuda')}, cuDNN {env.get('torch_cudnn')}), transformers "
+             f"{env.get('transformers_version')}, Python {env.get('python')}, run at {env.get('time_utc')}"]
+    any_fig = next((f for k, f in figs.items() if k != "ceiling" and "shapes" in f), None)
+    if any_fig:
+        c = any_fig["shapes"]["config"]
+        lines.append(f"- Model: {c['n_layers']} layers, d {c['d_model']}, {c['n_heads']} heads, FFN {c['d_ff']}, "
+                     f"vocab {c['vocab_size']}, {c['dtype']}, attention `{any_fig.get('attn_impl_used', c['attn_impl'])}`"
+                     f"; random weights made on the device, shared with torch "
+                     f"({any_fig.get('torch_weights', {}).get('transfer', 'n/a')})")
+    return lines
+
+
+def _status(fig):
+    st = fig.get("status")
+    errs = fig.get("errors") or {}
+    out = [] if st == "ok" else [f"_status: {st}_"]
+    for k, e in errs.items():
+        out.append(f"- error in `{k}`: `{str(e.get('error', ''))[:300]}`")
+    return out
+
+
+def write_summary(folder: str) -> str:
+    figs = _load(folder)
+    L = ["# Benchmarks of issue 5 (LLaDA-8B shape): JAX vs PyTorch hooks", ""] + _env_lines(figs) + [""]
+    ceil = figs.get("ceiling", {})
+    if ceil:
+        j, t = ceil.get("jax", {}), ceil.get("torch", {})
+        L += ["## Ceilings (same run)", "", "| | bf16 matmul | copy (read+write) |", "|---|---|---|",
+              f"| JAX (used for floors) | {r((j.get('matmul_flops_per_s') or 0) / 1e12)} TFLOP/s (n={j.get('n')}) | "
+              f"{r((j.get('copy_bytes_per_s') or 0) / 1e12)} TB/s |",
+              f"| torch | {r((t.get('matmul_flops_per_s') or 0) / 1e12)} TFLOP/s | "
+              f"{r((t.get('copy_bytes_per_s') or 0) / 1e12)} TB/s |", ""] + _status(ceil) + [""]
+
+    a = figs.get("a")
+    if a:
+        sh, j, t = a.get("shapes", {}), a.get("jax", {}), a.get("torch", {})
+        flr = a.get("floor", {})
+        c_ = sh.get("config", {})
+        L += [f"## a. Full TIE sweep ({sh.get('facts')} facts, {c_.get('n_layers')} layers x {sh.get('steps')} steps "
+              "x 3 modules, prefix steps shared)", "",
+              f"{sh.get('facts')} facts x {sh.get('seq_len')} tokens, K = {sh.get('steps')}, n_noise = "
+              f"{sh.get('n_noise')}, {sh.get('rows_per_forward')} rows per forward; "
+              f"{a.get('work', {}).get('rows')} sequence-forwards = {fl(flr.get('flops'))}; "
+              f"floor {s(flr.get('floor_s'))} ({flr.get('bound')}-bound).", "",
+              "| | compile | steady (runs) | / floor | peak memory |", "|---|---|---|---|---|",
+              f"| JAX `trace.trace` (lanes) | {s(j.get('compile', {}).get('compile_s'))} | {s(j.get('steady_s'))} "
+              f"({n_of(j)}) | {r(j.get('ratio_to_floor'))} | {gb(j.get('peak_bytes'))} |",
+              f"| torch hooks (`torch_trace`) | - | {s(t.get('steady_s'))} ({n_of(t)}) | {r(t.get('ratio_to_floor'))} "
+              f"| {gb(t.get('peak_bytes'))} (torch allocator) |", "",
+              f"torch / JAX = **{r(a.get('torch_over_jax'))}** (target > 1: {yes(a.get('met', {}).get('faster_than_torch'))}); "
+              f"JAX / floor target <= 1.5: {yes(a.get('met', {}).get('jax_within_1.5x_floor'))}."]
+        ag = a.get("agreement")
+        if ag:
+            L.append(f"Agreement (same weights and noise): TIE_bar max |diff| {r(ag['tie_bar'].get('max_abs_diff'))} "
+                     f"(max |TIE_bar| {r(ag['tie_bar'].get('max_abs_ref'))}, rel {r(ag['tie_bar'].get('rel_err'))}); "
+                     f"clean scores rel {r(ag['clean'].get('rel_err'))}.")
+        L += [""] + _status(a) + [""]
+
+    b = figs.get("b")
+    if b:
+        L += ["## b. Edit install (capture + solve), layer "
+              f"{b.get('shapes', {}).get('layer')} {b.get('shapes', {}).get('module')}", "",
+              f"Cloze sequences of {b.get('shapes', {}).get('seq_len_object_cloze')} tokens, "
+              f"{b.get('shapes', {}).get('chunk')} facts per forward; JAX fingerprint "
+              f"{s(b.get('fingerprint_s'))} (in JAX install).", "",
+              "| F | FLOPs | floor | JAX capture (runs) | JAX solve | JAX install | target | / floor | "
+              "torch capture | torch solve | torch install | torch/JAX | JAX compile |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n, row in b.get("sizes", {}).items():
+            j, t = row.get("jax", {}), row.get("torch", {})
+            met = b.get("met", {}).get(n, {})
+            L.append(f"| {n} | {fl(row['floor']['flops'])} | {s(row['floor']['floor_s'])} | "
+                     f"{s(j.get('capture', {}).get('steady_s'))} ({n_of(j.get('capture'))}) | "
+                     f"{s(j.get('solve', {}).get('steady_s'))} | {s(j.get('install_s'))} | "
+                     f"<= {s(row.get('target_install_s'))}: {yes(met.get('within_target_s'))} | "
+                     f"{r(j.get('ratio_to_floor'))} ({'<=2: ' + yes(met.get('within_2x_floor'))}) | "
+                     f"{s(t.get('capture', {}).get('steady_s'))} | {s(t.get('solve', {}).get('steady_s'))} | "
+                     f"{s(t.get('install_s'))} | {r((row.get('torch_over_jax') or {}).get('install'))} | "
+                     f"{s(j.get('capture_compile_s'))} |")
+        L += [""] + _status(b) + [""]
+
+    c = figs.get("c")
+    if c:
+        sh = c.get("shapes", {})
+        e = sh.get("edit", {})
+        L += [f"## c. Generation: prompt {sh.get('prompt_len')} + {sh.get('gen_len')} new tokens, {sh.get('steps')} "
+              f"steps, edit |F| = {e.get('facts')}, q = {e.get('q')} at layer {e.get('layer')} {e.get('module')}", "",
+              "| batch | floor | JAX step no edit / edit | edit overhead | torch step no edit / edit | torch overhead | "
+              "JAX tok/s (edit) | torch tok/s (edit) | JAX/torch throughput | JAX compile | runs (JAX, torch) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for bsz, row in c.get("batches", {}).items():
+            j, t = row.get("jax", {}), row.get("torch", {})
+            jn, je, tn, te = j.get("no_edit", {}), j.get("edit", {}), t.get("no_edit", {}), t.get("edit", {})
+            thr = row.get("jax_over_torch_throughput", {})
+            L.append(f"| {bsz} | {s(row['floor']['floor_s'])} ({row['floor']['bound']}) | "
+                     f"{r(jn.get('step_ms'))} / {r(je.get('step_ms'))} ms | {r(j.get('edit_overhead_pct'), 2)}% | "
+                     f"{r(tn.get('step_ms'))} / {r(te.get('step_ms'))} ms | {r(t.get('edit_overhead_pct'), 2)}% | "
+                     f"{r(je.get('new_tokens_per_s'))} | {r(te.get('new_tokens_per_s'))} | "
+                     f"{r(thr.get('no_edit'))} / {r(thr.get('edit'))} | {s(jn.get('compile_s'))} | "
+                     f"{n_of(jn)}, {n_of(tn)} |")
+        L.append("")
+        for bsz, m in c.get("met", {}).items():
+            L.append(f"- batch {bsz}: overhead <= 1%: {yes(m.get('edit_overhead_at_most_1pct'))}; faster than torch: "
+                     f"{yes(m.get('faster_than_torch'))}")
+        L += [""] + _status(c) + [""]
+
+    d = figs.get("d")
+    if d:
+        L += ["## d. Memory the edit adds", "",
+              "| batch | edit arrays | JAX + arguments | JAX + temp | JAX + peak (analysis) | torch peak no edit / edit | verdict |",
+              "|---|---|---|---|---|---|---|"]
+        for bsz, row in d.get("batches", {}).items():
+            add = row.get("jax", {}).get("added", {})
+            t = row.get("torch", {})
+            met = row.get("met", {})
+            verdict = "-" if not met else ("met" if all(met.values()) else "**missed** " + ", ".join(
+                k for k, v in met.items() if not v))
+            L.append(f"| {bsz} | {mb(row.get('edit_bytes'))} | {mb(add.get('argument_size_in_bytes'))} | "
+                     f"{mb(add.get('temp_size_in_bytes'))} | {mb(add.get('peak_memory_in_bytes'))} | "
+                     f"{mb(t.get('peak_above_start_no_edit'))} / {mb(t.get('peak_above_start_edit'))} | {verdict} |")
+        L += [""] + _status(d) + [""]
+
+    st = figs.get("stages")
+    if st:
+        L += ["## Where the sweep's time goes (stage variants on "
+              f"{st.get('shapes', {}).get('lanes')} of {st.get('shapes', {}).get('of_lanes')} lanes)", "",
+              "| variant | steady (runs) | per lane-step | compile |", "|---|---|---|---|"]
+        for k, v in st.get("stages", {}).items():
+            L.append(f"| {k} | {s(v.get('steady_s'))} ({n_of(v)}) | {r(v.get('per_lane_step_ms'))} ms | "
+                     f"{s(v.get('compile_s'))} |")
+        sh = st.get("share_of_full", {})
+        if sh:
+            L += ["", "Share of the full lane loop: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sh.items())
+                  + f"; full / floor = {r(st.get('full_over_floor'))}."]
+        if st.get("profile"):
+            L.append(f"Profile of one steady `full` run: `{st['profile']['dir']}`.")
+        L += [""] + _status(st) + [""]
+
+    sc = figs.get("scaling")
+    if sc:
+        L += ["## Scaling over local devices (`timerome_jax.sharding.trace`)", ""]
+        if sc.get("note"):
+            L.append(sc["note"] + ".")
+        L += ["| devices | compile | steady (runs) | speedup |", "|---|---|---|---|"]
+        for k, v in sc.get("runs", {}).items():
+            L.append(f"| {k} | {s(v.get('compile', {}).get('compile_s'))} | {s(v.get('steady_s'))} ({n_of(v)}) | "
+                     f"{r((sc.get('speedup') or {}).get(k))} |")
+        L += ["", "Targets: >= 1.8x on 2 devices, >= 3.4x on 4.", ""] + _status(sc) + [""]
+
+    ra = os.path.join(folder, "run_all.json")
+    if os.path.exists(ra):
+        with open(ra) as f:
+            log = json.load(f)
+        L += ["## Run", "", f"run_all wall time {s(log.get('wall_s'))} (budget {s(log.get('budget_s'))}); jobs: "
+              + ", ".join(f"{j['job']} {s(j['wall_s'])}" + (" KILLED" if j["killed"] else "")
+                          + (f" rc={j['rc']}" if j["rc"] else "") for j in log.get("jobs", []))]
+        if log.get("skipped"):
+            L.append("Skipped: " + ", ".join(f"{x['job']} ({x['why']})" for x in log["skipped"]))
+        L.append("")
+    missing = [k for k, _ in FIGS[:5] if k not in figs]
+    if missing:
+        L += [f"Not in this folder: {', '.join(missing)}.", ""]
+    from timerome_jax.io import write_text
+
+    path = os.path.join(folder, "summary.md")
+    write_text(path, "\n".join(L))
+    return path
+
+
+if __name__ == "__main__":
+    print(write_summary(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")))
