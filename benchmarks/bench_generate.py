@@ -231,6 +231,9 @@ def main(argv=None):
             if ("jax", name, B) in toks:
                 g = toks[("jax", name, B)][:, -args.gen_len:]
                 agree.setdefault("jax_masks_left", {})[name] = int(np.sum(g == cfg.mask_token_id))
+        if ("jax", "edit", B) in toks and ("jax", "no_edit", B) in toks:
+            agree["jax_edit_changed_tokens_fraction"] = float(np.mean(
+                toks[("jax", "edit", B)][:, -args.gen_len:] != toks[("jax", "no_edit", B)][:, -args.gen_len:]))
         r["agreement"] = agree
         if "jax" in r and "torch" in r:
             r["jax_over_torch_throughput"] = {n: r["torch"][n]["steady_s"] / r["jax"][n]["steady_s"]
