@@ -139,9 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _trace_args(p)
     p.add_argument("--retain-model", default=str(ev.DEFAULT_RETAIN_MODEL))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(__import__("timerome_jax.pipeline",
-                                                                          fromlist=["x"]).DemoConfig().seeds))
-    p.add_argument("--n-mc", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="MC-mask seeds (= DemoConfig.seeds)")
+    p.add_argument("--n-mc", type=int, default=4, help="MC samples per ELBO (= DemoConfig.n_mc)")
     p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--lam", type=float, default=None, help="ridge lambda (default 0.1 * mean ||u||^2)")

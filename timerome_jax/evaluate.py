@@ -86,6 +86,7 @@ MU_SOURCES = {"retain_prob": "retain_prob", "retain_rouge": "retain_rouge", "ret
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "tofu_target"
 DEFAULT_RETAIN_MODEL = ASSETS / "tofu_retain"
+PACKAGED_RETAIN_TR = DEFAULT_RETAIN_MODEL / "reference"  # bundled retain-model forget TRs
 
 _SET_CODE = {"full": 1, "ra": 2, "wf": 3}
 _N_VARIANTS = 8  # answer, paraphrase, up to 6 perturbed answers
@@ -451,15 +452,23 @@ def retain_tr_cache_path(out_dir, split: str, n_mc: int, estimator: str = "auto"
 def cached_retain_tr(out_dir, split: str, seeds: Sequence[int], n_mc: int, retain_model=DEFAULT_RETAIN_MODEL,
                      estimator: str = "auto", limit: Optional[int] = None, batch_size: int = 16,
                      progress: bool = True, loader=None, length_bucket: int = 32) -> Optional[dict]:
-    """The retain model's forget TRs for `seeds`, from the cache JSON in `out_dir` when it has them,
-    else computed (loading `retain_model`) and added to the cache. None if the model is absent."""
+    """The retain model's forget TRs for `seeds`, from the reference JSON bundled with the packaged
+    retain model or the cache JSON in `out_dir` when they have them, else computed (loading
+    `retain_model`) and added to the cache. None if the model is absent."""
     path = retain_tr_cache_path(out_dir, split, n_mc, estimator)
     have = {}
+    # the packaged retain model ships reference TRs (experiments/retain_reference.py writes them)
+    packaged = PACKAGED_RETAIN_TR / path.name
+    if packaged.is_file() and Path(retain_model).resolve() == DEFAULT_RETAIN_MODEL.resolve():
+        with open(packaged, encoding="utf-8") as f:
+            d = json.load(f)
+        if d.get("limit") == limit:
+            have = dict(d["by_seed"])
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
         if d.get("limit") == limit and d.get("model") == str(retain_model):
-            have = d["by_seed"]
+            have.update(d["by_seed"])
     missing = [s for s in seeds if str(s) not in have]
     if not missing:
         return {k: have[k] for k in map(str, seeds)}

@@ -133,8 +133,8 @@ class DemoConfig:
     lam: Optional[float] = None
     target_text: str = DEFAULT_TARGET
     metrics: tuple = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr", "forget_quality")
-    seeds: tuple = (0, 1, 2, 3, 4)
-    n_mc: int = 8
+    seeds: tuple = (0, 1, 2)
+    n_mc: int = 4
     limit: Optional[int] = 40
     batch_size: int = 40
 
