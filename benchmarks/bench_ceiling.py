@@ -1,6 +1,6 @@
 """Ceilings of this card, measured in the same run as the figures: bf16 matmul rate and copy bandwidth.
 
-    python benchmarks/bench_ceiling.py --out benchmarks/results            # 8192^3 bf16, 4 GiB copy
+    python benchmarks/bench_ceiling.py --out benchmarks/results            # 8192^3 bf16, 2 GiB copy
     python benchmarks/bench_ceiling.py --out /tmp/r --tiny                  # 512^3, 16 MiB (CPU)
 
 Matmul: C <- A @ C repeated `reps` times inside one jitted fori_loop (A ~ N(0, 1/n), so the values
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
-def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 32, calls: int = 5) -> dict:
+def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
     """JAX bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, read + written)."""
     ka, kb = jax.random.split(jax.random.key(1))
     a = (jax.random.normal(ka, (n, n), jnp.float32) / jnp.sqrt(n)).astype(jnp.bfloat16)
@@ -64,7 +64,7 @@ def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 32, calls: int = 
     return out
 
 
-def measure_torch(n: int, reps: int = 10, copy_bytes: int = 1 << 32, calls: int = 5) -> dict:
+def measure_torch(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
     """The same two numbers through PyTorch (CUDA events on GPU, host clock on CPU)."""
     import torch
 
@@ -118,11 +118,13 @@ def main(argv=None) -> dict:
     ap = C.base_parser(__doc__)
     ap.add_argument("--n", type=int, default=None, help="matmul size (8192; --tiny 512)")
     ap.add_argument("--reps", type=int, default=None, help="matmuls per timed call (10; --tiny 4)")
-    ap.add_argument("--copy-mib", type=int, default=None, help="copy buffer MiB (4096; --tiny 16)")
+    ap.add_argument("--copy-mib", type=int, default=None,
+                    help="copy buffer MiB (2048, i.e. 2^30 bf16 values: JAX's random arrays stay under 2^31 "
+                         "elements; --tiny 16)")
     args = ap.parse_args(argv)
     n = args.n or (512 if args.tiny else 8192)
     reps = args.reps or (4 if args.tiny else 10)
-    copy_bytes = (args.copy_mib or (16 if args.tiny else 4096)) << 20
+    copy_bytes = (args.copy_mib or (16 if args.tiny else 2048)) << 20
     os.makedirs(args.out, exist_ok=True)
     rec = C.Record(os.path.join(args.out, "ceiling.json"), "ceiling", "bf16 matmul and copy ceilings", args)
     with rec.section("jax"):

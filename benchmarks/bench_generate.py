@@ -132,6 +132,8 @@ def main(argv=None):
     rc.save()
     toks = {}
 
+    # optional repeats: torch (first) gets half of the budget, JAX what is left but at least the other half
+    t_deadline = deadline.half_of_rest()
     if not args.skip_torch:
         with rc.section("torch"):
             import torch
@@ -156,7 +158,7 @@ def main(argv=None):
                     C.torch_reset_peak()
                     before = C.torch_allocated()
                     m = C.measure(lambda: torch_generate(tmodel, x0, args.steps, cfg.mask_token_id, ed),
-                                  want=args.repeats, deadline=deadline.at, sync=lambda _: C.torch_sync())
+                                  want=args.repeats, deadline=t_deadline, sync=lambda _: C.torch_sync())
                     peak = C.torch_peak_bytes()
                     toks[("torch", name, B)] = m["out"].cpu().numpy()
                     res[name] = {**C.strip(m), "step_ms": 1e3 * m["steady_s"] / args.steps,
@@ -175,6 +177,7 @@ def main(argv=None):
             C.torch_release()
 
     def jax_part(cfg_used):
+        j_deadline = deadline.at_least((deadline.budget_s or 0) / 2)
         key = jax.random.key(args.seed + 5)
         watch = C.CompileWatch.get()
         for B in args.batches:
@@ -186,7 +189,7 @@ def main(argv=None):
                                                    return_history=False).compile()
                 c_wall, (nc, csec) = time.perf_counter() - t0, watch.since(mark)
                 ma[name] = C.memory_analysis(comp)
-                m = C.measure(lambda: comp(params, x, pad, pm, sched, key, iv), want=args.repeats, deadline=deadline.at)
+                m = C.measure(lambda: comp(params, x, pad, pm, sched, key, iv), want=args.repeats, deadline=j_deadline)
                 toks[("jax", name, B)] = np.asarray(m["out"])
                 res[name] = {**C.strip(m), "compile_wall_s": c_wall, "compile_s": csec,
                              "step_ms": 1e3 * m["steady_s"] / args.steps,

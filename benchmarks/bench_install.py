@@ -180,6 +180,8 @@ def main(argv=None):
     rec.save()
     results = {}
 
+    # optional repeats: torch (first) gets half of the budget, JAX what is left but at least the other half
+    t_deadline = deadline.half_of_rest()
     if not args.skip_torch:
         with rec.section("torch"):
             import torch
@@ -196,9 +198,9 @@ def main(argv=None):
                 for n in args.sizes:
                     C.torch_reset_peak()
                     cap = C.measure(lambda: torch_capture(tmodel, tb, n, args.layer, m_id, args.chunk),
-                                    want=args.repeats, deadline=deadline.at, sync=lambda _: C.torch_sync())
+                                    want=args.repeats, deadline=t_deadline, sync=lambda _: C.torch_sync())
                     u, v_o, v_t = cap["out"]
-                    sol = C.measure(lambda: torch_solve(u, v_o, v_t), want=args.repeats, deadline=deadline.at,
+                    sol = C.measure(lambda: torch_solve(u, v_o, v_t), want=args.repeats, deadline=t_deadline,
                                     sync=lambda _: C.torch_sync())
                     G, D, lam = sol["out"]
                     r = rows[str(n)]
@@ -212,8 +214,9 @@ def main(argv=None):
             C.torch_release()
 
     def jax_part(cfg_used):
+        j_deadline = deadline.at_least((deadline.budget_s or 0) / 2)
         # pipeline.install computes it on every install; its first call compiles small gathers
-        fpm = C.measure(lambda: mem_lib.model_fingerprint(params, cfg_used), want=3, deadline=deadline.at,
+        fpm = C.measure(lambda: mem_lib.model_fingerprint(params, cfg_used), want=3, deadline=j_deadline,
                         sync=lambda _: None)
         fp = fpm["out"]
         rec["fingerprint"] = C.strip(fpm)
@@ -221,10 +224,10 @@ def main(argv=None):
         for n in args.sizes:
             cb = cloze_batch(arrs, n)
             cap = C.measure(lambda: jax_capture(params, cfg_used, cb, args.layer, m_id, args.chunk),
-                            want=args.repeats, deadline=deadline.at, allow_estimate=n >= 4000)
+                            want=args.repeats, deadline=j_deadline)
             u, v_o, v_t = cap["out"]
             sol = C.measure(lambda: jax_solve(u, v_o, v_t, args.layer, m_id, args.alpha, args.q, fp),
-                            want=args.repeats, deadline=deadline.at)
+                            want=args.repeats, deadline=j_deadline)
             mem = sol["out"]
             r = rows[str(n)]
             comp = sum(c["compile_s"] for c in cap["compile_runs"])

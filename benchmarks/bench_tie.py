@@ -19,7 +19,8 @@ stages (tie_stages.json): the lane loop on the first `--stage-lanes` lanes, with
 full (= trace.run_lanes), no_commit (canvas never updated), no_logprob (no log_softmax
 bookkeeping), forward_only (forward + LM head, logits reduced by a max), body_only (no LM head).
 Differences between variants say where the time goes. `--profile DIR` wraps one steady run of
-`full` in jax.profiler.trace.
+`full` on those lanes in jax.profiler.trace (with --what sweep alone too: a whole 8B sweep would make
+a trace of hundreds of MB).
 
 scaling (tie_scaling.json): `timerome_jax.sharding.trace` (lanes sharded over a 1-D mesh, params
 replicated) on 1 device and on all local devices (or `--scaling-devices 1,2,4`), same code.
@@ -335,7 +336,7 @@ def run_stages(args, cfg, params, fb, tcfg, ceiling, deadline):
     def part(cfg_used):
         fb_u, noise, corr, acts = lane_inputs(params, cfg_used, fb, tcfg)
         ref = None
-        for st in args.stages + (["full"] if args.profile and "full" not in args.stages else []):
+        for st in args.stages:
             watch = C.CompileWatch.get()
             mark, t0 = watch.mark(), time.perf_counter()
             comp = stage_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg, stage=st).compile()
@@ -349,14 +350,7 @@ def run_stages(args, cfg, params, fb, tcfg, ceiling, deadline):
                                  "per_lane_step_ms": 1e3 * m["steady_s"] / (n * (tcfg.steps + 1))}
             rec.save()
         if args.profile:
-            comp = stage_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg,
-                                     stage="full").compile()
-            C.block(comp(params, fb_u, noise, corr, acts, lanes))
-            with C.maybe_profile(args.profile):
-                t0 = time.perf_counter()
-                C.block(comp(params, fb_u, noise, corr, acts, lanes))
-                rec["profile"] = {"dir": os.path.abspath(args.profile), "stage": "full",
-                                  "wall_s": time.perf_counter() - t0}
+            rec["profile"] = profile_lanes(args.profile, params, cfg_used, fb_u, noise, corr, acts, lanes, tcfg)
         # the variant "full" must be the library's lane loop: same scores as trace.run_lanes
         if ref is not None:
             lib = np.asarray(tr.run_lanes(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg))
@@ -382,6 +376,19 @@ def run_stages(args, cfg, params, fb, tcfg, ceiling, deadline):
     out = rec.finish()
     print("[stages] " + "  ".join(f"{k} {v.get('steady_s')}" for k, v in out["stages"].items()), flush=True)
     return out
+
+
+def profile_lanes(path, params, cfg, fb_u, noise, corr, acts, lanes, tcfg) -> dict:
+    """One steady run of the lane loop (stage "full" = trace.run_lanes) on `lanes`, inside
+    jax.profiler.trace(path). A subset of the lanes keeps the trace small; every chunk of the sweep
+    runs this same program shape."""
+    comp = stage_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg, tcfg=tcfg, stage="full").compile()
+    C.block(comp(params, fb_u, noise, corr, acts, lanes))
+    with C.maybe_profile(path):
+        t0 = time.perf_counter()
+        C.block(comp(params, fb_u, noise, corr, acts, lanes))
+        wall = time.perf_counter() - t0
+    return {"dir": os.path.abspath(path), "stage": "full", "lanes": int(lanes.shape[0]), "wall_s": wall}
 
 
 def run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline):
@@ -453,6 +460,16 @@ def main(argv=None):
         out["stages"] = run_stages(args, cfg, params, fb, tcfg, ceiling, deadline)
     if "scaling" in args.what:
         out["scaling"] = run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline)
+    if args.profile and "stages" not in args.what and "sweep" in args.what:
+        # a whole 8B sweep would make a trace of hundreds of MB: profile the lane loop on a subset
+        rec = out["sweep"]
+        fb_u, noise, corr, acts = lane_inputs(params, cfg.replace(attn_impl=rec.get("attn_impl_used", cfg.attn_impl)),
+                                              fb, tcfg)
+        lanes = jnp.asarray(tr.plan_lanes(cfg.n_layers, tcfg.steps)[: args.stage_lanes])
+        prof = profile_lanes(args.profile, params, cfg.replace(attn_impl=rec.get("attn_impl_used", cfg.attn_impl)),
+                             fb_u, noise, corr, acts, lanes, tcfg)
+        rec["profile"] = prof
+        C.write_json(os.path.join(args.out, "fig_a_tie.json"), rec)
     return out
 
 

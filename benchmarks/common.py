@@ -309,7 +309,16 @@ class Deadline:
 
     def __init__(self, budget_s: Optional[float]):
         self.t0 = time.perf_counter()
+        self.budget_s = budget_s
         self.at = None if budget_s is None else self.t0 + float(budget_s)
+
+    def half_of_rest(self) -> Optional[float]:
+        """A deadline half-way through what is left (the first framework's share of a figure)."""
+        return None if self.at is None else time.perf_counter() + max(self.left(), 0.0) / 2
+
+    def at_least(self, seconds: float) -> Optional[float]:
+        """A deadline no earlier than `seconds` from now (the second framework keeps a fair share)."""
+        return None if self.at is None else max(self.at, time.perf_counter() + seconds)
 
     def left(self) -> float:
         return float("inf") if self.at is None else self.at - time.perf_counter()
@@ -480,7 +489,7 @@ def load_ceiling(path: Optional[str], tiny: bool) -> dict:
     from bench_ceiling import measure_jax  # noqa: E402 - same folder
 
     n = 512 if tiny else 8192
-    j = measure_jax(n, reps=4 if tiny else 10, copy_bytes=(1 << 24) if tiny else (1 << 32))
+    j = measure_jax(n, reps=4 if tiny else 10, copy_bytes=(1 << 24) if tiny else (1 << 31))
     return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["copy_bytes_per_s"],
             "source": "measured in this process (bench_ceiling.measure_jax)"}
 

@@ -85,6 +85,8 @@ def command(job: str, args, ceiling_json: str, budget: float) -> list:
         return cmd
     if job == "b":
         cmd = py + [os.path.join(HERE, "bench_install.py")] + common
+        if args.profile:
+            cmd += ["--profile", os.path.join(args.profile, "install")]
         return cmd + (["--repeats", str(args.repeats)] if args.repeats else [])
     if job == "cd":
         cmd = py + [os.path.join(HERE, "bench_generate.py")] + common
@@ -157,7 +159,8 @@ def main(argv=None):
     ap.add_argument("--repeats-a", type=int, default=1, help="timed full TIE sweeps per framework (figure a)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement in b, c (default 5)")
     ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="profile one steady run of stages / c into DIR/<figure>; DIR.tar.gz written at the end")
+                    help="profile one steady JAX run of stages, b and c into DIR/<figure> (keep DIR outside "
+                         "--out); OUT/profile.tar.gz packs DIR at the end")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -185,7 +188,7 @@ def main(argv=None):
         _write_json(os.path.join(args.out, "run_all.json"), log)
         summarize.write_summary(args.out)
     if args.profile and os.path.isdir(args.profile):
-        tar = args.profile.rstrip("/") + ".tar.gz"
+        tar = os.path.join(args.out, "profile.tar.gz")
         with tarfile.open(tar, "w:gz") as t:
             t.add(args.profile, arcname=os.path.basename(args.profile.rstrip("/")))
         log["profile_tar"] = tar
