@@ -153,18 +153,26 @@ def main(argv=None):
                 with torch.no_grad():
                     tmodel(x0)  # warm-up
                 C.torch_sync()
-                res = {}
-                for name, ed in (("no_edit", None), ("edit", tedit)):
+                res, peaks = {}, {}
+                for name, ed in (("no_edit", None), ("edit", tedit)):  # peak memory of one run each
                     C.torch_reset_peak()
                     before = C.torch_allocated()
-                    m = C.measure(lambda: torch_generate(tmodel, x0, args.steps, cfg.mask_token_id, ed),
-                                  want=args.repeats, deadline=t_deadline, sync=lambda _: C.torch_sync())
+                    torch_generate(tmodel, x0, args.steps, cfg.mask_token_id, ed)
+                    C.torch_sync()
                     peak = C.torch_peak_bytes()
+                    peaks[name] = (peak, None if peak is None else peak - before)
+                # then timed alternately, so the overhead is not a drift between two blocks of runs
+                mn, me, ratios = C.measure_pair(
+                    lambda: torch_generate(tmodel, x0, args.steps, cfg.mask_token_id, None),
+                    lambda: torch_generate(tmodel, x0, args.steps, cfg.mask_token_id, tedit),
+                    want=args.repeats, deadline=t_deadline, sync=lambda _: C.torch_sync())
+                for name, m in (("no_edit", mn), ("edit", me)):
                     toks[("torch", name, B)] = m["out"].cpu().numpy()
                     res[name] = {**C.strip(m), "step_ms": 1e3 * m["steady_s"] / args.steps,
-                                 "new_tokens_per_s": B * args.gen_len / m["steady_s"], "peak_bytes": peak,
-                                 "peak_above_start_bytes": None if peak is None else peak - before}
+                                 "new_tokens_per_s": B * args.gen_len / m["steady_s"], "peak_bytes": peaks[name][0],
+                                 "peak_above_start_bytes": peaks[name][1]}
                 res["edit_overhead_pct"] = 100 * (res["edit"]["steady_s"] / res["no_edit"]["steady_s"] - 1)
+                res["edit_overhead_pct_paired_median"] = 100 * (float(np.median(ratios)) - 1) if ratios else None
                 per_b[str(B)]["torch"] = res
                 rd["batches"][str(B)]["torch"] = {
                     "peak_above_start_no_edit": res["no_edit"]["peak_above_start_bytes"],
@@ -182,26 +190,32 @@ def main(argv=None):
         watch = C.CompileWatch.get()
         for B in args.batches:
             x, pad, pm, sched = canv[B]
-            res, ma = {}, {}
+            res, ma, comps, ivs, cinfo = {}, {}, {}, {}, {}
             for name, iv in (("no_edit", None), ("edit", Intervene(edit=mem))):
                 mark, t0 = watch.mark(), time.perf_counter()
-                comp = sampler.generate_scan.lower(params, x, pad, pm, sched, key, iv, cfg=cfg_used, scfg=scfg,
-                                                   return_history=False).compile()
+                comps[name] = sampler.generate_scan.lower(params, x, pad, pm, sched, key, iv, cfg=cfg_used,
+                                                          scfg=scfg, return_history=False).compile()
                 c_wall, (nc, csec) = time.perf_counter() - t0, watch.since(mark)
-                ma[name] = C.memory_analysis(comp)
-                m = C.measure(lambda: comp(params, x, pad, pm, sched, key, iv), want=args.repeats, deadline=j_deadline)
+                ma[name], ivs[name], cinfo[name] = C.memory_analysis(comps[name]), iv, (c_wall, csec)
+                C.block(comps[name](params, x, pad, pm, sched, key, iv))  # warm-up (first execution)
+            # timed alternately, so the overhead is not a drift between two blocks of runs
+            mn, me, ratios = C.measure_pair(lambda: comps["no_edit"](params, x, pad, pm, sched, key, None),
+                                            lambda: comps["edit"](params, x, pad, pm, sched, key, ivs["edit"]),
+                                            want=args.repeats, deadline=j_deadline)
+            for name, m in (("no_edit", mn), ("edit", me)):
                 toks[("jax", name, B)] = np.asarray(m["out"])
-                res[name] = {**C.strip(m), "compile_wall_s": c_wall, "compile_s": csec,
+                res[name] = {**C.strip(m), "compile_wall_s": cinfo[name][0], "compile_s": cinfo[name][1],
                              "step_ms": 1e3 * m["steady_s"] / args.steps,
                              "new_tokens_per_s": B * args.gen_len / m["steady_s"], "memory_analysis": ma[name],
                              "ratio_to_floor": C.ratio(m["steady_s"], per_b[str(B)]["floor" if name == "no_edit"
                                                                                    else "floor_with_edit"]["floor_s"])}
-                if args.profile and name == "edit" and B == max(args.batches):
-                    with C.maybe_profile(args.profile):
-                        C.block(comp(params, x, pad, pm, sched, key, iv))
-                    rc["profile"] = {"dir": os.path.abspath(args.profile), "what": f"generate edit batch {B}"}
-                rc.save()
+            if args.profile and B == max(args.batches):
+                with C.maybe_profile(args.profile):
+                    C.block(comps["edit"](params, x, pad, pm, sched, key, ivs["edit"]))
+                rc["profile"] = {"dir": os.path.abspath(args.profile), "what": f"generate with the edit, batch {B}"}
+            rc.save()
             res["edit_overhead_pct"] = 100 * (res["edit"]["steady_s"] / res["no_edit"]["steady_s"] - 1)
+            res["edit_overhead_pct_paired_median"] = 100 * (float(np.median(ratios)) - 1) if ratios else None
             res["peak_bytes_so_far"] = C.jax_peak_bytes()
             per_b[str(B)]["jax"] = res
             d = rd["batches"][str(B)]

@@ -300,6 +300,43 @@ def measure(fn: Callable, *, want: int = 5, deadline: Optional[float] = None, sy
     return res
 
 
+def measure_pair(fa: Callable, fb: Callable, *, want: int = 5, deadline: Optional[float] = None,
+                 sync: Callable = block) -> tuple[dict, dict, list]:
+    """Time fa and fb alternately (a, b, a, b, ...), so both get the same number of runs and drifts
+    (clocks, temperature) hit both alike; for small differences such as an edit's overhead.
+    Returns (result of fa, result of fb, per-pair ratios t_b / t_a over steady pairs)."""
+    ra = {"times": [], "comp": [], "out": None}
+    rb = {"times": [], "comp": [], "out": None}
+    ratios = []
+    watch = CompileWatch.get()
+    for _ in range(max(want, 1) + 2):
+        pair = []
+        for f, r in ((fa, ra), (fb, rb)):
+            mark = watch.mark()
+            t0 = time.perf_counter()
+            r["out"] = f()
+            sync(r["out"])
+            dt = time.perf_counter() - t0
+            n_comp, secs = watch.since(mark)
+            if n_comp:
+                r["comp"].append({"wall_s": dt, "compile_s": secs, "n_compilations": n_comp})
+            else:
+                r["times"].append(dt)
+                pair.append(dt)
+        if len(pair) == 2:
+            ratios.append(pair[1] / pair[0])
+        done = min(len(ra["times"]), len(rb["times"]))
+        if done >= want or (deadline is not None and time.perf_counter() > deadline and done >= 1):
+            break
+
+    def pack(r):
+        t = r["times"]
+        return {"n_steady": len(t), "times_s": t, "steady_s": statistics.median(t) if t else None, "want": want,
+                "compile_runs": r["comp"], "out": r["out"], "interleaved": True}
+
+    return pack(ra), pack(rb), ratios
+
+
 def strip(res: dict) -> dict:
     return {k: v for k, v in res.items() if k != "out"}
 

@@ -89,12 +89,18 @@ def _env_lines(figs):
              f"(CUDA {env.get('torch_cuda')}, cuDNN {env.get('torch_cudnn')}), transformers "
              f"{env.get('transformers_version')}, Python {env.get('python')}, run at {env.get('time_utc')}"]
     any_fig = next((f for k, f in figs.items() if k != "ceiling" and "shapes" in f), None)
+    tw = next((f["torch_weights"] for f in figs.values() if isinstance(f, dict) and "torch_weights" in f), None)
     if any_fig:
         c = any_fig["shapes"]["config"]
         lines.append(f"- Model: {c['n_layers']} layers, d {c['d_model']}, {c['n_heads']} heads, FFN {c['d_ff']}, "
-                     f"vocab {c['vocab_size']}, {c['dtype']}, attention `{any_fig.get('attn_impl_used', c['attn_impl'])}`"
-                     f"; random weights made on the device, shared with torch "
-                     f"({any_fig.get('torch_weights', {}).get('transfer', 'n/a')})")
+                     f"vocab {c['vocab_size']}, {c['dtype']}, JAX attention "
+                     f"`{any_fig.get('attn_impl_used', c['attn_impl'])}`, torch SDPA under no_grad; random weights "
+                     "made on the device by JAX"
+                     + (f", the same weights in torch ({tw['transfer']}; torch's peak memory counts its own "
+                        "allocations only)" if tw else ""))
+    fails = {k: f["cudnn_error"] for k, f in figs.items() if isinstance(f, dict) and f.get("cudnn_error")}
+    for k, e in fails.items():
+        lines.append(f"- Figure {k}: cuDNN attention failed, measured with XLA attention instead: `{e[:200]}`")
     return lines
 
 
@@ -173,6 +179,8 @@ def write_summary(folder: str) -> str:
         e = sh.get("edit", {})
         L += [f"## c. Generation: prompt {sh.get('prompt_len')} + {sh.get('gen_len')} new tokens, {sh.get('steps')} "
               f"steps, edit |F| = {e.get('facts')}, q = {e.get('q')} at layer {e.get('layer')} {e.get('module')}", "",
+              "Edit overhead: from the medians, and [median of the per-pair ratios] (runs interleaved no edit / edit).",
+              "",
               "| batch | floor | JAX step no edit / edit | edit overhead | torch step no edit / edit | torch overhead | "
               "JAX tok/s (edit) | torch tok/s (edit) | JAX/torch throughput | JAX compile | runs (JAX, torch) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -181,8 +189,10 @@ def write_summary(folder: str) -> str:
             jn, je, tn, te = j.get("no_edit", {}), j.get("edit", {}), t.get("no_edit", {}), t.get("edit", {})
             thr = row.get("jax_over_torch_throughput", {})
             L.append(f"| {bsz} | {s(row['floor']['floor_s'])} ({row['floor']['bound']}) | "
-                     f"{r(jn.get('step_ms'))} / {r(je.get('step_ms'))} ms | {r(j.get('edit_overhead_pct'), 2)}% | "
-                     f"{r(tn.get('step_ms'))} / {r(te.get('step_ms'))} ms | {r(t.get('edit_overhead_pct'), 2)}% | "
+                     f"{r(jn.get('step_ms'))} / {r(je.get('step_ms'))} ms | {r(j.get('edit_overhead_pct'), 2)}% "
+                     f"[{r(j.get('edit_overhead_pct_paired_median'), 2)}%] | "
+                     f"{r(tn.get('step_ms'))} / {r(te.get('step_ms'))} ms | {r(t.get('edit_overhead_pct'), 2)}% "
+                     f"[{r(t.get('edit_overhead_pct_paired_median'), 2)}%] | "
                      f"{r(je.get('new_tokens_per_s'))} | {r(te.get('new_tokens_per_s'))} | "
                      f"{r(thr.get('no_edit'))} / {r(thr.get('edit'))} | {s(jn.get('compile_s'))} | "
                      f"{n_of(jn)}, {n_of(tn)} |")
