@@ -309,8 +309,9 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
         jt, tt = rec["jax"]["steady_s"], rec["torch"]["steady_s"]
         rec["torch_over_jax"] = C.ratio(tt, jt)
     if "jax" in rec.data:
+        tj = rec.data.get("torch_over_jax")
         rec["met"] = {"jax_within_1.5x_floor": (rec["jax"]["ratio_to_floor"] or 1e9) <= 1.5,
-                      "faster_than_torch": (rec.data.get("torch_over_jax") or 0) > 1.0}
+                      "faster_than_torch": None if tj is None else tj > 1.0}
     out = rec.finish()
     j, t = out.get("jax", {}), out.get("torch", {})
     print(f"[a] floor {out['floor']['floor_s']:.3g}s  jax {j.get('steady_s')}s (compile "

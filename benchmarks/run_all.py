@@ -182,6 +182,8 @@ def main(argv=None):
             mark_killed(args.out, job, "skipped (run_all budget)")
             continue
         soft = min(SHARE[job] * (0.2 if args.tiny else 1.0), max(left - min_left, 1.0))
+        if job == "a" and args.repeats_a > 1:
+            soft = max(left - min_left, 1.0)  # extra full sweeps were asked for: let them use what is left
         res = run_job(job, command(job, args, ceiling_json, soft), left, args.out)
         log["jobs"].append(res)
         log["wall_s"] = time.perf_counter() - t_start

@@ -122,8 +122,8 @@ def write_summary(folder: str) -> str:
         L += ["## Ceilings (same run)", "", "| | bf16 matmul | copy (read+write) |", "|---|---|---|",
               f"| JAX (used for floors) | {r((j.get('matmul_flops_per_s') or 0) / 1e12)} TFLOP/s (n={j.get('n')}) | "
               f"{r((j.get('copy_bytes_per_s') or 0) / 1e12)} TB/s |",
-              f"| torch | {r((t.get('matmul_flops_per_s') or 0) / 1e12)} TFLOP/s | "
-              f"{r((t.get('copy_bytes_per_s') or 0) / 1e12)} TB/s |", ""] + _status(ceil) + [""]
+              f"| torch | {r(t['matmul_flops_per_s'] / 1e12) if t else '-'} TFLOP/s | "
+              f"{r(t['copy_bytes_per_s'] / 1e12) if t else '-'} TB/s |", ""] + _status(ceil) + [""]
 
     a = figs.get("a")
     if a:
