@@ -23,7 +23,7 @@ Differences between variants say where the time goes. `--profile DIR` wraps one 
 a trace of hundreds of MB).
 
 scaling (tie_scaling.json): `timerome_jax.sharding.trace` (lanes sharded over a 1-D mesh, params
-replicated) on 1 device and on all local devices (or `--scaling-devices 1,2,4`), same code.
+replicated) on 1, 2 and all local devices (`--scaling-devices`), same code.
 """
 from __future__ import annotations
 
@@ -227,7 +227,8 @@ def parse(argv=None):
     ap.add_argument("--stages", default=",".join(STAGES), help=f"stage variants to time ({','.join(STAGES)})")
     ap.add_argument("--stage-lanes", type=int, default=None, help="lanes in the stage runs (2 x chunk)")
     ap.add_argument("--stage-repeats", type=int, default=5)
-    ap.add_argument("--scaling-devices", default="1,all", help="device counts for --what scaling")
+    ap.add_argument("--scaling-devices", default="1,2,all",
+                    help="device counts for --what scaling (those above the local count are dropped)")
     args = ap.parse_args(argv)
     tiny = args.tiny
     for name, full, small in (("facts", 8, 4), ("prompt_len", 112, 12), ("answer_len", 16, 4), ("subj_len", 6, 3),

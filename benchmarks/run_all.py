@@ -5,9 +5,15 @@
     python3 benchmarks/run_all.py --out $OUT --only ceiling,scaling   # on a multi-GPU machine
     python3 benchmarks/run_all.py --out /tmp/r --tiny                 # everything on a CPU, seconds
 
+At the 8B shape on one H100, ceiling+a take about 6 minutes and ceiling+b+c+d about 6, so within
+one device call (10 minutes) run them as two calls, each with its own $OUT:
+    python3 benchmarks/run_all.py --out $OUT --only ceiling,a
+    python3 benchmarks/run_all.py --out $OUT --only ceiling,b,c,d
+Knobs of one figure's script pass through --figure-args, e.g. --figure-args "a=--chunk 4 --torch-chunk 4".
+
 Figures: ceiling (bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (one
 bench_generate run writes both), stages (bench_tie --what stages: the sweep with stages left out,
-plus `--profile`), scaling (bench_tie --what scaling: 1 vs all local devices). The ceiling runs
+plus `--profile`), scaling (bench_tie --what scaling: 1, 2 and all local devices). The ceiling runs
 first whenever any figure runs, so every floor uses a ceiling measured in the same run.
 
 Each figure runs in its own Python process (a crash, an out-of-memory or a CUDA fault in one
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import os
 import signal
 import subprocess
@@ -65,6 +72,10 @@ def jobs_for(only) -> list:
 
 
 def command(job: str, args, ceiling_json: str, budget: float) -> list:
+    return _command(job, args, ceiling_json, budget) + shlex.split(args.extra.get(job, ""))
+
+
+def _command(job: str, args, ceiling_json: str, budget: float) -> list:
     py = [sys.executable, "-u"]
     common = ["--out", args.out, "--budget-s", f"{budget:.0f}", "--seed", str(args.seed)]
     if args.tiny:
@@ -163,7 +174,17 @@ def main(argv=None):
                          "--out); OUT/profile.tar.gz packs DIR at the end")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--figure-args", action="append", default=[], metavar="FIG=ARGS",
+                    help='extra arguments for one figure\'s script, e.g. "a=--chunk 4 --torch-chunk 4" or '
+                         '"cd=--batches 1,16" (FIG: ceiling, a, b, cd, stages, scaling); repeatable')
     args = ap.parse_args(argv)
+    args.extra = {}
+    for item in args.figure_args:
+        fig, sep, rest = item.partition("=")
+        fig = "cd" if fig.strip() in ("c", "d") else fig.strip()
+        if not sep or fig not in FILES:
+            ap.error(f"--figure-args {item!r}: expected FIG=ARGS with FIG one of {sorted(FILES)}")
+        args.extra[fig] = (args.extra.get(fig, "") + " " + rest).strip()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = set(only) - set(ORDER)
     if bad:
@@ -174,7 +195,8 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     ceiling_json = os.path.join(args.out, "ceiling.json")
-    log = {"only": only, "budget_s": args.budget_s, "tiny": args.tiny, "jobs": [], "skipped": []}
+    log = {"only": only, "budget_s": args.budget_s, "tiny": args.tiny, "args": vars(args), "jobs": [],
+           "skipped": []}
     for job in jobs_for(only):
         left = args.budget_s - (time.perf_counter() - t_start)
         if left < min_left:
