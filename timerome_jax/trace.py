@@ -255,7 +255,7 @@ def trace(params, cfg: ModelConfig, fb: FactBatch, tcfg: TraceConfig = TraceConf
 
     Returns a TraceResult (NumPy). `progress(i, n)` is called after each noise draw when given.
     lanes_runner(params, fb, noise, corr, clean_acts, lanes [N,6] int32 NumPy) -> scores [N, K+1, B]
-    replaces the one-device `run_lanes` (e.g. `sharding.lanes_runner(mesh)` spreads the lanes over
+    replaces the one-device `run_lanes` (e.g. `sharding.LanesRunner(mesh, cfg, tcfg)` spreads the lanes over
     devices). A FactBatch without padding (all-True pad_mask) runs its forwards with no mask.
     """
     if fb.pad_mask is not None and bool(np.all(np.asarray(fb.pad_mask))):
