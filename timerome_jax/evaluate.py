@@ -568,12 +568,13 @@ def markdown_table(rows: list[dict], reference: Optional[str] = None) -> str:
                 continue
             sd = f" ± {_fmt(r['std'])}" if r["std"] is not None else ""
             c1.append(f"{_fmt(r['mean'])}{sd} [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]")
-            c2.append(f"{_fmt(r['delta'])}{r['sig']} (p={_fmt(r['p'])}, n={r['n_paired']})"
+            c2.append(f"{_fmt(r['delta'])}{r['sig']} [{_fmt(r['delta_ci_lo'])}, {_fmt(r['delta_ci_hi'])}] "
+                      f"(p={_fmt(r['p'])}, n={r['n_paired']})"
                       if r["delta"] is not None else ("ref" if m == reference else "–"))
         t1 += f"| {m} | " + " | ".join(c1) + " |\n"
         t2 += f"| {m} | " + " | ".join(c2) + " |\n"
     return ("Mean ± std over seeds [95% bootstrap CI, 2000 resamples]\n\n" + t1 +
-            "\nPaired difference vs reference on shared seeds: Δ (two-tailed paired t p; "
+            "\nPaired difference vs reference on shared seeds: Δ [95% bootstrap CI of Δ] (two-tailed paired t p; "
             "* p<0.05, ** p<0.01, *** p<1e-4)\n\n" + t2)
 
 
