@@ -164,35 +164,19 @@ def _stage_step(params, cfg, scfg, fb, sched, x, lpf, step, iv, stage: str):
     return x, lpf, score
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tcfg", "stage"))
+_STAGE_STEPS = {}
+
+
+def stage_step_fn(stage: str):
+    """One hashable step function per stage (a static argument of trace.run_lanes)."""
+    if stage not in _STAGE_STEPS:
+        _STAGE_STEPS[stage] = functools.partial(_stage_step, stage=stage)
+    return _STAGE_STEPS[stage]
+
+
 def stage_lanes(params, fb, noise, corr, clean_acts, lanes, cfg, tcfg, stage: str):
-    """trace._run_lanes with `_stage_step` (same lane pairing, restarts and patches)."""
-    scfg, K = tcfg.sampler, tcfg.steps
-    sched = tr._schedule(fb, cfg, scfg)
-
-    def lane(row):
-        kA, lA, mA, kB, lB, mB = (row[i] for i in range(6))
-        seg = K - kA
-
-        def body(carry, j):
-            x, lpf = carry
-            inA = j < seg
-            restart = j == seg
-            x = jnp.where(restart, corr.xs[jnp.minimum(kB, K - 1)], x)
-            lpf = jnp.where(restart, corr.lpf[jnp.minimum(kB, K - 1)], lpf)
-            start = jnp.where(inA, kA, kB)
-            step = jnp.where(inA, kA + j, kB + j - seg)
-            layer, mod = jnp.where(inA, lA, lB), jnp.where(inA, mA, mB)
-            value = clean_acts[start, mod, jnp.maximum(layer, 0)]
-            patch = Patch(layer=layer, step=start, module=mod, pos=fb.subj_pos, valid=fb.subj_valid, value=value)
-            x, lpf, score = _stage_step(params, cfg, scfg, fb, sched, x, lpf, step,
-                                        Intervene(noise=noise, patch=patch), stage)
-            return (x, lpf), score
-
-        _, scores = jax.lax.scan(body, (corr.xs[kA], corr.lpf[kA]), jnp.arange(K + 1, dtype=jnp.int32))
-        return scores
-
-    return jax.lax.map(lane, lanes, batch_size=tcfg.chunk)
+    """trace.run_lanes (same lane pairing, restarts and patches) with `_stage_step` as its step."""
+    return tr.run_lanes(params, fb, noise, corr, clean_acts, lanes, cfg=cfg, tcfg=tcfg, step_fn=stage_step_fn(stage))
 
 
 def lane_inputs(params, cfg, fb, tcfg):
@@ -341,7 +325,8 @@ def run_stages(args, cfg, params, fb, tcfg, ceiling, deadline):
         for st in args.stages:
             watch = C.CompileWatch.get()
             mark, t0 = watch.mark(), time.perf_counter()
-            comp = stage_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg, stage=st).compile()
+            comp = tr.run_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg,
+                                         step_fn=stage_step_fn(st)).compile()
             c_wall, (nc, csec) = time.perf_counter() - t0, watch.since(mark)
             m = C.measure(lambda: comp(params, fb_u, noise, corr, acts, lanes), want=args.stage_repeats,
                           deadline=deadline.at)
@@ -384,7 +369,8 @@ def profile_lanes(path, params, cfg, fb_u, noise, corr, acts, lanes, tcfg) -> di
     """One steady run of the lane loop (stage "full" = trace.run_lanes) on `lanes`, inside
     jax.profiler.trace(path). A subset of the lanes keeps the trace small; every chunk of the sweep
     runs this same program shape."""
-    comp = stage_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg, tcfg=tcfg, stage="full").compile()
+    comp = tr.run_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg, tcfg=tcfg,
+                              step_fn=stage_step_fn("full")).compile()
     C.block(comp(params, fb_u, noise, corr, acts, lanes))
     with C.maybe_profile(path):
         t0 = time.perf_counter()

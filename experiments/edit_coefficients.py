@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timerome_jax import facts as F, pipeline as pl, memory as M, tofu
+from timerome_jax import facts as F, pipeline as pl, tofu
 from timerome_jax.checkpoint import load_model
 from timerome_jax.intervene import Intervene
 from timerome_jax.trace import Coordinate

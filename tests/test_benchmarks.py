@@ -133,7 +133,7 @@ def test_fig_c_generation_and_fig_d_memory(results):
 
 
 def test_stage_variant_full_is_the_library_lane_loop():
-    """bench_tie's stage variants re-implement trace._run_lanes; "full" must give its exact scores."""
+    """bench_tie's stage variants run trace.run_lanes with another step; "full" must give its exact scores."""
     sys.path.insert(0, BENCH)
     import bench_tie as bt
     import common as C

@@ -54,7 +54,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -62,6 +61,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from . import metrics as M
+from .io import write_text
 from . import tofu
 
 SETS = ("forget", "retain", "ra", "wf")
@@ -579,17 +579,7 @@ def markdown_table(rows: list[dict], reference: Optional[str] = None) -> str:
 
 
 def _atomic_write(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, text)
 
 
 def write_report(rows: list[dict], out_dir, name: str, reference: Optional[str] = None) -> tuple[Path, Path]:

@@ -187,9 +187,16 @@ def plan_lanes(n_layers: int, K: int, modules: Sequence[int] = (0, 1, 2)) -> np.
     return np.asarray(lanes, np.int32).reshape(-1, 6)
 
 
+def traced_step(params, cfg, scfg, fb: FactBatch, sched, x, lpf, step, iv: Intervene):
+    """The step the lanes run: (x, lpf, score) after one forward + bookkeeping + commit."""
+    x, lpf, score, _ = _step(params, cfg, scfg, fb, sched, x, lpf, step, iv, False)
+    return x, lpf, score
+
+
 def _run_lanes(params, fb: FactBatch, noise, corr: Trajectory, clean_acts, lanes, cfg: ModelConfig,
-               tcfg: TraceConfig):
-    """Scores [N, K+1, B] of every lane's K+1 steps (see module docstring)."""
+               tcfg: TraceConfig, step_fn=traced_step):
+    """Scores [N, K+1, B] of every lane's K+1 steps (see module docstring). step_fn (static) is
+    `traced_step` or a variant with the same signature (benchmarks leave stages out with it)."""
     scfg, K = tcfg.sampler, tcfg.steps
     sched = _schedule(fb, cfg, scfg)
 
@@ -208,8 +215,7 @@ def _run_lanes(params, fb: FactBatch, noise, corr: Trajectory, clean_acts, lanes
             layer, mod = jnp.where(inA, lA, lB), jnp.where(inA, mA, mB)
             value = clean_acts[start, mod, jnp.maximum(layer, 0)]
             patch = Patch(layer=layer, step=start, module=mod, pos=fb.subj_pos, valid=fb.subj_valid, value=value)
-            x, lpf, score, _ = _step(params, cfg, scfg, fb, sched, x, lpf, step, Intervene(noise=noise, patch=patch),
-                                     False)
+            x, lpf, score = step_fn(params, cfg, scfg, fb, sched, x, lpf, step, Intervene(noise=noise, patch=patch))
             return (x, lpf), score
 
         _, scores = jax.lax.scan(body, (corr.xs[kA], corr.lpf[kA]), jnp.arange(K + 1, dtype=jnp.int32))
@@ -218,7 +224,7 @@ def _run_lanes(params, fb: FactBatch, noise, corr: Trajectory, clean_acts, lanes
     return jax.lax.map(lane, lanes, batch_size=tcfg.chunk)
 
 
-run_lanes = jax.jit(_run_lanes, static_argnames=("cfg", "tcfg"))
+run_lanes = jax.jit(_run_lanes, static_argnames=("cfg", "tcfg", "step_fn"))
 
 
 class TraceResult(NamedTuple):
