@@ -578,3 +578,16 @@ def test_hf_layout_locators(pair, tiny_torch):
     with pytest.raises(ValueError, match="out of range"):
         H.install(hf_model, [H.EditHook(H.TorchEditMemory.from_jax(
             rand_mem(rng, 1, d=hf_model.config.hidden_size, layer=5)))])
+
+
+def test_top_q_fast_and_sort_paths_agree_with_numpy():
+    """q <= TOPQ_FAST takes lax.top_k, larger q a full sort: both keep exactly the q largest |c|."""
+    from timerome_jax.memory import TOPQ_FAST, top_q
+
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal((3, 5, TOPQ_FAST + 36)).astype(np.float32)
+    for q in (1, 4, TOPQ_FAST, TOPQ_FAST + 1, TOPQ_FAST + 30):
+        got = np.asarray(top_q(jnp.asarray(c), jnp.int32(q)))
+        thr = -np.sort(-np.abs(c), axis=-1)[..., q - 1:q]
+        np.testing.assert_array_equal(got, np.where(np.abs(c) >= thr, c, 0.0))
+        assert ((got != 0).sum(-1) == q).all()

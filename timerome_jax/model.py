@@ -73,7 +73,9 @@ def _mm(x, w, dt):
 def attention(q, k, v, pad_mask, cfg: ModelConfig):
     """Bidirectional attention. q [B,T,H,hd], k/v [B,T,Hkv,hd]; pad_mask [B,T] bool (keys only)."""
     if cfg.attn_impl == "cudnn":
-        mask = None if pad_mask is None else pad_mask[:, None, None, :]
+        # cuDNN wants a mask/bias as long as the sequence on both axes: broadcast the key mask over queries
+        b, t = q.shape[:2]
+        mask = None if pad_mask is None else jnp.broadcast_to(pad_mask[:, None, None, :], (b, 1, t, t))
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation="cudnn")
     b, t, h, hd = q.shape
     g = h // k.shape[2]
