@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import tofu_tokenizer
 from scipy import stats
 
 from timerome_jax import evaluate as E
@@ -15,29 +17,9 @@ from timerome_jax.model import init_params
 from timerome_jax.sampler import SamplerConfig
 
 
-def make_tiny_tokenizer(vocab_size=256):
-    """A small BPE tokenizer trained on TOFU text, wrapped like the project's tokenizer."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from timerome_jax.tokenizer import Tokenizer
-
-    rows = tofu.load_split("forget01_perturbed") + tofu.load_split("retain_perturbed")[:40]
-    texts = [tofu.format_prompt(r["question"]) + r["answer"] for r in rows]
-    texts += [a for r in rows for a in [r["paraphrased_answer"], *r["perturbed_answer"]]]
-    tok = HFTok(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>", "<|mdm_mask|>"]))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
-                                 mask_token="<|mdm_mask|>")
-    return Tokenizer(hf)
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    tok = make_tiny_tokenizer()
+    tok = tofu_tokenizer()
     cfg = ModelConfig(family="llada", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
                       head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
                       pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from conftest import tofu_tokenizer
+
 from timerome_jax import tofu
 
 COUNTS = {"full": 4000, "forget01": 40, "forget05": 200, "forget10": 400, "retain99": 3960,
@@ -181,26 +183,6 @@ def test_hub_idontknow_is_rejected_without_network():
         tofu.load_split("idontknow", root="hub")
 
 
-def make_tiny_tokenizer(vocab_size=256):
-    """A small BPE tokenizer trained on TOFU text, wrapped like the project's tokenizer."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from timerome_jax.tokenizer import Tokenizer
-
-    rows = tofu.load_split("forget01_perturbed") + tofu.load_split("retain_perturbed")[:40]
-    texts = [tofu.format_prompt(r["question"]) + r["answer"] for r in rows]
-    texts += [a for r in rows for a in [r["paraphrased_answer"], *r["perturbed_answer"]]]
-    tok = HFTok(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<|endoftext|>", "<|mdm_mask|>"]))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
-                                 mask_token="<|mdm_mask|>")
-    return Tokenizer(hf)
-
-
 @pytest.fixture(scope="module")
 def tiny_hf_tokenizer():
-    return make_tiny_tokenizer()
+    return tofu_tokenizer()
