@@ -26,7 +26,7 @@ from . import memory as mem_lib
 from . import trace as tr
 from .config import MODULES
 from .intervene import Intervene
-from .io import write_json, write_text
+from .io import atomic_path, write_json
 
 DEFAULT_TARGET = "I don't know."
 
@@ -60,8 +60,6 @@ def save_trace(result: tr.TraceResult, coord: tr.Coordinate, facts, tcfg, out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     npz = out / "tie.npz"
-    from .io import atomic_path
-
     with atomic_path(npz) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, tie=result.tie, tie_bar=result.tie_bar, clean=result.clean, corrupted=result.corrupted,
@@ -202,4 +200,4 @@ def print_rows(rows, metrics=("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forge
 
 
 __all__ = ["trace_facts", "save_trace", "install", "with_hparams", "evaluate_methods", "DemoConfig", "demo",
-           "default_lam", "print_rows", "write_text"]
+           "default_lam", "print_rows"]
