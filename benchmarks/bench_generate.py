@@ -138,10 +138,7 @@ def main(argv=None):
 
             from timerome_jax.torch_ref.hooks import TorchEditMemory
 
-            t0 = time.perf_counter()
-            tmodel, how = C.torch_model(params, cfg)
-            dev = C.torch_device()
-            rc["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
+            tmodel, dev = C.shared_torch_model(params, cfg, rc)
             base = C.torch_allocated()
             tedit = TorchEditMemory.from_jax(mem, device=dev)
             t_edit_bytes = sum(t.numel() * t.element_size() for t in (tedit.U, tedit.D, tedit.G, tedit.active))

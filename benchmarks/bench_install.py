@@ -186,10 +186,7 @@ def main(argv=None):
         with rec.section("torch"):
             import torch
 
-            t0 = time.perf_counter()
-            tmodel, how = C.torch_model(params, cfg)
-            dev = C.torch_device()
-            rec["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
+            tmodel, dev = C.shared_torch_model(params, cfg, rec)
             tb = {k: torch.as_tensor(v, device=dev).long() if v.dtype != bool else torch.as_tensor(v, device=dev)
                   for k, v in arrs.items()}
             with torch.no_grad():

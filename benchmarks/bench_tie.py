@@ -44,7 +44,6 @@ from timerome_jax import model as model_lib  # noqa: E402
 from timerome_jax import sampler  # noqa: E402
 from timerome_jax import sharding  # noqa: E402
 from timerome_jax import trace as tr  # noqa: E402
-from timerome_jax.intervene import Intervene, Patch  # noqa: E402
 
 STAGES = ("full", "no_commit", "no_logprob", "forward_only", "body_only")
 
@@ -252,10 +251,7 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
         with rec.section("torch"):
             import torch
 
-            t0 = time.perf_counter()
-            tmodel, how = C.torch_model(params, cfg)
-            dev = C.torch_device()
-            rec["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
+            tmodel, dev = C.shared_torch_model(params, cfg, rec)
             noises = noises_of(params, fb, tcfg)
             C.torch_reset_peak()
             with torch.no_grad():  # warm-up: one forward of a full chunk of rows

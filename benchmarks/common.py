@@ -608,3 +608,11 @@ def agreement(a, b) -> dict:
     return {"max_abs_diff": float(np.abs(d).max()), "rel_err": float(np.linalg.norm(d) / nb) if nb else None,
             "max_abs_ref": float(np.abs(b[ok]).max()), "same_nan_pattern": same_nan,
             "n_finite": int(ok.sum()), "n_nonfinite_a": int((~np.isfinite(a) & ~np.isnan(b)).sum())}
+
+
+def shared_torch_model(params, cfg, rec):
+    """(torch model on the benchmark device with the JAX weights, device); records how in rec."""
+    t0 = time.perf_counter()
+    tmodel, how = torch_model(params, cfg)
+    rec["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
+    return tmodel, torch_device()

@@ -318,3 +318,20 @@ def tofu_tokenizer(vocab_size=256):
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
                                  mask_token="<|mdm_mask|>")
     return Tokenizer(hf)
+
+
+def np_params(cfg, seed=0, std=0.3):
+    """Random params in the `model.param_shapes` layout, drawn with NumPy (no per-shape compiles)."""
+    import jax
+    import jax.numpy as jnp
+
+    from timerome_jax import model
+
+    rng = np.random.default_rng(seed)
+
+    def make(path, shp):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.ones(shp, jnp.float32)
+        return jnp.asarray(std * rng.standard_normal(shp), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(make, model.param_shapes(cfg), is_leaf=lambda t: isinstance(t, tuple))

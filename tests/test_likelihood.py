@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_params
+
 from timerome_jax import likelihood as LK
 from timerome_jax import model
 from timerome_jax.config import ModelConfig
@@ -20,18 +22,6 @@ CFG_SHIFT = CFG.replace(family="dream", logits_shift=True)
 
 fwd = jax.jit(model.forward, static_argnames=("cfg",))
 masks_jit = jax.jit(LK.mc_masks, static_argnames=("n_mc", "estimator", "eps"))
-
-
-def np_params(cfg, seed=0, std=0.3):
-    """Random params in the `model.param_shapes` layout, drawn with NumPy (no per-shape compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def make(path, shp):
-        if "norm" in jax.tree_util.keystr(path):
-            return jnp.ones(shp, jnp.float32)
-        return jnp.asarray(std * rng.standard_normal(shp), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(make, model.param_shapes(cfg), is_leaf=lambda t: isinstance(t, tuple))
 
 
 @pytest.fixture(scope="module")

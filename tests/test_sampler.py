@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import np_params
+
 from timerome_jax import model
 from timerome_jax import sampler as S
 from timerome_jax.config import ModelConfig
@@ -20,18 +22,6 @@ from timerome_jax.config import ModelConfig
 MASK, PAD, EOS = 95, 0, 1
 CFG = ModelConfig(family="llada", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8,
                   d_ff=64, mask_token_id=MASK, pad_token_id=PAD, eos_token_id=EOS, max_seq_len=128)
-
-
-def np_params(cfg, seed=0, std=0.3):
-    """Random params in the `model.param_shapes` layout, drawn with NumPy (no per-shape compiles)."""
-    rng = np.random.default_rng(seed)
-
-    def make(path, shp):
-        if "norm" in jax.tree_util.keystr(path):
-            return jnp.ones(shp, jnp.float32)
-        return jnp.asarray(std * rng.standard_normal(shp), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(make, model.param_shapes(cfg), is_leaf=lambda t: isinstance(t, tuple))
 
 
 @pytest.fixture(scope="module")
