@@ -83,20 +83,15 @@ def parse(argv=None):
     ap.add_argument("--module", default="resid")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    for name, full, small in (("batches", "1,32", "1,4"), ("prompt_len", 64, 8), ("gen_len", 64, 8),
-                              ("steps", 64, 8), ("edit_facts", 400, 16), ("layer", 19, 1)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if args.tiny else full)
+    C.fill_sizes(args, (("batches", "1,32", "1,4"), ("prompt_len", 64, 8), ("gen_len", 64, 8),
+                        ("steps", 64, 8), ("edit_facts", 400, 16), ("layer", 19, 1)))
     args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
     return args
 
 
 def main(argv=None):
     args = parse(argv)
-    os.makedirs(args.out, exist_ok=True)
-    cfg, std = C.setup(args)
-    deadline = C.Deadline(args.budget_s)
-    ceiling = C.load_ceiling(args.ceiling_json, args.tiny)
+    cfg, std, deadline, ceiling = C.start(args)
     rc = C.Record(os.path.join(args.out, "fig_c_generate.json"), "c", "generation with / without the edit", args)
     rd = C.Record(os.path.join(args.out, "fig_d_memory.json"), "d", "memory the edit adds", args)
     t0 = time.perf_counter()

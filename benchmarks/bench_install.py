@@ -140,21 +140,16 @@ def parse(argv=None):
     ap.add_argument("--q", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per size (fewer once the budget is spent)")
     args = ap.parse_args(argv)
-    for name, full, small in (("sizes", "1,40,400,4000", "1,4,40"), ("layer", 19, 1), ("chunk", 200, 8),
-                              ("prompt_len", 112, 12), ("object_len", 16, 4), ("target_len", 16, 4),
-                              ("subj_len", 6, 3)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if args.tiny else full)
+    C.fill_sizes(args, (("sizes", "1,40,400,4000", "1,4,40"), ("layer", 19, 1), ("chunk", 200, 8),
+                        ("prompt_len", 112, 12), ("object_len", 16, 4), ("target_len", 16, 4),
+                        ("subj_len", 6, 3)))
     args.sizes = sorted({int(s) for s in str(args.sizes).split(",") if s.strip()})
     return args
 
 
 def main(argv=None):
     args = parse(argv)
-    os.makedirs(args.out, exist_ok=True)
-    cfg, std = C.setup(args)
-    deadline = C.Deadline(args.budget_s)
-    ceiling = C.load_ceiling(args.ceiling_json, args.tiny)
+    cfg, std, deadline, ceiling = C.start(args)
     m_id = module_id(args.module)
     rec = C.Record(os.path.join(args.out, "fig_b_install.json"), "b", "edit install: capture + solve", args)
     t0 = time.perf_counter()

@@ -213,11 +213,8 @@ def parse(argv=None):
     ap.add_argument("--scaling-devices", default="1,2,all",
                     help="device counts for --what scaling (those above the local count are dropped)")
     args = ap.parse_args(argv)
-    tiny = args.tiny
-    for name, full, small in (("facts", 8, 4), ("prompt_len", 112, 12), ("answer_len", 16, 4), ("subj_len", 6, 3),
-                              ("steps", 8, 4), ("chunk", 8, 4)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if tiny else full)
+    C.fill_sizes(args, (("facts", 8, 4), ("prompt_len", 112, 12), ("answer_len", 16, 4), ("subj_len", 6, 3),
+                        ("steps", 8, 4), ("chunk", 8, 4)))
     if args.torch_chunk is None:
         args.torch_chunk = args.chunk
     if args.stage_lanes is None:
@@ -427,10 +424,7 @@ def run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline):
 
 def main(argv=None):
     args = parse(argv)
-    os.makedirs(args.out, exist_ok=True)
-    cfg, std = C.setup(args)
-    deadline = C.Deadline(args.budget_s)
-    ceiling = C.load_ceiling(args.ceiling_json, args.tiny)
+    cfg, std, deadline, ceiling = C.start(args)
     t0 = time.perf_counter()
     params = C.init_params(jax.random.key(args.seed), cfg, std)
     init_s = time.perf_counter() - t0

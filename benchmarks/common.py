@@ -616,3 +616,18 @@ def shared_torch_model(params, cfg, rec):
     tmodel, how = torch_model(params, cfg)
     rec["torch_weights"] = {"shared_with_jax": True, "transfer": how, "build_s": time.perf_counter() - t0}
     return tmodel, torch_device()
+
+
+def fill_sizes(args, table) -> None:
+    """Set each (name, full, tiny) default that the command line left as None."""
+    for name, full, small in table:
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.tiny else full)
+
+
+def start(args):
+    """The common start of a figure: out folder, model config, budget, same-run ceiling.
+    Returns (cfg, init std, Deadline, ceiling dict)."""
+    os.makedirs(args.out, exist_ok=True)
+    cfg, std = setup(args)
+    return cfg, std, Deadline(args.budget_s), load_ceiling(args.ceiling_json, args.tiny)
