@@ -254,7 +254,8 @@ def test_edit_fires_only_at_its_coordinate(params):
                            atol=1e-3)
 
 
-def test_memories_of_one_capacity_compile_once(params):
+def test_memories_of_one_capacity_and_layer_compile_once(params):
+    """Facts, alpha, q, lam and step are data; the layer (like the module) is structure."""
     rng = np.random.default_rng(3)
     tok = jnp.asarray(rng.integers(2, 96, (2, 8)))
     chex.clear_trace_counter()
@@ -265,12 +266,14 @@ def test_memories_of_one_capacity_compile_once(params):
         return model.forward(params, tokens, CFG, intervene=Intervene(edit=mem), step=3)
 
     mems = [rand_mem(rng, 2, capacity=6), rand_mem(rng, 5, capacity=6, q=3, alpha=0.5),
-            rand_mem(rng, 6, capacity=6, layer=0, step=3, lam=2.0),
+            rand_mem(rng, 6, capacity=6, layer=1, step=3, lam=2.0),
             M.empty(32, 6, 1.0, 1.0, 1, 1, "resid")]
     mems.append(M.insert(mems[0], rng.normal(size=32), rng.normal(size=32)))
     mems.append(M.remove(mems[1], [0, 2]))
     outs = [np.asarray(f(params, tok, m)) for m in mems]
     assert len({o.tobytes() for o in outs}) == len(outs)  # really different memories
+    with pytest.raises(AssertionError, match="traced > 1"):  # another layer: a second program
+        f(params, tok, rand_mem(rng, 2, capacity=6, layer=0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ def test_capture_on_4_devices_equals_memory_capture(four_devices):
     assert set(r["capture"]) == {"chunk3_dev1", "chunk1_dev4"}
     for k, v in r["capture"].items():
         assert v["shapes_equal"], k
-        assert v["max_abs_diff"] <= 1e-5, f"{k}: {v['max_abs_diff']}"
+        # fp32 rounding only: chunks of other sizes are other matmul shapes (relative 1e-6 of the scale)
+        assert v["max_abs_diff"] <= 2e-6 * r["capture_scale"], f"{k}: {v['max_abs_diff']}"
 
 
 def test_mesh_arguments_are_checked():

@@ -42,8 +42,8 @@ class Intervene:
     noise:    [B, T, D] added to the token embeddings (Eq. 2 corruption; zero off the subject).
     read_pos: [B, S] int32 positions at which resid/attn/mlp outputs of every layer are returned.
     patch:    a `Patch` (or None).
-    edit:     an edit memory (any pytree with `.delta(h) -> [B,T,D]`, `.layer`, `.step`, and a
-              static `.module` id), applied at its coordinate; see `timerome_jax.memory`.
+    edit:     an edit memory (any pytree with `.delta(h) -> [B,T,D]`, a `.step` array and static
+              `.layer` and `.module` ints), applied at its coordinate; see `timerome_jax.memory`.
     """
 
     noise: Optional[jax.Array] = None
@@ -64,16 +64,17 @@ def apply_patch(h: jax.Array, patch: Optional[Patch], layer, step, module: int) 
     return h.at[b, patch.pos].add(diff)
 
 
-def apply_edit(h: jax.Array, edit, layer, step, module: int) -> jax.Array:
-    """Return h + edit.delta(h) when the edit memory sits at (layer, module) and fires at `step`.
+def apply_edit(h: jax.Array, edit, step, module: int) -> jax.Array:
+    """Return h [B,T,D] + edit.delta(h) when `edit` targets `module` and fires at `step`.
 
-    The module test is static (the memory's module is structure), the layer/step test is a
-    `lax.cond`, so an edit costs one delta per forward, not one per layer.
+    The caller (`model.run`) calls this only at the edit's layer, which is static, so no other
+    layer pays for the edit. The module test is static too; the step test (step -1 = every step)
+    is a select, not a `lax.cond`: one small fused op instead of a conditional per forward.
     """
     if edit is None or edit.module != module:
         return h
-    on = (edit.layer == layer) & ((edit.step < 0) | (edit.step == step))
-    return jax.lax.cond(on, lambda x: x + edit.delta(x).astype(x.dtype), lambda x: x, h)
+    on = (edit.step < 0) | (edit.step == step)
+    return h + jnp.where(on, edit.delta(h), jnp.zeros((), h.dtype)).astype(h.dtype)
 
 
 def read(h: jax.Array, read_pos: Optional[jax.Array]):

@@ -42,6 +42,12 @@ DEFAULT_TARGET_TEXT = "I don't know."
 _HI = jax.lax.Precision.HIGH
 
 
+def _layer_id(layer) -> int:
+    if int(layer) != layer or layer < 0:
+        raise ValueError(f"layer must be an integer >= 0, got {layer!r}")
+    return int(layer)
+
+
 def _module_id(module: Union[int, str]) -> int:
     if isinstance(module, str):
         return module_id(module)
@@ -55,26 +61,12 @@ def _module_id(module: Union[int, str]) -> int:
 # TopQ and the two edit pytrees
 # --------------------------------------------------------------------------------------------
 
-TOPQ_FAST = 64  # q up to this uses lax.top_k with a static k (much cheaper than a full sort on GPU)
+TOPQ_FAST = 16  # q up to this: threshold from lax.top_k with a static k (GPU's fast top-k path)
 
 
-def _top_q_sparse(c, q):
-    n = c.shape[-1]
-    a = jnp.abs(c)
-    k = min(n, TOPQ_FAST)
-
-    def by_top_k(a):  # threshold = the q-th largest, from the k largest (q <= k)
-        return jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(q - 1, 0, k - 1), axis=-1)
-
-    def by_sort(a):
-        return jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
-
-    thr = by_top_k(a) if k == n else jax.lax.cond(q <= k, by_top_k, by_sort, a)
-    return jnp.where(a >= thr[..., None], c, jnp.zeros_like(c))
-
-
-def _top_q_dense(c, q):
-    return c
+def _by_sort(a, q):
+    n = a.shape[-1]
+    return jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
 
 
 def top_q(c: jax.Array, q) -> jax.Array:
@@ -82,20 +74,25 @@ def top_q(c: jax.Array, q) -> jax.Array:
 
     c [..., C] float; q an int32 scalar (data, so changing q never recompiles). Implemented by
     thresholding at the q-th largest magnitude, found with `lax.top_k` of a static k =
-    min(C, TOPQ_FAST) when q <= k (a full sort otherwise), so q itself is never static.
+    min(C, TOPQ_FAST); only when C > TOPQ_FAST is there a `lax.cond` to a full sort for q > k.
     Ties: every entry whose magnitude equals the q-th largest is kept, so more than q entries
     survive only on exact ties (zeros, e.g. inactive slots, may be "kept" but add nothing).
     q >= C keeps everything.
     """
     q = jnp.asarray(q, jnp.int32)
-    # skip the sort in the dense case (under vmap over q this becomes a select); module-level
-    # branch functions so eager calls hit the cond trace cache
-    return jax.lax.cond(q > 0, _top_q_sparse, _top_q_dense, c, q)
+    a = jnp.abs(c)
+    n = c.shape[-1]
+    k = min(n, TOPQ_FAST)
+    fast = lambda a, q: jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(q - 1, 0, k - 1), axis=-1)
+    thr = fast(a, q) if k == n else jax.lax.cond(q <= k, fast, _by_sort, a, q)
+    # q <= 0 (dense) is a select, not a branch: the top-k is cheap next to a conditional
+    keep = (q <= 0) | (a >= thr[..., None])
+    return jnp.where(keep, c, jnp.zeros_like(c))
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["U", "Dm", "G", "active", "alpha", "q", "lam", "layer", "step"],
-                   meta_fields=["module", "fingerprint"])
+                   data_fields=["U", "Dm", "G", "W", "active", "alpha", "q", "lam", "step"],
+                   meta_fields=["layer", "module", "fingerprint"])
 @dataclasses.dataclass(frozen=True)
 class EditMemory:
     """Multi-fact low-rank edit memory (Eqs. 11-12) at capacity C, hidden size D.
@@ -104,20 +101,25 @@ class EditMemory:
     (U_a U_a^T + lam I)^{-1} on the active rows a, 1/lam on the diagonal of inactive rows and 0
     between active and inactive rows; active [C] bool. Inactive rows of U and Dm are zero and
     their coefficients are masked, so they contribute exactly nothing.
-    alpha, lam: f32 scalars; q: int32 scalar (0 = dense); layer: int32 scalar; step: int32 scalar
-    (-1 = every denoising step, the paper's k* = -1).
-    Static: module (0 resid, 1 attn, 2 mlp) and fingerprint (the model the keys came from).
+    W [C,D] f32 = G U, precomputed (host, float64) so a forward does one key product, not two;
+    its inactive rows are zero.
+    alpha, lam: f32 scalars; q: int32 scalar (0 = dense); step: int32 scalar (-1 = every
+    denoising step, the paper's k* = -1).
+    Static: layer and module (0 resid, 1 attn, 2 mlp), i.e. where the hook sits, which is program
+    structure (a forward compiles once per coordinate, and no other layer pays for the edit); and
+    fingerprint (the model the keys came from). Facts, alpha, q, lam and step are data.
     """
 
     U: jax.Array
     Dm: jax.Array
     G: jax.Array
+    W: jax.Array
     active: jax.Array
     alpha: jax.Array
     q: jax.Array
     lam: jax.Array
-    layer: jax.Array
     step: jax.Array
+    layer: int
     module: int
     fingerprint: str = ""
 
@@ -131,8 +133,7 @@ class EditMemory:
 
     def coefficients(self, h: jax.Array) -> jax.Array:
         """Per-token fact coefficients TopQ_q(G U h): h [..., D] -> [..., C] float32."""
-        uh = jnp.einsum("...d,cd->...c", h.astype(jnp.float32), self.U, precision=_HI)
-        c = jnp.einsum("...c,ec->...e", uh, self.G, precision=_HI)
+        c = jnp.einsum("...d,cd->...c", h.astype(jnp.float32), self.W, precision=_HI)
         c = jnp.where(self.active, c, jnp.zeros_like(c))
         return top_q(c, self.q)
 
@@ -144,14 +145,14 @@ class EditMemory:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["u", "d", "alpha", "g_max", "eps", "layer", "step"],
-                   meta_fields=["module"])
+                   data_fields=["u", "d", "alpha", "g_max", "eps", "step"],
+                   meta_fields=["layer", "module"])
 @dataclasses.dataclass(frozen=True)
 class GatedEdit:
     """Eq. 10 gated edit; with F > 1 facts, the naive sum of F single-fact gated edits.
 
-    u [F,D] subject keys, d [F,D] target deltas; alpha, g_max, eps f32 scalars; layer, step int32
-    scalars (step -1 = every step); module static.
+    u [F,D] subject keys, d [F,D] target deltas; alpha, g_max, eps f32 scalars; step an int32
+    scalar (-1 = every step); layer and module static ints (as in `EditMemory`).
     """
 
     u: jax.Array
@@ -159,8 +160,8 @@ class GatedEdit:
     alpha: jax.Array
     g_max: jax.Array
     eps: jax.Array
-    layer: jax.Array
     step: jax.Array
+    layer: int
     module: int
 
     def gate(self, h: jax.Array) -> jax.Array:
@@ -189,8 +190,8 @@ def gated_edit(u, d, alpha: float, layer: int, module: Union[int, str], step: in
         raise ValueError(f"gated_edit: g_max={g_max} and eps={eps} must be >= 0")
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     i32 = lambda x: jnp.asarray(x, jnp.int32)
-    return GatedEdit(jnp.asarray(u), jnp.asarray(d), f32(alpha), f32(g_max), f32(eps), i32(layer),
-                     i32(step), _module_id(module))
+    return GatedEdit(jnp.asarray(u), jnp.asarray(d), f32(alpha), f32(g_max), f32(eps), i32(step),
+                     _layer_id(layer), _module_id(module))
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,12 +224,19 @@ def _check_hparams(lam, alpha, q):
 
 
 def _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint) -> EditMemory:
-    G = _ridge_inverse(U, active, lam)
+    return _make(U, Dm, _ridge_inverse(U, active, lam), active, lam, alpha, q, layer, module, step,
+                 fingerprint)
+
+
+def _make(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprint) -> EditMemory:
+    U = np.asarray(U, np.float32)
+    G = np.asarray(G, np.float32)
+    W = (G.astype(np.float64) @ U.astype(np.float64)).astype(np.float32)
     return EditMemory(
-        U=jnp.asarray(U, jnp.float32), Dm=jnp.asarray(Dm, jnp.float32), G=jnp.asarray(G),
+        U=jnp.asarray(U), Dm=jnp.asarray(Dm, jnp.float32), G=jnp.asarray(G), W=jnp.asarray(W),
         active=jnp.asarray(active, jnp.bool_), alpha=jnp.asarray(alpha, jnp.float32),
         q=jnp.asarray(q, jnp.int32), lam=jnp.asarray(lam, jnp.float32),
-        layer=jnp.asarray(layer, jnp.int32), step=jnp.asarray(step, jnp.int32),
+        step=jnp.asarray(step, jnp.int32), layer=_layer_id(layer),
         module=_module_id(module), fingerprint=str(fingerprint))
 
 
@@ -451,17 +459,27 @@ def _masked_mean(h, valid):
     return jnp.sum(h.astype(jnp.float32) * w, axis=1) / jnp.sum(w, axis=1)
 
 
+def _pad_to(a, width: int, fill):
+    return jnp.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "layer", "module"))
 def _capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: int):
+    # the original and target sequences go through ONE forward of 2N rows (padded to one length):
+    # at small N the capture is bound by reading the weights, so one pass instead of two halves it
     name = MODULES[module]
-    n_s = b.subj_pos.shape[1]
+    n, n_s = b.tokens_o.shape[0], b.subj_pos.shape[1]
+    T = max(b.tokens_o.shape[1], b.tokens_t.shape[1])
     pos_o = jnp.concatenate([b.subj_pos, b.obj_pos], axis=1)
-    acts_o = _model.run(params, b.tokens_o, cfg, b.pad_o, Intervene(read_pos=pos_o), step=0,
-                        stop_layer=layer).acts[name][layer]
-    acts_t = _model.run(params, b.tokens_t, cfg, b.pad_t, Intervene(read_pos=b.tgt_pos), step=0,
-                        stop_layer=layer).acts[name][layer]
+    S = max(pos_o.shape[1], b.tgt_pos.shape[1])
+    tokens = jnp.concatenate([_pad_to(b.tokens_o, T, cfg.pad_token_id), _pad_to(b.tokens_t, T, cfg.pad_token_id)])
+    pad = jnp.concatenate([_pad_to(b.pad_o, T, False), _pad_to(b.pad_t, T, False)])
+    pos = jnp.concatenate([_pad_to(pos_o, S, 0), _pad_to(b.tgt_pos, S, 0)])
+    acts = _model.run(params, tokens, cfg, pad, Intervene(read_pos=pos), step=0,
+                      stop_layer=layer).acts[name][layer]
+    acts_o, acts_t = acts[:n], acts[n:, : b.tgt_pos.shape[1]]
     u = _masked_mean(acts_o[:, :n_s], b.subj_valid)
-    v_o = _masked_mean(acts_o[:, n_s:], b.obj_valid)
+    v_o = _masked_mean(acts_o[:, n_s: pos_o.shape[1]], b.obj_valid)
     v_t = _masked_mean(acts_t, b.tgt_valid)
     return u, v_o, v_t
 
@@ -506,11 +524,11 @@ def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Uni
 # --------------------------------------------------------------------------------------------
 
 # fields that change how the model is run, not which model it is
-_FP_SKIP = ("dtype", "attn_impl", "max_seq_len")
+_FP_SKIP = ("dtype", "attn_impl", "layer_unroll", "max_seq_len")
 
 
 def model_fingerprint(params, cfg: ModelConfig) -> str:
-    """A short id of (architecture, weights): the config (minus dtype/attn_impl/max_seq_len) and,
+    """A short id of (architecture, weights): the config (minus dtype/attn_impl/layer_unroll/max_seq_len) and,
     for every param leaf, its path, shape and its first, middle and last rows rounded to bf16 (so
     the same weights loaded in f32 or bf16 agree). A fingerprint, not a full hash: two models that
     differ only away from those rows would collide."""
@@ -518,20 +536,27 @@ def model_fingerprint(params, cfg: ModelConfig) -> str:
     cfg_d = {k: v for k, v in cfg.to_dict().items() if k not in _FP_SKIP}
     h.update(json.dumps(cfg_d, sort_keys=True).encode())
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        shape = tuple(leaf.shape)
-        h.update(f"{jax.tree_util.keystr(path)}{shape}".encode())
-        if len(shape) == 0:
-            rows = [leaf]
-        elif len(shape) == 1:
-            rows = [leaf]
-        else:
-            lead = shape[:-1]
-            rows = [leaf[tuple(0 for _ in lead)], leaf[tuple(s // 2 for s in lead)],
-                    leaf[tuple(s - 1 for s in lead)]]
-        for r in rows:
-            h.update(np.asarray(jnp.asarray(r).astype(jnp.bfloat16)).view(np.uint16).tobytes())
+    flat = sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0]))
+    # every row in one jitted gather and one transfer (row by row it was ~30 ms of syncs at 8B)
+    rows = jax.device_get(_fingerprint_rows([leaf for _, leaf in flat]))
+    for (path, leaf), leaf_rows in zip(flat, rows):
+        h.update(f"{jax.tree_util.keystr(path)}{tuple(leaf.shape)}".encode())
+        for r in leaf_rows:
+            h.update(np.asarray(r).view(np.uint16).tobytes())
     return f"{cfg.family}-{h.hexdigest()[:24]}"
+
+
+@jax.jit
+def _fingerprint_rows(leaves):
+    def rows(leaf):
+        leaf = jnp.asarray(leaf)
+        if leaf.ndim <= 1:
+            return [leaf.astype(jnp.bfloat16)]
+        lead = leaf.shape[:-1]
+        idx = [tuple(0 for _ in lead), tuple(s // 2 for s in lead), tuple(s - 1 for s in lead)]
+        return [leaf[i].astype(jnp.bfloat16) for i in idx]
+
+    return [rows(leaf) for leaf in leaves]
 
 
 class MemoryFileError(ValueError):
@@ -658,11 +683,7 @@ def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None
             fmt = lambda c: (c[0], MODULES[c[1]]) + tuple(c[2:])
             raise CoordinateMismatchError(f"{path}: edit memory sits at (layer, module, step) "
                                           f"{fmt(have)}, expected {fmt(want_c)}")
-    mem = EditMemory(U=jnp.asarray(arrays["U"]), Dm=jnp.asarray(arrays["Dm"]),
-                     G=jnp.asarray(arrays["G"]), active=jnp.asarray(arrays["active"]),
-                     alpha=jnp.asarray(header["alpha"], jnp.float32), q=jnp.asarray(header["q"], jnp.int32),
-                     lam=jnp.asarray(header["lam"], jnp.float32),
-                     layer=jnp.asarray(header["layer"], jnp.int32),
-                     step=jnp.asarray(header["step"], jnp.int32),
-                     module=module_id(header["module"]), fingerprint=header["fingerprint"])
+    mem = _make(arrays["U"], arrays["Dm"], arrays["G"], arrays["active"], header["lam"],
+                header["alpha"], header["q"], header["layer"], module_id(header["module"]),
+                header["step"], header["fingerprint"])
     return mem, header

@@ -153,25 +153,57 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(positions, cfg.rot_dim, cfg.rope_theta)
     layers = params["layers"]
-    if stop_layer is not None:
-        layers = jax.tree.map(lambda a: a[: stop_layer + 1], layers)
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    n_run = n_layers if stop_layer is None else int(stop_layer) + 1
+    if not 1 <= n_run <= n_layers:
+        raise ValueError(f"run: stop_layer={stop_layer} out of range for a {n_layers}-layer model")
+    edit = iv.edit
+    e_layer = None
+    if edit is not None:
+        e_layer = int(edit.layer)  # static: the edit's layer is structure, like its module
+        if not 0 <= e_layer < n_layers:
+            raise ValueError(f"run: the edit sits at layer {e_layer}, the model has {n_layers} layers")
 
-    def body(h, xs):
-        lp, l = xs
+    def block(h, lp, l, edit_here: bool):
+        e = edit if edit_here else None
         a = attn_block(lp, h, cos, sin, pad_mask, cfg)
-        a = apply_edit(apply_patch(a, iv.patch, l, step, ATTN), iv.edit, l, step, ATTN)
+        a = apply_edit(apply_patch(a, iv.patch, l, step, ATTN), e, step, ATTN)
         h = h + a
         m = mlp_block(lp, h, cfg)
-        m = apply_edit(apply_patch(m, iv.patch, l, step, MLP), iv.edit, l, step, MLP)
+        m = apply_edit(apply_patch(m, iv.patch, l, step, MLP), e, step, MLP)
         h = h + m
-        h = apply_edit(apply_patch(h, iv.patch, l, step, RESID), iv.edit, l, step, RESID)
+        h = apply_edit(apply_patch(h, iv.patch, l, step, RESID), e, step, RESID)
         ys = None
         if iv.read_pos is not None:
             ys = {"resid": read(h, iv.read_pos), "attn": read(a, iv.read_pos), "mlp": read(m, iv.read_pos)}
         return h, ys
 
-    n_run = jax.tree.leaves(layers)[0].shape[0]
-    h, acts = jax.lax.scan(body, x, (layers, jnp.arange(n_run, dtype=jnp.int32)))
+    def segment(h, lo: int, hi: int):
+        # layers lo..hi-1 by a scan over their indices; each layer's weights are indexed from the
+        # full stack inside the body (a static slice of the stack would be copied whole)
+        def body(h, l):
+            return block(h, jax.tree.map(lambda a: a[l], layers), l, False)
+
+        return jax.lax.scan(body, h, jnp.arange(lo, hi, dtype=jnp.int32),
+                            unroll=min(cfg.layer_unroll, hi - lo))
+
+    # No edit (or one past stop_layer): one scan. An edit: scan up to its layer, that layer with the
+    # edit inline, scan the rest, so no layer pays for a per-layer "is this the edit layer?" test.
+    if e_layer is None or e_layer >= n_run:
+        h, acts = segment(x, 0, n_run)
+    else:
+        parts = []
+        h = x
+        if e_layer > 0:
+            h, ys = segment(h, 0, e_layer)
+            parts.append(ys)
+        lp = jax.tree.map(lambda a: a[e_layer], layers)
+        h, ys = block(h, lp, jnp.int32(e_layer), True)
+        parts.append(jax.tree.map(lambda a: a[None], ys))
+        if e_layer + 1 < n_run:
+            h, ys = segment(h, e_layer + 1, n_run)
+            parts.append(ys)
+        acts = None if iv.read_pos is None else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
     if stop_layer is not None:
         return Out(None, acts)
     return Out(head(params, h, cfg), acts)
