@@ -84,6 +84,30 @@ def test_scan_equals_unrolled_loop(models, name):
     assert np.abs(np.asarray(out.logits)).max() > 0.1  # not a degenerate all-zero comparison
 
 
+@pytest.mark.parametrize("unroll", [2, 99])
+def test_layer_unroll_changes_no_number(models, unroll):
+    """cfg.layer_unroll (partly / fully unrolled layer loop) is a speed knob: same logits and reads,
+    with and without an edit memory splitting the layers at its (static) layer."""
+    from timerome_jax import memory as M
+
+    params, cfg = models["moe"]  # 3 layers
+    tok = _tokens(cfg, 2)
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(3, cfg.d_model))
+    mem = M.build(u, np.zeros_like(u), rng.normal(size=(3, cfg.d_model)), lam=1.0, alpha=1.0, q=2,
+                  layer=1, module="mlp")
+    for iv in (Intervene(read_pos=_read_pos()), Intervene(read_pos=_read_pos(), edit=mem)):
+        with jax.default_matmul_precision("highest"):
+            ref = jax.jit(model.run, static_argnums=2)(params, tok, cfg, None, iv)
+            got = jax.jit(model.run, static_argnums=2)(params, tok, cfg.replace(layer_unroll=unroll), None, iv)
+        np.testing.assert_allclose(got.logits, ref.logits, rtol=1e-6, atol=1e-6)
+        for k in ("resid", "attn", "mlp"):
+            assert got.acts[k].shape == ref.acts[k].shape == (cfg.n_layers, B, S, cfg.d_model)
+            np.testing.assert_allclose(got.acts[k], ref.acts[k], rtol=1e-6, atol=1e-6)
+    plain = jax.jit(model.forward, static_argnums=2)(params, tok, cfg)
+    assert np.abs(np.asarray(ref.logits - plain)).max() > 1e-3  # the edit really acted
+
+
 @pytest.mark.parametrize("name", ["llada", "dream"])
 def test_zero_noise_is_identity(models, name):
     params, cfg = models[name]

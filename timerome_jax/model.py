@@ -184,8 +184,13 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
         def body(h, l):
             return block(h, jax.tree.map(lambda a: a[l], layers), l, False)
 
-        return jax.lax.scan(body, h, jnp.arange(lo, hi, dtype=jnp.int32),
-                            unroll=min(cfg.layer_unroll, hi - lo))
+        if cfg.layer_unroll >= hi - lo:  # fully unrolled: static layer indices, no loop at all
+            ys = []
+            for l in range(lo, hi):
+                h, y = block(h, jax.tree.map(lambda a: a[l], layers), jnp.int32(l), False)
+                ys.append(y)
+            return h, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+        return jax.lax.scan(body, h, jnp.arange(lo, hi, dtype=jnp.int32), unroll=cfg.layer_unroll)
 
     # No edit (or one past stop_layer): one scan. An edit: scan up to its layer, that layer with the
     # edit inline, scan the rest, so no layer pays for a per-layer "is this the edit layer?" test.
