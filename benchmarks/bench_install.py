@@ -8,11 +8,12 @@ tokens (a 6-token subject inside it) + object 16 tokens, and prompt + target 16 
 cloze sequences are exactly 128 tokens (no padding). Coordinate: layer 19, resid (k* = -1).
 
 JAX (what `pipeline.install` does after tokenising): `memory.capture` (forward stopped at the layer,
-`--chunk` facts per forward, results brought to the host) then the solve: `default_lam` +
+`--chunk` facts per forward with both cloze sequences in it, results brought to the host) then the solve: `default_lam` +
 `memory.build` (host float64 Cholesky). The model fingerprint that `pipeline.install` also computes
-is timed apart (`fingerprint_s`) and included in `install_s`.
+is timed apart (`fingerprint_s`; computed from the weights on every call) and included in `install_s`.
+Floor: max(FLOPs / matmul ceiling, one read of the layers' weights per chunk / copy bandwidth).
 PyTorch: `torch_ref.hooks.capture_torch` (a forward hook at the layer that stops the forward), same
-chunks, masked means in float32 on the device; solve on the GPU in float64 (Cholesky, then
+chunks with both cloze sequences in one batched forward (as the JAX capture does), masked means in float32 on the device; solve on the GPU in float64 (Cholesky, then
 cholesky_inverse), the same lam rule. Same weights (DLPack views).
 Capture and solve are reported apart; compile time apart from steady state (median of up to
 `--repeats` runs within the budget; the JSON gives how many).
@@ -85,8 +86,11 @@ def jax_solve(u, v_o, v_t, layer, module, alpha, q, fingerprint):
 
 
 def torch_capture(model, tb: dict, n: int, layer: int, module: int, chunk: int):
-    """capture_torch per chunk (forward stops at the layer), masked means in float32 -> u, v_o, v_t."""
+    """capture_torch per chunk (forward stops at the layer), masked means in float32 -> u, v_o, v_t.
+    As in `memory.capture`, the original and target sequences of a chunk go through one batched
+    forward (padded to one length and one number of read positions)."""
     import torch
+    import torch.nn.functional as F
 
     from timerome_jax.torch_ref.hooks import capture_torch
 
@@ -94,17 +98,25 @@ def torch_capture(model, tb: dict, n: int, layer: int, module: int, chunk: int):
         w = valid.float()[..., None]
         return (h.float() * w).sum(1) / w.sum(1)
 
+    def pad_to(x, width, fill):
+        return F.pad(x, (0, width - x.shape[1]), value=fill)
+
     us, vos, vts = [], [], []
-    S = tb["subj_pos"].shape[1]
+    S, P = tb["subj_pos"].shape[1], tb["obj_pos"].shape[1]
+    T = max(tb["tokens_o"].shape[1], tb["tokens_t"].shape[1])
+    R = max(S + P, tb["tgt_pos"].shape[1])
+    pad_id = int(tb["pad_id"])
     for s in range(0, n, chunk):
         sl = slice(s, min(n, s + chunk))
+        k = sl.stop - sl.start
         pos_o = torch.cat([tb["subj_pos"][sl], tb["obj_pos"][sl]], 1)
-        a_o = capture_torch(model, tb["tokens_o"][sl], pos_o, layer, module, attention_mask=tb["pad_o"][sl])
-        a_t = capture_torch(model, tb["tokens_t"][sl], tb["tgt_pos"][sl], layer, module,
-                            attention_mask=tb["pad_t"][sl])
-        us.append(mean(a_o[:, :S], tb["subj_valid"][sl]))
-        vos.append(mean(a_o[:, S:], tb["obj_valid"][sl]))
-        vts.append(mean(a_t, tb["tgt_valid"][sl]))
+        tokens = torch.cat([pad_to(tb["tokens_o"][sl], T, pad_id), pad_to(tb["tokens_t"][sl], T, pad_id)])
+        mask = torch.cat([pad_to(tb["pad_o"][sl], T, False), pad_to(tb["pad_t"][sl], T, False)])
+        pos = torch.cat([pad_to(pos_o, R, 0), pad_to(tb["tgt_pos"][sl], R, 0)])
+        a = capture_torch(model, tokens, pos, layer, module, attention_mask=mask)
+        us.append(mean(a[:k, :S], tb["subj_valid"][sl]))
+        vos.append(mean(a[:k, S:S + P], tb["obj_valid"][sl]))
+        vts.append(mean(a[k:, : tb["tgt_pos"].shape[1]], tb["tgt_valid"][sl]))
     return torch.cat(us), torch.cat(vos), torch.cat(vts)
 
 
@@ -167,7 +179,7 @@ def main(argv=None):
     for n in args.sizes:
         f_cap = C.forward_flops(cfg, n, T_o, L_run, head=False) + C.forward_flops(cfg, n, T_t, L_run, head=False)
         f_solve = 2 * n * n * cfg.d_model + n ** 3  # Gram matrix + Cholesky and inverse (~n^3/3 + 2n^3/3)
-        calls = 2 * -(-n // args.chunk)
+        calls = -(-n // args.chunk)  # one read of the weights per chunk (both cloze sequences together)
         fl = C.floor(f_cap + f_solve, calls * C.weight_bytes(cfg, L_run, head=False), ceiling)
         rows[str(n)] = {"n": n, "capture_flops": f_cap, "solve_flops": f_solve, "floor": fl,
                         "target_install_s": TARGETS_S.get(n)}
@@ -184,6 +196,7 @@ def main(argv=None):
             tmodel, dev = C.shared_torch_model(params, cfg, rec)
             tb = {k: torch.as_tensor(v, device=dev).long() if v.dtype != bool else torch.as_tensor(v, device=dev)
                   for k, v in arrs.items()}
+            tb["pad_id"] = cfg.pad_token_id
             with torch.no_grad():
                 torch_capture(tmodel, tb, 1, args.layer, m_id, args.chunk)  # warm-up (handles, kernels)
                 C.torch_sync()

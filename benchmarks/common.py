@@ -541,6 +541,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                     help="JAX attention (default cudnn on GPU, xla on CPU; falls back to xla if cudnn fails)")
     ap.add_argument("--init-std", type=float, default=None, help="std of the random weights (0.02; --tiny 0.25)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layer-unroll", type=int, default=1,
+                    help="cfg.layer_unroll (1 = the library default rolled lax.scan; >= n_layers = a Python "
+                         "loop over layers with static indices)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="soft budget of this figure: optional repeats stop once it is spent")
     ap.add_argument("--ceiling-json", default=None, help="bench_ceiling's JSON of this run (else measured now)")
@@ -551,7 +554,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(args) -> tuple[ModelConfig, float]:
-    cfg = model_config(args.tiny, args.dtype, args.attn)
+    cfg = model_config(args.tiny, args.dtype, args.attn).replace(layer_unroll=args.layer_unroll)
     std = args.init_std if args.init_std is not None else default_init_std(args.tiny)
     if cfg.dtype == "float32" and args.tiny:
         # exact fp32 on the CPU, so the JAX/torch agreement checks are tight

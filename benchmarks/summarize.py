@@ -21,6 +21,12 @@ FIGS = (("ceiling", "ceiling.json"), ("a", "fig_a_tie.json"), ("b", "fig_b_insta
         ("scaling", "tie_scaling.json"))
 
 
+def _loop(unroll: int, n_layers: int) -> str:
+    if unroll >= n_layers:
+        return "unrolled (`layer_unroll` %d: static layer indices)" % unroll
+    return "`lax.scan`" + ("" if unroll == 1 else " (unroll %d)" % unroll)
+
+
 def _load(folder):
     out = {}
     for key, name in FIGS:
@@ -94,7 +100,8 @@ def _env_lines(figs):
         c = any_fig["shapes"]["config"]
         lines.append(f"- Model: {c['n_layers']} layers, d {c['d_model']}, {c['n_heads']} heads, FFN {c['d_ff']}, "
                      f"vocab {c['vocab_size']}, {c['dtype']}, JAX attention "
-                     f"`{any_fig.get('attn_impl_used', c['attn_impl'])}`, torch SDPA under no_grad; random weights "
+                     f"`{any_fig.get('attn_impl_used', c['attn_impl'])}`, layer loop "
+                     f"{_loop(c.get('layer_unroll', 1), c['n_layers'])}, torch SDPA under no_grad; random weights "
                      "made on the device by JAX"
                      + (f", the same weights in torch ({tw['transfer']}; torch's peak memory counts its own "
                         "allocations only)" if tw else ""))

@@ -14,12 +14,13 @@ from . import evaluate as ev
 from . import tofu
 
 
-def _load(path, dtype=None, attn_impl="xla"):
+def _load(path, dtype=None, attn_impl="xla", layer_unroll=1):
     from .checkpoint import load_model
 
     if not Path(path).is_dir():
         raise SystemExit(f"error: model folder {path} does not exist")
     params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl)
+    cfg = cfg.replace(layer_unroll=layer_unroll)
     if tok is None:
         raise SystemExit(f"error: model folder {path} has no tokenizer files; tracing and editing need one")
     return params, cfg, tok
@@ -29,6 +30,7 @@ def _model_args(p):
     p.add_argument("--model", default=str(ev.DEFAULT_MODEL), help="HF or converted folder (default: packaged TOFU target)")
     p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
     p.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"))
+    p.add_argument("--layer-unroll", type=int, default=1, help="layers per iteration of the layer loop (1: rolled lax.scan, fastest compile; >= the model's layers: unrolled, static indices: on an H100, 1.9x faster batch-1 forwards at 8B)")
     p.add_argument("--split", default="forget01", choices=tofu.FORGET_SPLITS)
     p.add_argument("--out", default="results")
     p.add_argument("--no-progress", action="store_true")
@@ -57,7 +59,7 @@ def run_trace(a):
     from . import pipeline as pl
     from . import trace as tr
 
-    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl)
+    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl, a.layer_unroll)
     eos = tok.eos_id if tok.eos_id is not None else cfg.eos_token_id
     facts = F.load_facts(tok, a.split, eos, limit=a.n_trace, require_subject=True)
     tcfg = _tcfg(a)
@@ -75,7 +77,7 @@ def run_edit(a):
     from .intervene import Intervene
     from .trace import Coordinate
 
-    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl)
+    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl, a.layer_unroll)
     if a.layer is None:
         npz = Path(a.trace)
         if not npz.is_file():
@@ -112,7 +114,7 @@ def run_edit(a):
 def run_demo(a):
     from . import pipeline as pl
 
-    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl)
+    params, cfg, tok = _load(a.model, a.dtype, a.attn_impl, a.layer_unroll)
     d = pl.DemoConfig()
     dcfg = pl.DemoConfig(split=a.split, n_trace=a.n_trace, trace=_tcfg(a), seeds=tuple(a.seeds), n_mc=a.n_mc,
                          limit=a.limit, lam=a.lam, target_text=a.target_text,

@@ -609,13 +609,14 @@ def _json_default(o):
 # CLI
 # ---------------------------------------------------------------------------------------------
 
-def _load_model(path, dtype: Optional[str] = None, attn_impl: str = "xla"):
+def _load_model(path, dtype: Optional[str] = None, attn_impl: str = "xla", layer_unroll: int = 1):
     """(params, cfg, tokenizer) of a local model folder via `hf.load_pretrained`."""
     from . import hf
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
     params, cfg, tok = hf.load_pretrained(str(path), dtype=dtype, attn_impl=attn_impl)
+    cfg = cfg.replace(layer_unroll=layer_unroll)
     if tok is None:
         raise ValueError(f"model folder {path} has no tokenizer (tokenizer.json); evaluation needs one")
     return params, cfg, tok
@@ -647,6 +648,7 @@ def build_eval_parser(subparsers=None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"), help="attention kernel (cudnn: GPU, bf16)")
+    p.add_argument("--layer-unroll", type=int, default=1, help="layers per iteration of the layer loop (1: rolled lax.scan, fastest compile; >= the model's layers: unrolled, static indices: on an H100, 1.9x faster batch-1 forwards at 8B)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--name", default=None, help="file stem of the outputs (default eval_<split>)")
     p.add_argument("--no-progress", action="store_true")
@@ -659,7 +661,8 @@ def run_eval(args, loader=None) -> dict:
     <out>/<name>_summary.{json,md}; returns the result."""
     from .sampler import SamplerConfig
 
-    load = loader or functools.partial(_load_model, dtype=args.dtype, attn_impl=args.attn_impl)
+    load = loader or functools.partial(_load_model, dtype=args.dtype, attn_impl=args.attn_impl,
+                                      layer_unroll=args.layer_unroll)
     names = expand_metrics(args.metrics)
     gl = args.gen_length
     args.limit = args.limit or None  # 0 = every row
