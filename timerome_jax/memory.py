@@ -508,6 +508,8 @@ def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Uni
     m = _check_capture(cfg, batch, layer, module)
     n = batch.n
     chunk = max(1, min(int(chunk), n))
+    if chunk == n:  # one chunk: no gathers, slices or concatenation (they cost as much as a small capture)
+        return _capture_chunk(params, batch, cfg, int(layer), m)
     outs = []
     for start in range(0, n, chunk):
         idx = np.arange(start, start + chunk)
