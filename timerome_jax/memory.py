@@ -7,9 +7,10 @@
     GatedEdit (Eq. 10)    h <- h + alpha * sum_f clip(<u_f,h>/(|u_f|^2+eps), 0, g_max) d_f
 
 An `EditMemory` has a fixed capacity C (rows padded with inactive slots), and every
-hyperparameter (alpha, q, lam, layer, step) is an array: memories with different facts, a
-different fact count or different hyperparameters but the same capacity share one compiled forward.
-Only `module` (which code path in the layer body) and the model fingerprint are static.
+hyperparameter (alpha, q, lam, step) is an array: memories with different facts, a different fact
+count or different hyperparameters but the same capacity and coordinate share one compiled forward.
+Static: the coordinate (layer, module: where the hook sits, so `model.run` applies the edit at that
+layer alone and no other layer pays a per-layer test for it) and the model fingerprint.
 
 Building and editing (build/insert/remove) runs on the host in float64: the keys of different
 facts share a large common residual component, so U U^T is badly conditioned for small lam and a
