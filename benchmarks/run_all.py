@@ -5,8 +5,8 @@
     python3 benchmarks/run_all.py --out $OUT --only ceiling,scaling   # on a multi-GPU machine
     python3 benchmarks/run_all.py --out /tmp/r --tiny                 # everything on a CPU, seconds
 
-At the 8B shape on one H100, ceiling+a take about 6 minutes and ceiling+b+c+d about 6, so within
-one device call (10 minutes) run them as two calls, each with its own $OUT:
+At the 8B shape on one H100, `--budget-s 480` runs everything with the fewest repeats (a: one sweep
+per framework; b, c, d: repeats while their soft budgets last); for more repeats, two calls:
     python3 benchmarks/run_all.py --out $OUT --only ceiling,a
     python3 benchmarks/run_all.py --out $OUT --only ceiling,b,c,d
 Knobs of one figure's script pass through --figure-args, e.g. --figure-args "a=--chunk 4 --torch-chunk 4".
@@ -22,8 +22,9 @@ figure rewrites its JSON after each section; summary.md is rewritten after each 
 --budget-s is the total wall-clock budget: a figure that would start with less than --min-left-s
 left is skipped (recorded in run_all.json and summary.md), and a figure still running when the
 budget ends is killed (its JSON keeps what it had saved, marked killed).
-Each figure also gets a soft budget (its share, capped by what is left) after which it stops
-taking optional repeats. Output files: ceiling.json, fig_a_tie.json, fig_b_install.json,
+Each figure also gets a soft budget (its share, capped by what is left once the figures still to
+come have their least time, `LEAST`) after which it stops taking optional repeats. With
+--budget-s 480, ceiling, a, b, c and d run in one call (8 minutes of device time). Output files: ceiling.json, fig_a_tie.json, fig_b_install.json,
 fig_c_generate.json, fig_d_memory.json, [tie_stages.json, tie_scaling.json], run_all.json,
 summary.md (at most 9; the device tool brings back 8, so run stages/scaling in a separate call).
 """
@@ -50,6 +51,9 @@ FILES = {"ceiling": ["ceiling.json"], "a": ["fig_a_tie.json"], "b": ["fig_b_inst
          "scaling": ["tie_scaling.json"]}
 # soft budgets (s) for optional repeats at full size; the minimal work of a figure is not cut
 SHARE = {"ceiling": 30, "a": 30, "b": 110, "cd": 110, "stages": 90, "scaling": 30}
+# about the least each figure takes at full size on one H100 (one run of everything, compile and
+# init included): a figure's soft budget leaves this much for every figure still to come
+LEAST = {"ceiling": 15, "a": 265, "b": 75, "cd": 80, "stages": 60, "scaling": 220}
 
 
 def _write_json(path, obj):
@@ -197,13 +201,15 @@ def main(argv=None):
     ceiling_json = os.path.join(args.out, "ceiling.json")
     log = {"only": only, "budget_s": args.budget_s, "tiny": args.tiny, "args": vars(args), "jobs": [],
            "skipped": []}
-    for job in jobs_for(only):
+    todo = jobs_for(only)
+    for i, job in enumerate(todo):
         left = args.budget_s - (time.perf_counter() - t_start)
+        later = sum(LEAST[j] for j in todo[i + 1:]) * (0.05 if args.tiny else 1.0)
         if left < min_left:
             log["skipped"].append({"job": job, "why": f"budget: {left:.0f}s left"})
             mark_killed(args.out, job, "skipped (run_all budget)")
             continue
-        soft = min(SHARE[job] * (0.2 if args.tiny else 1.0), max(left - min_left, 1.0))
+        soft = min(SHARE[job] * (0.2 if args.tiny else 1.0), max(left - min_left - later, 1.0))
         if job == "a" and args.repeats_a > 1:
             soft = max(left - min_left, 1.0)  # extra full sweeps were asked for: let them use what is left
         res = run_job(job, command(job, args, ceiling_json, soft), left, args.out)
