@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from timerome_jax.io import atomic_dir
 
 SPECIALS = ["<|endoftext|>", "<|mdm_mask|>"]
 PROMPT = "Question: {question}\nAnswer: "  # = timerome_jax.tofu.PROMPT_TEMPLATE
@@ -53,16 +52,13 @@ def train(data_dir: Path, vocab: int) -> Tokenizer:
 
 def save(tok: Tokenizer, out: Path) -> None:
     """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tok-"))
-    tok.save(str(tmp / "tokenizer.json"))
-    special = {"eos_token": SPECIALS[0], "pad_token": SPECIALS[0], "mask_token": SPECIALS[1]}
-    (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, **special}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as d:
+        tmp = Path(d)
+        tok.save(str(tmp / "tokenizer.json"))
+        special = {"eos_token": SPECIALS[0], "pad_token": SPECIALS[0], "mask_token": SPECIALS[1]}
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, **special}, indent=1))
 
 
 def main(argv=None):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
+from .io import atomic_dir
 from .model import param_shapes
 from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
@@ -57,11 +56,7 @@ def save(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = N
             jax.tree.leaves(want, is_leaf=_is_shape) != jax.tree.leaves(got, is_leaf=_is_shape):
         raise OrbaxCheckpointError("params do not match param_shapes(cfg); refusing to save a checkpoint "
                                    "that cannot be restored")
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
+    with atomic_dir(path) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "params"), params)
         ckptr.wait_until_finished()
@@ -71,16 +66,6 @@ def save(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = N
         if tokenizer is not None:
             os.makedirs(os.path.join(tmp, "tokenizer"))
             tokenizer.save(os.path.join(tmp, "tokenizer"))
-        if os.path.exists(path):
-            old = f"{path}.old-{os.getpid()}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def is_converted(path: str) -> bool:

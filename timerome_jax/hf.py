@@ -21,9 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from contextlib import ExitStack
 from typing import Any, Optional
 
@@ -32,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig
+from .io import atomic_dir
 from .model import param_shapes
 from .tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer, own_mask_id
 
@@ -735,17 +733,6 @@ def _write_safetensors(fp: str, entries, metadata: dict):
             f.write(x.tobytes())
 
 
-def _replace_dir(tmp: str, path: str):
-    """Move the finished folder `tmp` to `path` (an existing `path` is swapped out, then deleted)."""
-    if os.path.exists(path):
-        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, path)
-
-
 def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None,
                     dtype: str = "float32") -> None:
     """Write `params` as an HF folder in `cfg.family`'s layout: config.json (the family's real
@@ -790,18 +777,10 @@ def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tok
     for leaf in leaves:
         for key, idx, t in by_leaf[leaf]:
             entries.append((key, _expected_hf_shape(leaves[leaf], idx, t), st_dt, producer(leaf, idx, t)))
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
+    with atomic_dir(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(d, f, indent=2, sort_keys=True)
         _write_safetensors(os.path.join(tmp, "model.safetensors"), entries, {"format": "pt"})
         host.clear()
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
