@@ -320,7 +320,7 @@ def run_stages(args, cfg, params, fb, tcfg, ceiling, deadline):
             mark, t0 = watch.mark(), time.perf_counter()
             comp = tr.run_lanes.lower(params, fb_u, noise, corr, acts, lanes, cfg=cfg_used, tcfg=tcfg,
                                          step_fn=stage_step_fn(st)).compile()
-            c_wall, (nc, csec) = time.perf_counter() - t0, watch.since(mark)
+            c_wall, (_, csec) = time.perf_counter() - t0, watch.since(mark)
             m = C.measure(lambda: comp(params, fb_u, noise, corr, acts, lanes), want=args.stage_repeats,
                           deadline=deadline.at)
             if st == "full":

@@ -30,7 +30,7 @@ for layer in [1,3]:
         T = cb.tokens_o.shape[1]
         acts = run(params, cb.tokens_o, cfg, cb.pad_o, Intervene(read_pos=jnp.broadcast_to(jnp.arange(T), cb.tokens_o.shape)), stop_layer=layer).acts['resid'][layer]
         c = np.asarray(mem.coefficients(acts))  # [N,T,C]
-        pad = np.asarray(cb.pad_o); sp = np.asarray(cb.subj_pos); sv=np.asarray(cb.subj_valid); op=np.asarray(cb.obj_pos); ov=np.asarray(cb.obj_valid)
+        sp = np.asarray(cb.subj_pos); sv=np.asarray(cb.subj_valid); op=np.asarray(cb.obj_pos); ov=np.asarray(cb.obj_valid)
         subj = np.concatenate([c[i, sp[i][sv[i]]] for i in range(len(facts))])
         obj = np.concatenate([c[i, op[i][ov[i]]] for i in range(len(facts))])
         own = [np.abs(c[i, sp[i][sv[i]], i]).mean() for i in range(len(facts))] if facts is ff else None

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from timerome_jax import cli, facts as F, memory as mem_lib, pipeline as pl, trace as tr
-from timerome_jax.intervene import Intervene
 
 
 @pytest.fixture(scope="module")
