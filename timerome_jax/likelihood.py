@@ -195,16 +195,16 @@ def tile_intervene(iv: Optional[Intervene], B: int, m: int) -> Optional[Interven
 def _elbo_impl(params, tokens, answer_mask, pad_mask, key, example_ids, intervene, cfg, n_mc, estimator,
                mc_batch, eps):
     B, T = tokens.shape
+    m = mc_batch
+    # the samples go into the batch axis (row j * B + b), not through vmap: the cuDNN attention
+    # batching rule does not batch its padding mask, so a vmapped forward is not safe there
+    pad_m, iv_m = jnp.tile(pad_mask, (m, 1)), tile_intervene(intervene, B, m)  # loop-invariant
 
     def chunk(acc, c):
         js = c * mc_batch + jnp.arange(mc_batch, dtype=jnp.int32)
         masks, w = mc_masks(key, example_ids, answer_mask, n_mc, estimator, eps, js)  # [m,B,T], [m,B]
         noisy = jnp.where(masks, cfg.mask_token_id, tokens[None])
-        # the samples go into the batch axis (row j * B + b), not through vmap: the cuDNN attention
-        # batching rule does not batch its padding mask, so a vmapped forward is not safe there
-        m = mc_batch
-        logits = model.forward(params, noisy.reshape(m * B, T), cfg, jnp.tile(pad_mask, (m, 1)),
-                               tile_intervene(intervene, B, m)).reshape(m, B, T, -1)
+        logits = model.forward(params, noisy.reshape(m * B, T), cfg, pad_m, iv_m).reshape(m, B, T, -1)
         ce = _token_ce(logits, jnp.broadcast_to(tokens, noisy.shape))
         loss = jnp.sum(jnp.where(masks, ce, 0.0), axis=-1) * w  # [m,B]
         return acc + jnp.sum(loss, axis=0), None

@@ -217,12 +217,11 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
 def head(params, h, cfg: ModelConfig):
     """Final norm + LM head, float32 logits aligned so that [:, i] predicts token i."""
     dt = cdtype(cfg)  # matmul in the compute dtype with float32 accumulation (as every other matmul)
+    if cfg.logits_shift:  # AR-aligned families: hidden i-1 predicts token i (shifted before the
+        h = jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)  # head: [B,T,D], not the [B,T,V] logits)
     h = rms_norm(h, params["final_norm"], cfg.norm_eps).astype(dt)
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", h, w.astype(dt), preferred_element_type=jnp.float32)
-    if cfg.logits_shift:  # AR-aligned families: hidden i-1 predicts token i
-        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)
-    return logits
+    return jnp.einsum("btd,dv->btv", h, w.astype(dt), preferred_element_type=jnp.float32)
 
 
 def forward(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Intervene] = None, step=0):

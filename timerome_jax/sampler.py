@@ -318,8 +318,10 @@ def commit_with_noise(logits, x, cand, n_transfer, t, s, last, noise: Noise, cfg
     V = lg.shape[-1]
     banned = [cfg.mask_token_id] + ([cfg.eos_token_id] if scfg.suppress_eos else [])
     banned = sorted({b for b in banned if 0 <= b < V})
-    if banned:
-        lg = lg.at[..., jnp.asarray(banned)].set(-jnp.inf)
+    if banned:  # a select with a static [V] mask fuses into the argmax/logsumexp (a scatter copies lg)
+        is_banned = np.zeros(V, bool)
+        is_banned[banned] = True
+        lg = jnp.where(is_banned, -jnp.inf, lg)
     temp = scfg.temperature
     # Gumbel-max: argmax(logits + T * g) samples softmax(logits / T); LLaDA writes the same thing as
     # argmax(exp(logits) / (-log u) ** T). T = 0 is plain argmax.
