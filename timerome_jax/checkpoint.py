@@ -56,11 +56,12 @@ def save(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = N
             jax.tree.leaves(want, is_leaf=_is_shape) != jax.tree.leaves(got, is_leaf=_is_shape):
         raise OrbaxCheckpointError("params do not match param_shapes(cfg); refusing to save a checkpoint "
                                    "that cannot be restored")
+    dtype = _leaf_dtype(params)  # before writing gigabytes, not after
     with atomic_dir(path) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "params"), params)
         ckptr.wait_until_finished()
-        meta = {"format": FORMAT, "config": cfg.to_dict(), "param_dtype": _leaf_dtype(params)}
+        meta = {"format": FORMAT, "config": cfg.to_dict(), "param_dtype": dtype}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         if tokenizer is not None:

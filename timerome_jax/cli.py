@@ -15,15 +15,10 @@ from . import tofu
 
 
 def _load(path, dtype=None, attn_impl="xla", layer_unroll=1):
-    from .checkpoint import load_model
-
-    if not Path(path).is_dir():
-        raise SystemExit(f"error: model folder {path} does not exist")
-    params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl)
-    cfg = cfg.replace(layer_unroll=layer_unroll)
-    if tok is None:
-        raise SystemExit(f"error: model folder {path} has no tokenizer files; tracing and editing need one")
-    return params, cfg, tok
+    try:
+        return ev._load_model(path, dtype, attn_impl, layer_unroll)
+    except (FileNotFoundError, ev.NoTokenizerError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _model_args(p):

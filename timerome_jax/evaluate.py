@@ -61,7 +61,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from . import metrics as M
-from .io import write_text
+from .io import write_json, write_text
 from . import tofu
 
 SETS = ("forget", "retain", "ra", "wf")
@@ -79,9 +79,6 @@ GROUPS = {
 }
 DEFAULT_METRICS = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "prob", "truth_ratio", "rouge",
                    "forget_quality", "model_utility")
-MU_SOURCES = {"retain_prob": "retain_prob", "retain_rouge": "retain_rouge", "retain_tr": "retain_tr",
-              "ra_prob": "ra_prob", "ra_rouge": "ra_rouge", "ra_tr": "ra_tr",
-              "wf_prob": "wf_prob", "wf_rouge": "wf_rouge", "wf_tr": "wf_tr"}
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "tofu_target"
@@ -120,7 +117,7 @@ def _needs(metrics: tuple[str, ...]) -> dict[str, set]:
     """Which per-set quantities the metrics need: set -> subset of {answer, tr, rouge}."""
     want = set(metrics)
     if "model_utility" in want:
-        want |= set(MU_SOURCES.values())
+        want |= set(M.MU_KEYS)
     if "forget_quality" in want:
         want.add("forget_tr")
     need = {s: set() for s in SETS}
@@ -141,7 +138,7 @@ def _eval_rows(split: str, which: str, limit: Optional[int], root=None) -> list[
     name = f"{split}_perturbed" if which == "forget" else SET_FILES[which]
     rows = tofu.load_split(name, root=root, subjects=False)
     if which in ("forget", "retain"):  # global index in full.json, for example ids
-        off = {"forget01": 3960, "forget05": 3800, "forget10": 3600}.get(split, 0) if which == "forget" else 0
+        off = tofu.full_offset(name)
         for r in rows:
             r["_qid"] = (_SET_CODE["full"], off + r["index"])
     else:
@@ -364,7 +361,7 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
                                      "retain_tr_seed": used}
         if "model_utility" in names:
             per["model_utility"] = {"agg_value": M.model_utility(
-                {k: per[src]["agg_value"] for k, src in MU_SOURCES.items()})}
+                {k: per[k]["agg_value"] for k in M.MU_KEYS})}
         result["per_seed"][str(seed)] = per
     if gens_shared is not None:
         result["generations"] = {"shared": gens_shared}
@@ -431,7 +428,7 @@ def save_retain_tr(path, result: dict, model: str = "") -> None:
     payload = {"kind": "timerome_retain_forget_tr", "model": str(model), "split": result["split"],
                "n_mc": result["n_mc"], "estimator": result["estimator"], "limit": result["limit"],
                "by_seed": forget_tr_by_index(result)}
-    _atomic_write(path, json.dumps(payload, indent=1))
+    write_json(path, payload)
 
 
 def load_retain_tr(path) -> dict[str, dict[str, float]]:
@@ -483,7 +480,7 @@ def cached_retain_tr(out_dir, split: str, seeds: Sequence[int], n_mc: int, retai
     os.makedirs(out_dir, exist_ok=True)
     payload = {"kind": "timerome_retain_forget_tr", "model": str(retain_model), "split": split, "n_mc": n_mc,
                "estimator": estimator, "limit": limit, "by_seed": have}
-    _atomic_write(path, json.dumps(payload, indent=1))
+    write_json(path, payload)
     return {k: have[k] for k in map(str, seeds)}
 
 
@@ -578,10 +575,6 @@ def markdown_table(rows: list[dict], reference: Optional[str] = None) -> str:
             "* p<0.05, ** p<0.01, *** p<1e-4)\n\n" + t2)
 
 
-def _atomic_write(path, text: str) -> None:
-    write_text(path, text)
-
-
 def write_report(rows: list[dict], out_dir, name: str, reference: Optional[str] = None) -> tuple[Path, Path]:
     """Write `<out_dir>/<name>.json` (the rows) and `<out_dir>/<name>.md` atomically; return both paths.
     reference: the method marked "ref" in the Δ table (default: the one whose rows have no delta)."""
@@ -590,35 +583,30 @@ def write_report(rows: list[dict], out_dir, name: str, reference: Optional[str] 
         reference = next(iter(refs)) if len(refs) == 1 else None
     out = Path(out_dir)
     js, md = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write(js, json.dumps(rows, indent=1, default=_json_default))
-    _atomic_write(md, f"# {name}\n\n" + markdown_table(rows, reference))
+    write_json(js, rows)
+    write_text(md, f"# {name}\n\n" + markdown_table(rows, reference))
     return js, md
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
 
+class NoTokenizerError(ValueError):
+    """A model folder without tokenizer files (evaluation, tracing and editing need one)."""
+
+
 def _load_model(path, dtype: Optional[str] = None, attn_impl: str = "xla", layer_unroll: int = 1):
-    """(params, cfg, tokenizer) of a local model folder via `hf.load_pretrained`."""
-    from . import hf
+    """(params, cfg, tokenizer) of a local HF or converted model folder via `checkpoint.load_model`."""
+    from .checkpoint import load_model
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    params, cfg, tok = hf.load_pretrained(str(path), dtype=dtype, attn_impl=attn_impl)
+    params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl)
     cfg = cfg.replace(layer_unroll=layer_unroll)
     if tok is None:
-        raise ValueError(f"model folder {path} has no tokenizer (tokenizer.json); evaluation needs one")
+        raise NoTokenizerError(f"model folder {path} has no tokenizer files (tokenizer.json); evaluation, "
+                               "tracing and editing need one")
     return params, cfg, tok
 
 
@@ -686,7 +674,7 @@ def run_eval(args, loader=None) -> dict:
                    mc_batch=args.mc_batch, length_bucket=args.length_bucket)
     res["model"] = str(args.model)
     name = args.name or f"eval_{args.split}"
-    _atomic_write(Path(args.out) / f"{name}.json", json.dumps(res, indent=1, default=_json_default))
+    write_json(Path(args.out) / f"{name}.json", res)
     write_report(compare({"model": res}, reference="model"), args.out, f"{name}_summary")
     for m in names:
         vals = res["metrics"][m]

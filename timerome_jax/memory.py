@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from typing import Optional, Sequence, Union
 
@@ -34,6 +33,7 @@ import numpy as np
 
 from .config import MODULES, ModelConfig, module_id
 from .intervene import Intervene
+from .io import atomic_path
 from . import model as _model
 
 FORMAT_NAME = "timerome-edit-memory"
@@ -511,13 +511,18 @@ def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Uni
     chunk = max(1, min(int(chunk), n))
     if chunk == n:  # one chunk: no gathers, slices or concatenation (they cost as much as a small capture)
         return _capture_chunk(params, batch, cfg, int(layer), m)
+    return _chunked(batch, n, chunk, lambda sub: _capture_chunk(params, sub, cfg, int(layer), m))
+
+
+def _chunked(batch, n: int, step: int, run):
+    """`run(sub)` on consecutive `step`-row chunks of `batch` (the last one padded with copies of
+    row 0, so every chunk has one shape); returns its three outputs' first n rows, concatenated."""
     outs = []
-    for start in range(0, n, chunk):
-        idx = np.arange(start, start + chunk)
+    for start in range(0, n, step):
+        idx = np.arange(start, start + step)
         idx = np.where(idx < n, idx, 0)
-        sub = jax.tree.map(lambda a: a[idx], batch)
-        res = _capture_chunk(params, sub, cfg, int(layer), m)
-        k = min(chunk, n - start)
+        res = run(jax.tree.map(lambda a: a[idx], batch))
+        k = min(step, n - start)
         outs.append(tuple(r[:k] for r in res))
     return tuple(jnp.concatenate([o[i] for o in outs]) for i in range(3))
 
@@ -612,18 +617,10 @@ def save(mem: EditMemory, path: Union[str, os.PathLike], meta: Optional[dict] = 
         blob = json.dumps(header, sort_keys=True).encode()
     except TypeError as e:
         raise ValueError(f"save: meta is not JSON-serialisable ({e})") from None
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(blob, np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add ".npz"
+        np.savez(f, meta=np.frombuffer(blob, np.uint8), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _norm_coordinate(coord) -> tuple:

@@ -21,7 +21,6 @@ import functools
 from typing import Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -159,11 +158,4 @@ def capture(params, cfg: ModelConfig, batch: mem_lib.ClozeBatch, layer: int, mod
     params = replicate(params, mesh)
     fn = _capture_fn(mesh, cfg, int(layer), m)
     host = jax.tree.map(np.asarray, batch)  # index on the host, then place each call's rows once
-    outs = []
-    for start in range(0, n, step):
-        idx = np.arange(start, start + step)
-        idx = np.where(idx < n, idx, 0)
-        sub = shard_rows(jax.tree.map(lambda a: a[idx], host), mesh)
-        k = min(step, n - start)
-        outs.append(tuple(r[:k] for r in fn(params, sub)))
-    return tuple(jnp.concatenate([o[i] for o in outs]) for i in range(3))
+    return mem_lib._chunked(host, n, step, lambda sub: fn(params, shard_rows(sub, mesh)))

@@ -98,6 +98,12 @@ _SPLITS = {
     "idontknow": ("idontknow.jsonl", "text", None),
 }
 SPLITS = tuple(_SPLITS)
+
+
+def full_offset(name: str) -> Optional[int]:
+    """Offset of split `name`'s rows in full.json (None for splits that are not rows of it)."""
+    parent = _SPLITS[name][2]
+    return parent[1] if parent is not None and parent[0] == "full" else None
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
 _FIELDS = {

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import atomic_path
+
 
 # ------------------------------------------------------------------------------------------------
 # config views (HF config.json dicts -> the few numbers the forward needs)
@@ -442,10 +444,9 @@ def save_hf_folder(model: nn.Module, cfg_dict: dict, path: str, dtype: Optional[
     sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous().clone()
           for k, v in model.state_dict().items()}
 
-    def atomic(name, write):  # write to a temp file in the same folder, then os.replace
-        tmp = os.path.join(path, f".{name}.tmp-{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, os.path.join(path, name))
+    def atomic(name, write):
+        with atomic_path(os.path.join(path, name)) as tmp:
+            write(tmp)
 
     def write_json(obj):
         def w(fp):
