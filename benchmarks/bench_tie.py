@@ -108,18 +108,14 @@ def warm_trace(params, cfg, fb, tcfg, runner=None) -> dict:
     it will build (so the timed calls hit the compilation cache). Runs the two short trajectories."""
     watch = C.CompileWatch.get()
     mark, t0 = watch.mark(), time.perf_counter()
-    fb = _unpadded(fb)
-    clean = tr.trajectory(params, fb, None, cfg=cfg, tcfg=tcfg, read=True)
-    sigma = sigma_of(params, tcfg)
-    noise = tr.embedding_noise(jax.random.fold_in(jax.random.key(tcfg.seed), 0), fb, params, sigma)
-    corr = tr.trajectory(params, fb, noise, cfg=cfg, tcfg=tcfg, read=False)
+    fb, noise, corr, acts = lane_inputs(params, cfg, fb, tcfg)
     lanes = tr.plan_lanes(cfg.n_layers, tcfg.steps)
     if runner is None:
-        compiled = tr.run_lanes.lower(params, fb, noise, corr, clean.acts, jnp.asarray(lanes), cfg=cfg,
+        compiled = tr.run_lanes.lower(params, fb, noise, corr, acts, jnp.asarray(lanes), cfg=cfg,
                                       tcfg=tcfg).compile()
     else:
-        compiled = runner.lower(params, fb, noise, corr, clean.acts, lanes).compile()
-    C.block((clean, corr))
+        compiled = runner.lower(params, fb, noise, corr, acts, lanes).compile()
+    C.block((acts, corr))
     n, secs = watch.since(mark)
     return {"wall_s": time.perf_counter() - t0, "compile_s": secs, "n_compilations": n,
             "run_lanes_memory": C.memory_analysis(compiled)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -88,9 +89,9 @@ def random_tokens(rng: np.random.Generator, shape, cfg: ModelConfig) -> np.ndarr
 # ------------------------------------------------------------------------------------------------
 
 
-def init_params(key, cfg: ModelConfig, std: float, sharding=None):
+def init_params(key, cfg: ModelConfig, std: float):
     """Random params in cfg.dtype made inside one jit on the device (no host copies): matrices
-    N(0, std^2), norm weights 1. `sharding` (optional) is the out_sharding of every leaf."""
+    N(0, std^2), norm weights 1."""
     shapes = model_lib.param_shapes(cfg)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
     dt = model_lib.cdtype(cfg)
@@ -105,8 +106,7 @@ def init_params(key, cfg: ModelConfig, std: float, sharding=None):
                 leaves.append(jax.random.normal(k, shp, dt) * jnp.asarray(std, dt))
         return jax.tree.unflatten(treedef, leaves)
 
-    f = jax.jit(make) if sharding is None else jax.jit(make, out_shardings=sharding)
-    return jax.block_until_ready(f(key))
+    return jax.block_until_ready(jax.jit(make)(key))
 
 
 def torch_device():
@@ -360,9 +360,6 @@ class Deadline:
     def left(self) -> float:
         return float("inf") if self.at is None else self.at - time.perf_counter()
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
 
 # ------------------------------------------------------------------------------------------------
 # memory
@@ -436,7 +433,13 @@ def memory_analysis(compiled) -> Optional[dict]:
 
 
 def env_info() -> dict:
-    """Card, software versions and the knobs of the environment that change timings."""
+    """Card, software versions and the knobs of the environment that change timings (the slow part,
+    an nvidia-smi call and a torch import, is looked up once per process)."""
+    return {**_env_static(), "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+@functools.lru_cache(maxsize=None)
+def _env_static() -> dict:
     import jaxlib
 
     d = jax.devices()[0]
@@ -444,7 +447,6 @@ def env_info() -> dict:
             "n_local_devices": jax.local_device_count(), "jax_version": jax.__version__,
             "jaxlib_version": jaxlib.__version__, "numpy_version": np.__version__,
             "python": platform.python_version(), "host": platform.node(), "cpu_count": os.cpu_count(),
-            "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
                                                      "XLA_PYTHON_CLIENT_MEM_FRACTION", "PYTORCH_CUDA_ALLOC_CONF",
                                                      "CUDA_VISIBLE_DEVICES")}}

@@ -47,7 +47,7 @@ def hlo_counts(compiled) -> dict:
 def main(argv=None):
     ap = C.base_parser(__doc__)
     ap.add_argument("--label", default="scan")
-    ap.add_argument("--unroll", type=int, default=1)
+    ap.add_argument("--unroll", dest="layer_unroll", type=int, default=1, help="= --layer-unroll")
     ap.add_argument("--what", default="fwd,gen,capture")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--dump-hlo", action="store_true", help="write the batch-1 forward's optimized HLO")
@@ -56,8 +56,7 @@ def main(argv=None):
     C.fill_sizes(args, (("layer", 19, 1), ("fwd_batches", "1,32", "1,4")))
     what = set(args.what.split(","))
     cfg, std, deadline, ceiling = C.start(args)
-    cfg = cfg.replace(layer_unroll=args.unroll)
-    rec = {"label": args.label, "unroll": args.unroll, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    rec = {"label": args.label, "unroll": args.layer_unroll, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     params = C.init_params(jax.random.key(args.seed), cfg, std)
     mem = make_memory(cfg, 16 if args.tiny else 400, 4, 0.5, args.layer, "resid", args.seed + 3)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,11 @@ from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timerome_jax.config import ModelConfig  # noqa: E402
+from timerome_jax.io import atomic_path, write_json  # noqa: E402
 from timerome_jax.model import forward, init_params  # noqa: E402
+from timerome_jax.tofu import PROMPT_TEMPLATE as PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "Question: {question}\nAnswer: "  # = timerome_jax.tofu.PROMPT_TEMPLATE
 EPS = 1e-3
 
 
@@ -230,11 +230,10 @@ def main(argv=None):
     print(json.dumps(report, indent=1))
     for m, name in enumerate(splits):
         flat = {jax.tree_util.keystr(p): np.asarray(v[m]) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-        tmp = out / f".{name}.npz"
-        np.savez(tmp, **flat)
-        os.replace(tmp, out / f"{name}.npz")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+        with atomic_path(out / f"{name}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **flat)
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    write_json(out / "report.json", report)
 
 
 if __name__ == "__main__":

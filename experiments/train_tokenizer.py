@@ -14,9 +14,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from timerome_jax.io import atomic_dir
+from timerome_jax.tofu import PROMPT_TEMPLATE as PROMPT
 
 SPECIALS = ["<|endoftext|>", "<|mdm_mask|>"]
-PROMPT = "Question: {question}\nAnswer: "  # = timerome_jax.tofu.PROMPT_TEMPLATE
 TEXT_FIELDS = ("question", "answer", "paraphrased_answer", "paraphrased_question", "perturbed_answer",
                "option1", "option2", "option3", "option4")
 
