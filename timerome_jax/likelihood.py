@@ -41,6 +41,13 @@ def _is_traced(*xs) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in xs)
 
 
+def _as_key(key):
+    """An int is taken as a seed; anything else is already a PRNG key."""
+    if isinstance(key, (int, np.integer)):
+        return jax.random.PRNGKey(int(key))
+    return key
+
+
 def resolve_estimator(cfg: ModelConfig, estimator: str) -> str:
     """"auto" -> "dream" for logit-shifted families (Dream, DiffuLLaMA), else "llada"."""
     if estimator not in ESTIMATORS:
@@ -168,10 +175,11 @@ def mc_masks(key, example_ids, answer_mask, n_mc: int, estimator: str, eps: floa
 # ----------------------------------------------------------------------------------------- ELBO
 
 
-def _token_ce(logits, tokens):
-    """Cross-entropy [..., T] float32 of `tokens` under logits [..., T, V]."""
+def token_logprob(logits, tokens):
+    """log p(tokens) [..., T] float32 under logits [..., T, V] (the log-softmax at one token, without
+    materialising the whole [..., T, V] log-softmax)."""
     lg = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(lg, axis=-1) - jnp.take_along_axis(lg, tokens[..., None], -1)[..., 0]
+    return jnp.take_along_axis(lg, tokens[..., None], -1)[..., 0] - jax.nn.logsumexp(lg, axis=-1)
 
 
 def tile_intervene(iv: Optional[Intervene], B: int, m: int) -> Optional[Intervene]:
@@ -205,7 +213,7 @@ def _elbo_impl(params, tokens, answer_mask, pad_mask, key, example_ids, interven
         masks, w = mc_masks(key, example_ids, answer_mask, n_mc, estimator, eps, js)  # [m,B,T], [m,B]
         noisy = jnp.where(masks, cfg.mask_token_id, tokens[None])
         logits = model.forward(params, noisy.reshape(m * B, T), cfg, pad_m, iv_m).reshape(m, B, T, -1)
-        ce = _token_ce(logits, jnp.broadcast_to(tokens, noisy.shape))
+        ce = -token_logprob(logits, jnp.broadcast_to(tokens, noisy.shape))
         loss = jnp.sum(jnp.where(masks, ce, 0.0), axis=-1) * w  # [m,B]
         return acc + jnp.sum(loss, axis=0), None
 
@@ -266,15 +274,14 @@ def elbo(params, cfg: ModelConfig, tokens, answer_mask, pad_mask, key, n_mc: int
     example_ids = jnp.arange(B, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (B,):
         raise ValueError(f"elbo: example_ids must have shape ({B},), got {example_ids.shape}")
-    if isinstance(key, (int, np.integer)):
-        key = jax.random.PRNGKey(int(key))
+    key = _as_key(key)
     return _elbo_jit(params, tokens, answer_mask, pad_mask, key, example_ids, intervene, cfg=cfg, n_mc=int(n_mc),
                      estimator=est, mc_batch=int(mb), eps=float(eps))
 
 
 def _all_masked_impl(params, tokens, answer_mask, pad_mask, intervene, cfg):
     noisy = jnp.where(answer_mask, cfg.mask_token_id, tokens)
-    ce = _token_ce(model.forward(params, noisy, cfg, pad_mask, intervene), tokens)
+    ce = -token_logprob(model.forward(params, noisy, cfg, pad_mask, intervene), tokens)
     return -jnp.sum(jnp.where(answer_mask, ce, 0.0), axis=-1)
 
 

@@ -48,6 +48,7 @@ import numpy as np
 from . import model
 from .config import ModelConfig
 from .intervene import Intervene
+from .likelihood import _as_key, _is_traced, token_logprob
 
 LLADA_RULES = ("low_confidence", "random")
 DREAM_RULES = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -142,10 +143,6 @@ class Noise(NamedTuple):
     gumbel: Optional[jax.Array]
     u: Optional[jax.Array]
     g_sel: Optional[jax.Array]
-
-
-def _is_traced(*xs) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in xs)
 
 
 # --------------------------------------------------------------------------------------- canvas
@@ -329,7 +326,7 @@ def commit_with_noise(logits, x, cand, n_transfer, t, s, last, noise: Noise, cfg
     rule = scfg.remasking
     if rule in LLADA_RULES:
         if rule == "low_confidence":  # softmax(logits)[x0], no temperature (as LLaDA)
-            conf = jnp.exp(jnp.take_along_axis(lg, x0[..., None], -1)[..., 0] - jax.nn.logsumexp(lg, axis=-1))
+            conf = jnp.exp(token_logprob(lg, x0))
         else:
             conf = noise.u
         sel = topk_mask(conf, cand, n_transfer)
@@ -410,12 +407,6 @@ def _generate_entry(params, x, pad_mask, prompt_mask, sched, key, intervene, cfg
 
 generate_scan = jax.jit(_generate_entry, static_argnames=("cfg", "scfg", "return_history"))
 generate_scan.__doc__ = """Jitted core of `generate` with a precomputed `Schedule` (cfg/scfg/return_history static)."""
-
-
-def _as_key(key):
-    if isinstance(key, (int, np.integer)):
-        return jax.random.PRNGKey(int(key))
-    return key
 
 
 def generate(params, cfg: ModelConfig, scfg: SamplerConfig, x, pad_mask, prompt_mask, key,

@@ -43,6 +43,7 @@ import numpy as np
 from . import model, sampler
 from .config import MODULES, ModelConfig
 from .intervene import Intervene, Patch
+from .likelihood import token_logprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,7 @@ def _schedule(fb: FactBatch, cfg: ModelConfig, scfg) -> sampler.Schedule:
 def _step(params, cfg, scfg, fb: FactBatch, sched, x, lpf, step, iv: Intervene, read: bool):
     """One traced denoising step: forward, object-log-prob bookkeeping, commit."""
     out = model.run(params, x, cfg, fb.pad_mask, iv, step)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(out.logits, -1), fb.obj[..., None], -1)[..., 0]
+    lp = token_logprob(out.logits, fb.obj)
     lpf = jnp.where((x == cfg.mask_token_id) & fb.obj_mask, lp, lpf)
     score = jnp.sum(jnp.where(fb.obj_mask, lpf, 0.0), -1)
     x_new = sampler.commit(out.logits, x, sched, step, jax.random.key(0), cfg, scfg)
