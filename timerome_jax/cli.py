@@ -12,6 +12,8 @@ from pathlib import Path
 
 from . import evaluate as ev
 from . import tofu
+from .memory import DEFAULT_TARGET_TEXT
+from .tokenizer import eos_or_default
 
 
 def _load(path, dtype=None, attn_impl="xla", layer_unroll=1):
@@ -55,7 +57,7 @@ def run_trace(a):
     from . import trace as tr
 
     params, cfg, tok = _load(a.model, a.dtype, a.attn_impl, a.layer_unroll)
-    eos = tok.eos_id if tok.eos_id is not None else cfg.eos_token_id
+    eos = eos_or_default(tok, cfg)
     facts = F.load_facts(tok, a.split, eos, limit=a.n_trace, require_subject=True)
     tcfg = _tcfg(a)
     res = pl.trace_facts(params, cfg, facts, tcfg, batch=a.n_trace, progress=not a.no_progress)
@@ -83,13 +85,12 @@ def run_edit(a):
         coord = Coordinate(int(c[0]), int(c[1]), int(c[2]))
     else:
         coord = Coordinate(a.layer, a.step, MODULES.index(a.module))
-    eos = tok.eos_id if tok.eos_id is not None else cfg.eos_token_id
+    eos = eos_or_default(tok, cfg)
     facts = F.load_facts(tok, a.split, eos, limit=a.limit)
     target = a.target_text
     if a.idk_targets:
         idk = tofu.load_split("idontknow")
-        target = [idk[i % len(idk)]["text"] if isinstance(idk[i % len(idk)], dict) else str(idk[i % len(idk)])
-                  for i in range(len(facts))]
+        target = [idk[i % len(idk)]["text"] for i in range(len(facts))]
     memory, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, a.lam, target)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     mem_path = Path(a.out) / "memory.npz"
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set")
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--lam", type=float, default=None, help="ridge lambda (default 0.1 * mean ||u||^2)")
-    p.add_argument("--target-text", default="I don't know.")
+    p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT)
     p.set_defaults(func=run_demo)
 
     p = sub.add_parser("trace", help="Stage 1-2: TIE heatmaps and the selected coordinate")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q", type=int, default=2, help="TopQ sparsity (0 = dense)")
     p.add_argument("--lam", type=float, default=None)
     p.add_argument("--limit", type=int, default=None, help="first N facts of the split")
-    p.add_argument("--target-text", default="I don't know.")
+    p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT)
     p.add_argument("--idk-targets", action="store_true", help="targets from TOFU idontknow.jsonl")
     p.add_argument("--evaluate", action="store_true", help="also evaluate no_edit vs the edit")
     p.add_argument("--retain-model", default=str(ev.DEFAULT_RETAIN_MODEL))

@@ -11,11 +11,16 @@ FAMILIES = ("llada", "mmada", "dream", "diffullama", "llada_moe")
 MODULES = ("resid", "attn", "mlp")  # index = module id used by interventions and edits
 
 
-def module_id(name: str) -> int:
-    """Index of a module name in `MODULES` (raises a clear error on a typo)."""
-    if name not in MODULES:
-        raise ValueError(f"unknown module {name!r}; expected one of {MODULES}")
-    return MODULES.index(name)
+def module_id(module) -> int:
+    """Index of a module in `MODULES`, from its name or its id (a clear error on a typo or a bad id)."""
+    if isinstance(module, str):
+        if module not in MODULES:
+            raise ValueError(f"unknown module {module!r}; expected one of {MODULES}")
+        return MODULES.index(module)
+    m = int(module)
+    if not 0 <= m < len(MODULES):
+        raise ValueError(f"module id {module!r} out of range; expected 0..{len(MODULES) - 1} {MODULES}")
+    return m
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,7 @@ import numpy as np
 from . import metrics as M
 from .io import write_json, write_text
 from . import tofu
+from .tokenizer import eos_or_default
 
 SETS = ("forget", "retain", "ra", "wf")
 SET_FILES = {"retain": "retain_perturbed", "ra": "real_authors_perturbed", "wf": "world_facts_perturbed"}
@@ -318,8 +319,7 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
         raise ValueError(f"n_mc and batch_size must be >= 1, got {n_mc}, {batch_size}")
     scfg = sampler if sampler is not None else default_sampler(gen_length)
     gbs = gen_batch_size or batch_size
-    eos = getattr(tokenizer, "eos_id", None)
-    eos = cfg.eos_token_id if eos is None else int(eos)
+    eos = eos_or_default(tokenizer, cfg)
     need = _needs(names)
     rows = {w: _eval_rows(split, w, limit, data_root) if need[w] else [] for w in SETS}
     items = _items(rows, need, tokenizer, eos)

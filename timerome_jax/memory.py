@@ -49,15 +49,6 @@ def _layer_id(layer) -> int:
     return int(layer)
 
 
-def _module_id(module: Union[int, str]) -> int:
-    if isinstance(module, str):
-        return module_id(module)
-    m = int(module)
-    if not 0 <= m < len(MODULES):
-        raise ValueError(f"module id {module!r} out of range; expected 0..{len(MODULES) - 1} {MODULES}")
-    return m
-
-
 # --------------------------------------------------------------------------------------------
 # TopQ and the two edit pytrees
 # --------------------------------------------------------------------------------------------
@@ -192,7 +183,7 @@ def gated_edit(u, d, alpha: float, layer: int, module: Union[int, str], step: in
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     i32 = lambda x: jnp.asarray(x, jnp.int32)
     return GatedEdit(jnp.asarray(u), jnp.asarray(d), f32(alpha), f32(g_max), f32(eps), i32(step),
-                     _layer_id(layer), _module_id(module))
+                     _layer_id(layer), module_id(module))
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +229,7 @@ def _make(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprint) -> 
         active=jnp.asarray(active, jnp.bool_), alpha=jnp.asarray(alpha, jnp.float32),
         q=jnp.asarray(q, jnp.int32), lam=jnp.asarray(lam, jnp.float32),
         step=jnp.asarray(step, jnp.int32), layer=_layer_id(layer),
-        module=_module_id(module), fingerprint=str(fingerprint))
+        module=module_id(module), fingerprint=str(fingerprint))
 
 
 def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:
@@ -487,7 +478,7 @@ def _capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: 
 
 def _check_capture(cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str]) -> int:
     """Validate a capture request (shared with `sharding.capture`); returns the module id."""
-    m = _module_id(module)
+    m = module_id(module)
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"capture: layer {layer} out of range for a {cfg.n_layers}-layer model")
     for name, valid in (("subject", batch.subj_valid), ("object", batch.obj_valid),
@@ -627,7 +618,7 @@ def _norm_coordinate(coord) -> tuple:
     if len(coord) not in (2, 3):
         raise ValueError(f"expect_coordinate must be (layer, module) or (layer, module, step), "
                          f"got {coord!r}")
-    out = (int(coord[0]), _module_id(coord[1]))
+    out = (int(coord[0]), module_id(coord[1]))
     return out + ((int(coord[2]),) if len(coord) == 3 else ())
 
 

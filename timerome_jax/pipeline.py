@@ -27,8 +27,9 @@ from . import trace as tr
 from .config import MODULES
 from .intervene import Intervene
 from .io import atomic_path, write_json
+from .tokenizer import eos_or_default
 
-DEFAULT_TARGET = "I don't know."
+DEFAULT_TARGET = mem_lib.DEFAULT_TARGET_TEXT
 
 
 def _bar(total, desc, progress):
@@ -146,7 +147,7 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
+    eos = eos_or_default(tokenizer, cfg)
     all_facts = F.load_facts(tokenizer, dcfg.split, eos)
     traced = [f for f in all_facts if f.key_source == "subject"][: dcfg.n_trace]
     t0 = time.perf_counter()

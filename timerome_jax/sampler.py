@@ -49,6 +49,7 @@ from . import model
 from .config import ModelConfig
 from .intervene import Intervene
 from .likelihood import _as_key, _is_traced, token_logprob
+from .tokenizer import eos_or_default
 
 LLADA_RULES = ("low_confidence", "random")
 DREAM_RULES = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -449,6 +450,4 @@ def generate_text(params, cfg: ModelConfig, tokenizer, prompts: Sequence[str], g
     ids = [list(tokenizer.encode(p)) for p in prompts]
     x, pad_mask, prompt_mask = make_canvas(ids, gen_length, cfg, max_len)
     out = np.asarray(generate(params, cfg, scfg, x, pad_mask, prompt_mask, jax.random.PRNGKey(seed), intervene))
-    eos = getattr(tokenizer, "eos_id", None)
-    eos = cfg.eos_token_id if eos is None else eos
-    return [tokenizer.decode(cut_at_eos(row, eos)) for row in out[:, -gen_length:]]
+    return [tokenizer.decode(cut_at_eos(row, eos_or_default(tokenizer, cfg))) for row in out[:, -gen_length:]]

@@ -24,6 +24,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
+def eos_or_default(tokenizer, cfg) -> int:
+    """The tokenizer's end-of-sequence id, or `cfg.eos_token_id` when it has none (or no `.eos_id`)."""
+    eos = getattr(tokenizer, "eos_id", None)
+    return cfg.eos_token_id if eos is None else int(eos)
+
+
 class TokenizerError(ValueError):
     """A tokenizer folder is missing, unreadable or disagrees with the model config."""
 

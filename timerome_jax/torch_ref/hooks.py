@@ -31,19 +31,8 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-MODULES = ("resid", "attn", "mlp")  # mirrors timerome_jax.config.MODULES (no JAX import here)
-
-
-def module_index(module: Union[int, str]) -> int:
-    """Module id from a name or id (clear error on a typo)."""
-    if isinstance(module, str):
-        if module not in MODULES:
-            raise ValueError(f"unknown module {module!r}; expected one of {MODULES}")
-        return MODULES.index(module)
-    m = int(module)
-    if not 0 <= m < len(MODULES):
-        raise ValueError(f"module id {module!r} out of range; expected 0..{len(MODULES) - 1}")
-    return m
+from ..config import MODULES  # noqa: F401 - re-exported for the torch side
+from ..config import module_id as module_index  # name or id -> id
 
 
 # --------------------------------------------------------------------------------------------
