@@ -30,27 +30,20 @@ class Fact:
     object_ids: tuple          # encode(answer) + [eos]
 
 
-def question_token_positions(tokenizer, question: str) -> list[int]:
-    """Positions of the question's tokens inside encode(format_prompt(question))."""
-    prompt = tofu.format_prompt(question)
-    shift = tofu.PROMPT_TEMPLATE.index("{question}")
-    _, offs = tofu.token_offsets(tokenizer, prompt)
-    a, b = tofu.token_span(offs, (shift, shift + len(question)))
-    return list(range(a, b))
-
-
-def make_facts(tokenizer, rows: Sequence[dict], eos_id: int, require_subject: bool = False) -> list[Fact]:
-    """Facts from TOFU rows (as returned by `tofu.load_split`, with subjects)."""
+def make_facts(tokenizer, rows: Sequence[dict], eos_id: int, require_subject: bool = False,
+               limit: Optional[int] = None) -> list[Fact]:
+    """Facts from TOFU rows (as returned by `tofu.load_split`, with subjects); the first `limit`
+    usable rows when given. The key positions are the subject's tokens, or the whole question's
+    when the row has no subject (key_source "question")."""
     facts = []
     for i, r in enumerate(rows):
-        subj = r.get("subject")
+        if limit and len(facts) == limit:
+            break
+        q, subj = r["question"], r.get("subject")
         if subj is None and require_subject:
             continue
-        prompt = tokenizer.encode(tofu.format_prompt(r["question"]))
-        if subj is not None:
-            pos, src = tofu.subject_token_positions(tokenizer, r["question"], subj), "subject"
-        else:
-            pos, src = question_token_positions(tokenizer, r["question"]), "question"
+        span, src = (tofu.subject_span(q, subj), "subject") if subj is not None else ((0, len(q)), "question")
+        prompt, pos = tofu.prompt_token_positions(tokenizer, q, span)
         facts.append(Fact(i, r.get("global_index"), r["question"], r["answer"], subj, tuple(prompt), tuple(pos), src,
                           tuple(tokenizer.encode(r["answer"])) + (int(eos_id),)))
     if not facts:
@@ -63,8 +56,7 @@ def load_facts(tokenizer, split: str, eos_id: int, limit: Optional[int] = None, 
                data_root=None) -> list[Fact]:
     """Facts of a TOFU split (first `limit` usable rows)."""
     rows = tofu.load_split(split, root=data_root)
-    facts = make_facts(tokenizer, rows, eos_id, require_subject)
-    return facts[:limit] if limit else facts
+    return make_facts(tokenizer, rows, eos_id, require_subject, limit)
 
 
 def fact_batch(facts: Sequence[Fact], cfg: ModelConfig):

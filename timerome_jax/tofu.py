@@ -466,17 +466,28 @@ def token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]
     return ids, offs
 
 
+def prompt_token_positions(tokenizer, question: str, span: tuple[int, int]) -> tuple[list[int], list[int]]:
+    """(tokenizer.encode(format_prompt(question)), the contiguous positions of the tokens that overlap
+    the characters span = (start, end) of `question`)."""
+    shift = PROMPT_TEMPLATE.index("{question}")
+    ids, offs = token_offsets(tokenizer, format_prompt(question))
+    a, b = token_span(offs, (span[0] + shift, span[1] + shift))
+    return ids, list(range(a, b))
+
+
+def subject_span(question: str, subject: str) -> tuple[int, int]:
+    """Character span of `subject` in `question`; ValueError "subject '...' not found in prompt '...'"
+    when it is absent."""
+    qspan = _find(question, subject) if subject else None
+    if qspan is None:
+        raise ValueError(f"subject {subject!r} not found in prompt {format_prompt(question)!r}")
+    return qspan
+
+
 def subject_token_positions(tokenizer, question: str, subject: str) -> list[int]:
     """Token positions of `subject` inside `tokenizer.encode(format_prompt(question))`.
 
     Returns the contiguous positions [first, ..., last] of the tokens that overlap the subject's
     characters. Raises ValueError "subject '...' not found in prompt '...'" when it is absent.
     """
-    prompt = format_prompt(question)
-    qspan = _find(question, subject) if subject else None
-    if qspan is None:
-        raise ValueError(f"subject {subject!r} not found in prompt {prompt!r}")
-    shift = PROMPT_TEMPLATE.index("{question}")
-    _, offs = token_offsets(tokenizer, prompt)
-    a, b = token_span(offs, (qspan[0] + shift, qspan[1] + shift))
-    return list(range(a, b))
+    return prompt_token_positions(tokenizer, question, subject_span(question, subject))[1]
