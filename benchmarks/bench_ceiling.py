@@ -23,6 +23,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
+def default_sizes(tiny: bool) -> tuple[int, int, int]:
+    """(matmul size, matmuls per timed call, copy bytes): 8192, 10, 2 GiB; tiny 512, 4, 16 MiB."""
+    return (512, 4, 16 << 20) if tiny else (8192, 10, 2048 << 20)
+
+
 def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
     """JAX bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, read + written)."""
     ka, kb = jax.random.split(jax.random.key(1))
@@ -122,9 +127,8 @@ def main(argv=None) -> dict:
                     help="copy buffer MiB (2048, i.e. 2^30 bf16 values: JAX's random arrays stay under 2^31 "
                          "elements; --tiny 16)")
     args = ap.parse_args(argv)
-    n = args.n or (512 if args.tiny else 8192)
-    reps = args.reps or (4 if args.tiny else 10)
-    copy_bytes = (args.copy_mib or (16 if args.tiny else 2048)) << 20
+    dn, dreps, dcopy = default_sizes(args.tiny)
+    n, reps, copy_bytes = args.n or dn, args.reps or dreps, (args.copy_mib << 20) if args.copy_mib else dcopy
     os.makedirs(args.out, exist_ok=True)
     rec = C.Record(os.path.join(args.out, "ceiling.json"), "ceiling", "bf16 matmul and copy ceilings", args)
     with rec.section("jax"):

@@ -52,6 +52,12 @@ def edit_flops(cfg, mem, tokens: int) -> int:
     return int(tokens * (2 * D * C_ + 2 * C_ * C_ + 2 * C_ * D))
 
 
+def overhead(res: dict, ratios: list) -> dict:
+    """The edit's overhead in % of the no-edit time: from the medians, and the median per-pair ratio."""
+    return {"edit_overhead_pct": 100 * (res["edit"]["steady_s"] / res["no_edit"]["steady_s"] - 1),
+            "edit_overhead_pct_paired_median": 100 * (float(np.median(ratios)) - 1) if ratios else None}
+
+
 def torch_generate(model, x0, steps: int, mask_id: int, edit=None):
     """The low-confidence sampler (one block, temperature 0) as a torch loop; EditHook when edit."""
     import torch
@@ -163,8 +169,7 @@ def main(argv=None):
                     res[name] = {**C.strip(m), "step_ms": 1e3 * m["steady_s"] / args.steps,
                                  "new_tokens_per_s": B * args.gen_len / m["steady_s"], "peak_bytes": peaks[name][0],
                                  "peak_above_start_bytes": peaks[name][1]}
-                res["edit_overhead_pct"] = 100 * (res["edit"]["steady_s"] / res["no_edit"]["steady_s"] - 1)
-                res["edit_overhead_pct_paired_median"] = 100 * (float(np.median(ratios)) - 1) if ratios else None
+                res.update(overhead(res, ratios))
                 per_b[str(B)]["torch"] = res
                 rd["batches"][str(B)]["torch"] = {
                     "peak_above_start_no_edit": res["no_edit"]["peak_above_start_bytes"],
@@ -206,8 +211,7 @@ def main(argv=None):
                     C.block(comps["edit"](params, x, pad, pm, sched, key, ivs["edit"]))
                 rc["profile"] = {"dir": os.path.abspath(args.profile), "what": f"generate with the edit, batch {B}"}
             rc.save()
-            res["edit_overhead_pct"] = 100 * (res["edit"]["steady_s"] / res["no_edit"]["steady_s"] - 1)
-            res["edit_overhead_pct_paired_median"] = 100 * (float(np.median(ratios)) - 1) if ratios else None
+            res.update(overhead(res, ratios))
             res["peak_bytes_so_far"] = C.jax_peak_bytes()
             per_b[str(B)]["jax"] = res
             d = rd["batches"][str(B)]

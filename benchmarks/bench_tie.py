@@ -16,7 +16,7 @@ timed sweeps must compile nothing (checked). A full sweep takes minutes at 8B: `
 (default 1) sets how many are timed; the JSON says how many were.
 
 stages (tie_stages.json): the lane loop on the first `--stage-lanes` lanes, with stages left out:
-full (= trace.run_lanes), no_commit (canvas never updated), no_logprob (no log_softmax
+full (= trace.run_lanes), no_commit (canvas never updated), no_logprob (no object log-prob
 bookkeeping), forward_only (forward + LM head, logits reduced by a max), body_only (no LM head).
 Differences between variants say where the time goes. `--profile DIR` wraps one steady run of
 `full` on those lanes in jax.profiler.trace (with --what sweep alone too: a whole 8B sweep would make
@@ -149,9 +149,7 @@ def _stage_step(params, cfg, scfg, fb, sched, x, lpf, step, iv, stage: str):
     if stage == "forward_only":  # logits made and read once, nothing else
         return x, lpf, jnp.sum(jnp.max(logits, -1), -1)
     if stage in ("full", "no_commit"):
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), fb.obj[..., None], -1)[..., 0]
-        lpf = jnp.where((x == cfg.mask_token_id) & fb.obj_mask, lp, lpf)
-        score = jnp.sum(jnp.where(fb.obj_mask, lpf, 0.0), -1)
+        lpf, score = tr.object_score(logits, x, lpf, fb, cfg)
     if stage in ("full", "no_logprob"):
         x = sampler.commit(logits, x, sched, step, jax.random.key(0), cfg, scfg)
     if stage == "no_logprob":

@@ -260,6 +260,16 @@ def torch_sync():
         torch.cuda.synchronize()
 
 
+def _timed(fn: Callable, sync: Callable, watch: "CompileWatch") -> tuple:
+    """(fn(), wall seconds including sync, XLA compilations during the call, their seconds)."""
+    mark = watch.mark()
+    t0 = time.perf_counter()
+    out = fn()
+    sync(out)
+    dt = time.perf_counter() - t0
+    return (out, dt) + watch.since(mark)
+
+
 def measure(fn: Callable, *, want: int = 5, deadline: Optional[float] = None, sync: Callable = block,
             allow_estimate: bool = False, max_compile_runs: int = 2) -> dict:
     """Call fn() until `want` steady runs (no XLA compilation inside) are done.
@@ -273,12 +283,7 @@ def measure(fn: Callable, *, want: int = 5, deadline: Optional[float] = None, sy
     steady, comp = [], []
     out = None
     while True:
-        mark = watch.mark()
-        t0 = time.perf_counter()
-        out = fn()
-        sync(out)
-        dt = time.perf_counter() - t0
-        n_comp, secs = watch.since(mark)
+        out, dt, n_comp, secs = _timed(fn, sync, watch)
         if n_comp:
             comp.append({"wall_s": dt, "compile_s": secs, "n_compilations": n_comp})
         else:
@@ -312,12 +317,7 @@ def measure_pair(fa: Callable, fb: Callable, *, want: int = 5, deadline: Optiona
     for _ in range(max(want, 1) + 2):
         pair = []
         for f, r in ((fa, ra), (fb, rb)):
-            mark = watch.mark()
-            t0 = time.perf_counter()
-            r["out"] = f()
-            sync(r["out"])
-            dt = time.perf_counter() - t0
-            n_comp, secs = watch.since(mark)
+            r["out"], dt, n_comp, secs = _timed(f, sync, watch)
             if n_comp:
                 r["comp"].append({"wall_s": dt, "compile_s": secs, "n_compilations": n_comp})
             else:
@@ -525,10 +525,10 @@ def load_ceiling(path: Optional[str], tiny: bool) -> dict:
         out = dict(c["ceiling"])
         out["source"] = os.path.abspath(path)
         return out
-    from bench_ceiling import measure_jax  # noqa: E402 - same folder
+    from bench_ceiling import default_sizes, measure_jax  # noqa: E402 - same folder
 
-    n = 512 if tiny else 8192
-    j = measure_jax(n, reps=4 if tiny else 10, copy_bytes=(1 << 24) if tiny else (1 << 31))
+    n, reps, copy_bytes = default_sizes(tiny)
+    j = measure_jax(n, reps=reps, copy_bytes=copy_bytes)
     return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["copy_bytes_per_s"],
             "source": "measured in this process (bench_ceiling.measure_jax)"}
 

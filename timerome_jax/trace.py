@@ -139,12 +139,18 @@ def _schedule(fb: FactBatch, cfg: ModelConfig, scfg) -> sampler.Schedule:
     return sampler.schedule(fb.x0, mask, cfg, scfg)
 
 
+def object_score(logits, x, lpf, fb: FactBatch, cfg: ModelConfig):
+    """The log p(o | x_k') bookkeeping of one step: object positions still masked in x take this
+    step's log-prob, committed ones keep theirs (lpf [B,T]); returns (lpf, score [B] = their sum)."""
+    lp = token_logprob(logits, fb.obj)
+    lpf = jnp.where((x == cfg.mask_token_id) & fb.obj_mask, lp, lpf)
+    return lpf, jnp.sum(jnp.where(fb.obj_mask, lpf, 0.0), -1)
+
+
 def _step(params, cfg, scfg, fb: FactBatch, sched, x, lpf, step, iv: Intervene, read: bool):
     """One traced denoising step: forward, object-log-prob bookkeeping, commit."""
     out = model.run(params, x, cfg, fb.pad_mask, iv, step)
-    lp = token_logprob(out.logits, fb.obj)
-    lpf = jnp.where((x == cfg.mask_token_id) & fb.obj_mask, lp, lpf)
-    score = jnp.sum(jnp.where(fb.obj_mask, lpf, 0.0), -1)
+    lpf, score = object_score(out.logits, x, lpf, fb, cfg)
     x_new = sampler.commit(out.logits, x, sched, step, jax.random.key(0), cfg, scfg)
     acts = jnp.stack([out.acts[m] for m in MODULES]) if read else None
     return x_new, lpf, score, acts
