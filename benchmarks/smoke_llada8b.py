@@ -23,7 +23,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from timerome_jax import model, sampler  # noqa: E402
 from timerome_jax.config import ModelConfig, llada_8b  # noqa: E402
+from timerome_jax.io import write_json  # noqa: E402
 
 
 def tiny_config(attn_impl: str) -> ModelConfig:
@@ -124,20 +124,6 @@ def _jaxlib_version():
         return None
 
 
-def write_json_atomic(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON output path")
@@ -197,7 +183,7 @@ def main(argv=None) -> dict:
             result["generate_b8"] = {"error": f"{type(e).__name__}: {e}"[:2000],
                                      "traceback": traceback.format_exc()[-4000:]}
     result["peak_bytes_in_use"] = peak_bytes()
-    write_json_atomic(args.out, result)
+    write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1, default=str))
     return result
 

@@ -54,10 +54,11 @@ def main(argv=None):
         coord = Coordinate(layer, -1, MODULES.index(a.module))
         mem, info = pl.install(params, cfg, tok, facts, coord, alpha=1.0, q=2)
         u2 = info["lam"] / 0.1
+        # the capture depends on the layer only: one install per lam, alpha and q are data
+        by_lam = {lr: mem if lr == 0.1 else pl.install(params, cfg, tok, facts, coord, alpha=1.0, q=2,
+                                                       lam=lr * u2)[0] for lr in a.lam_rel}
         for alpha, q, lr in itertools.product(a.alphas, a.qs, a.lam_rel):
-            m = pl.with_hparams(mem, alpha, q)
-            if lr != 0.1:
-                m, _ = pl.install(params, cfg, tok, facts, coord, alpha=alpha, q=q, lam=lr * u2)
+            m = pl.with_hparams(by_lam[lr], alpha, q)
             t = time.time()
             r = ev.evaluate(params, cfg, tok, a.split, intervene=Intervene(edit=m), **kw)["metrics"]
             row = {"layer": layer, "alpha": alpha, "q": q, "lam_rel": lr,

@@ -446,4 +446,4 @@ def test_smoke_benchmark_tiny(tmp_path):
     assert disk["generate_b1"]["masks_left_after_generation"] == 0
     assert disk["generate_b8"]["batch"] == 8 and disk["generate_b8"]["masks_left_after_generation"] == 0
     assert disk["config"]["dtype"] == "bfloat16" and res["param_count"] > 0
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp file left behind
