@@ -264,11 +264,10 @@ def _deterministic(scfg) -> bool:
 
 
 def _retain_tr_for(retain_tr, seed: int, index_keys: list[str]):
-    """The retain model's per-sample forget TRs for `seed`, aligned with `index_keys` (or None)."""
+    """The retain model's per-sample forget TRs for `seed`, aligned with `index_keys` (or None).
+    retain_tr: as `evaluate` takes it, a file path already read (`load_retain_tr`)."""
     if retain_tr is None:
         return None, None
-    if isinstance(retain_tr, (str, os.PathLike)):
-        retain_tr = load_retain_tr(retain_tr)
     used = None
     if isinstance(retain_tr, Mapping) and retain_tr and all(isinstance(v, (Mapping, list, tuple, np.ndarray))
                                                             for v in retain_tr.values()):
@@ -321,6 +320,8 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
     gbs = gen_batch_size or batch_size
     eos = eos_or_default(tokenizer, cfg)
     need = _needs(names)
+    if isinstance(retain_tr, (str, os.PathLike)):  # read once, not once per seed
+        retain_tr = load_retain_tr(retain_tr)
     rows = {w: _eval_rows(split, w, limit, data_root) if need[w] else [] for w in SETS}
     items = _items(rows, need, tokenizer, eos)
     t0 = time.time()
