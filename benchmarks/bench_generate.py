@@ -30,9 +30,9 @@ import common as C  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timerome_jax import memory as mem_lib  # noqa: E402
-from timerome_jax import sampler  # noqa: E402
-from timerome_jax.intervene import Intervene  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
+from timerome_jax.diffusion import sampler  # noqa: E402
+from timerome_jax.backbone.intervene import Intervene  # noqa: E402
 
 
 def make_memory(cfg, n_facts: int, q: int, alpha: float, layer: int, module: str, seed: int) -> mem_lib.EditMemory:

@@ -31,8 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timerome_jax import memory as mem_lib  # noqa: E402
-from timerome_jax.config import module_id  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
+from timerome_jax.backbone.config import module_id  # noqa: E402
 from timerome_jax.pipeline import default_lam  # noqa: E402
 
 TARGETS_S = {1: 0.2, 40: 0.5, 400: 3.0, 4000: 25.0}

@@ -7,7 +7,7 @@
 
 sweep (fig_a_tie.json): 8 unpadded facts of prompt 112 + answer 16 = 128 tokens (subject 6 tokens),
 K = 8 denoising steps, n_noise = 1, LLaDA-8B shape with random bf16 weights made on the device.
-JAX: `timerome_jax.trace.trace` (lanes; an unpadded FactBatch runs with no attention mask, so
+JAX: `timerome_jax.method.trace.trace` (lanes; an unpadded FactBatch runs with no attention mask, so
 cuDNN attention is vmapped without a mask). PyTorch: `torch_ref.trace.torch_trace` (forward hooks,
 candidates of one step batched, prefix steps shared) on the same canvases, the same noise draw and
 the same weights (DLPack views). Both run `chunk` candidates x 8 facts = 64 rows per forward, so the
@@ -22,7 +22,7 @@ Differences between variants say where the time goes. `--profile DIR` wraps one 
 `full` on those lanes in jax.profiler.trace (with --what sweep alone too: a whole 8B sweep would make
 a trace of hundreds of MB).
 
-scaling (tie_scaling.json): `timerome_jax.sharding.trace` (lanes sharded over a 1-D mesh, params
+scaling (tie_scaling.json): `timerome_jax.method.sharding.trace` (lanes sharded over a 1-D mesh, params
 replicated) on 1, 2 and all local devices (`--scaling-devices`), same code.
 """
 from __future__ import annotations
@@ -40,10 +40,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timerome_jax import model as model_lib  # noqa: E402
-from timerome_jax import sampler  # noqa: E402
-from timerome_jax import sharding  # noqa: E402
-from timerome_jax import trace as tr  # noqa: E402
+from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.diffusion import sampler  # noqa: E402
+from timerome_jax.method import sharding  # noqa: E402
+from timerome_jax.method import trace as tr  # noqa: E402
 
 STAGES = ("full", "no_commit", "no_logprob", "forward_only", "body_only")
 

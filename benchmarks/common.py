@@ -42,8 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timerome_jax import model as model_lib  # noqa: E402
-from timerome_jax.config import ModelConfig, llada_8b  # noqa: E402
+from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.backbone.config import ModelConfig, llada_8b  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -134,10 +134,10 @@ def _to_torch(x, device):
 
 def torch_model(params, cfg: ModelConfig):
     """The torch_ref LLaDAModelLM holding the SAME weights as `params` (DLPack views; HF key map
-    of `timerome_jax.hf`). Returns (model in eval mode, how the weights were moved)."""
+    of `timerome_jax.backbone.hf`). Returns (model in eval mode, how the weights were moved)."""
     import torch
 
-    from timerome_jax import hf
+    from timerome_jax.backbone import hf
     from timerome_jax.torch_ref.llada import LLaDAModelLM
 
     dev = torch_device()

@@ -15,10 +15,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
-from timerome_jax.checkpoint import load_model  # noqa: E402
-from timerome_jax.evaluate import DEFAULT_MODEL  # noqa: E402
+from timerome_jax.backbone.checkpoint import load_model  # noqa: E402
+from timerome_jax.tofu.models import DEFAULT_MODEL  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
-from timerome_jax.model import forward  # noqa: E402
+from timerome_jax.backbone.model import forward  # noqa: E402
 
 
 def main(argv=None):

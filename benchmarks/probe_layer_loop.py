@@ -29,10 +29,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_generate import make_memory  # noqa: E402
-from timerome_jax import memory as mem_lib  # noqa: E402
-from timerome_jax import model as model_lib  # noqa: E402
-from timerome_jax import sampler  # noqa: E402
-from timerome_jax.intervene import Intervene  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
+from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.diffusion import sampler  # noqa: E402
+from timerome_jax.backbone.intervene import Intervene  # noqa: E402
 
 
 def hlo_counts(compiled) -> dict:

@@ -32,8 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from timerome_jax import model, sampler  # noqa: E402
-from timerome_jax.config import ModelConfig, llada_8b  # noqa: E402
+from timerome_jax.backbone import model
+from timerome_jax.diffusion import sampler  # noqa: E402
+from timerome_jax.backbone.config import ModelConfig, llada_8b  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
 
 

@@ -243,7 +243,7 @@ def write_summary(folder: str) -> str:
 
     sc = figs.get("scaling")
     if sc:
-        L += ["## Scaling over local devices (`timerome_jax.sharding.trace`)", ""]
+        L += ["## Scaling over local devices (`timerome_jax.method.sharding.trace`)", ""]
         if sc.get("note"):
             L.append(sc["note"] + ".")
         L += ["| devices | compile | steady (runs) | speedup |", "|---|---|---|---|"]

@@ -3,8 +3,8 @@
     python -m convert.to_orbax HF_DIR OUT_DIR [--dtype bfloat16] [--overwrite]
 
 Writes OUT_DIR/params (Orbax), OUT_DIR/timerome_config.json (the ModelConfig) and OUT_DIR/tokenizer
-(a verbatim copy of the tokenizer files). Restore with `timerome_jax.checkpoint.restore(OUT_DIR)` or
-`timerome_jax.checkpoint.load_model(OUT_DIR)`.
+(a verbatim copy of the tokenizer files). Restore with `timerome_jax.backbone.checkpoint.restore(OUT_DIR)` or
+`timerome_jax.backbone.checkpoint.load_model(OUT_DIR)`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import os
 import sys
 import time
 
-from timerome_jax import checkpoint, hf
+from timerome_jax.backbone import checkpoint
+from timerome_jax.backbone import hf
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool = False):

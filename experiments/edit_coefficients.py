@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timerome_jax import facts as F, pipeline as pl, tofu
-from timerome_jax.checkpoint import load_model
-from timerome_jax.intervene import Intervene
-from timerome_jax.trace import Coordinate
-from timerome_jax.model import run
+from timerome_jax.method import facts as F
+from timerome_jax import pipeline as pl
+from timerome_jax.tofu import data as tofu
+from timerome_jax.backbone.checkpoint import load_model
+from timerome_jax.backbone.intervene import Intervene
+from timerome_jax.method.trace import Coordinate
+from timerome_jax.backbone.model import run
 params, cfg, tok = load_model(sys.argv[1])
 ff = F.load_facts(tok, 'forget01', tok.eos_id)
 rr = F.make_facts(tok, tofu.load_split('retain_perturbed')[:40], tok.eos_id)

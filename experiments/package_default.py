@@ -19,10 +19,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from timerome_jax import hf  # noqa: E402
-from timerome_jax.config import ModelConfig  # noqa: E402
-from timerome_jax.model import param_shapes  # noqa: E402
-from timerome_jax.tokenizer import load_tokenizer  # noqa: E402
+from timerome_jax.backbone import hf  # noqa: E402
+from timerome_jax.backbone.config import ModelConfig  # noqa: E402
+from timerome_jax.backbone.model import param_shapes  # noqa: E402
+from timerome_jax.backbone.tokenizer import load_tokenizer  # noqa: E402
 
 
 def load_run(run: Path, name: str):

@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timerome_jax import evaluate as ev  # noqa: E402
-from timerome_jax import facts as F  # noqa: E402
+from timerome_jax.tofu import evaluate as ev  # noqa: E402
+from timerome_jax.tofu.models import DEFAULT_MODEL  # noqa: E402
+from timerome_jax.method import facts as F  # noqa: E402
 from timerome_jax import pipeline as pl  # noqa: E402
-from timerome_jax.checkpoint import load_model  # noqa: E402
-from timerome_jax.intervene import Intervene  # noqa: E402
+from timerome_jax.backbone.checkpoint import load_model  # noqa: E402
+from timerome_jax.backbone.intervene import Intervene  # noqa: E402
 from timerome_jax.io import write_json, write_text  # noqa: E402
-from timerome_jax.trace import Coordinate  # noqa: E402
+from timerome_jax.method.trace import Coordinate  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default=str(ev.DEFAULT_MODEL))
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--split", default="forget01")
     ap.add_argument("--out", default="results/sweep")
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -48,7 +49,7 @@ def main(argv=None):
     ref = {k: float(np.mean(v)) for k, v in base.items()}
     print("no_edit", ref, flush=True)
     rows = []
-    from timerome_jax.config import MODULES
+    from timerome_jax.backbone.config import MODULES
 
     for layer in a.layers:
         coord = Coordinate(layer, -1, MODULES.index(a.module))

@@ -34,10 +34,10 @@ import optax
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timerome_jax.config import ModelConfig  # noqa: E402
+from timerome_jax.backbone.config import ModelConfig  # noqa: E402
 from timerome_jax.io import atomic_path, write_json  # noqa: E402
-from timerome_jax.model import forward, init_params  # noqa: E402
-from timerome_jax.tofu import PROMPT_TEMPLATE as PROMPT  # noqa: E402
+from timerome_jax.backbone.model import forward, init_params  # noqa: E402
+from timerome_jax.tofu.data import PROMPT_TEMPLATE as PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-3

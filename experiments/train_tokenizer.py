@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from timerome_jax.io import atomic_dir
-from timerome_jax.tofu import PROMPT_TEMPLATE as PROMPT
+from timerome_jax.tofu.data import PROMPT_TEMPLATE as PROMPT
 
 SPECIALS = ["<|endoftext|>", "<|mdm_mask|>"]
 TEXT_FIELDS = ("question", "answer", "paraphrased_answer", "paraphrased_question", "perturbed_answer",

@@ -293,7 +293,7 @@ def tiny_diffullama_dir(_tiny_diffullama_pair) -> str:
 @pytest.fixture(scope="session")
 def tiny_llada(tiny_llada_dir):
     """(params, cfg, tokenizer) of the tiny LLaDA, loaded through hf.load_pretrained (float32)."""
-    from timerome_jax import hf
+    from timerome_jax.backbone import hf
 
     return hf.load_pretrained(tiny_llada_dir)
 
@@ -303,9 +303,9 @@ def tofu_tokenizer(vocab_size=256):
     from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from timerome_jax.tokenizer import Tokenizer
+    from timerome_jax.backbone.tokenizer import Tokenizer
 
-    from timerome_jax import tofu
+    from timerome_jax.tofu import data as tofu
 
     rows = tofu.load_split("forget01_perturbed") + tofu.load_split("retain_perturbed")[:40]
     texts = [tofu.format_prompt(r["question"]) + r["answer"] for r in rows]
@@ -325,7 +325,7 @@ def np_params(cfg, seed=0, std=0.3):
     import jax
     import jax.numpy as jnp
 
-    from timerome_jax import model
+    from timerome_jax.backbone import model
 
     rng = np.random.default_rng(seed)
 

@@ -140,7 +140,7 @@ def test_stage_variant_full_is_the_library_lane_loop():
     import bench_tie as bt
     import common as C
 
-    from timerome_jax import trace as tr
+    from timerome_jax.method import trace as tr
 
     cfg = C.model_config(True)
     params = C.init_params(jax.random.key(0), cfg, 0.25)

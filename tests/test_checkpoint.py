@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from convert import to_orbax
-from timerome_jax import checkpoint, model
-from timerome_jax.checkpoint import OrbaxCheckpointError
+from timerome_jax.backbone import checkpoint
+from timerome_jax.backbone import model
+from timerome_jax.backbone.checkpoint import OrbaxCheckpointError
 
 
 def _equal(a, b, dtype=None):

@@ -9,12 +9,18 @@ import pytest
 from conftest import tofu_tokenizer
 from scipy import stats
 
-from timerome_jax import evaluate as E
-from timerome_jax import likelihood, metrics as M, tofu
-from timerome_jax.config import ModelConfig
-from timerome_jax.intervene import Intervene
-from timerome_jax.model import init_params
-from timerome_jax.sampler import SamplerConfig
+from timerome_jax import cli
+from timerome_jax.tofu import evaluate as E
+from timerome_jax.tofu.reference import retain_tr_cache_path
+from timerome_jax.tofu.report import compare, write_report
+from timerome_jax.tofu.truth_ratios import load_retain_tr
+from timerome_jax.diffusion import likelihood
+from timerome_jax.tofu import metrics as M
+from timerome_jax.tofu import data as tofu
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.intervene import Intervene
+from timerome_jax.backbone.model import init_params
+from timerome_jax.diffusion.sampler import SamplerConfig
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +130,7 @@ def test_metric_names_and_errors(tiny):
 def test_compare_and_report(tmp_path):
     no_edit = {"forget_lp": {0: -35.0, 1: -36.0, 2: -34.0}, "retain_lp": {0: -30.0, 1: -31.0, 2: -29.0}}
     edit = {"forget_lp": {0: -80.0, 1: -84.0, 2: -79.0}, "retain_lp": {0: -30.5, 1: -31.0, 2: -29.5, 3: -1.0}}
-    rows = E.compare({"no_edit": no_edit, "timerome": edit})
+    rows = compare({"no_edit": no_edit, "timerome": edit})
     r = next(x for x in rows if x["method"] == "timerome" and x["metric"] == "forget_lp")
     d = np.array([-45.0, -48.0, -45.0])
     assert r["mean"] == pytest.approx(-81.0) and r["std"] == pytest.approx(np.std([-80, -84, -79], ddof=1))
@@ -138,13 +144,13 @@ def test_compare_and_report(tmp_path):
     assert r2["n"] == 4 and r2["n_paired"] == 3  # seed 3 has no reference
     r0 = next(x for x in rows if x["method"] == "no_edit" and x["metric"] == "forget_lp")
     assert r0["delta"] is None and r0["p"] is None
-    js, md = E.write_report(rows, tmp_path / "rep", "table1")
+    js, md = write_report(rows, tmp_path / "rep", "table1")
     assert json.loads(js.read_text()) == json.loads(json.dumps(rows))
     text = md.read_text()
     assert "| timerome |" in text and "| no_edit |" in text and "ref" in text
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(ValueError, match="reference method 'no_edit'"):
-        E.compare({"a": no_edit})
+        compare({"a": no_edit})
 
 
 def test_cli_with_retain_cache(tiny, tmp_path, capsys):
@@ -164,11 +170,11 @@ def test_cli_with_retain_cache(tiny, tmp_path, capsys):
             "--metrics", "forget_lp", "forget_quality", "--n-mc", "2", "--seeds", "0", "--limit", "3",
             "--out", str(out), "--no-progress", "--gen-length", "4", "--length-bucket", "192",
             "--batch-size", "8"]
-    args = E.build_eval_parser().parse_args(argv)
-    res = E.run_eval(args, loader=loader)
+    args = cli.build_eval_parser().parse_args(argv)
+    res = cli.run_eval(args, loader=loader)
     assert calls == [str(retain_dir), str(target_dir)]
-    cache = E.retain_tr_cache_path(out, "forget01", 2)
-    retain = E.load_retain_tr(cache)
+    cache = retain_tr_cache_path(out, "forget01", 2)
+    retain = load_retain_tr(cache)
     assert set(retain) == {"0"} and set(retain["0"]) == {"0", "1", "2"}
     mine = [v["score"] for v in res["per_seed"]["0"]["forget_tr"]["value_by_index"].values()]
     assert res["metrics"]["forget_quality"][0] == pytest.approx(M.forget_quality(mine, list(retain["0"].values())))
@@ -178,5 +184,5 @@ def test_cli_with_retain_cache(tiny, tmp_path, capsys):
     assert "forget_quality" in capsys.readouterr().out
     # second run: the retain TRs come from the cache, the retain model is not loaded again
     calls.clear()
-    E.run_eval(args, loader=loader)
+    cli.run_eval(args, loader=loader)
     assert calls == [str(target_dir)]

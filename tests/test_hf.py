@@ -23,10 +23,11 @@ from conftest import (diffullama_config_dict, dream_config_dict, llada_config_di
                       moe_config_dict, torch_logits)
 from safetensors.torch import load_file, save_file
 
-from timerome_jax import hf, model
-from timerome_jax.config import llada_8b
-from timerome_jax.hf import CheckpointError, HFConfigError
-from timerome_jax.tokenizer import TokenizerError
+from timerome_jax.backbone import hf
+from timerome_jax.backbone import model
+from timerome_jax.backbone.config import llada_8b
+from timerome_jax.backbone.hf import CheckpointError, HFConfigError
+from timerome_jax.backbone.tokenizer import TokenizerError
 from timerome_jax.torch_ref import llada as tref
 
 NAMES = ["llada", "llada_var", "moe", "dream", "diffullama"]
@@ -484,7 +485,7 @@ def test_save_rejects_mismatched_params(tiny_llada, tmp_path):
 def test_torch_hook_points_match_our_acts(loaded, name):
     """Forward hooks on the documented torch_ref modules (LLaDA: attn_out / ff_out / block; LLaDA-MoE:
     self_attn.o_proj / mlp / layer) capture exactly our attn / mlp / resid activations."""
-    from timerome_jax.intervene import Intervene
+    from timerome_jax.backbone.intervene import Intervene
 
     params, cfg, _, m = loaded[name]
     ids = _ids(cfg, (2, 24), seed=9)

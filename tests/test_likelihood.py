@@ -10,10 +10,10 @@ import pytest
 
 from conftest import np_params
 
-from timerome_jax import likelihood as LK
-from timerome_jax import model
-from timerome_jax.config import ModelConfig
-from timerome_jax.intervene import Intervene, Patch
+from timerome_jax.diffusion import likelihood as LK
+from timerome_jax.backbone import model
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.intervene import Intervene, Patch
 
 MASK, PAD, EOS = 95, 0, 1
 CFG = ModelConfig(family="llada", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8,

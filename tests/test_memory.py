@@ -1,4 +1,4 @@
-"""Tests for timerome_jax.memory (edit memory, capture, save/load) and torch_ref/hooks.py."""
+"""Tests for timerome_jax.method.memory (edit memory, capture, save/load) and torch_ref/hooks.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +16,10 @@ import torch
 from conftest import torch_logits
 from hypothesis import given, settings, strategies as st
 
-from timerome_jax import memory as M
-from timerome_jax import model
-from timerome_jax.config import MODULES, ModelConfig
-from timerome_jax.intervene import Intervene, Patch
+from timerome_jax.method import memory as M
+from timerome_jax.backbone import model
+from timerome_jax.backbone.config import MODULES, ModelConfig
+from timerome_jax.backbone.intervene import Intervene, Patch
 from timerome_jax.torch_ref import hooks as H
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -447,7 +447,7 @@ def test_model_fingerprint(params):
 @pytest.fixture(scope="module")
 def pair(tiny_torch):
     """name -> (torch model, jax params, cfg) for the LLaDA, LLaDA-MoE and Dream layouts."""
-    from timerome_jax import hf
+    from timerome_jax.backbone import hf
 
     out = {}
     for name in ("llada", "moe", "dream"):
@@ -585,7 +585,7 @@ def test_hf_layout_locators(pair, tiny_torch):
 
 def test_top_q_fast_and_sort_paths_agree_with_numpy():
     """q <= TOPQ_FAST takes lax.top_k, larger q a full sort: both keep exactly the q largest |c|."""
-    from timerome_jax.memory import TOPQ_FAST, top_q
+    from timerome_jax.method.memory import TOPQ_FAST, top_q
 
     rng = np.random.default_rng(3)
     c = rng.standard_normal((3, 5, TOPQ_FAST + 36)).astype(np.float32)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from timerome_jax import metrics as M
+from timerome_jax.tofu import metrics as M
 
 
 def test_norm_prob_and_prob():

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timerome_jax import model
-from timerome_jax.config import ModelConfig
-from timerome_jax.intervene import Intervene, Patch
+from timerome_jax.backbone import model
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.intervene import Intervene, Patch
 
 B, T, S = 2, 12, 3
 
@@ -88,7 +88,7 @@ def test_scan_equals_unrolled_loop(models, name):
 def test_layer_unroll_changes_no_number(models, unroll):
     """cfg.layer_unroll (partly / fully unrolled layer loop) is a speed knob: same logits and reads,
     with and without an edit memory splitting the layers at its (static) layer."""
-    from timerome_jax import memory as M
+    from timerome_jax.method import memory as M
 
     params, cfg = models["moe"]  # 3 layers
     tok = _tokens(cfg, 2)

@@ -5,7 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from timerome_jax import cli, facts as F, memory as mem_lib, pipeline as pl, trace as tr
+from timerome_jax import cli
+from timerome_jax.method import facts as F
+from timerome_jax.method import memory as mem_lib
+from timerome_jax import pipeline as pl
+from timerome_jax.method import trace as tr
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import pytest
 
 from conftest import np_params
 
-from timerome_jax import model
-from timerome_jax import sampler as S
-from timerome_jax.config import ModelConfig
+from timerome_jax.backbone import model
+from timerome_jax.diffusion import sampler as S
+from timerome_jax.backbone.config import ModelConfig
 
 MASK, PAD, EOS = 95, 0, 1
 CFG = ModelConfig(family="llada", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8,
@@ -383,7 +383,7 @@ def test_jitted_step_accepts_traced_step_and_intervention(params):
     step = jax.jit(S.denoise_step, static_argnames=("cfg", "scfg"))
     key = jax.random.PRNGKey(0)
     before = step._cache_size()
-    from timerome_jax.intervene import Intervene, Patch
+    from timerome_jax.backbone.intervene import Intervene, Patch
 
     D = CFG.d_model
     patch = Patch(layer=jnp.int32(1), step=jnp.int32(2), module=jnp.int32(0), pos=jnp.asarray([[3]]),

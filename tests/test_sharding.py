@@ -15,7 +15,7 @@ import textwrap
 import jax
 import pytest
 
-from timerome_jax import sharding
+from timerome_jax.method import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,10 +23,11 @@ SCRIPT = textwrap.dedent(r"""
     import dataclasses, json
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from timerome_jax import memory, sharding
-    from timerome_jax import trace as tr
-    from timerome_jax.config import ModelConfig
-    from timerome_jax.model import init_params
+    from timerome_jax.method import memory
+    from timerome_jax.method import sharding
+    from timerome_jax.method import trace as tr
+    from timerome_jax.backbone.config import ModelConfig
+    from timerome_jax.backbone.model import init_params
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64,
                       mask_token_id=63, pad_token_id=0, eos_token_id=1, max_seq_len=64)

@@ -6,8 +6,8 @@ import os
 import pytest
 from conftest import make_tiny_tokenizer
 
-from timerome_jax.config import ModelConfig
-from timerome_jax.tokenizer import (PromptTooLongError, TokenizerError, check_length, load_tokenizer)
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.tokenizer import (PromptTooLongError, TokenizerError, check_length, load_tokenizer)
 
 
 def _cfg(**kw):

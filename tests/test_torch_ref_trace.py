@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import torch
 
-from timerome_jax import hf
-from timerome_jax import trace as tr
+from timerome_jax.backbone import hf
+from timerome_jax.method import trace as tr
 from timerome_jax.torch_ref.trace import torch_trace
 
 

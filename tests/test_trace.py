@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timerome_jax import sampler
-from timerome_jax import trace as tr
-from timerome_jax.config import ModelConfig
-from timerome_jax.intervene import Intervene, Patch
-from timerome_jax.model import init_params
+from timerome_jax.diffusion import sampler
+from timerome_jax.method import trace as tr
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.intervene import Intervene, Patch
+from timerome_jax.backbone.model import init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64,
                   mask_token_id=63, pad_token_id=0, eos_token_id=0, max_seq_len=64)

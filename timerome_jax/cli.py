@@ -6,25 +6,33 @@ Every sub-command is a thin layer over the Python API in `pipeline`, `trace`, `m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
-from . import evaluate as ev
-from . import tofu
-from .memory import DEFAULT_TARGET_TEXT
-from .tokenizer import eos_or_default
+from timerome_jax.backbone.checkpoint import NoTokenizerError, load_model_with_tokenizer
+from timerome_jax.backbone.tokenizer import eos_or_default
+from timerome_jax.diffusion.sampler import SamplerConfig
+from timerome_jax.io import write_json
+from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
+from timerome_jax.tofu import data as tofu
+from timerome_jax.tofu import evaluate as ev
+from timerome_jax.tofu.models import DEFAULT_MODEL, DEFAULT_RETAIN_MODEL
+from timerome_jax.tofu.reference import cached_retain_tr
+from timerome_jax.tofu.report import compare, format_number, write_report
+from timerome_jax.tofu.truth_ratios import load_retain_tr
 
 
 def _load(path, dtype=None, attn_impl="xla", layer_unroll=1):
     try:
-        return ev._load_model(path, dtype, attn_impl, layer_unroll)
-    except (FileNotFoundError, ev.NoTokenizerError) as e:
+        return load_model_with_tokenizer(path, dtype, attn_impl, layer_unroll)
+    except (FileNotFoundError, NoTokenizerError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
 def _model_args(p):
-    p.add_argument("--model", default=str(ev.DEFAULT_MODEL), help="HF or converted folder (default: packaged TOFU target)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF or converted folder (default: packaged TOFU target)")
     p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
     p.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"))
     p.add_argument("--layer-unroll", type=int, default=1, help="layers per iteration of the layer loop (1: rolled lax.scan, fastest compile; >= the model's layers: unrolled, static indices: on an H100, 1.9x faster batch-1 forwards at 8B)")
@@ -34,7 +42,7 @@ def _model_args(p):
 
 
 def _trace_args(p):
-    from .trace import TraceConfig
+    from timerome_jax.method.trace import TraceConfig
 
     d = TraceConfig()
     p.add_argument("--n-trace", type=int, default=8, help="facts traced (the validation set F_v)")
@@ -46,15 +54,15 @@ def _trace_args(p):
 
 
 def _tcfg(a):
-    from .trace import TraceConfig
+    from timerome_jax.method.trace import TraceConfig
 
     return TraceConfig(steps=a.steps, noise_scale=a.noise_scale, n_noise=a.n_noise, tau=a.tau, chunk=a.chunk)
 
 
 def run_trace(a):
-    from . import facts as F
-    from . import pipeline as pl
-    from . import trace as tr
+    from timerome_jax.method import facts as F
+    from timerome_jax import pipeline as pl
+    from timerome_jax.method import trace as tr
 
     params, cfg, tok = _load(a.model, a.dtype, a.attn_impl, a.layer_unroll)
     eos = eos_or_default(tok, cfg)
@@ -67,12 +75,12 @@ def run_trace(a):
 
 
 def run_edit(a):
-    from . import facts as F
-    from . import memory as mem_lib
-    from . import pipeline as pl
-    from .config import MODULES
-    from .intervene import Intervene
-    from .trace import Coordinate
+    from timerome_jax.method import facts as F
+    from timerome_jax.method import memory as mem_lib
+    from timerome_jax import pipeline as pl
+    from timerome_jax.backbone.config import MODULES
+    from timerome_jax.backbone.intervene import Intervene
+    from timerome_jax.method.trace import Coordinate
 
     params, cfg, tok = _load(a.model, a.dtype, a.attn_impl, a.layer_unroll)
     if a.layer is None:
@@ -98,7 +106,7 @@ def run_edit(a):
                                     "fact_index": [f.index for f in facts]})
     print(json.dumps({**info, "memory": str(mem_path)}, indent=1))
     if a.evaluate:
-        retain_tr = ev.cached_retain_tr(a.out, a.split, a.seeds, a.n_mc, retain_model=a.retain_model,
+        retain_tr = cached_retain_tr(a.out, a.split, a.seeds, a.n_mc, retain_model=a.retain_model,
                                         progress=not a.no_progress)
         rows, _ = pl.evaluate_methods(params, cfg, tok, {"no_edit": None, "timerome": Intervene(edit=memory)},
                                       a.split, retain_tr, a.out, "edit_table", n_mc=a.n_mc, seeds=a.seeds,
@@ -108,7 +116,7 @@ def run_edit(a):
 
 
 def run_demo(a):
-    from . import pipeline as pl
+    from timerome_jax import pipeline as pl
 
     params, cfg, tok = _load(a.model, a.dtype, a.attn_impl, a.layer_unroll)
     d = pl.DemoConfig()
@@ -128,6 +136,76 @@ def run_demo(a):
     print(f"\nwrote {a.out}/: heatmap.png, tie.npz, table.md, table.json, memory.npz, demo.json")
 
 
+def build_eval_parser(subparsers=None) -> argparse.ArgumentParser:
+    """Add the `eval` sub-command to `subparsers` (or build a stand-alone parser when None)."""
+    kw = dict(description="Evaluate a masked diffusion LM on TOFU (paper Table I metrics + TOFU FQ/MU).")
+    p = subparsers.add_parser("eval", help="TOFU evaluation", **kw) if subparsers is not None \
+        else argparse.ArgumentParser(prog="timerome eval", **kw)
+    p.add_argument("--split", default="forget01", choices=tofu.FORGET_SPLITS)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: packaged TOFU target)")
+    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL),
+                   help="retain model folder for Forget Quality (its forget TRs are cached in --out)")
+    p.add_argument("--retain-tr", default=None, help="JSON of retain-model forget TRs (instead of --retain-model)")
+    p.add_argument("--metrics", nargs="+", default=list(ev.DEFAULT_METRICS),
+                   help=f"metric names or groups {tuple(ev.GROUPS)}")
+    p.add_argument("--n-mc", type=int, default=8, help="MC samples per ELBO (the paper uses 16)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--limit", type=int, default=40,
+                   help="only the first N rows of every set (default 40, sized for a 2-core CPU; 0 = all rows)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gen-length", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: gen length / 4)")
+    p.add_argument("--block-length", type=int, default=None, help="sampler block length (default: 32)")
+    p.add_argument("--estimator", default="auto")
+    p.add_argument("--mc-batch", type=int, default=None)
+    p.add_argument("--length-bucket", type=int, default=32, help="round batch lengths up to a multiple of this")
+    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"), help="attention kernel (cudnn: GPU, bf16)")
+    p.add_argument("--layer-unroll", type=int, default=1, help="layers per iteration of the layer loop (1: rolled lax.scan, fastest compile; >= the model's layers: unrolled, static indices: on an H100, 1.9x faster batch-1 forwards at 8B)")
+    p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--name", default=None, help="file stem of the outputs (default eval_<split>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args, loader=None) -> dict:
+    """Run `timerome eval` from parsed args; writes <out>/<name>.json (full result) and
+    <out>/<name>_summary.{json,md}; returns the result."""
+    load = loader or functools.partial(load_model_with_tokenizer, dtype=args.dtype, attn_impl=args.attn_impl,
+                                      layer_unroll=args.layer_unroll)
+    names = ev.expand_metrics(args.metrics)
+    gl = args.gen_length
+    args.limit = args.limit or None  # 0 = every row
+    scfg = ev.default_sampler(gl) if args.steps is None and args.block_length is None else SamplerConfig(
+        steps=args.steps or max(1, gl // 4), block_length=args.block_length or min(32, gl), temperature=0.0,
+        remasking="low_confidence")
+    retain_tr = None
+    if "forget_quality" in names:
+        if args.retain_tr:
+            retain_tr = load_retain_tr(args.retain_tr)
+        else:
+            retain_tr = cached_retain_tr(args.out, args.split, args.seeds, args.n_mc, args.retain_model,
+                                         args.estimator, args.limit, args.batch_size, not args.no_progress, load,
+                                         args.length_bucket)
+            if retain_tr is None:
+                print(f"[timerome eval] no retain model at {args.retain_model}: forget_quality will be None")
+    params, cfg, tok = load(args.model)
+    res = ev.evaluate(params, cfg, tok, args.split, metrics=names, n_mc=args.n_mc, seeds=args.seeds,
+                   retain_tr=retain_tr, batch_size=args.batch_size, gen_length=gl, sampler=scfg,
+                   progress=not args.no_progress, limit=args.limit, estimator=args.estimator,
+                   mc_batch=args.mc_batch, length_bucket=args.length_bucket)
+    res["model"] = str(args.model)
+    name = args.name or f"eval_{args.split}"
+    write_json(Path(args.out) / f"{name}.json", res)
+    write_report(compare({"model": res}, reference="model"), args.out, f"{name}_summary")
+    for m in names:
+        vals = res["metrics"][m]
+        print(f"{m:16s} " + " ".join(format_number(v) for v in vals))
+    return res
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="timerome", description="TimeROME-DLM: diffusion-time causal tracing and "
                                  "closed-form inference-time editing for masked diffusion LMs (JAX).")
@@ -136,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: trace, select, edit and evaluate on the packaged TOFU model")
     _model_args(p)
     _trace_args(p)
-    p.add_argument("--retain-model", default=str(ev.DEFAULT_RETAIN_MODEL))
+    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="MC-mask seeds (= DemoConfig.seeds)")
     p.add_argument("--n-mc", type=int, default=4, help="MC samples per ELBO (= DemoConfig.n_mc)")
     p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set")
@@ -165,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT)
     p.add_argument("--idk-targets", action="store_true", help="targets from TOFU idontknow.jsonl")
     p.add_argument("--evaluate", action="store_true", help="also evaluate no_edit vs the edit")
-    p.add_argument("--retain-model", default=str(ev.DEFAULT_RETAIN_MODEL))
+    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-mc", type=int, default=16)
     p.set_defaults(func=run_edit)
 
-    ev.build_eval_parser(sub)
+    build_eval_parser(sub)
     return ap
 
 

@@ -20,14 +20,16 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from . import evaluate as ev
-from . import facts as F
-from . import memory as mem_lib
-from . import trace as tr
-from .config import MODULES
-from .intervene import Intervene
-from .io import atomic_path, write_json
-from .tokenizer import eos_or_default
+from timerome_jax.tofu import evaluate as ev
+from timerome_jax.tofu.reference import cached_retain_tr
+from timerome_jax.tofu.report import compare, write_report
+from timerome_jax.method import facts as F
+from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import trace as tr
+from timerome_jax.backbone.config import MODULES
+from timerome_jax.backbone.intervene import Intervene
+from timerome_jax.io import atomic_path, write_json
+from timerome_jax.backbone.tokenizer import eos_or_default
 
 DEFAULT_TARGET = mem_lib.DEFAULT_TARGET_TEXT
 
@@ -115,8 +117,8 @@ def evaluate_methods(params, cfg, tokenizer, methods: dict, split: str, retain_t
     results = {}
     for m, iv in methods.items():
         results[m] = ev.evaluate(params, cfg, tokenizer, split, intervene=iv, retain_tr=retain_tr, **eval_kw)
-    rows = ev.compare(results, reference="no_edit")
-    ev.write_report(rows, out_dir, name, reference="no_edit")
+    rows = compare(results, reference="no_edit")
+    write_report(rows, out_dir, name, reference="no_edit")
     write_json(Path(out_dir) / f"{name}_full.json", results)
     return rows, results
 
@@ -162,7 +164,7 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
                                               "fact_index": [f.index for f in all_facts]})
     retain_tr = None
     if "forget_quality" in ev.expand_metrics(dcfg.metrics) and retain_model is not None:
-        retain_tr = ev.cached_retain_tr(out, dcfg.split, dcfg.seeds, dcfg.n_mc, retain_model=str(retain_model),
+        retain_tr = cached_retain_tr(out, dcfg.split, dcfg.seeds, dcfg.n_mc, retain_model=str(retain_model),
                                         limit=dcfg.limit, batch_size=dcfg.batch_size, progress=progress)
     methods = {"no_edit": None}
     for name, alpha, q in dcfg.settings:

@@ -20,7 +20,7 @@ layer forward, i.e. before forward hooks run, so at an edited/patched layer it s
 
 Everything here is inference-only and batched: call under `torch.no_grad()`/`inference_mode()`;
 edits compute in float32 and add the update in the activation dtype (bf16 at 8B scale), exactly as
-`timerome_jax.intervene.apply_edit` does.
+`timerome_jax.backbone.intervene.apply_edit` does.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..config import MODULES  # noqa: F401 - re-exported for the torch side
-from ..config import module_id as module_index  # name or id -> id
+from timerome_jax.backbone.config import MODULES  # noqa: F401 - re-exported for the torch side
+from timerome_jax.backbone.config import module_id as module_index  # name or id -> id
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class PatchHook(Hook):
 
 
 def _top_q(c: torch.Tensor, q: int) -> torch.Tensor:
-    """Same rule as `timerome_jax.memory.top_q`: keep entries with |c| >= the q-th largest |c|."""
+    """Same rule as `timerome_jax.method.memory.top_q`: keep entries with |c| >= the q-th largest |c|."""
     if q <= 0:
         return c
     n = c.shape[-1]
@@ -228,7 +228,7 @@ class TorchEditMemory:
 
     @classmethod
     def from_jax(cls, mem, device=None) -> "TorchEditMemory":
-        """From a `timerome_jax.memory.EditMemory`."""
+        """From a `timerome_jax.method.memory.EditMemory`."""
         return cls(mem.U, mem.Dm, mem.G, mem.active, float(mem.alpha), int(mem.q), int(mem.layer),
                    mem.module, int(mem.step), device=device)
 
@@ -254,7 +254,7 @@ class TorchGatedEdit:
 
     @classmethod
     def from_jax(cls, edit, device=None) -> "TorchGatedEdit":
-        """From a `timerome_jax.memory.GatedEdit`."""
+        """From a `timerome_jax.method.memory.GatedEdit`."""
         return cls(edit.u, edit.d, float(edit.alpha), float(edit.g_max), float(edit.eps),
                    int(edit.layer), edit.module, int(edit.step), device=device)
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import atomic_path
+from timerome_jax.io import atomic_path
 
 
 # ------------------------------------------------------------------------------------------------

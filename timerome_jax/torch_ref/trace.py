@@ -1,6 +1,6 @@
 """PyTorch forward-hook reference of TIE tracing (paper §III-A, §III-E), the way the paper runs it.
 
-Same definitions as `timerome_jax.trace` (read its docstring for Eq. 3's log p(o | x_k')), computed
+Same definitions as `timerome_jax.method.trace` (read its docstring for Eq. 3's log p(o | x_k')), computed
 with hooks on a torch model: a `CaptureHook` per (layer, module) on the clean trajectory, an
 embedding hook that adds the subject noise (Eq. 2) on the corrupted one, and for the patched runs one
 `PatchHook` per candidate. Candidates that patch the same step k are stacked along the batch (rows =
@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .hooks import CaptureHook, PatchHook, TraceState, installed, locate
+from timerome_jax.torch_ref.hooks import CaptureHook, PatchHook, TraceState, installed, locate
 
 EMBED_PATHS = ("model.transformer.wte", "model.embed_tokens")
 
@@ -52,7 +52,7 @@ def n_transfer(gen_counts: torch.Tensor, K: int) -> torch.Tensor:
 
 def commit(logits, x, gen_mask, k_row, mask_id: int):
     """LLaDA low-confidence remasking at temperature 0 (mask token banned from the argmax), ties to
-    the lower position: the rule of `timerome_jax.sampler` with one block."""
+    the lower position: the rule of `timerome_jax.diffusion.sampler` with one block."""
     lg = logits.float().clone()
     lg[..., mask_id] = -torch.inf
     x0 = lg.argmax(-1)

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import MODULES, ModelConfig, module_id
-from .intervene import Intervene
-from .io import atomic_path
-from . import model as _model
+from timerome_jax.backbone.config import MODULES, ModelConfig, module_id
+from timerome_jax.backbone.intervene import Intervene
+from timerome_jax.io import atomic_path
+from timerome_jax.backbone import model as _model
 
 FORMAT_NAME = "timerome-edit-memory"
 FORMAT_VERSION = 1

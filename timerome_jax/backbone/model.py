@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
-from .intervene import Intervene, apply_edit, apply_patch, read
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, read
 
 RESID, ATTN, MLP = 0, 1, 2
 

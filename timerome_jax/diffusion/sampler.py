@@ -1,6 +1,6 @@
 """Jitted denoising samplers for masked diffusion LMs (LLaDA and Dream rules, one code path).
 
-The sampler is model-agnostic: it only needs `timerome_jax.model.forward`, whose logits are already
+The sampler is model-agnostic: it only needs `timerome_jax.backbone.model.forward`, whose logits are already
 aligned so that `[:, i]` predicts token i for every family (the AR logit shift of Dream/DiffuLLaMA is
 undone inside the forward).
 
@@ -45,11 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import model
-from .config import ModelConfig
-from .intervene import Intervene
-from .likelihood import _as_key, _is_traced, token_logprob
-from .tokenizer import eos_or_default
+from timerome_jax.backbone import model
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.intervene import Intervene
+from timerome_jax.diffusion.likelihood import _as_key, _is_traced, token_logprob
+from timerome_jax.backbone.tokenizer import eos_or_default
 
 LLADA_RULES = ("low_confidence", "random")
 DREAM_RULES = ("origin", "maskgit_plus", "topk_margin", "entropy")

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import model
-from .config import ModelConfig
-from .intervene import Intervene
+from timerome_jax.backbone import model
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.intervene import Intervene
 
 ESTIMATORS = ("auto", "llada", "dream")
 

@@ -43,7 +43,7 @@ class Intervene:
     read_pos: [B, S] int32 positions at which resid/attn/mlp outputs of every layer are returned.
     patch:    a `Patch` (or None).
     edit:     an edit memory (any pytree with `.delta(h) -> [B,T,D]`, a `.step` array and static
-              `.layer` and `.module` ints), applied at its coordinate; see `timerome_jax.memory`.
+              `.layer` and `.module` ints), applied at its coordinate; see `timerome_jax.method.memory`.
     """
 
     noise: Optional[jax.Array] = None

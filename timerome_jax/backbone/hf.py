@@ -28,10 +28,10 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from .config import ModelConfig
-from .io import atomic_dir
-from .model import param_shapes
-from .tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer, own_mask_id
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.io import atomic_dir
+from timerome_jax.backbone.model import param_shapes
+from timerome_jax.backbone.tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer, own_mask_id
 
 
 class HFConfigError(ValueError):

@@ -40,10 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import model, sampler
-from .config import MODULES, ModelConfig
-from .intervene import Intervene, Patch
-from .likelihood import token_logprob
+from timerome_jax.backbone import model
+from timerome_jax.diffusion import sampler
+from timerome_jax.backbone.config import MODULES, ModelConfig
+from timerome_jax.backbone.intervene import Intervene, Patch
+from timerome_jax.diffusion.likelihood import token_logprob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +340,7 @@ def plot_heatmaps(tie_bar_mean: np.ndarray, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from timerome_jax.io import atomic_path
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), constrained_layout=True)
     vmax = float(np.nanmax(np.abs(tie_bar_mean))) or 1.0

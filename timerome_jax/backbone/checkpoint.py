@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from .config import ModelConfig
-from .io import atomic_dir
-from .model import param_shapes
-from .tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.io import atomic_dir
+from timerome_jax.backbone.model import param_shapes
+from timerome_jax.backbone.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 FORMAT = "timerome-orbax-v1"
 META = "timerome_config.json"
@@ -156,7 +157,7 @@ def load_model(path: str, dtype: Optional[str] = None, attn_impl: Optional[str] 
     folder with `config.json` is read with `hf.load_pretrained(path, dtype)` (then placed with
     `sharding` if one is given). attn_impl overrides cfg.attn_impl when given.
     """
-    from . import hf
+    from timerome_jax.backbone import hf
 
     if is_converted(path):
         params, cfg, tok = restore(path, sharding=sharding, dtype=dtype)
@@ -169,4 +170,21 @@ def load_model(path: str, dtype: Optional[str] = None, attn_impl: Optional[str] 
                                    "folder (config.json)")
     if attn_impl is not None:
         cfg = cfg.replace(attn_impl=attn_impl)
+    return params, cfg, tok
+
+
+class NoTokenizerError(ValueError):
+    """A model folder without tokenizer files (evaluation, tracing and editing need one)."""
+
+
+def load_model_with_tokenizer(path, dtype: Optional[str] = None, attn_impl: str = "xla", layer_unroll: int = 1):
+    """(params, cfg, tokenizer) of a local HF or converted model folder (`load_model`) that must have a
+    tokenizer; `layer_unroll` is set on the returned config."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl)
+    cfg = cfg.replace(layer_unroll=layer_unroll)
+    if tok is None:
+        raise NoTokenizerError(f"model folder {path} has no tokenizer files (tokenizer.json); evaluation, "
+                               "tracing and editing need one")
     return params, cfg, tok

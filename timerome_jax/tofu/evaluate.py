@@ -42,28 +42,25 @@ Results keep per-sample values in open-unlearning's shape:
 with row = the row index in the evaluated set (as a string), so a retain model's forget TRs can be
 stored (`forget_tr_by_index`) and used for Forget Quality later.
 
-`compare` and `write_report` turn several methods' results into the paper's table (mean, 95%
-bootstrap CI over seeds, paired t vs no_edit on shared seeds). `main(argv)` is the CLI
-`timerome eval ...` (`build_eval_parser` + `run_eval` are wired into timerome_jax/cli.py).
+`timerome_jax.tofu.report` turns several methods' results into the paper's table; the retain
+model's truth ratios (the Forget Quality reference) come from `timerome_jax.tofu.reference`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
-from . import metrics as M
-from .io import write_json, write_text
-from . import tofu
-from .tokenizer import eos_or_default
+from timerome_jax.backbone.tokenizer import eos_or_default
+from timerome_jax.diffusion.sampler import SamplerConfig
+from timerome_jax.tofu import data as tofu
+from timerome_jax.tofu import metrics as M
+from timerome_jax.tofu.truth_ratios import load_retain_tr
 
 SETS = ("forget", "retain", "ra", "wf")
 SET_FILES = {"retain": "retain_perturbed", "ra": "real_authors_perturbed", "wf": "world_facts_perturbed"}
@@ -81,11 +78,6 @@ GROUPS = {
 DEFAULT_METRICS = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "prob", "truth_ratio", "rouge",
                    "forget_quality", "model_utility")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODEL = ASSETS / "tofu_target"
-DEFAULT_RETAIN_MODEL = ASSETS / "tofu_retain"
-PACKAGED_RETAIN_TR = DEFAULT_RETAIN_MODEL / "reference"  # bundled retain-model forget TRs
-
 _SET_CODE = {"full": 1, "ra": 2, "wf": 3}
 _N_VARIANTS = 8  # answer, paraphrase, up to 6 perturbed answers
 
@@ -93,8 +85,6 @@ _N_VARIANTS = 8  # answer, paraphrase, up to 6 perturbed answers
 def default_sampler(gen_length: int = 128):
     """Greedy MDLM decoding for ROUGE: steps = gen_length / 4 (4 tokens per step, sized for CPU),
     blocks of 32, low-confidence remasking (the same as `timerome eval`'s defaults)."""
-    from .sampler import SamplerConfig
-
     return SamplerConfig(steps=max(1, gen_length // 4), block_length=min(32, gen_length), temperature=0.0,
                          remasking="low_confidence")
 
@@ -210,7 +200,7 @@ def _batches(items: list[_Item], batch_size: int, max_seq_len: int, q: int):
 
 def _score_items(params, cfg, items, key, n_mc, batch_size, intervene, estimator, mc_batch, progress, desc, q):
     """ELBO [N] float64 for every item (batched; the last batch is padded with repeats)."""
-    from . import likelihood
+    from timerome_jax.diffusion import likelihood
 
     out = np.full(len(items), np.nan)
     batches = list(_batches(items, batch_size, cfg.max_seq_len, q))
@@ -231,7 +221,7 @@ def _score_items(params, cfg, items, key, n_mc, batch_size, intervene, estimator
 
 def _generate(params, cfg, tokenizer, rows_by_set, need, gen_length, scfg, seed, batch_size, intervene,
               progress, q) -> dict[str, list[str]]:
-    from .sampler import generate_text
+    from timerome_jax.diffusion.sampler import generate_text
 
     jobs = [(w, i, tofu.format_prompt(r["question"])) for w in SETS if "rouge" in need[w]
             for i, r in enumerate(rows_by_set[w])]
@@ -306,8 +296,6 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
     Returns a JSON-serialisable dict: {"split", "seeds", "n_mc", ..., "metrics": {name: [value per
     seed]}, "per_seed": {seed: {name: {"agg_value", "value_by_index"}}}, "generations": ...}.
     """
-    import jax
-
     if split not in tofu.FORGET_SPLITS:
         raise ValueError(f"split must be one of {tofu.FORGET_SPLITS}, got {split!r}")
     names = expand_metrics(metrics)
@@ -408,287 +396,3 @@ def _fill_likelihood_metrics(per: dict, items: list[_Item], ll: np.ndarray, rows
             npb = M.normalised_prob(a_avg, p_avg)
             per[f"{w}_prob"] = {"agg_value": float(npb.mean()), "value_by_index": {
                 k: {"prob": float(p)} for k, p in zip(keys, npb)}}
-
-
-# ---------------------------------------------------------------------------------------------
-# retain-model truth ratios (Forget Quality reference)
-# ---------------------------------------------------------------------------------------------
-
-def forget_tr_by_index(result: dict) -> dict[str, dict[str, float]]:
-    """{seed: {row: TR}} of the forget set from an `evaluate` result (needs forget_tr)."""
-    out = {}
-    for seed, per in result["per_seed"].items():
-        if "forget_tr" not in per:
-            raise ValueError("this result has no per-sample forget truth ratios (evaluate with 'forget_tr')")
-        out[seed] = {k: v["score"] for k, v in per["forget_tr"]["value_by_index"].items()}
-    return out
-
-
-def save_retain_tr(path, result: dict, model: str = "") -> None:
-    """Write the forget TRs of a retain-model `evaluate` result as JSON (atomically)."""
-    payload = {"kind": "timerome_retain_forget_tr", "model": str(model), "split": result["split"],
-               "n_mc": result["n_mc"], "estimator": result["estimator"], "limit": result["limit"],
-               "by_seed": forget_tr_by_index(result)}
-    write_json(path, payload)
-
-
-def load_retain_tr(path) -> dict[str, dict[str, float]]:
-    """{seed: {row: TR}} from a file written by `save_retain_tr`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read retain truth ratios from {path}: {e}") from e
-    if not isinstance(d, dict) or d.get("kind") != "timerome_retain_forget_tr" or "by_seed" not in d:
-        raise ValueError(f"{path} is not a retain truth-ratio file (missing kind/by_seed)")
-    return d["by_seed"]
-
-
-def retain_tr_cache_path(out_dir, split: str, n_mc: int, estimator: str = "auto") -> Path:
-    return Path(out_dir) / f"retain_forget_tr_{split}_nmc{n_mc}_{estimator}.json"
-
-
-def cached_retain_tr(out_dir, split: str, seeds: Sequence[int], n_mc: int, retain_model=DEFAULT_RETAIN_MODEL,
-                     estimator: str = "auto", limit: Optional[int] = None, batch_size: int = 16,
-                     progress: bool = True, loader=None, length_bucket: int = 32) -> Optional[dict]:
-    """The retain model's forget TRs for `seeds`, from the reference JSON bundled with the packaged
-    retain model or the cache JSON in `out_dir` when they have them, else computed (loading
-    `retain_model`) and added to the cache. None if the model is absent."""
-    path = retain_tr_cache_path(out_dir, split, n_mc, estimator)
-    have = {}
-    # the packaged retain model ships reference TRs (experiments/retain_reference.py writes them)
-    packaged = PACKAGED_RETAIN_TR / path.name
-    if packaged.is_file() and Path(retain_model).resolve() == DEFAULT_RETAIN_MODEL.resolve():
-        with open(packaged, encoding="utf-8") as f:
-            d = json.load(f)
-        if d.get("limit") == limit:
-            have = dict(d["by_seed"])
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        if d.get("limit") == limit and d.get("model") == str(retain_model):
-            have.update(d["by_seed"])
-    missing = [s for s in seeds if str(s) not in have]
-    if not missing:
-        return {k: have[k] for k in map(str, seeds)}
-    if not Path(retain_model).is_dir():
-        return None
-    params, cfg, tok = (loader or _load_model)(retain_model)
-    res = evaluate(params, cfg, tok, split, metrics=("forget_tr",), n_mc=n_mc, seeds=missing,
-                   batch_size=batch_size, progress=progress, limit=limit, estimator=estimator,
-                   length_bucket=length_bucket)
-    have.update(forget_tr_by_index(res))
-    os.makedirs(out_dir, exist_ok=True)
-    payload = {"kind": "timerome_retain_forget_tr", "model": str(retain_model), "split": split, "n_mc": n_mc,
-               "estimator": estimator, "limit": limit, "by_seed": have}
-    write_json(path, payload)
-    return {k: have[k] for k in map(str, seeds)}
-
-
-# ---------------------------------------------------------------------------------------------
-# comparison table
-# ---------------------------------------------------------------------------------------------
-
-def _per_seed_values(res) -> dict[str, dict[int, float]]:
-    """{metric: {seed: value}} from an `evaluate` result or such a mapping already."""
-    if isinstance(res, Mapping) and "per_seed" in res and "seeds" in res:
-        out: dict[str, dict[int, float]] = {}
-        for m, vals in res["metrics"].items():
-            out[m] = {int(s): v for s, v in zip(res["seeds"], vals) if v is not None}
-        return out
-    if isinstance(res, Mapping):
-        return {m: {int(s): v for s, v in vs.items() if v is not None} for m, vs in res.items()}
-    raise ValueError(f"cannot read per-seed metric values from a {type(res).__name__}")
-
-
-def compare(results_by_method: Mapping[str, Any], reference: str = "no_edit", n_resamples: int = 2000,
-            level: float = 0.95, seed: int = 0) -> list[dict]:
-    """Per (method, metric) rows: mean, std over seeds, bootstrap CI, and a paired t-test vs `reference`.
-
-    results_by_method: {method: evaluate() result, or {metric: {seed: value}}}.
-    Row keys: method, metric, n, seeds, mean, std (ddof=1; None for n=1), ci_lo, ci_hi, and vs the
-    reference on the seeds both have: n_paired, delta (mean a − ref), delta_ci_lo, delta_ci_hi,
-    t, p, sig ('*' p<0.05, '**' p<0.01, '***' p<1e-4). Values that are None are skipped.
-    """
-    vals = {m: _per_seed_values(r) for m, r in results_by_method.items()}
-    if reference not in vals:
-        raise ValueError(f"reference method {reference!r} is not among {list(vals)}")
-    metric_order = list(dict.fromkeys(k for v in vals.values() for k in v))
-    rows = []
-    for method, per in vals.items():
-        for metric in metric_order:
-            by_seed = per.get(metric, {})
-            if not by_seed:
-                continue
-            seeds = sorted(by_seed)
-            x = np.array([by_seed[s] for s in seeds], np.float64)
-            lo, hi = M.bootstrap_ci(x, n_resamples, level, seed)
-            row = {"method": method, "metric": metric, "n": len(x), "seeds": seeds, "mean": float(x.mean()),
-                   "std": float(x.std(ddof=1)) if len(x) > 1 else None, "ci_lo": lo, "ci_hi": hi,
-                   "n_paired": None, "delta": None, "delta_ci_lo": None, "delta_ci_hi": None,
-                   "t": None, "p": None, "sig": ""}
-            ref = vals[reference].get(metric, {})
-            shared = [s for s in seeds if s in ref]
-            if method != reference and shared:
-                a = np.array([by_seed[s] for s in shared])
-                b = np.array([ref[s] for s in shared])
-                t, p = M.paired_t(a, b)
-                dlo, dhi = M.diff_ci(a, b, n_resamples, level, seed)
-                row.update(n_paired=len(shared), delta=float((a - b).mean()), delta_ci_lo=dlo, delta_ci_hi=dhi,
-                           t=None if math.isnan(t) else t, p=None if math.isnan(p) else p, sig=M.significance(p))
-            rows.append(row)
-    return rows
-
-
-def _fmt(x, nd=3) -> str:
-    if x is None:
-        return "–"
-    ax = abs(x)
-    if ax != 0 and (ax < 1e-3 or ax >= 1e5):
-        return f"{x:.2e}"
-    return f"{x:.{nd}f}"
-
-
-def markdown_table(rows: list[dict], reference: Optional[str] = None) -> str:
-    """Two Markdown tables: mean ± std [95% CI] per method × metric; Δ vs `reference` with p."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    metrics = list(dict.fromkeys(r["metric"] for r in rows))
-    cell = {(r["method"], r["metric"]): r for r in rows}
-    head = "| method | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
-    t1, t2 = head, head
-    for m in methods:
-        c1, c2 = [], []
-        for k in metrics:
-            r = cell.get((m, k))
-            if r is None:
-                c1.append("")
-                c2.append("")
-                continue
-            sd = f" ± {_fmt(r['std'])}" if r["std"] is not None else ""
-            c1.append(f"{_fmt(r['mean'])}{sd} [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]")
-            c2.append(f"{_fmt(r['delta'])}{r['sig']} [{_fmt(r['delta_ci_lo'])}, {_fmt(r['delta_ci_hi'])}] "
-                      f"(p={_fmt(r['p'])}, n={r['n_paired']})"
-                      if r["delta"] is not None else ("ref" if m == reference else "–"))
-        t1 += f"| {m} | " + " | ".join(c1) + " |\n"
-        t2 += f"| {m} | " + " | ".join(c2) + " |\n"
-    return ("Mean ± std over seeds [95% bootstrap CI, 2000 resamples]\n\n" + t1 +
-            "\nPaired difference vs reference on shared seeds: Δ [95% bootstrap CI of Δ] (two-tailed paired t p; "
-            "* p<0.05, ** p<0.01, *** p<1e-4)\n\n" + t2)
-
-
-def write_report(rows: list[dict], out_dir, name: str, reference: Optional[str] = None) -> tuple[Path, Path]:
-    """Write `<out_dir>/<name>.json` (the rows) and `<out_dir>/<name>.md` atomically; return both paths.
-    reference: the method marked "ref" in the Δ table (default: the one whose rows have no delta)."""
-    if reference is None:
-        refs = {r["method"] for r in rows} - {r["method"] for r in rows if r["n_paired"] is not None}
-        reference = next(iter(refs)) if len(refs) == 1 else None
-    out = Path(out_dir)
-    js, md = out / f"{name}.json", out / f"{name}.md"
-    write_json(js, rows)
-    write_text(md, f"# {name}\n\n" + markdown_table(rows, reference))
-    return js, md
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-class NoTokenizerError(ValueError):
-    """A model folder without tokenizer files (evaluation, tracing and editing need one)."""
-
-
-def _load_model(path, dtype: Optional[str] = None, attn_impl: str = "xla", layer_unroll: int = 1):
-    """(params, cfg, tokenizer) of a local HF or converted model folder via `checkpoint.load_model`."""
-    from .checkpoint import load_model
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl)
-    cfg = cfg.replace(layer_unroll=layer_unroll)
-    if tok is None:
-        raise NoTokenizerError(f"model folder {path} has no tokenizer files (tokenizer.json); evaluation, "
-                               "tracing and editing need one")
-    return params, cfg, tok
-
-
-def build_eval_parser(subparsers=None) -> argparse.ArgumentParser:
-    """Add the `eval` sub-command to `subparsers` (or build a stand-alone parser when None)."""
-    kw = dict(description="Evaluate a masked diffusion LM on TOFU (paper Table I metrics + TOFU FQ/MU).")
-    p = subparsers.add_parser("eval", help="TOFU evaluation", **kw) if subparsers is not None \
-        else argparse.ArgumentParser(prog="timerome eval", **kw)
-    p.add_argument("--split", default="forget01", choices=tofu.FORGET_SPLITS)
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: packaged TOFU target)")
-    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL),
-                   help="retain model folder for Forget Quality (its forget TRs are cached in --out)")
-    p.add_argument("--retain-tr", default=None, help="JSON of retain-model forget TRs (instead of --retain-model)")
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
-                   help=f"metric names or groups {tuple(GROUPS)}")
-    p.add_argument("--n-mc", type=int, default=8, help="MC samples per ELBO (the paper uses 16)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--limit", type=int, default=40,
-                   help="only the first N rows of every set (default 40, sized for a 2-core CPU; 0 = all rows)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--gen-length", type=int, default=128)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: gen length / 4)")
-    p.add_argument("--block-length", type=int, default=None, help="sampler block length (default: 32)")
-    p.add_argument("--estimator", default="auto")
-    p.add_argument("--mc-batch", type=int, default=None)
-    p.add_argument("--length-bucket", type=int, default=32, help="round batch lengths up to a multiple of this")
-    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
-                   help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"), help="attention kernel (cudnn: GPU, bf16)")
-    p.add_argument("--layer-unroll", type=int, default=1, help="layers per iteration of the layer loop (1: rolled lax.scan, fastest compile; >= the model's layers: unrolled, static indices: on an H100, 1.9x faster batch-1 forwards at 8B)")
-    p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--name", default=None, help="file stem of the outputs (default eval_<split>)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_eval)
-    return p
-
-
-def run_eval(args, loader=None) -> dict:
-    """Run `timerome eval` from parsed args; writes <out>/<name>.json (full result) and
-    <out>/<name>_summary.{json,md}; returns the result."""
-    from .sampler import SamplerConfig
-
-    load = loader or functools.partial(_load_model, dtype=args.dtype, attn_impl=args.attn_impl,
-                                      layer_unroll=args.layer_unroll)
-    names = expand_metrics(args.metrics)
-    gl = args.gen_length
-    args.limit = args.limit or None  # 0 = every row
-    scfg = default_sampler(gl) if args.steps is None and args.block_length is None else SamplerConfig(
-        steps=args.steps or max(1, gl // 4), block_length=args.block_length or min(32, gl), temperature=0.0,
-        remasking="low_confidence")
-    retain_tr = None
-    if "forget_quality" in names:
-        if args.retain_tr:
-            retain_tr = load_retain_tr(args.retain_tr)
-        else:
-            retain_tr = cached_retain_tr(args.out, args.split, args.seeds, args.n_mc, args.retain_model,
-                                         args.estimator, args.limit, args.batch_size, not args.no_progress, load,
-                                         args.length_bucket)
-            if retain_tr is None:
-                print(f"[timerome eval] no retain model at {args.retain_model}: forget_quality will be None")
-    params, cfg, tok = load(args.model)
-    res = evaluate(params, cfg, tok, args.split, metrics=names, n_mc=args.n_mc, seeds=args.seeds,
-                   retain_tr=retain_tr, batch_size=args.batch_size, gen_length=gl, sampler=scfg,
-                   progress=not args.no_progress, limit=args.limit, estimator=args.estimator,
-                   mc_batch=args.mc_batch, length_bucket=args.length_bucket)
-    res["model"] = str(args.model)
-    name = args.name or f"eval_{args.split}"
-    write_json(Path(args.out) / f"{name}.json", res)
-    write_report(compare({"model": res}, reference="model"), args.out, f"{name}_summary")
-    for m in names:
-        vals = res["metrics"][m]
-        print(f"{m:16s} " + " ".join(_fmt(v) for v in vals))
-    return res
-
-
-def main(argv=None) -> int:
-    """`python -m timerome_jax.evaluate ...` (same options as `timerome eval`)."""
-    args = build_eval_parser(None).parse_args(argv)
-    run_eval(args)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -9,7 +9,7 @@ one-device run would, on its slice, with no communication until the results are 
 code path serves one device and n devices (`mesh=` or `devices=`; default: all local devices).
 
     mesh = make_mesh()                                   # all local devices
-    res = trace(params, cfg, fb, tcfg, mesh=mesh)        # == timerome_jax.trace.trace(...)
+    res = trace(params, cfg, fb, tcfg, mesh=mesh)        # == timerome_jax.method.trace.trace(...)
     u, v_o, v_t = capture(params, cfg, batch, 19, "resid", chunk=64, devices=jax.devices()[:2])
 
 Lanes / facts are padded up to a multiple of the device count (filler lanes that patch nothing;
@@ -25,9 +25,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import memory as mem_lib
-from . import trace as tr
-from .config import ModelConfig
+from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import trace as tr
+from timerome_jax.backbone.config import ModelConfig
 
 AXIS = "d"
 
@@ -118,7 +118,7 @@ class LanesRunner:
 def trace(params, cfg: ModelConfig, fb: tr.FactBatch, tcfg: tr.TraceConfig = tr.TraceConfig(),
           mesh: Optional[Mesh] = None, devices: Optional[Sequence[jax.Device]] = None,
           progress=None) -> tr.TraceResult:
-    """`timerome_jax.trace.trace` with the candidate (lane) axis sharded over a 1-D mesh.
+    """`timerome_jax.method.trace.trace` with the candidate (lane) axis sharded over a 1-D mesh.
 
     mesh or devices (default: all local devices). Parameters and facts are replicated; the clean
     and corrupted trajectories (2 x K forwards of B rows, ~0.5% of the sweep) run replicated.
@@ -144,7 +144,7 @@ def _capture_fn(mesh: Mesh, cfg: ModelConfig, layer: int, module: int):
 
 def capture(params, cfg: ModelConfig, batch: mem_lib.ClozeBatch, layer: int, module: Union[int, str],
             chunk: int = 16, mesh: Optional[Mesh] = None, devices: Optional[Sequence[jax.Device]] = None):
-    """`timerome_jax.memory.capture` with the fact axis sharded over a 1-D mesh.
+    """`timerome_jax.method.memory.capture` with the fact axis sharded over a 1-D mesh.
 
     Each call runs `chunk` facts per device (fewer when there are fewer facts), i.e. chunk x n_dev
     facts at once; the last call is padded with copies of fact 0. Returns (u, v_o, v_t), each

@@ -1,0 +1,1 @@
+"""Masked-diffusion machinery over the backbone: the denoising sampler and the ELBO likelihood."""

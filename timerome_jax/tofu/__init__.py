@@ -1,0 +1,1 @@
+"""The TOFU benchmark: data, metrics, evaluation and reports."""
