@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tofu_tokenizer
 
-from timerome_jax import tofu
+from timerome_jax.tofu import data as tofu
 
 COUNTS = {"full": 4000, "forget01": 40, "forget05": 200, "forget10": 400, "retain99": 3960,
           "retain95": 3800, "retain90": 3600, "holdout01": 40, "holdout05": 200, "holdout10": 400,
@@ -186,3 +186,13 @@ def test_hub_idontknow_is_rejected_without_network():
 @pytest.fixture(scope="module")
 def tiny_hf_tokenizer():
     return tofu_tokenizer()
+
+
+def test_calibration_rows_are_disjoint_from_every_evaluation_set():
+    cal = {(r["question"], r["answer"]) for r in tofu.calibration_rows(subjects=False)}
+    assert len(cal) == 3200
+    evaluated = ["retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"] + \
+        [f"{s}_perturbed" for s in tofu.FORGET_SPLITS] + list(tofu.FORGET_SPLITS)
+    for name in evaluated:
+        rows = tofu.load_split(name, subjects=False)
+        assert not cal & {(r["question"], r["answer"]) for r in rows}, name
