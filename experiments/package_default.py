@@ -23,6 +23,7 @@ from timerome_jax.backbone import hf  # noqa: E402
 from timerome_jax.backbone.config import ModelConfig  # noqa: E402
 from timerome_jax.backbone.model import param_shapes  # noqa: E402
 from timerome_jax.backbone.tokenizer import load_tokenizer  # noqa: E402
+from timerome_jax.tofu.models import write_reference_info  # noqa: E402
 
 
 def load_run(run: Path, name: str):
@@ -46,6 +47,9 @@ def main(argv=None):
         tok = load_tokenizer(a.tokenizer, cfg)
         dest = Path(a.out) / f"tofu_{name}"
         hf.save_pretrained(params, cfg, str(dest), tokenizer=tok, dtype="float32")
+        if name == "retain":  # the FQ reference must say which retain set it saw (tofu.models)
+            write_reference_info(dest, "retain99", recipe="experiments/train_default.py: the target's recipe "
+                                 "on retain99 instead of full", run=str(run))
         back, cfg2, _ = hf.load_pretrained(str(dest))
         same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
         if not same or cfg2.replace(max_seq_len=cfg.max_seq_len) != cfg.replace(max_seq_len=cfg.max_seq_len):

@@ -11,6 +11,7 @@ from scipy import stats
 
 from timerome_jax import cli
 from timerome_jax.tofu import evaluate as E
+from timerome_jax.tofu.models import write_reference_info
 from timerome_jax.tofu.reference import retain_tr_cache_path
 from timerome_jax.tofu.report import compare, write_report
 from timerome_jax.tofu.truth_ratios import load_retain_tr
@@ -40,7 +41,8 @@ KW = dict(n_mc=2, limit=2, batch_size=8, gen_length=4, sampler=SCFG, progress=Fa
 @pytest.fixture(scope="module")
 def run_all(tiny):
     params, cfg, tok = tiny
-    retain_tr = {"0": {"0": 0.5, "1": 2.0}, "1": [0.7, 0.9]}
+    # limit 2 reads rows 10 and 30 of forget01 (spread over the set): a dict per row, or a list by row
+    retain_tr = {"0": {"10": 0.5, "30": 2.0}, "1": [0.7 if i == 10 else 0.9 if i == 30 else 5.0 for i in range(40)]}
     res = E.evaluate(params, cfg, tok, "forget01", metrics=("all",), seeds=(0, 1), retain_tr=retain_tr, **KW)
     return res, retain_tr
 
@@ -50,20 +52,23 @@ def test_structure_and_metric_identities(tiny, run_all):
     assert set(res["metrics"]) == set(E.ALL_METRICS)
     assert all(len(v) == 2 for v in res["metrics"].values())
     per = res["per_seed"]["0"]
-    assert res["n_rows"] == {"forget": 2, "retain": 2, "ra": 2, "wf": 2}
-    for m in ("forget_lp", "forget_tr", "retain_prob", "ra_prob", "wf_rouge"):
-        assert set(per[m]["value_by_index"]) == {"0", "1"}
+    assert res["n_rows"] == {"forget": 2, "retain": 2, "ra": 2, "wf": 2} and res["row_selection"] == "spread"
+    # 2 rows spread over each set: floor((i + 1/2) * n / 2)
+    want = {"forget_lp": {"10", "30"}, "forget_tr": {"10", "30"}, "retain_prob": {"100", "300"},
+            "ra_prob": {"25", "75"}, "wf_rouge": {"29", "87"}}
+    for m, keys in want.items():
+        assert set(per[m]["value_by_index"]) == keys
     lls = [v["ll"] for v in per["forget_lp"]["value_by_index"].values()]
     assert per["forget_lp"]["agg_value"] == pytest.approx(np.mean(lls))
     assert all(v < 0 for v in lls)
     ns = [v["n_tokens"] for v in per["forget_lp"]["value_by_index"].values()]
     tok = tiny[2]
     rows = tofu.load_split("forget01_perturbed")
-    assert ns == [len(tok.encode(r["answer"])) + 1 for r in rows[:2]]  # EOS counted
+    assert ns == [len(tok.encode(rows[i]["answer"])) + 1 for i in (10, 30)]  # EOS counted
     # prob = mean exp(ll / n); TR from the stored log-probs; MU = hmean of the nine
     assert per["forget_prob"]["agg_value"] == pytest.approx(np.mean(np.exp(np.array(lls) / np.array(ns))))
     trs = [v["score"] for v in per["forget_tr"]["value_by_index"].values()]
-    v0 = per["forget_tr"]["value_by_index"]["0"]
+    v0 = per["forget_tr"]["value_by_index"]["10"]
     assert trs[0] == pytest.approx(np.exp(np.mean(v0["avg_ll_perturbed"]) - v0["avg_ll_ref"]))
     assert len(v0["avg_ll_perturbed"]) == 5
     assert per["forget_tr"]["agg_value"] == pytest.approx(np.mean(np.minimum(trs, 1 / np.array(trs))))
@@ -85,12 +90,12 @@ def test_structure_and_metric_identities(tiny, run_all):
 def test_item_score_equals_a_direct_elbo_call(tiny, run_all):
     params, cfg, tok = tiny
     res, _ = run_all
-    r = tofu.load_split("forget01_perturbed")[1]
+    r = tofu.load_split("forget01_perturbed")[30]
     toks, am, pm = likelihood.make_qa_batch([tok.encode(tofu.format_prompt(r["question"]))],
                                             [tok.encode(r["answer"]) + [tok.eos_id]], cfg)
-    eid = (1 * 100_000 + 3961) * 8 + 0  # question 3961 of full.json, variant 0 (the answer)
+    eid = (1 * 100_000 + 3990) * 8 + 0  # question 3990 of full.json, variant 0 (the answer)
     ll = likelihood.elbo(params, cfg, toks, am, pm, jax.random.PRNGKey(0), n_mc=2, example_ids=np.array([eid]))
-    got = res["per_seed"]["0"]["forget_lp"]["value_by_index"]["1"]["ll"]
+    got = res["per_seed"]["0"]["forget_lp"]["value_by_index"]["30"]["ll"]
     assert got == pytest.approx(float(ll[0]), rel=1e-5, abs=1e-4)
 
 
@@ -159,6 +164,7 @@ def test_cli_with_retain_cache(tiny, tmp_path, capsys):
     target_dir, retain_dir = tmp_path / "target", tmp_path / "retain"
     target_dir.mkdir()
     retain_dir.mkdir()
+    write_reference_info(retain_dir, "retain99")  # a forget01 reference
     calls = []
 
     def loader(path):
@@ -175,7 +181,7 @@ def test_cli_with_retain_cache(tiny, tmp_path, capsys):
     assert calls == [str(retain_dir), str(target_dir)]
     cache = retain_tr_cache_path(out, "forget01", 2)
     retain = load_retain_tr(cache)
-    assert set(retain) == {"0"} and set(retain["0"]) == {"0", "1", "2"}
+    assert set(retain) == {"0"} and set(retain["0"]) == {"6", "20", "33"}  # 3 rows spread over 40
     mine = [v["score"] for v in res["per_seed"]["0"]["forget_tr"]["value_by_index"].values()]
     assert res["metrics"]["forget_quality"][0] == pytest.approx(M.forget_quality(mine, list(retain["0"].values())))
     saved = json.loads((out / "eval_forget01.json").read_text())
@@ -186,3 +192,14 @@ def test_cli_with_retain_cache(tiny, tmp_path, capsys):
     calls.clear()
     cli.run_eval(args, loader=loader)
     assert calls == [str(target_dir)]
+    assert saved["reference"]["retain_split"] == "retain99" and saved["reference_override"] is False
+    assert "trained on retain99" in (out / "eval_forget01_summary.md").read_text()
+    # the same retain99 reference for forget05 is refused, naming the split and both retain sets ...
+    argv5 = [x if x != "forget01" else "forget05" for x in argv]
+    with pytest.raises(SystemExit, match=r"forget05: .* trained on retain99, .* needs a model trained on retain95"):
+        cli.run_eval(cli.build_eval_parser().parse_args(argv5), loader=loader)
+    # ... unless overridden, which the report records
+    res5 = cli.run_eval(cli.build_eval_parser().parse_args(argv5 + ["--reference-override"]), loader=loader)
+    assert res5["reference_override"] is True and res5["reference"]["retain_split"] == "retain99"
+    assert res5["metrics"]["forget_quality"][0] is not None
+    assert "reference_override: true" in (out / "eval_forget05_summary.md").read_text()

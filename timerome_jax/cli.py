@@ -18,10 +18,10 @@ from timerome_jax.io import write_json
 from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu import evaluate as ev
-from timerome_jax.tofu.models import DEFAULT_MODEL, DEFAULT_RETAIN_MODEL
-from timerome_jax.tofu.reference import cached_retain_tr
+from timerome_jax.tofu.models import DEFAULT_MODEL, ReferenceMismatchError
+from timerome_jax.tofu.protocol import PROTOCOLS, protocol_notes, resolve_gen_length
+from timerome_jax.tofu.reference import cached_retain_tr, load_reference_tr
 from timerome_jax.tofu.report import compare, format_number, write_report
-from timerome_jax.tofu.truth_ratios import load_retain_tr
 
 
 def _load(path, dtype=None, attn_impl="xla", layer_unroll=1):
@@ -106,8 +106,11 @@ def run_edit(a):
                                     "fact_index": [f.index for f in facts]})
     print(json.dumps({**info, "memory": str(mem_path)}, indent=1))
     if a.evaluate:
-        retain_tr = cached_retain_tr(a.out, a.split, a.seeds, a.n_mc, retain_model=a.retain_model,
-                                        progress=not a.no_progress)
+        try:
+            retain_tr = cached_retain_tr(a.out, a.split, a.seeds, a.n_mc, retain_model=a.retain_model,
+                                         progress=not a.no_progress, override=a.reference_override)
+        except ReferenceMismatchError as e:
+            raise SystemExit(f"error: {e} (--reference-override)") from None
         rows, _ = pl.evaluate_methods(params, cfg, tok, {"no_edit": None, "timerome": Intervene(edit=memory)},
                                       a.split, retain_tr, a.out, "edit_table", n_mc=a.n_mc, seeds=a.seeds,
                                       metrics=("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr",
@@ -123,10 +126,13 @@ def run_demo(a):
     dcfg = pl.DemoConfig(split=a.split, n_trace=a.n_trace, trace=_tcfg(a), seeds=tuple(a.seeds), n_mc=a.n_mc,
                          limit=a.limit, lam=a.lam, target_text=a.target_text,
                          batch_size=a.batch_size if a.batch_size else d.batch_size)
-    retain = a.retain_model if Path(a.retain_model).is_dir() else None
-    if retain is None:
-        print(f"[timerome demo] no retain model at {a.retain_model}: Forget Quality is skipped")
-    out = pl.demo(params, cfg, tok, a.out, dcfg, retain_model=retain, progress=not a.no_progress)
+    try:
+        out = pl.demo(params, cfg, tok, a.out, dcfg, retain_model=a.retain_model, progress=not a.no_progress,
+                      reference_override=a.reference_override)
+    except ReferenceMismatchError as e:
+        raise SystemExit(f"error: {e} (--reference-override)") from None
+    if out["summary"]["reference"]["model"] is None:
+        print(f"[timerome demo] {out['summary']['reference']['message']}: Forget Quality is skipped")
     s = out["summary"]
     print(f"\ncoordinate: layer {s['coordinate']['layer']}, module {s['coordinate']['module']}, "
           f"step {s['coordinate']['step']} (every step)  |  install {s['install']['install_s']:.2f} s "
@@ -143,19 +149,32 @@ def build_eval_parser(subparsers=None) -> argparse.ArgumentParser:
         else argparse.ArgumentParser(prog="timerome eval", **kw)
     p.add_argument("--split", default="forget01", choices=tofu.FORGET_SPLITS)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (default: packaged TOFU target)")
-    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL),
-                   help="retain model folder for Forget Quality (its forget TRs are cached in --out)")
+    p.add_argument("--protocol", default="quick", choices=tuple(PROTOCOLS),
+                   help="quick: 40 rows per set spread over its authors, n_mc 8, seed 0, 128 generated tokens "
+                        "(a 2-core CPU); full: TOFU's protocol, every row, n_mc 16, seeds 0-4, TOFU's 200 "
+                        "generated tokens clipped to the model's context, one token per step (docs/tofu_protocol.md). "
+                        "--limit/--n-mc/--seeds/--gen-length/--steps/--block-length override it (recorded)")
+    p.add_argument("--retain-model", default="auto",
+                   help="Forget Quality reference (default auto: the packaged model trained on the split's retain "
+                        "set, forget01->retain99, forget05->retain95, forget10->retain90; its forget TRs are "
+                        "cached in --out); a folder whose recorded retain set differs is an error unless "
+                        "--reference-override")
     p.add_argument("--retain-tr", default=None, help="JSON of retain-model forget TRs (instead of --retain-model)")
+    p.add_argument("--reference-override", action="store_true",
+                   help="use --retain-model/--retain-tr even if it was not trained on the split's retain set "
+                        "(the report records reference_override: true)")
     p.add_argument("--metrics", nargs="+", default=list(ev.DEFAULT_METRICS),
                    help=f"metric names or groups {tuple(ev.GROUPS)}")
-    p.add_argument("--n-mc", type=int, default=8, help="MC samples per ELBO (the paper uses 16)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--limit", type=int, default=40,
-                   help="only the first N rows of every set (default 40, sized for a 2-core CPU; 0 = all rows)")
+    p.add_argument("--n-mc", type=int, default=None, help="MC samples per ELBO (quick 8, full 16 as in the paper)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="MC-mask seeds (quick: 0; full: 0 1 2 3 4)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="N rows of every set, spread evenly over it so every author contributes "
+                        "(quick: 40; full: all; 0 = all rows)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--gen-length", type=int, default=128)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: gen length / 4)")
-    p.add_argument("--block-length", type=int, default=None, help="sampler block length (default: 32)")
+    p.add_argument("--gen-length", type=int, default=None, help="generated tokens for ROUGE (quick 128; full: 200 "
+                   "clipped to the context)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (quick: 32; full: one token per step)")
+    p.add_argument("--block-length", type=int, default=None, help="sampler block length (quick: 32; full: 16)")
     p.add_argument("--estimator", default="auto")
     p.add_argument("--mc-batch", type=int, default=None)
     p.add_argument("--length-bucket", type=int, default=32, help="round batch lengths up to a multiple of this")
@@ -176,33 +195,50 @@ def run_eval(args, loader=None) -> dict:
     load = loader or functools.partial(load_model_with_tokenizer, dtype=args.dtype, attn_impl=args.attn_impl,
                                       layer_unroll=args.layer_unroll)
     names = ev.expand_metrics(args.metrics)
-    gl = args.gen_length
-    args.limit = args.limit or None  # 0 = every row
-    scfg = ev.default_sampler(gl) if args.steps is None and args.block_length is None else SamplerConfig(
-        steps=args.steps or max(1, gl // 4), block_length=args.block_length or min(32, gl), temperature=0.0,
-        remasking="low_confidence")
+    proto = PROTOCOLS[getattr(args, "protocol", "quick")]
+    overrides = [k for k in ("limit", "n_mc", "seeds", "gen_length", "steps", "block_length")
+                 if getattr(args, k, None) is not None]
+    n_mc = args.n_mc if args.n_mc is not None else proto.n_mc
+    seeds = list(args.seeds) if args.seeds is not None else list(proto.seeds)
+    limit = (args.limit or None) if args.limit is not None else proto.limit  # 0 = every row
+    reference = {"model": None, "reference_override": False}
     retain_tr = None
     if "forget_quality" in names:
-        if args.retain_tr:
-            retain_tr = load_retain_tr(args.retain_tr)
-        else:
-            retain_tr = cached_retain_tr(args.out, args.split, args.seeds, args.n_mc, args.retain_model,
-                                         args.estimator, args.limit, args.batch_size, not args.no_progress, load,
-                                         args.length_bucket)
-            if retain_tr is None:
-                print(f"[timerome eval] no retain model at {args.retain_model}: forget_quality will be None")
+        try:
+            if args.retain_tr:
+                retain_tr, reference = load_reference_tr(args.retain_tr, args.split, args.reference_override)
+            else:
+                retain_tr = cached_retain_tr(args.out, args.split, seeds, n_mc, args.retain_model,
+                                             args.estimator, limit, args.batch_size, not args.no_progress, load,
+                                             args.length_bucket, override=args.reference_override,
+                                             record=reference)
+        except ReferenceMismatchError as e:
+            raise SystemExit(f"error: {e} (--reference-override)") from None
+        if retain_tr is None:
+            print(f"[timerome eval] {reference.get('message')}: forget_quality will be None")
     params, cfg, tok = load(args.model)
-    res = ev.evaluate(params, cfg, tok, args.split, metrics=names, n_mc=args.n_mc, seeds=args.seeds,
-                   retain_tr=retain_tr, batch_size=args.batch_size, gen_length=gl, sampler=scfg,
-                   progress=not args.no_progress, limit=args.limit, estimator=args.estimator,
-                   mc_batch=args.mc_batch, length_bucket=args.length_bucket)
+    gl = args.gen_length or resolve_gen_length(proto, cfg, tok)
+    steps = args.steps or (max(1, gl // 4) if proto.steps else gl)  # quick: 4 tokens per step; full: 1
+    block = args.block_length or min(proto.block_length, gl)
+    scfg = SamplerConfig(steps=steps, block_length=block, temperature=0.0, remasking="low_confidence")
+    res = ev.evaluate(params, cfg, tok, args.split, metrics=names, n_mc=n_mc, seeds=seeds,
+                      retain_tr=retain_tr, batch_size=args.batch_size, gen_length=gl, sampler=scfg,
+                      progress=not args.no_progress, limit=limit, estimator=args.estimator,
+                      mc_batch=args.mc_batch, length_bucket=args.length_bucket)
     res["model"] = str(args.model)
+    res["protocol"] = proto.name
+    res["protocol_overrides"] = overrides
+    res["reference"] = reference
+    res["reference_override"] = bool(reference.get("reference_override"))
     name = args.name or f"eval_{args.split}"
     write_json(Path(args.out) / f"{name}.json", res)
-    write_report(compare({"model": res}, reference="model"), args.out, f"{name}_summary")
+    write_report(compare({"model": res}, reference="model"), args.out, f"{name}_summary",
+                 notes=protocol_notes(res))
     for m in names:
         vals = res["metrics"][m]
         print(f"{m:16s} " + " ".join(format_number(v) for v in vals))
+    if "forget_quality_pooled" in res:
+        print(f"{'fq_pooled':16s} {format_number(res['forget_quality_pooled']['agg_value'])}")
     return res
 
 
@@ -214,7 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: trace, select, edit and evaluate on the packaged TOFU model")
     _model_args(p)
     _trace_args(p)
-    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL))
+    p.add_argument("--retain-model", default="auto", help="Forget Quality reference (auto: the packaged model "
+                   "trained on the split's retain set)")
+    p.add_argument("--reference-override", action="store_true",
+                   help="use --retain-model even if it was not trained on the split's retain set (recorded)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="MC-mask seeds (= DemoConfig.seeds)")
     p.add_argument("--n-mc", type=int, default=4, help="MC samples per ELBO (= DemoConfig.n_mc)")
     p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set")
@@ -243,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT)
     p.add_argument("--idk-targets", action="store_true", help="targets from TOFU idontknow.jsonl")
     p.add_argument("--evaluate", action="store_true", help="also evaluate no_edit vs the edit")
-    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL))
+    p.add_argument("--retain-model", default="auto", help="Forget Quality reference (auto: the packaged model "
+                   "trained on the split's retain set)")
+    p.add_argument("--reference-override", action="store_true",
+                   help="use --retain-model even if it was not trained on the split's retain set (recorded)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-mc", type=int, default=16)
     p.set_defaults(func=run_edit)
