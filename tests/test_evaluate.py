@@ -80,6 +80,12 @@ def test_structure_and_metric_identities(tiny, run_all):
     assert per["forget_quality"]["agg_value"] == pytest.approx(stats.ks_2samp(trs, [0.5, 2.0]).pvalue)
     trs1 = [v["score"] for v in res["per_seed"]["1"]["forget_tr"]["value_by_index"].values()]
     assert res["metrics"]["forget_quality"][1] == pytest.approx(stats.ks_2samp(trs1, [0.7, 0.9]).pvalue)
+    # pooled FQ: one KS test on the per-row geometric mean of TR over seeds, for both models
+    gm = np.sqrt(np.array(trs) * np.array(trs1))
+    gm_ref = np.sqrt(np.array([0.5, 2.0]) * np.array([0.7, 0.9]))
+    pooled = res["forget_quality_pooled"]
+    assert pooled["agg_value"] == pytest.approx(stats.ks_2samp(gm, gm_ref).pvalue)
+    assert pooled["n_rows"] == 2 and pooled["retain_tr_seeds"] == [0, 1]
     # the two seeds use different masks; greedy generations are shared
     assert res["metrics"]["forget_lp"][0] != res["metrics"]["forget_lp"][1]
     assert set(res["generations"]) == {"shared"}

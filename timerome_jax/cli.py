@@ -6,6 +6,7 @@ Every sub-command is a thin layer over the Python API in `pipeline`, `trace`, `m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -13,13 +14,12 @@ from pathlib import Path
 
 from timerome_jax.backbone.checkpoint import NoTokenizerError, load_model_with_tokenizer
 from timerome_jax.backbone.tokenizer import eos_or_default
-from timerome_jax.diffusion.sampler import SamplerConfig
 from timerome_jax.io import write_json
 from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu import evaluate as ev
 from timerome_jax.tofu.models import DEFAULT_MODEL, ReferenceMismatchError
-from timerome_jax.tofu.protocol import PROTOCOLS, protocol_notes, resolve_gen_length
+from timerome_jax.tofu.protocol import PROTOCOLS, protocol_notes, resolve_gen_length, sampler_for
 from timerome_jax.tofu.reference import cached_retain_tr, load_reference_tr
 from timerome_jax.tofu.report import compare, format_number, write_report
 
@@ -218,9 +218,8 @@ def run_eval(args, loader=None) -> dict:
             print(f"[timerome eval] {reference.get('message')}: forget_quality will be None")
     params, cfg, tok = load(args.model)
     gl = args.gen_length or resolve_gen_length(proto, cfg, tok)
-    steps = args.steps or (max(1, gl // 4) if proto.steps else gl)  # quick: 4 tokens per step; full: 1
-    block = args.block_length or min(proto.block_length, gl)
-    scfg = SamplerConfig(steps=steps, block_length=block, temperature=0.0, remasking="low_confidence")
+    scfg = sampler_for(proto, gl)
+    scfg = dataclasses.replace(scfg, steps=args.steps or scfg.steps, block_length=args.block_length or scfg.block_length)
     res = ev.evaluate(params, cfg, tok, args.split, metrics=names, n_mc=n_mc, seeds=seeds,
                       retain_tr=retain_tr, batch_size=args.batch_size, gen_length=gl, sampler=scfg,
                       progress=not args.no_progress, limit=limit, estimator=args.estimator,

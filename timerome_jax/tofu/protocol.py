@@ -23,7 +23,7 @@ TOFU_GEN_LENGTH = 200  # TOFU's generation length (new tokens), see the module d
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """What an evaluation protocol fixes. limit None = every row; gen_length None = TOFU's 200
-    clipped to the context (`fit_gen_length`); steps None = one token per step."""
+    clipped to the context (`fit_gen_length`); the sampler commits tokens_per_step tokens a step."""
 
     name: str
     limit: Optional[int]
@@ -31,11 +31,11 @@ class Protocol:
     seeds: tuple
     gen_length: Optional[int]
     block_length: int
-    steps: Optional[int]
+    tokens_per_step: int
 
 
-QUICK = Protocol("quick", limit=40, n_mc=8, seeds=(0,), gen_length=128, block_length=32, steps=32)
-FULL = Protocol("full", limit=None, n_mc=16, seeds=(0, 1, 2, 3, 4), gen_length=None, block_length=16, steps=None)
+QUICK = Protocol("quick", limit=40, n_mc=8, seeds=(0,), gen_length=128, block_length=32, tokens_per_step=4)
+FULL = Protocol("full", limit=None, n_mc=16, seeds=(0, 1, 2, 3, 4), gen_length=None, block_length=16, tokens_per_step=1)
 PROTOCOLS = {p.name: p for p in (QUICK, FULL)}
 
 
@@ -48,9 +48,11 @@ def longest_prompt(tokenizer, splits=tofu.FORGET_SPLITS) -> int:
 
 
 def fit_gen_length(max_seq_len: int, prompt_len: int, block_length: int, requested: int = TOFU_GEN_LENGTH) -> int:
-    """The generation length used: `requested` (TOFU's 200), or the largest multiple of
-    `block_length` that fits after the longest prompt in the model's context, if smaller."""
-    room = min(requested, max_seq_len - prompt_len)
+    """The generation length used: `requested` (TOFU's 200) when it fits after the longest prompt
+    in the model's context, else the largest multiple of `block_length` that does."""
+    room = max_seq_len - prompt_len
+    if room >= requested:
+        return requested
     gl = room // block_length * block_length
     if gl < block_length:
         raise ValueError(f"no room to generate: max_seq_len {max_seq_len} - longest prompt {prompt_len} = "
@@ -59,11 +61,10 @@ def fit_gen_length(max_seq_len: int, prompt_len: int, block_length: int, request
 
 
 def sampler_for(p: Protocol, gen_length: int) -> SamplerConfig:
-    """Greedy low-confidence-remasking sampler of protocol `p` for `gen_length` new tokens."""
-    block = min(p.block_length, gen_length)
-    if gen_length % block:
-        raise ValueError(f"gen_length {gen_length} is not a multiple of the protocol's block_length {block}")
-    steps = p.steps if p.steps is not None else gen_length
+    """Greedy low-confidence-remasking sampler of protocol `p` for `gen_length` new tokens; blocks
+    of the largest divisor of gen_length not above p.block_length (200 tokens: blocks of 10)."""
+    block = max(d for d in range(1, min(p.block_length, gen_length) + 1) if gen_length % d == 0)
+    steps = max(1, gen_length // p.tokens_per_step)
     return SamplerConfig(steps=steps, block_length=block, temperature=0.0, remasking="low_confidence")
 
 
