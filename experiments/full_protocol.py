@@ -17,7 +17,8 @@ Writes into --out:
                                   the reference's forget TRs in the packaged format (copy the
                                   folder into timerome_jax/assets/<folder>/ to ship them)
   summary.json / summary.md       every number of the run, and the settings
-and prints summary.json. --budget-s stops before an evaluation that would start after it.
+and prints summary.json (also rewritten after every split). --budget-s: an evaluation is not
+started when the time so far plus 1.3x the previous evaluation's would pass it (recorded as skipped).
 --limit/--n-mc/--seeds/--gen-length shrink it for a smoke test (recorded as overrides).
 """
 from __future__ import annotations
@@ -83,6 +84,23 @@ def markdown_summary(summary: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def write_summary(out: Path, summary: dict, t_start: float) -> None:
+    """Write summary.json and summary.md (the numbers so far and the settings)."""
+    summary["total_s"] = time.perf_counter() - t_start
+    lim = summary["limit"]
+    scfg = summary["sampler"]
+    write_json(out / "summary.json", summary)
+    write_text(out / "summary.md", "# TOFU full protocol\n\n"
+               f"- model {summary['model']}; device {summary['device']}; dtype {summary['dtype'] or 'checkpoint'}; "
+               f"attention {summary['attn_impl']}; total {summary['total_s']:.0f} s\n"
+               f"- {'every row' if lim is None else f'{lim} rows per set (smoke test)'}; n_mc {summary['n_mc']}; "
+               f"seeds {summary['seeds']}; greedy generation of {summary['gen_length']} tokens "
+               f"({scfg['steps']} steps, blocks of {scfg['block_length']})"
+               + (f"; overrides: {', '.join(summary['protocol_overrides'])}" if summary["protocol_overrides"] else "")
+               + "\n- numbers are means over seeds; FQ is never averaged: the pooled KS p-value (per-row "
+               "geometric-mean TR over seeds) and the per-seed p-values\n\n" + markdown_summary(summary))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/full_protocol")
@@ -91,7 +109,8 @@ def main(argv=None):
     ap.add_argument("--no-references", action="store_true", help="evaluate the target only (FQ None)")
     ap.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
     ap.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"))
-    ap.add_argument("--batch-size", type=int, default=64, help="ELBO / generation batch (GPU-sized)")
+    ap.add_argument("--batch-size", type=int, default=64, help="ELBO batch (x n_mc sequences per forward)")
+    ap.add_argument("--gen-batch-size", type=int, default=256, help="generation batch")
     ap.add_argument("--budget-s", type=float, default=540.0, help="start no evaluation after this many seconds")
     ap.add_argument("--limit", type=int, default=None, help="smoke tests only: rows per set (spread)")
     ap.add_argument("--n-mc", type=int, default=None, help="smoke tests only")
@@ -116,16 +135,20 @@ def main(argv=None):
     params, cfg, tok = load(a.model)
     gl = a.gen_length or resolve_gen_length(FULL, cfg, tok)
     scfg = sampler_for(FULL, gl)
-    kw = dict(n_mc=n_mc, seeds=seeds, limit=limit, batch_size=a.batch_size, gen_length=gl, sampler=scfg,
+    kw = dict(n_mc=n_mc, seeds=seeds, limit=limit, batch_size=a.batch_size, gen_batch_size=a.gen_batch_size,
+              gen_length=gl, sampler=scfg,
               progress=not a.no_progress, metrics=ev.DEFAULT_METRICS)
     summary = {"protocol": "full", "protocol_overrides": overrides, "n_mc": n_mc, "seeds": seeds, "limit": limit,
                "gen_length": gl, "tofu_gen_length": 200, "sampler": dataclasses.asdict(scfg),
                "model": a.model, "dtype": a.dtype, "attn_impl": a.attn_impl, "batch_size": a.batch_size,
+               "gen_batch_size": a.gen_batch_size,
                "device": str(jax.devices()[0]), "jax": jax.__version__, "host": platform.node(),
                "budget_s": a.budget_s, "splits": {}}
 
+    last = [0.0]  # seconds of the latest evaluation: the next one (a larger or equal split) takes about as long
+
     def over_budget():
-        return time.perf_counter() - t_start > a.budget_s
+        return time.perf_counter() - t_start + 1.3 * last[0] > a.budget_s
 
     def run(path, split, retain_tr, stem, extra):
         t0 = time.perf_counter()
@@ -133,7 +156,8 @@ def main(argv=None):
         res = ev.evaluate(p, c, t, split, retain_tr=retain_tr, **kw)
         res.update(model=str(path), protocol="full", protocol_overrides=overrides, **extra)
         write_json(out / f"{stem}.json", res)
-        return res, time.perf_counter() - t0
+        last[0] = time.perf_counter() - t0
+        return res, last[0]
 
     for split in a.splits:
         entry = summary["splits"][split] = {}
@@ -166,18 +190,10 @@ def main(argv=None):
         results = {"target": tres, **results}
         write_report(compare(results, reference="target"), out, split, reference="target",
                      notes=protocol_notes(tres))
+        write_summary(out, summary, t_start)  # after every split: a run stopped later keeps these
         print(f"[full_protocol] {split}: target {secs:.0f} s, FQ pooled "
               f"{format_number(entry['target']['metrics'].get('forget_quality_pooled'))}", flush=True)
-    summary["total_s"] = time.perf_counter() - t_start
-    write_json(out / "summary.json", summary)
-    write_text(out / "summary.md", "# TOFU full protocol\n\n"
-               f"- model {a.model}; device {summary['device']}; dtype {a.dtype or 'checkpoint'}; "
-               f"attention {a.attn_impl}; total {summary['total_s']:.0f} s\n"
-               f"- every row{'' if limit is None else f' (limit {limit}: smoke test)'}; n_mc {n_mc}; seeds {seeds}; "
-               f"greedy generation of {gl} tokens ({scfg.steps} steps, blocks of {scfg.block_length})"
-               + (f"; overrides: {', '.join(overrides)}" if overrides else "") + "\n"
-               "- numbers are means over seeds; FQ is never averaged: the pooled KS p-value (per-row "
-               "geometric-mean TR over seeds) and the per-seed p-values\n\n" + markdown_summary(summary))
+    write_summary(out, summary, t_start)
     print(json.dumps(summary, indent=1, default=str))
     return summary
 
