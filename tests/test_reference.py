@@ -145,3 +145,31 @@ def test_protocols():
     assert (QUICK.limit, QUICK.n_mc, sampler_for(QUICK, 128).steps) == (40, 8, 32)
     with pytest.raises(ValueError, match="no room to generate"):
         fit_gen_length(64, 60, 16)
+
+
+@pytest.mark.slow
+def test_full_protocol_script_smoke(tmp_path):
+    """experiments/full_protocol.py on the packaged models at a tiny size: files, reference, FQ."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "full_protocol.py"
+    spec = importlib.util.spec_from_file_location("full_protocol", path)
+    fp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fp)
+    out = tmp_path / "fp"
+    s = fp.main(["--out", str(out), "--splits", "forget01", "--limit", "2", "--n-mc", "2", "--seeds", "0", "1",
+                 "--gen-length", "8", "--batch-size", "8", "--gen-batch-size", "8", "--no-progress"])
+    e = s["splits"]["forget01"]
+    assert e["reference"]["trained_on"] == "retain99" and s["protocol_overrides"] == ["limit", "n_mc", "seeds", "gen_length"]
+    tgt = json.loads((out / "forget01_target.json").read_text())
+    ref = json.loads((out / "forget01_reference.json").read_text())
+    keys = list(tgt["per_seed"]["0"]["forget_tr"]["value_by_index"])
+    mine = [[tgt["per_seed"][str(sd)]["forget_tr"]["value_by_index"][k]["score"] for k in keys] for sd in (0, 1)]
+    theirs = [[ref["per_seed"][str(sd)]["forget_tr"]["value_by_index"][k]["score"] for k in keys] for sd in (0, 1)]
+    assert e["target"]["metrics"]["forget_quality_pooled"] == pytest.approx(M.pooled_forget_quality(mine, theirs))
+    assert e["target"]["metrics"]["forget_quality_per_seed"] == pytest.approx(
+        [stats.ks_2samp(mine[i], theirs[i]).pvalue for i in (0, 1)])
+    tr = json.loads(next((out / "references").glob("*/reference/retain_forget_tr_forget01_nmc2_auto.json")).read_text())
+    assert tr["retain_split"] == "retain99" and set(tr["by_seed"]) == {"0", "1"}
+    assert "never averaged" in (out / "summary.md").read_text() and (out / "forget01.md").is_file()
