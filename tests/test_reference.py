@@ -1,6 +1,8 @@
 """FQ reference per split (tofu.models / tofu.reference), FQ aggregation over seeds, spread row
 selection and the protocols; the packaged-model checks use the real assets, the rest tmp folders."""
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,9 +152,6 @@ def test_protocols():
 @pytest.mark.slow
 def test_full_protocol_script_smoke(tmp_path):
     """experiments/full_protocol.py on the packaged models at a tiny size: files, reference, FQ."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "experiments" / "full_protocol.py"
     spec = importlib.util.spec_from_file_location("full_protocol", path)
     fp = importlib.util.module_from_spec(spec)
