@@ -32,20 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 from timerome_jax.backbone import hf  # noqa: E402
-from timerome_jax.backbone.config import ModelConfig  # noqa: E402
 from timerome_jax.backbone.model import param_shapes  # noqa: E402
 from timerome_jax.backbone.tokenizer import load_tokenizer  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
-from train_suite import GROUPS, quick_check  # noqa: E402
+from train_suite import GROUPS, npz_config, quick_check  # noqa: E402
 
 FOLDER = {"target": "tofu_target", "retain99": "tofu_retain99", "retain95": "tofu_retain95",
           "retain90": "tofu_retain90", "target_dream": "tofu_target_dream", "target_moe": "tofu_target_moe"}
 
 
 def load_model_npz(run: Path, name: str):
-    """(params as numpy float32 tree, ModelConfig) of <run>/<name>.npz + <name>.config.json."""
-    cfg = ModelConfig(**json.loads((run / f"{name}.config.json").read_text()))
+    """(params as numpy float32 tree, ModelConfig) of <run>/<name>.npz (config under `__config__`)."""
     z = np.load(run / f"{name}.npz")
+    cfg = npz_config(z)
     params = jax.tree_util.tree_map_with_path(lambda p, s: np.asarray(z[jax.tree_util.keystr(p)], np.float32),
                                               param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
     return params, cfg

@@ -1,7 +1,7 @@
 """Train the whole TOFU model suite for issue 10 in one GPU call: the target on `full`, the retain
 references on retain99/95/90 (the FQ references of forget01/05/10), and two cross-layout targets
 on `full` (a Dream-layout one: Qwen2 keys, qkv bias, GQA, shifted logits; a LLaDA-MoE-layout one:
-4 experts, top-2, per-head QK-norm). Every model gets the same recipe: LLaDA's SFT objective
+4 experts of width 160, top-2, per-head QK-norm). Every model gets the same recipe: LLaDA's SFT objective
 (`train_default.sft_loss`) on a question-augmented copy of its split (`augment_rows`).
 
 Models of one shape are stacked on a model axis and trained by one vmapped, jitted program
@@ -17,8 +17,8 @@ paired with the original answer; the retain authors' own TOFU paraphrases (retai
 `paraphrased_question`, rows of full[:400], inside every retain split) are added too. The forget
 authors' paraphrases are never read for training; they are the end-of-run check.
 
-Writes under --out: <model>.npz (raw params, our names), <model>.config.json, train_log.jsonl,
-report.json (also printed): per model the mean normalised answer probability exp(ELBO/|a|) on
+Writes under --out (at most 6 files, each < 16 MiB): <model>.npz (raw float32 params under our
+names + the config JSON under `__config__`), train_log.jsonl, report.json (also printed): per model the mean normalised answer probability exp(ELBO/|a|) on
 forget01 questions and on forget01 paraphrased questions (quick MC ELBO, `mc_answer_logprob`).
 
     python experiments/train_suite.py --out experiments/runs/suite --budget-s 480          # GPU
@@ -137,7 +137,7 @@ def model_config(family: str, vocab: int, mask_id: int, eos_id: int, tiny: bool)
                            norm_eps=1e-6)
     if family == "moe":  # 4 experts, top-2, probabilities not renormalised, per-head QK-norm
         return ModelConfig(family="llada_moe", **{**base, "d_ff": 0}, qk_norm=True, n_experts=4,
-                           n_experts_per_tok=2, d_expert=ff // 3)
+                           n_experts_per_tok=2, d_expert=ff * 5 // 18)
     raise ValueError(f"unknown group {family!r}; expected one of {tuple(GROUPS)}")
 
 
@@ -195,6 +195,11 @@ def make_train_chunk(cfg, tx, batch: int, chunk: int, n_models: int):
     return run_chunk
 
 
+def npz_config(z) -> ModelConfig:
+    """The ModelConfig stored in a params .npz under the key `__config__` (a JSON string)."""
+    return ModelConfig(**json.loads(str(z["__config__"])))
+
+
 def load_stacked(init_dir: Path, names, cfg, like):
     """Stack <init_dir>/<name>.npz (raw params of an earlier run) on a model axis, shaped like `like`."""
     zs = []
@@ -202,10 +207,10 @@ def load_stacked(init_dir: Path, names, cfg, like):
         f = init_dir / f"{n}.npz"
         if not f.exists():
             raise SystemExit(f"--init: {f} does not exist (an earlier train_suite run of group with {n!r} is needed)")
-        old = json.loads((init_dir / f"{n}.config.json").read_text())
-        if ModelConfig(**old).replace(dtype=cfg.dtype) != cfg:
-            raise SystemExit(f"--init: {init_dir / (n + '.config.json')} differs from this run's config for {n!r}")
-        zs.append(np.load(f))
+        z = np.load(f)
+        if npz_config(z) != cfg:
+            raise SystemExit(f"--init: the config stored in {f} differs from this run's config for {n!r}")
+        zs.append(z)
     return jax.tree_util.tree_map_with_path(
         lambda p, v: jnp.stack([jnp.asarray(z[jax.tree_util.keystr(p)]) for z in zs]).astype(v.dtype), like)
 
@@ -330,16 +335,17 @@ def main(argv=None):
         for m, (name, split) in enumerate(GROUPS[g]):
             pm = jax.tree.map(lambda x: x[m], params)
             flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(pm)[0]}
+            # one self-contained file per model (the GPU machine returns few files, each <= 16 MiB)
+            flat["__config__"] = np.asarray(json.dumps(dataclasses.asdict(cfg)))
             with atomic_path(out / f"{name}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, **flat)
-            write_json(out / f"{name}.config.json", dataclasses.asdict(cfg))
             check = quick_check(pm, cfg, tok, data_dir, a.T, eos, jax.random.key(a.seed + 1), a.n_mc)
             report["models"][name] = {"group": g, "family": cfg.family, **counts[name], "steps": steps,
-                                      "group_train_s": secs, **check}
-            print(json.dumps({name: report["models"][name]}), flush=True)
+                                      "group_train_s": secs, **check, "config": dataclasses.asdict(cfg)}
+            print(json.dumps({name: {k: v for k, v in report["models"][name].items() if k != "config"}}), flush=True)
     report["total_s"] = round(time.time() - t_start, 1)
     write_json(out / "report.json", report)
-    print(json.dumps(report["models"], indent=1))
+    print(json.dumps({n: {k: v for k, v in m.items() if k != "config"} for n, m in report["models"].items()}, indent=1))
     print(json.dumps({"total_s": report["total_s"]}))
 
 
