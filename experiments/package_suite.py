@@ -35,6 +35,7 @@ from timerome_jax.backbone import hf  # noqa: E402
 from timerome_jax.backbone.model import param_shapes  # noqa: E402
 from timerome_jax.backbone.tokenizer import load_tokenizer  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
+from timerome_jax.tofu.models import write_reference_info  # noqa: E402
 from train_suite import GROUPS, npz_config, quick_check  # noqa: E402
 
 FOLDER = {"target": "tofu_target", "retain99": "tofu_retain99", "retain95": "tofu_retain95",
@@ -75,6 +76,8 @@ def main(argv=None):
         tok = load_tokenizer(a.tokenizer, cfg)
         dest = Path(a.out) / FOLDER[name]
         hf.save_pretrained(params, cfg, str(dest), tokenizer=tok, dtype=a.dtype)
+        if name.startswith("retain"):
+            write_reference_info(dest, name, recipe="experiments/train_suite.py", run=str(run))
         back, cfg2, _ = hf.load_pretrained(str(dest), dtype="float32")
         np_dt = np.float32 if a.dtype == "float32" else ml_dtypes.bfloat16
         stored = jax.tree.map(lambda x: np.asarray(x).astype(np_dt).astype(np.float32), params)
