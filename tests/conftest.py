@@ -3,7 +3,7 @@
 Reusable fixture names (session-scoped, built once, offline):
   tiny_tokenizer_dir   byte-level BPE (vocab 300) with "<|endoftext|>" (id 0) and "<|mdm_mask|>" (id 1)
   tiny_llada_dir       LLaDA layout (torch_ref.LLaDAModelLM) + the tiny tokenizer, vocab 320, mask id 1
-  tiny_llada           (params, cfg, tokenizer) = hf.load_pretrained(tiny_llada_dir), float32
+  tiny_llada           (params, cfg, tokenizer) = hf_weights.load_pretrained(tiny_llada_dir), float32
   tiny_moe_dir         LLaDA-MoE layout (torch_ref.LLaDAMoEModelLM) + tokenizer, 8 experts top-2
   tiny_dream_dir       Dream layout (transformers Qwen2ForCausalLM, causal mask off) + tokenizer
   tiny_diffullama_dir  DiffuLLaMA layout (transformers LlamaForCausalLM, causal mask off), no
@@ -292,10 +292,10 @@ def tiny_diffullama_dir(_tiny_diffullama_pair) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_llada(tiny_llada_dir):
-    """(params, cfg, tokenizer) of the tiny LLaDA, loaded through hf.load_pretrained (float32)."""
-    from timerome_jax.backbone import hf
+    """(params, cfg, tokenizer) of the tiny LLaDA, loaded through hf_weights.load_pretrained (float32)."""
+    from timerome_jax.backbone import hf_weights
 
-    return hf.load_pretrained(tiny_llada_dir)
+    return hf_weights.load_pretrained(tiny_llada_dir)
 
 
 def tofu_tokenizer(vocab_size=256):

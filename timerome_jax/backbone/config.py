@@ -1,6 +1,6 @@
 """Model configuration: one frozen, hashable dataclass for every supported MDLM family.
 
-HF field names never appear here; `timerome_jax.backbone.hf` translates HF `config.json` files into this.
+HF field names never appear here; `timerome_jax.backbone.hf_config` translates HF `config.json` files into this.
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ import os
 import shutil
 from typing import Iterable, Optional
 
+from transformers import PreTrainedTokenizerFast
+
 # Known mask-token spellings, most specific first.
 MASK_TOKEN_STRINGS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
 EOS_TOKEN_STRINGS = ("<|endoftext|>", "</s>", "<eos>")
@@ -148,8 +150,6 @@ def load_tokenizer(path: str, cfg=None) -> Tokenizer:
     equal `cfg.mask_token_id`, else `TokenizerError`; a tokenizer without a mask token takes the
     config's id (DiffuLLaMA). Raises `TokenizerError` if the folder has no tokenizer.json.
     """
-    from transformers import PreTrainedTokenizerFast
-
     if not os.path.isdir(path):
         raise TokenizerError(f"tokenizer folder {path!r} does not exist")
     tj = os.path.join(path, "tokenizer.json")

@@ -29,6 +29,7 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 from scipy import special, stats
+from rouge_score import rouge_scorer
 
 ArrayLike = Union[Sequence[float], np.ndarray]
 
@@ -121,7 +122,6 @@ def forget_quality(tr_unlearned: ArrayLike, tr_retain_model: ArrayLike) -> float
 
 @functools.lru_cache(maxsize=1)
 def _scorer():
-    from rouge_score import rouge_scorer
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
