@@ -1,4 +1,4 @@
-"""evaluate(): end to end on a tiny random model; compare/write_report; the CLI with a fake loader."""
+"""evaluate(): end to end on a tiny random model; compare/write_report (the CLI: test_cli.py)."""
 import json
 
 import jax
@@ -9,11 +9,8 @@ import pytest
 from conftest import tofu_tokenizer
 from scipy import stats
 
-from timerome_jax import cli
 from timerome_jax.tofu import evaluate as E
-from timerome_jax.tofu.reference import retain_tr_cache_path
 from timerome_jax.tofu.report import compare, write_report
-from timerome_jax.tofu.truth_ratios import load_retain_tr
 from timerome_jax.diffusion import likelihood
 from timerome_jax.tofu import metrics as M
 from timerome_jax.tofu import data as tofu
@@ -151,38 +148,3 @@ def test_compare_and_report(tmp_path):
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(ValueError, match="reference method 'no_edit'"):
         compare({"a": no_edit})
-
-
-def test_cli_with_retain_cache(tiny, tmp_path, capsys):
-    params, cfg, tok = tiny
-    retain_params = init_params(jax.random.PRNGKey(1), cfg)
-    target_dir, retain_dir = tmp_path / "target", tmp_path / "retain"
-    target_dir.mkdir()
-    retain_dir.mkdir()
-    calls = []
-
-    def loader(path):
-        calls.append(str(path))
-        return (retain_params if str(path) == str(retain_dir) else params), cfg, tok
-
-    out = tmp_path / "results"
-    argv = ["--split", "forget01", "--model", str(target_dir), "--retain-model", str(retain_dir),
-            "--metrics", "forget_lp", "forget_quality", "--n-mc", "2", "--seeds", "0", "--limit", "3",
-            "--out", str(out), "--no-progress", "--gen-length", "4", "--length-bucket", "192",
-            "--batch-size", "8"]
-    args = cli.build_eval_parser().parse_args(argv)
-    res = cli.run_eval(args, loader=loader)
-    assert calls == [str(retain_dir), str(target_dir)]
-    cache = retain_tr_cache_path(out, "forget01", 2)
-    retain = load_retain_tr(cache)
-    assert set(retain) == {"0"} and set(retain["0"]) == {"0", "1", "2"}
-    mine = [v["score"] for v in res["per_seed"]["0"]["forget_tr"]["value_by_index"].values()]
-    assert res["metrics"]["forget_quality"][0] == pytest.approx(M.forget_quality(mine, list(retain["0"].values())))
-    saved = json.loads((out / "eval_forget01.json").read_text())
-    assert saved["metrics"] == res["metrics"]
-    assert (out / "eval_forget01_summary.md").is_file()
-    assert "forget_quality" in capsys.readouterr().out
-    # second run: the retain TRs come from the cache, the retain model is not loaded again
-    calls.clear()
-    cli.run_eval(args, loader=loader)
-    assert calls == [str(target_dir)]
