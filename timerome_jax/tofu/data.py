@@ -158,8 +158,8 @@ def _load_hub(name: str) -> list:
                          "use the packaged copy (root=None)")
     try:
         import datasets
-    except ImportError as e:  # pragma: no cover - datasets is a dependency
-        raise RuntimeError("root='hub' needs the `datasets` package") from e
+    except ImportError as e:  # optional: the `hub` extra
+        raise RuntimeError("root='hub' needs the `datasets` package: pip install 'timerome-jax[hub]'") from e
     try:
         ds = datasets.load_dataset("locuslab/TOFU", name, split="train")
     except Exception as e:
