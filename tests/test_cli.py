@@ -98,7 +98,7 @@ def _options(parser):
 
 def test_every_option_has_help_with_its_default():
     parser = cli.build_parser()
-    fmt = cli._Help("timerome")
+    fmt = cli.HelpFormatter("timerome")
     seen = set()
     for name, p, a in _options(parser):
         h = fmt._get_help_string(a)

@@ -48,7 +48,7 @@ KNOWN_ERRORS = (CLIError, FileNotFoundError, NotADirectoryError, HFConfigError, 
                 mem_lib.ModelMismatchError, mem_lib.CoordinateMismatchError)
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" unless the help text already states the default itself."""
 
     def _get_help_string(self, action):
@@ -67,7 +67,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _subparser(sub, name: str, help: str, description: str = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=description or help, formatter_class=_Help)
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the Python traceback of an error (default: one line)")
     return p
@@ -270,7 +270,7 @@ def add_eval(sub):
 
 def build_eval_parser() -> argparse.ArgumentParser:
     """A stand-alone parser of the `eval` options (for calling `run_eval` from Python)."""
-    p = _Parser(prog="timerome eval", formatter_class=_Help)
+    p = _Parser(prog="timerome eval", formatter_class=HelpFormatter)
     _eval_args(p)
     return p
 
@@ -325,7 +325,7 @@ def run_eval(args, loader=None) -> dict:
 # entry point
 # -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="timerome", formatter_class=_Help,
+    ap = _Parser(prog="timerome", formatter_class=HelpFormatter,
                  description="TimeROME-DLM: diffusion-time causal tracing and closed-form inference-time "
                              "editing for masked diffusion LMs (JAX).")
     ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error (default: one line)")
