@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmark suite (issue 5): shapes, weights, FLOP counts, timing, records.
+"""Shared pieces of the GPU benchmark suite (JAX vs PyTorch hooks at the LLaDA-8B shape): shapes, weights, FLOP counts, timing, records.
 
 Every figure script (bench_ceiling, bench_tie, bench_install, bench_generate) imports this first:
 it puts the repo root on sys.path and turns JAX's GPU memory preallocation off (before JAX starts),
