@@ -335,3 +335,18 @@ def np_params(cfg, seed=0, std=0.3):
         return jnp.asarray(std * rng.standard_normal(shp), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(make, model.param_shapes(cfg), is_leaf=lambda t: isinstance(t, tuple))
+
+
+@pytest.fixture(scope="session")
+def tiny_tofu_llada():
+    """(params, cfg, tokenizer): a random 2-layer LLaDA (d_model 32) with the TOFU-trained tokenizer."""
+    import jax
+
+    from timerome_jax.backbone.config import ModelConfig
+    from timerome_jax.backbone.model import init_params
+
+    tok = tofu_tokenizer()
+    cfg = ModelConfig(family="llada", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                      head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
+                      pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)
+    return init_params(jax.random.PRNGKey(0), cfg), cfg, tok

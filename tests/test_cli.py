@@ -11,10 +11,8 @@ import sys
 import jax
 import pytest
 
-from conftest import tofu_tokenizer
 
 from timerome_jax import cli
-from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.model import init_params
 from timerome_jax.tofu import metrics as M
 from timerome_jax.tofu.reference import retain_tr_cache_path
@@ -138,12 +136,8 @@ def test_edit_then_eval_with_memory_and_a_mismatched_model(tiny_llada_dir, tiny_
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tok = tofu_tokenizer()
-    cfg = ModelConfig(family="llada", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                      head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
-                      pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)
-    return init_params(jax.random.PRNGKey(0), cfg), cfg, tok
+def tiny(tiny_tofu_llada):
+    return tiny_tofu_llada
 
 
 def test_eval_with_retain_cache(tiny, tmp_path, capsys):

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tofu_tokenizer
 from scipy import stats
 
 from timerome_jax.tofu import evaluate as E
@@ -14,19 +13,13 @@ from timerome_jax.tofu.report import compare, write_report
 from timerome_jax.diffusion import likelihood
 from timerome_jax.tofu import metrics as M
 from timerome_jax.tofu import data as tofu
-from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene
-from timerome_jax.backbone.model import init_params
 from timerome_jax.diffusion.sampler import SamplerConfig
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tok = tofu_tokenizer()
-    cfg = ModelConfig(family="llada", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                      head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
-                      pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)
-    return init_params(jax.random.PRNGKey(0), cfg), cfg, tok
+def tiny(tiny_tofu_llada):
+    return tiny_tofu_llada
 
 
 SCFG = SamplerConfig(steps=4, block_length=4, temperature=0.0)
