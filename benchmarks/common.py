@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmark suite (issue 5): shapes, weights, FLOP counts, timing, records.
+"""Shared pieces of the GPU benchmark suite (JAX vs PyTorch hooks at the LLaDA-8B shape): shapes, weights, FLOP counts, timing, records.
 
 Every figure script (bench_ceiling, bench_tie, bench_install, bench_generate) imports this first:
 it puts the repo root on sys.path and turns JAX's GPU memory preallocation off (before JAX starts),
@@ -134,10 +134,10 @@ def _to_torch(x, device):
 
 def torch_model(params, cfg: ModelConfig):
     """The torch_ref LLaDAModelLM holding the SAME weights as `params` (DLPack views; HF key map
-    of `timerome_jax.backbone.hf`). Returns (model in eval mode, how the weights were moved)."""
+    of `timerome_jax.backbone.hf_weights`). Returns (model in eval mode, how the weights were moved)."""
     import torch
 
-    from timerome_jax.backbone import hf
+    from timerome_jax.backbone import hf_config, hf_weights
     from timerome_jax.torch_ref.llada import LLaDAModelLM
 
     dev = torch_device()
@@ -146,14 +146,14 @@ def torch_model(params, cfg: ModelConfig):
         # torch's default intra-op pool made tiny matmuls ~100x slower; one thread avoids it.
         torch.set_num_threads(1)
     tdt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    m = LLaDAModelLM(hf.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
+    m = LLaDAModelLM(hf_config.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
     leaves, how = {}, set()
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
         leaves[key], h = _to_torch(x, dev)
         how.add(h)
     sd = {}
-    for name, (path, idx, transpose) in hf.key_map(cfg).items():
+    for name, (path, idx, transpose) in hf_weights.key_map(cfg).items():
         t = leaves[tuple(path)]
         for i in idx:
             t = t[i]

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
-from timerome_jax.backbone import hf  # noqa: E402
+from timerome_jax.backbone import hf_weights as hf  # noqa: E402
 from timerome_jax.backbone.model import param_shapes  # noqa: E402
 from timerome_jax.backbone.tokenizer import load_tokenizer  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402

@@ -1,4 +1,4 @@
-"""evaluate(): end to end on a tiny random model; compare/write_report; the CLI with a fake loader."""
+"""evaluate(): end to end on a tiny random model; compare/write_report (the CLI: test_cli.py)."""
 import json
 
 import jax
@@ -6,31 +6,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tofu_tokenizer
 from scipy import stats
 
-from timerome_jax import cli
 from timerome_jax.tofu import evaluate as E
-from timerome_jax.tofu.models import write_reference_info
-from timerome_jax.tofu.reference import retain_tr_cache_path
 from timerome_jax.tofu.report import compare, write_report
-from timerome_jax.tofu.truth_ratios import load_retain_tr
 from timerome_jax.diffusion import likelihood
 from timerome_jax.tofu import metrics as M
 from timerome_jax.tofu import data as tofu
-from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene
-from timerome_jax.backbone.model import init_params
 from timerome_jax.diffusion.sampler import SamplerConfig
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tok = tofu_tokenizer()
-    cfg = ModelConfig(family="llada", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                      head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
-                      pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)
-    return init_params(jax.random.PRNGKey(0), cfg), cfg, tok
+def tiny(tiny_tofu_llada):
+    return tiny_tofu_llada
 
 
 SCFG = SamplerConfig(steps=4, block_length=4, temperature=0.0)
@@ -162,50 +151,3 @@ def test_compare_and_report(tmp_path):
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(ValueError, match="reference method 'no_edit'"):
         compare({"a": no_edit})
-
-
-def test_cli_with_retain_cache(tiny, tmp_path, capsys):
-    params, cfg, tok = tiny
-    retain_params = init_params(jax.random.PRNGKey(1), cfg)
-    target_dir, retain_dir = tmp_path / "target", tmp_path / "retain"
-    target_dir.mkdir()
-    retain_dir.mkdir()
-    write_reference_info(retain_dir, "retain99")  # a forget01 reference
-    calls = []
-
-    def loader(path):
-        calls.append(str(path))
-        return (retain_params if str(path) == str(retain_dir) else params), cfg, tok
-
-    out = tmp_path / "results"
-    argv = ["--split", "forget01", "--model", str(target_dir), "--retain-model", str(retain_dir),
-            "--metrics", "forget_lp", "forget_quality", "--n-mc", "2", "--seeds", "0", "--limit", "3",
-            "--out", str(out), "--no-progress", "--gen-length", "4", "--length-bucket", "192",
-            "--batch-size", "8"]
-    args = cli.build_eval_parser().parse_args(argv)
-    res = cli.run_eval(args, loader=loader)
-    assert calls == [str(retain_dir), str(target_dir)]
-    cache = retain_tr_cache_path(out, "forget01", 2)
-    retain = load_retain_tr(cache)
-    assert set(retain) == {"0"} and set(retain["0"]) == {"6", "20", "33"}  # 3 rows spread over 40
-    mine = [v["score"] for v in res["per_seed"]["0"]["forget_tr"]["value_by_index"].values()]
-    assert res["metrics"]["forget_quality"][0] == pytest.approx(M.forget_quality(mine, list(retain["0"].values())))
-    saved = json.loads((out / "eval_forget01.json").read_text())
-    assert saved["metrics"] == res["metrics"]
-    assert (out / "eval_forget01_summary.md").is_file()
-    assert "forget_quality" in capsys.readouterr().out
-    # second run: the retain TRs come from the cache, the retain model is not loaded again
-    calls.clear()
-    cli.run_eval(args, loader=loader)
-    assert calls == [str(target_dir)]
-    assert saved["reference"]["retain_split"] == "retain99" and saved["reference_override"] is False
-    assert "trained on retain99" in (out / "eval_forget01_summary.md").read_text()
-    # the same retain99 reference for forget05 is refused, naming the split and both retain sets ...
-    argv5 = [x if x != "forget01" else "forget05" for x in argv]
-    with pytest.raises(SystemExit, match=r"forget05: .* trained on retain99, .* needs a model trained on retain95"):
-        cli.run_eval(cli.build_eval_parser().parse_args(argv5), loader=loader)
-    # ... unless overridden, which the report records
-    res5 = cli.run_eval(cli.build_eval_parser().parse_args(argv5 + ["--reference-override"]), loader=loader)
-    assert res5["reference_override"] is True and res5["reference"]["retain_split"] == "retain99"
-    assert res5["metrics"]["forget_quality"][0] is not None
-    assert "reference_override: true" in (out / "eval_forget05_summary.md").read_text()

@@ -442,17 +442,17 @@ def test_model_fingerprint(params):
 # --------------------------------------------------------------------------------------------
 
 # The torch side is the team's reference models (timerome_jax.torch_ref.llada, transformers
-# Llama/Qwen2) from the conftest fixtures; the JAX side loads the same folders via hf.load_pretrained.
+# Llama/Qwen2) from the conftest fixtures; the JAX side loads the same folders via hf_weights.load_pretrained.
 
 @pytest.fixture(scope="module")
 def pair(tiny_torch):
     """name -> (torch model, jax params, cfg) for the LLaDA, LLaDA-MoE and Dream layouts."""
-    from timerome_jax.backbone import hf
+    from timerome_jax.backbone import hf_weights
 
     out = {}
     for name in ("llada", "moe", "dream"):
         tm, path = tiny_torch[name]
-        p, cfg, _ = hf.load_pretrained(path, dtype="float32")
+        p, cfg, _ = hf_weights.load_pretrained(path, dtype="float32")
         out[name] = (tm, p, cfg)
     return out
 

@@ -1,11 +1,10 @@
-"""The main job end to end on a tiny model: trace -> select -> install -> evaluate, files written,
-and the CLI's bad-input errors."""
+"""The main job end to end on a tiny model: trace -> select -> install -> evaluate, files written
+(the CLI: test_cli.py)."""
 import json
 
 import numpy as np
 import pytest
 
-from timerome_jax import cli
 from timerome_jax.method import facts as F
 from timerome_jax.method import memory as mem_lib
 from timerome_jax import pipeline as pl
@@ -68,17 +67,3 @@ def test_install_timings_and_errors(tiny):
     # same memory at another (alpha, q) is data only
     m2 = pl.with_hparams(mem, 2.0, 4)
     assert float(m2.alpha) == 2.0 and int(m2.q) == 4 and m2.U is mem.U
-
-
-def test_cli_edit_rejects_memory_for_other_model(tiny, tiny_llada_dir, tmp_path, capsys):
-    params, cfg, tok = tiny
-    cli.main(["edit", "--model", tiny_llada_dir, "--layer", "1", "--limit", "3", "--out", str(tmp_path),
-              "--no-progress"])
-    info = json.loads(capsys.readouterr().out)
-    assert info["n_facts"] == 3 and info["coordinate"]["layer"] == 1
-    with pytest.raises(mem_lib.ModelMismatchError):
-        mem_lib.load(tmp_path / "memory.npz", expect_fingerprint="llada-000000000000000000000000")
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli.main(["edit", "--model", str(tmp_path / "nope"), "--layer", "1"])
-    with pytest.raises(SystemExit, match="no trace result"):
-        cli.main(["edit", "--model", tiny_llada_dir, "--trace", str(tmp_path / "none.npz")])

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from timerome_jax.tofu import evaluate as ev
 from timerome_jax.tofu.reference import cached_retain_tr
@@ -35,8 +36,6 @@ DEFAULT_TARGET = mem_lib.DEFAULT_TARGET_TEXT
 
 
 def _bar(total, desc, progress):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not progress, leave=False)
 
 

@@ -58,9 +58,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from timerome_jax.backbone.tokenizer import eos_or_default
-from timerome_jax.diffusion.sampler import SamplerConfig
+from timerome_jax.diffusion import likelihood
+from timerome_jax.diffusion.sampler import SamplerConfig, generate_text
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu import metrics as M
 from timerome_jax.tofu.truth_ratios import load_retain_tr
@@ -216,8 +218,6 @@ def _batches(items: list[_Item], batch_size: int, max_seq_len: int, q: int):
 
 def _score_items(params, cfg, items, key, n_mc, batch_size, intervene, estimator, mc_batch, progress, desc, q):
     """ELBO [N] float64 for every item (batched; the last batch is padded with repeats)."""
-    from timerome_jax.diffusion import likelihood
-
     out = np.full(len(items), np.nan)
     batches = list(_batches(items, batch_size, cfg.max_seq_len, q))
     for idx, L in _tqdm(batches, progress, desc):
@@ -237,8 +237,6 @@ def _score_items(params, cfg, items, key, n_mc, batch_size, intervene, estimator
 
 def _generate(params, cfg, tokenizer, rows_by_set, need, gen_length, scfg, seed, batch_size, intervene,
               progress, q) -> dict[str, list[str]]:
-    from timerome_jax.diffusion.sampler import generate_text
-
     jobs = [(w, i, tofu.format_prompt(r["question"])) for w in SETS if "rouge" in need[w]
             for i, r in enumerate(rows_by_set[w])]
     lens = [len(tokenizer.encode(p)) for _, _, p in jobs]
@@ -260,8 +258,6 @@ def _generate(params, cfg, tokenizer, rows_by_set, need, gen_length, scfg, seed,
 def _tqdm(it, progress, desc):
     if not progress:
         return it
-    from tqdm.auto import tqdm
-
     return tqdm(it, desc=desc, leave=False)
 
 

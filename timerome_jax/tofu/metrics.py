@@ -31,6 +31,7 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 from scipy import special, stats
+from rouge_score import rouge_scorer
 
 ArrayLike = Union[Sequence[float], np.ndarray]
 
@@ -148,7 +149,6 @@ def pooled_forget_quality(tr_by_seed: ArrayLike, tr_ref_by_seed: ArrayLike) -> f
 
 @functools.lru_cache(maxsize=1)
 def _scorer():
-    from rouge_score import rouge_scorer
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
