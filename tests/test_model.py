@@ -50,7 +50,13 @@ def _read_pos():
 
 
 def unrolled(params, tokens, cfg, pad_mask=None, read_pos=None):
-    """The same forward as `model.run`, written as a plain Python loop over layers (no scan)."""
+    """The same forward as `model.run`, written as a plain Python loop over layers (no scan).
+
+    It calls the library's own `embed`, `rope_tables`, `attn_block`, `mlp_block` and `head`, so it
+    checks the layer loop (scan, stacked-weight indexing, residual adds, activation reads), not what a
+    block computes. The block math is checked independently against the HF/PyTorch models in
+    test_hf.py (`test_parity_*`) and, for LLaDA, against a NumPy forward in
+    test_trace.py::test_tie_by_hand_numpy."""
     x = model.embed(params, tokens, cfg)
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = model.rope_tables(pos, cfg.rot_dim, cfg.rope_theta)
