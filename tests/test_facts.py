@@ -1,11 +1,13 @@
 """method/facts.py: TOFU rows -> facts, subject key positions and the question-token fallback."""
 import pytest
 
+from timerome_jax.backbone.tokenizer import load_tokenizer
 from timerome_jax.method import facts as F
+from timerome_jax.tofu.models import DEFAULT_MODEL
 
 
-def test_facts_keys_and_fallback(tiny_llada):
-    params, cfg, tok = tiny_llada
+def test_facts_keys_and_fallback():
+    tok = load_tokenizer(str(DEFAULT_MODEL))  # the packaged model's tokenizer, as the demo uses
     facts = F.load_facts(tok, "forget01", tok.eos_id)
     assert len(facts) == 40
     by_src = {f.key_source for f in facts}

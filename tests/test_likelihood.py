@@ -68,6 +68,7 @@ def test_make_qa_batch_layout_and_errors():
 # -------------------------------------------------------------------------------------- masks
 
 
+@pytest.mark.slow
 def test_llada_masks_follow_get_log_likelihood():
     tok, am, pm = LK.make_qa_batch(PROMPTS, ANSWERS, CFG, max_len=14)
     am_np = np.asarray(am)
@@ -144,6 +145,7 @@ def test_dream_masks_use_p_not_t():
 # --------------------------------------------------------------------------------------- ELBO
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg,estimator,with_noise", [(CFG, "llada", False), (CFG_SHIFT, "auto", True)],
                          ids=["llada", "dream-shifted+noise+patch"])
 def test_elbo_matches_numpy_on_same_masks(cfg, estimator, with_noise):
@@ -181,6 +183,7 @@ def test_elbo_matches_numpy_on_same_masks(cfg, estimator, with_noise):
     assert np.all(got < 0)
 
 
+@pytest.mark.slow
 def test_scores_ignore_batch_order_padding_and_chunking(params):
     key = jax.random.PRNGKey(4)
     tok, am, pm = LK.make_qa_batch(PROMPTS, ANSWERS, CFG)
@@ -208,6 +211,7 @@ def context_free_params(cfg):
     return p, lp
 
 
+@pytest.mark.slow
 def test_one_token_answer_is_exact_and_estimators_are_unbiased():
     params, lp = context_free_params(CFG)
     # a 1-token answer: LLaDA's estimator masks it in every sample with weight 1 -> exactly log p
@@ -229,6 +233,7 @@ def test_one_token_answer_is_exact_and_estimators_are_unbiased():
         assert est_vals.std() > 0  # the replicates really are different mask draws
 
 
+@pytest.mark.slow
 def test_answer_logprob_all_masked(params):
     tok, am, pm = LK.make_qa_batch(PROMPTS, ANSWERS, CFG)
     with jax.default_matmul_precision("highest"):

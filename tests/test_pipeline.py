@@ -17,6 +17,7 @@ def tiny(tiny_llada):
     return tiny_llada
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tiny, tmp_path):
     params, cfg, tok = tiny
     dcfg = pl.DemoConfig(n_trace=2, trace=tr.TraceConfig(steps=2, n_noise=1, chunk=6), seeds=(0, 1), n_mc=2,
@@ -36,6 +37,7 @@ def test_demo_end_to_end(tiny, tmp_path):
     assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01"
 
 
+@pytest.mark.slow
 def test_install_timings_and_errors(tiny):
     params, cfg, tok = tiny
     facts = F.load_facts(tok, "forget01", tok.eos_id, limit=5)
