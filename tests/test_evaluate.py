@@ -36,6 +36,7 @@ def run_all(tiny):
     return res, retain_tr
 
 
+@pytest.mark.slow
 def test_structure_and_metric_identities(tiny, run_all):
     res, retain_tr = run_all
     assert set(res["metrics"]) == set(E.ALL_METRICS)
@@ -82,6 +83,7 @@ def test_structure_and_metric_identities(tiny, run_all):
     json.dumps(res)  # serialisable
 
 
+@pytest.mark.slow
 def test_item_score_equals_a_direct_elbo_call(tiny, run_all):
     params, cfg, tok = tiny
     res, _ = run_all
@@ -94,6 +96,7 @@ def test_item_score_equals_a_direct_elbo_call(tiny, run_all):
     assert got == pytest.approx(float(ll[0]), rel=1e-5, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_determinism_batching_and_zero_intervention(tiny):
     params, cfg, tok = tiny
     kw = dict(KW, metrics=("forget_lp", "forget_tr", "forget_rouge"), seeds=(3,))
@@ -113,6 +116,7 @@ def test_determinism_batching_and_zero_intervention(tiny):
     assert e["metrics"]["forget_lp"] != a["metrics"]["forget_lp"]
 
 
+@pytest.mark.slow
 def test_metric_names_and_errors(tiny):
     assert E.expand_metrics(["table1"]) == ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_quality")
     assert E.expand_metrics(["prob", "forget_prob"]) == ("forget_prob", "retain_prob", "ra_prob", "wf_prob")

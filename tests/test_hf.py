@@ -101,7 +101,7 @@ def test_families_and_configs(loaded):
     assert loaded["diffullama"][2] is None and loaded["llada"][2].mask_id == 1
 
 
-@pytest.mark.parametrize("T", [7, 512])
+@pytest.mark.parametrize("T", [7, pytest.param(512, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", NAMES)
 def test_parity_unpadded(loaded, name, T):
     params, cfg, _, m = loaded[name]
@@ -112,6 +112,7 @@ def test_parity_unpadded(loaded, name, T):
     assert rel_err(got, ref) <= TOL, rel_err(got, ref)
 
 
+@pytest.mark.slow
 def test_parity_is_sensitive(loaded):
     """The parity check fails loudly for the classic conversion bugs (so it can fail)."""
     params, cfg, _, m = loaded["llada"]
@@ -132,6 +133,7 @@ def test_parity_is_sensitive(loaded):
     assert rel_err(ours(dict(params, layers=bad), ids, cfg), ref) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_attention_is_bidirectional(loaded, name):
     """Changing the last token changes position 1's logits, in torch (so the causal mask is really
@@ -151,6 +153,7 @@ def test_attention_is_bidirectional(loaded, name):
         assert torch.equal(ca[0, :-1], cb[0, :-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", NAMES)
 def test_padded_rows_equal_unpadded(loaded, name, side):
@@ -482,6 +485,7 @@ def test_save_rejects_mismatched_params(tiny_llada, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # torch_ref hook points = our activation semantics
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llada", "moe"])
 def test_torch_hook_points_match_our_acts(loaded, name):
     """Forward hooks on the documented torch_ref modules (LLaDA: attn_out / ff_out / block; LLaDA-MoE:

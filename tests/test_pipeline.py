@@ -16,22 +16,7 @@ def tiny(tiny_llada):
     return tiny_llada
 
 
-def test_facts_keys_and_fallback(tiny):
-    params, cfg, tok = tiny
-    facts = F.load_facts(tok, "forget01", tok.eos_id)
-    assert len(facts) == 40
-    by_src = {f.key_source for f in facts}
-    assert by_src == {"subject", "question"}  # 38 name the author, 2 fall back to the question tokens
-    assert sum(f.key_source == "subject" for f in facts) == 38
-    for f in facts:
-        decoded = tok.decode([f.prompt_ids[i] for i in f.key_pos]).strip()
-        want = f.subject if f.key_source == "subject" else f.question
-        assert want.startswith(decoded[:3]) or decoded in want
-        assert f.object_ids[-1] == tok.eos_id
-    with pytest.raises(ValueError, match="empty"):
-        F.make_facts(tok, [], tok.eos_id)
-
-
+@pytest.mark.slow
 def test_demo_end_to_end(tiny, tmp_path):
     params, cfg, tok = tiny
     dcfg = pl.DemoConfig(n_trace=2, trace=tr.TraceConfig(steps=2, n_noise=1, chunk=6), seeds=(0, 1), n_mc=2,
@@ -51,6 +36,7 @@ def test_demo_end_to_end(tiny, tmp_path):
     assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01"
 
 
+@pytest.mark.slow
 def test_install_timings_and_errors(tiny):
     params, cfg, tok = tiny
     facts = F.load_facts(tok, "forget01", tok.eos_id, limit=5)

@@ -2,6 +2,7 @@
 checkpoint and the same noise draws: equal heatmaps to fp32 tolerance."""
 import jax
 import numpy as np
+import pytest
 import torch
 
 from timerome_jax.backbone import hf_weights
@@ -9,6 +10,7 @@ from timerome_jax.method import trace as tr
 from timerome_jax.torch_ref.trace import torch_trace
 
 
+@pytest.mark.slow
 def test_jax_tie_equals_torch_hooks(tiny_torch):
     model, path = tiny_torch["llada"]
     params, cfg, _ = hf_weights.load_pretrained(path)
