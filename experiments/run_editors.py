@@ -60,10 +60,11 @@ def main(argv=None):
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--split", default="forget01")
     ap.add_argument("--out", default="results/editors")
-    ap.add_argument("--methods", nargs="+", default=["rome", "memit", "alphaedit", "grace"])
+    ap.add_argument("--methods", nargs="+", default=["rome", "memit", "alphaedit", "grace"],
+                    help="registered names, or label=name to run a method twice with different --hp label.x=...")
     ap.add_argument("--timerome", nargs="*", default=["0.5,2", "2,4"], help="alpha,q settings of the memory")
     ap.add_argument("--coord-json", default=str(ROOT / "docs/demo/demo.json"))
-    ap.add_argument("--hp", nargs="*", help="method.name=value hyperparameters")
+    ap.add_argument("--hp", nargs="*", help="label.name=value hyperparameters (label = the method's label)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-mc", type=int, default=4)
     ap.add_argument("--limit", type=int, default=40)
@@ -113,9 +114,11 @@ def main(argv=None):
                                                  "alpha": alpha, "q": q, "lam": info["lam"]}
 
         results[f"timerome (a={alpha:g}, q={q})"] = run(f"timerome_a{alpha:g}_q{q}", make_mem)
-    for m in a.methods:
-        def make(m=m):
-            hparams = dict(hp.get(m, {}))
+    for entry in a.methods:
+        label, _, m = entry.partition("=") if "=" in entry else (entry, "", entry)
+
+        def make(m=m, label=label):
+            hparams = dict(hp.get(label, {}))
             if m == "grace":
                 hparams.setdefault("layer", coord.layer)
             prep = methods.prepare(m, task, **hparams)
@@ -124,7 +127,7 @@ def main(argv=None):
                 info["diff"] = diff_params(params, prep.params)
             return (prep.params if prep.params is not None else params), prep.intervene, info
 
-        results[m] = run(m, make)
+        results[label] = run(label, make)
     table = compare(results, reference="no_edit")
     write_report(table, out, "table", reference="no_edit")
     print((out / "table.md").read_text())
