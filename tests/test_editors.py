@@ -174,3 +174,22 @@ def test_answer_states_mask_only_answer_tokens(task):
     assert (m <= ans).all() and m.any(-1).all()
     assert (m[: b.n] == ans[: b.n]).all()  # draw 0: the all-masked start state
     np.testing.assert_array_equal(np.asarray(x)[~m], np.tile(np.asarray(b.tokens), (5, 1))[~m])
+
+
+def test_codebook_values_are_data_no_retrace(tiny_llada):
+    params, cfg, _ = tiny_llada
+    traces = []
+
+    @jax.jit
+    def fwd(p, x, iv):
+        traces.append(1)
+        return M.forward(p, x, cfg, None, iv)
+
+    x = jnp.full((1, 8), 5, jnp.int32)
+    D = cfg.d_model
+    for seed in range(3):  # different keys, values, radii and entry counts; same capacity
+        rng = np.random.default_rng(seed)
+        n = seed + 1
+        book = G.HostCodebook(rng.normal(size=(n, D)), np.full(n, 1.0 + seed), ["a"] * n, list(range(n)))
+        fwd(params, x, Intervene(edit=G.to_edit(book, rng.normal(size=(n, D)), 1, "resid", capacity=4)))
+    assert len(traces) == 1
