@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.diffusion.likelihood import make_qa_batch
@@ -79,12 +80,7 @@ def key_second_moment(params, cfg: ModelConfig, tokenizer, layer: int, rows: Opt
     C = np.zeros((F, F), np.float64)
     n_tok = 0
     key = jax.random.PRNGKey(seed)
-    it = range(0, len(rows), batch)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"key moments L{layer}", leave=False)
-    for i in it:
+    for i in tqdm(range(0, len(rows), batch), desc=f"key moments L{layer}", leave=False, disable=not progress):
         p, a = prompts[i:i + batch], answers[i:i + batch]
         while len(p) < batch:  # one shape per call: pad with an empty-weight copy below
             p, a = p + [p[0]], a + [a[0]]

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 import optax
 
 from timerome_jax.backbone import model as M
@@ -242,12 +243,7 @@ def optimise_delta(params, cfg: ModelConfig, batch: EditBatch, layer: int, modul
     state = opt.init(d)
     key = jax.random.PRNGKey(seed)
     losses = []
-    it = range(dcfg.steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"delta L{layer}", leave=False)
-    for _ in it:
+    for _ in tqdm(range(dcfg.steps), desc=f"delta L{layer}", leave=False, disable=not progress):
         key, sub = jax.random.split(key)
         val, g = _delta_loss_and_grad(params, d, batch, sub, h_norm ** 2, jnp.float32(dcfg.weight_decay), cfg,
                                       int(layer), m, int(dcfg.n_draws), float(dcfg.t_min))
