@@ -15,7 +15,7 @@ import pytest
 from timerome_jax import cli
 from timerome_jax.backbone.model import init_params
 from timerome_jax.tofu import metrics as M
-from timerome_jax.tofu.models import write_reference_info
+from timerome_jax.tofu.models import ReferenceMismatchError, write_reference_info
 from timerome_jax.tofu.reference import retain_tr_cache_path
 from timerome_jax.tofu.truth_ratios import load_retain_tr
 
@@ -111,6 +111,7 @@ def test_every_option_has_help_with_its_default():
             assert "checkpoint" in a.help
 
 
+@pytest.mark.slow
 def test_edit_then_eval_with_memory_and_a_mismatched_model(tiny_llada_dir, tiny_llada_var_dir, tmp_path, capsys):
     rc, out, err = run(["edit", "--model", tiny_llada_dir, "--layer", "1", "--limit", "3", "--out", str(tmp_path),
                         "--no-progress"], capsys)
@@ -141,6 +142,7 @@ def tiny(tiny_tofu_llada):
     return tiny_tofu_llada
 
 
+@pytest.mark.slow
 def test_eval_with_retain_cache(tiny, tmp_path, capsys):
     params, cfg, tok = tiny
     retain_params = init_params(jax.random.PRNGKey(1), cfg)
@@ -179,7 +181,7 @@ def test_eval_with_retain_cache(tiny, tmp_path, capsys):
     assert "trained on retain99" in (out / "eval_forget01_summary.md").read_text()
     # the same retain99 reference for forget05 is refused, naming the split and both retain sets ...
     argv5 = [x if x != "forget01" else "forget05" for x in argv]
-    with pytest.raises(SystemExit, match=r"forget05: .* trained on retain99, .* needs a model trained on retain95"):
+    with pytest.raises(ReferenceMismatchError, match=r"forget05: .* trained on retain99, .* needs a model trained on retain95"):
         cli.run_eval(cli.build_eval_parser().parse_args(argv5), loader=loader)
     # ... unless overridden, which the report records
     res5 = cli.run_eval(cli.build_eval_parser().parse_args(argv5 + ["--reference-override"]), loader=loader)
