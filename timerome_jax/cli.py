@@ -11,10 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from timerome_jax.backbone.checkpoint import NoTokenizerError, load_model_with_tokenizer
 from timerome_jax.backbone.tokenizer import eos_or_default
 from timerome_jax.diffusion.sampler import SamplerConfig
-from timerome_jax.io import write_json
+from timerome_jax.io import atomic_path, write_json
 from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu import evaluate as ev
@@ -68,10 +70,29 @@ def run_trace(a):
     eos = eos_or_default(tok, cfg)
     facts = F.load_facts(tok, a.split, eos, limit=a.n_trace, require_subject=True)
     tcfg = _tcfg(a)
-    res = pl.trace_facts(params, cfg, facts, tcfg, batch=a.n_trace, progress=not a.no_progress)
-    coord, score = tr.select(res.tie_bar, modules=tuple(a.modules), k_star=None if a.single_step else -1)
-    paths = pl.save_trace(res, coord, facts, tcfg, a.out, f"TIE_bar, {len(facts)} {a.split} facts")
-    print(json.dumps({"coordinate": coord._asdict(), "max_mean_abs_tie": float(score.max()), **paths}, indent=1))
+    k_star = None if a.single_step else -1
+    extra = {}
+    if a.screen:
+        from timerome_jax.method import screen as sc
+
+        st = sc.screen_and_trace(params, cfg, F.fact_batch(facts, cfg), tcfg, top_frac=a.top_frac,
+                                 modules=tuple(a.modules))
+        res = tr.TraceResult(st.tie, st.merged(), st.clean, st.corrupted)
+        coord, score = sc.select_screened(st, modules=tuple(a.modules), k_star=k_star)
+        score = score[np.isfinite(score)]
+        title = f"TIE_bar (exact on the top {a.top_frac:g}, first-order elsewhere), {len(facts)} {a.split} facts"
+        extra = {"screen_npz": str(Path(a.out) / "screen.npz"), "n_exact_candidates": int(len(st.candidates))}
+    else:
+        res = pl.trace_facts(params, cfg, facts, tcfg, batch=a.n_trace, progress=not a.no_progress)
+        coord, score = tr.select(res.tie_bar, modules=tuple(a.modules), k_star=k_star)
+        title = f"TIE_bar, {len(facts)} {a.split} facts"
+    paths = pl.save_trace(res, coord, facts, tcfg, a.out, title)
+    if a.screen:
+        with atomic_path(extra["screen_npz"]) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, estimate=st.estimate, tie_bar_exact=st.tie_bar, candidates=st.candidates)
+    print(json.dumps({"coordinate": coord._asdict(), "max_mean_abs_tie": float(score.max()), **paths, **extra},
+                     indent=1))
 
 
 def run_edit(a):
@@ -228,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     _trace_args(p)
     p.add_argument("--modules", nargs="+", default=["resid"], choices=("resid", "attn", "mlp"))
     p.add_argument("--single-step", action="store_true", help="select k* too (default k* = -1: every step)")
+    p.add_argument("--screen", action="store_true", help="first-order TIE screen of every candidate, then exact "
+                   "TIE on the top --top-frac of each module's cells only (default: the full exact sweep)")
+    p.add_argument("--top-frac", type=float, default=0.05,
+                   help="with --screen: fraction of each module's (layer, step) cells traced exactly (default 0.05)")
     p.set_defaults(func=run_trace)
 
     p = sub.add_parser("edit", help="Stage 3: build, save (and evaluate) the edit memory")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timerome_jax.backbone.config import ModelConfig
-from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, read
+from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, apply_shift, read
 
 RESID, ATTN, MLP = 0, 1, 2
 
@@ -167,12 +167,12 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
     def block(h, lp, l, edit_here: bool):
         e = edit if edit_here else None
         a = attn_block(lp, h, cos, sin, pad_mask, cfg)
-        a = apply_edit(apply_patch(a, iv.patch, l, step, ATTN), e, step, ATTN)
+        a = apply_edit(apply_shift(apply_patch(a, iv.patch, l, step, ATTN), iv.shift, l, ATTN), e, step, ATTN)
         h = h + a
         m = mlp_block(lp, h, cfg)
-        m = apply_edit(apply_patch(m, iv.patch, l, step, MLP), e, step, MLP)
+        m = apply_edit(apply_shift(apply_patch(m, iv.patch, l, step, MLP), iv.shift, l, MLP), e, step, MLP)
         h = h + m
-        h = apply_edit(apply_patch(h, iv.patch, l, step, RESID), e, step, RESID)
+        h = apply_edit(apply_shift(apply_patch(h, iv.patch, l, step, RESID), iv.shift, l, RESID), e, step, RESID)
         ys = None
         if iv.read_pos is not None:
             ys = {"resid": read(h, iv.read_pos), "attn": read(a, iv.read_pos), "mlp": read(m, iv.read_pos)}
