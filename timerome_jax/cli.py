@@ -227,6 +227,21 @@ def run_eval(args, loader=None) -> dict:
     return res
 
 
+def run_validate(a):
+    from timerome_jax.backbone import validate as V
+
+    try:
+        report = V.validate(a.model, a.dtype, tol=a.tol, impl=a.torch_impl)
+    except (FileNotFoundError, V.ValidationError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print("\n".join(V.summary_lines(report)))
+    if a.out:
+        V.write_report(report, a.out)
+    if not report["passed"]:
+        raise SystemExit(1)
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="timerome", description="TimeROME-DLM: diffusion-time causal tracing and "
                                  "closed-form inference-time editing for masked diffusion LMs (JAX).")
@@ -272,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-mc", type=int, default=16)
     p.set_defaults(func=run_edit)
+
+    p = sub.add_parser("validate", help="compare the library with the checkpoint's own PyTorch code (logits and "
+                       "every hidden state, padded and unpadded); exit 1 above the tolerance")
+    p.add_argument("--model", required=True, help="HF checkpoint folder (with its auto_map modeling files, or a "
+                   "Dream/DiffuLLaMA folder for transformers' built-in Qwen2/Llama classes)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype of both sides (default: float32 on CPU, bfloat16 on a GPU)")
+    p.add_argument("--tol", type=float, default=None, help="max error relative to each tensor's max |value| "
+                   "(default: 1e-4 in float32, 5e-2 in bfloat16)")
+    p.add_argument("--torch-impl", default="auto", choices=("auto", "remote", "builtin"),
+                   help="PyTorch side: the folder's auto_map files (remote), transformers' Qwen2/Llama (builtin), "
+                   "or remote when the files exist (auto, the default)")
+    p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.set_defaults(func=run_validate)
 
     build_eval_parser(sub)
     return ap
