@@ -10,6 +10,9 @@ random bf16 weights. Edit: `memory.build` from random keys/values, |F| = 400 fac
 ahead and timed apart) with `Intervene(edit=memory)`. PyTorch: a Python loop of forward +
 `torch_ref.trace.commit` (the same low-confidence rule) with `hooks.EditHook(TorchEditMemory)`, same
 weights (DLPack views), no attention mask (no padding: SDPA may pick its flash kernel).
+JAX unstacked (`jax_unstacked` rows, --unstacked 1): the same with `model.unstack(params)` (one array
+per layer, an unrolled layer loop that copies no layer out of a stack), tokens compared with the
+stacked run.
 Reported: steady time per generation (median of up to --repeats within the budget), per step, the
 edit's overhead in % of the step time, new tokens/s and the JAX/torch throughput ratio.
 
@@ -30,6 +33,7 @@ import common as C  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.backbone.intervene import Intervene  # noqa: E402
@@ -89,6 +93,8 @@ def parse(argv=None):
     ap.add_argument("--layer", type=int, default=None, help="19; --tiny 1")
     ap.add_argument("--module", default="resid")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--unstacked", type=int, default=1, choices=(0, 1),
+                    help="also time the unstacked layer layout (model.unstack; 1 = yes, the default)")
     args = ap.parse_args(argv)
     C.fill_sizes(args, (("batches", "1,32", "1,4"), ("prompt_len", 64, 8), ("gen_len", 64, 8),
                         ("steps", 64, 8), ("edit_facts", 400, 16), ("layer", 19, 1)))
@@ -181,6 +187,32 @@ def main(argv=None):
             del tmodel, tedit
             C.torch_release()
 
+    # the unstacked layer layout (model.unstack: one array per layer, an unrolled layer loop that
+    # copies nothing out of a stack); a second copy of the weights, so it is made only when asked
+    up = model_lib.unstack(params) if args.unstacked else None
+
+    def unstacked_rows(B, x, pad, pm, sched, key, cfg_used, dl):
+        res, comps = {}, {}
+        watch = C.CompileWatch.get()
+        for name, iv in (("no_edit", None), ("edit", Intervene(edit=mem))):
+            mark, t0 = watch.mark(), time.perf_counter()
+            comps[name] = sampler.generate_scan.lower(up, x, pad, pm, sched, key, iv, cfg=cfg_used, scfg=scfg,
+                                                      return_history=False).compile()
+            res[name] = {"compile_wall_s": time.perf_counter() - t0, "compile_s": watch.since(mark)[1]}
+            C.block(comps[name](up, x, pad, pm, sched, key, iv))
+        ive = Intervene(edit=mem)
+        mn, me, ratios = C.measure_pair(lambda: comps["no_edit"](up, x, pad, pm, sched, key, None),
+                                        lambda: comps["edit"](up, x, pad, pm, sched, key, ive),
+                                        want=args.repeats, deadline=dl)
+        for name, m in (("no_edit", mn), ("edit", me)):
+            toks[("jax_unstacked", name, B)] = np.asarray(m["out"])
+            res[name].update({**C.strip(m), "step_ms": 1e3 * m["steady_s"] / args.steps,
+                              "new_tokens_per_s": B * args.gen_len / m["steady_s"],
+                              "ratio_to_floor": C.ratio(m["steady_s"], per_b[str(B)]["floor" if name == "no_edit"
+                                                                                     else "floor_with_edit"]["floor_s"])})
+        res.update(overhead(res, ratios))
+        return res
+
     def jax_part(cfg_used):
         j_deadline = deadline.at_least((deadline.budget_s or 0) / 2)
         key = jax.random.key(args.seed + 5)
@@ -214,6 +246,9 @@ def main(argv=None):
             res.update(overhead(res, ratios))
             res["peak_bytes_so_far"] = C.jax_peak_bytes()
             per_b[str(B)]["jax"] = res
+            if up is not None:
+                per_b[str(B)]["jax_unstacked"] = unstacked_rows(B, x, pad, pm, sched, key, cfg_used, j_deadline)
+                rc.save()
             d = rd["batches"][str(B)]
             d["jax"] = {"no_edit": ma["no_edit"], "edit": ma["edit"]}
             if ma["no_edit"] and ma["edit"]:
@@ -245,6 +280,9 @@ def main(argv=None):
             if ("jax", name, B) in toks:
                 g = toks[("jax", name, B)][:, -args.gen_len:]
                 agree.setdefault("jax_masks_left", {})[name] = int(np.sum(g == cfg.mask_token_id))
+            if ("jax", name, B) in toks and ("jax_unstacked", name, B) in toks:
+                agree.setdefault("unstacked_tokens_equal_fraction", {})[name] = float(
+                    np.mean(toks[("jax", name, B)] == toks[("jax_unstacked", name, B)]))
         if ("jax", "edit", B) in toks and ("jax", "no_edit", B) in toks:
             agree["jax_edit_changed_tokens_fraction"] = float(np.mean(
                 toks[("jax", "edit", B)][:, -args.gen_len:] != toks[("jax", "no_edit", B)][:, -args.gen_len:]))
@@ -256,6 +294,10 @@ def main(argv=None):
             thr = r.get("jax_over_torch_throughput")
             met[str(B)] = {"edit_overhead_at_most_1pct": r["jax"]["edit_overhead_pct"] <= 1.0,
                            "faster_than_torch": None if thr is None else min(thr.values()) > 1.0}
+            if "jax_unstacked" in r:
+                u = r["jax_unstacked"]
+                met[str(B)]["unstacked_step_within_1p5x_floor"] = (u["no_edit"]["ratio_to_floor"] or 1e9) <= 1.5
+                met[str(B)]["unstacked_edit_overhead_at_most_1pct"] = u["edit_overhead_pct"] <= 1.0
     rc["met"] = met
     rc["targets"] = {"edit_overhead_pct_max": 1.0, "jax_over_torch_throughput_min": 1.0}
     out_c = rc.finish()
@@ -267,6 +309,10 @@ def main(argv=None):
         print(f"[c] batch {B}: jax step {j.get('no_edit', {}).get('step_ms')} ms (+edit {j.get('edit_overhead_pct')}%)"
               f"  torch step {t.get('no_edit', {}).get('step_ms')} ms  jax/torch throughput "
               f"{r.get('jax_over_torch_throughput')}", flush=True)
+        u = r.get("jax_unstacked")
+        if u:
+            print(f"[c] batch {B}: jax unstacked step {u['no_edit']['step_ms']} ms "
+                  f"({u['no_edit']['ratio_to_floor']}x floor, +edit {u['edit_overhead_pct']}%)", flush=True)
         print(f"[d] batch {B}: {out_d['batches'][str(B)].get('jax', {}).get('added')} edit bytes {edit_bytes}", flush=True)
     return out_c, out_d
 

@@ -517,6 +517,52 @@ class Record:
         return self.data
 
 
+def default_sizes(tiny: bool) -> tuple[int, int, int]:
+    """(matmul size, matmuls per timed call, copy bytes): 8192, 10, 2 GiB; tiny 512, 4, 16 MiB."""
+    return (512, 4, 16 << 20) if tiny else (8192, 10, 2048 << 20)
+
+
+def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
+    """JAX bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, read + written)."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = (jax.random.normal(ka, (n, n), jnp.float32) / jnp.sqrt(n)).astype(jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+
+    @jax.jit
+    def chain(a, c):
+        return jax.lax.fori_loop(0, reps, lambda i, c: jnp.dot(a, c, preferred_element_type=jnp.float32)
+                                 .astype(jnp.bfloat16), c)
+
+    out = {"n": n, "reps": reps}
+    t0 = time.perf_counter()
+    chain_c = chain.lower(a, b).compile()
+    out["matmul_compile_s"] = time.perf_counter() - t0
+    block(chain_c(a, b))
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        r = block(chain_c(a, b))
+        ts.append((time.perf_counter() - t0) / reps)
+    out["matmul_times_s"] = ts
+    out["matmul_s"] = statistics.median(ts)
+    out["matmul_flops_per_s"] = 2 * n ** 3 / out["matmul_s"]
+    out["matmul_result_finite"] = bool(jnp.isfinite(r.astype(jnp.float32)).all())
+
+    m = copy_bytes // 2
+    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + jnp.bfloat16(1)).lower(x).compile()
+    block(add(x))
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        block(add(x))
+        ts.append(time.perf_counter() - t0)
+    out["copy_bytes"] = 2 * m * 2
+    out["copy_times_s"] = ts
+    out["copy_bytes_per_s"] = out["copy_bytes"] / statistics.median(ts)
+    return out
+
+
 def load_ceiling(path: Optional[str], tiny: bool) -> dict:
     """The JAX ceilings of this run (bench_ceiling's JSON), or measured now when no file is given."""
     if path and os.path.exists(path):
@@ -525,12 +571,10 @@ def load_ceiling(path: Optional[str], tiny: bool) -> dict:
         out = dict(c["ceiling"])
         out["source"] = os.path.abspath(path)
         return out
-    from bench_ceiling import default_sizes, measure_jax  # noqa: E402 - same folder
-
     n, reps, copy_bytes = default_sizes(tiny)
     j = measure_jax(n, reps=reps, copy_bytes=copy_bytes)
     return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["copy_bytes_per_s"],
-            "source": "measured in this process (bench_ceiling.measure_jax)"}
+            "source": "measured in this process (common.measure_jax)"}
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
