@@ -10,6 +10,9 @@ random bf16 weights. Edit: `memory.build` from random keys/values, |F| = 400 fac
 ahead and timed apart) with `Intervene(edit=memory)`. PyTorch: a Python loop of forward +
 `torch_ref.trace.commit` (the same low-confidence rule) with `hooks.EditHook(TorchEditMemory)`, same
 weights (DLPack views), no attention mask (no padding: SDPA may pick its flash kernel).
+Official (`official` rows, --official-dir PATH): the official LLaDA modeling code from PATH
+(modeling_llada.py + configuration_llada.py, as a checkpoint's auto_map names them), same weights
+(DLPack), its forward and the same sampler loop around it; absent files are recorded, not fatal.
 JAX unstacked (`jax_unstacked` rows, --unstacked 1): the same with `model.unstack(params)` (one array
 per layer, an unrolled layer loop that copies no layer out of a stack), tokens compared with the
 stacked run.
@@ -81,6 +84,53 @@ def torch_generate(model, x0, steps: int, mask_id: int, edit=None):
     return x
 
 
+def official_generate(model, x0, steps: int, mask_id: int):
+    """The same sampler loop around the official LLaDA code (its forward returns `.logits`)."""
+    import torch
+
+    from timerome_jax.torch_ref.trace import commit, n_transfer
+
+    gen = x0 == mask_id
+    ks = n_transfer(gen.sum(1), steps)
+    x = x0
+    with torch.no_grad():
+        for s in range(steps):
+            x = commit(model(x).logits, x, gen, ks[:, s], mask_id)
+    return x
+
+
+def official_part(args, params, cfg, canv, per_b, toks, deadline, rc):
+    """Forward and generation step of the official PyTorch LLaDA code, weights shared with JAX."""
+    import torch
+
+    try:
+        omodel, how = C.official_model(args.official_dir, params, cfg)
+    except C.OfficialCodeMissing as e:
+        rc["official"] = {"status": "absent", "message": str(e)}
+        print(f"[c] official code: {e}", flush=True)
+        return
+    rc["official"] = {"status": "ok", "dir": os.path.abspath(args.official_dir), "weights": how}
+    dev = C.torch_device()
+    for B in args.batches:
+        x0 = torch.as_tensor(np.array(canv[B][0]), device=dev).long()
+        with torch.no_grad():
+            omodel(x0)  # warm-up
+        C.torch_sync()
+        with torch.no_grad():
+            fwd = C.measure(lambda: omodel(x0).logits, want=args.repeats, deadline=deadline,
+                            sync=lambda _: C.torch_sync())
+        gen = C.measure(lambda: official_generate(omodel, x0, args.steps, cfg.mask_token_id), want=args.repeats,
+                        deadline=deadline, sync=lambda _: C.torch_sync())
+        toks[("official", "no_edit", B)] = gen["out"].cpu().numpy()
+        per_b[str(B)]["official"] = {"forward": {**C.strip(fwd), "forward_ms": 1e3 * fwd["steady_s"]},
+                                     "generate": {**C.strip(gen), "step_ms": 1e3 * gen["steady_s"] / args.steps,
+                                                  "new_tokens_per_s": B * args.gen_len / gen["steady_s"]}}
+        rc.save()
+        del x0
+    del omodel
+    C.torch_release()
+
+
 def parse(argv=None):
     ap = C.base_parser(__doc__)
     ap.add_argument("--batches", default=None, help="comma list (1,32; --tiny 1,4)")
@@ -93,6 +143,9 @@ def parse(argv=None):
     ap.add_argument("--layer", type=int, default=None, help="19; --tiny 1")
     ap.add_argument("--module", default="resid")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--official-dir", default=None, metavar="PATH",
+                    help="folder with the official LLaDA modeling_llada.py + configuration_llada.py: time its forward "
+                         "and generation step beside the library, weights shared (default: not run)")
     ap.add_argument("--unstacked", type=int, default=1, choices=(0, 1),
                     help="also time the unstacked layer layout (model.unstack; 1 = yes, the default)")
     args = ap.parse_args(argv)
@@ -191,6 +244,10 @@ def main(argv=None):
     # copies nothing out of a stack); a second copy of the weights, so it is made only when asked
     up = model_lib.unstack(params) if args.unstacked else None
 
+    if args.official_dir is not None and not args.skip_torch:
+        with rc.section("official"):
+            official_part(args, params, cfg, canv, per_b, toks, t_deadline, rc)
+
     def unstacked_rows(B, x, pad, pm, sched, key, cfg_used, dl):
         res, comps = {}, {}
         watch = C.CompileWatch.get()
@@ -280,6 +337,9 @@ def main(argv=None):
             if ("jax", name, B) in toks:
                 g = toks[("jax", name, B)][:, -args.gen_len:]
                 agree.setdefault("jax_masks_left", {})[name] = int(np.sum(g == cfg.mask_token_id))
+            if ("jax", name, B) in toks and ("official", name, B) in toks:
+                agree.setdefault("official_tokens_equal_fraction", {})[name] = float(
+                    np.mean(toks[("jax", name, B)] == toks[("official", name, B)]))
             if ("jax", name, B) in toks and ("jax_unstacked", name, B) in toks:
                 agree.setdefault("unstacked_tokens_equal_fraction", {})[name] = float(
                     np.mean(toks[("jax", name, B)] == toks[("jax_unstacked", name, B)]))

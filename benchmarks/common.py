@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timerome_jax.backbone import hf  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.backbone.config import ModelConfig, llada_8b  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
@@ -137,7 +138,6 @@ def torch_model(params, cfg: ModelConfig):
     of `timerome_jax.backbone.hf`). Returns (model in eval mode, how the weights were moved)."""
     import torch
 
-    from timerome_jax.backbone import hf
     from timerome_jax.torch_ref.llada import LLaDAModelLM
 
     dev = torch_device()
@@ -147,6 +147,15 @@ def torch_model(params, cfg: ModelConfig):
         torch.set_num_threads(1)
     tdt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     m = LLaDAModelLM(hf.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
+    sd, how = shared_state_dict(params, cfg, dev)
+    m.load_state_dict(sd, strict=True, assign=True)
+    return m.eval(), how
+
+
+def shared_state_dict(params, cfg: ModelConfig, dev):
+    """The HF-layout state dict of `params` as torch views of the JAX arrays (DLPack; host copy
+    when DLPack cannot): (state dict, how the weights were moved)."""
+
     leaves, how = {}, set()
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
@@ -158,8 +167,42 @@ def torch_model(params, cfg: ModelConfig):
         for i in idx:
             t = t[i]
         sd[name] = t.T if transpose else t  # a view: torch's matmuls take transposed operands as is
+    return sd, "+".join(sorted(how))
+
+
+OFFICIAL_FILES = ("modeling_llada.py", "configuration_llada.py")
+
+
+class OfficialCodeMissing(FileNotFoundError):
+    """--official-dir is not a folder holding the official LLaDA modeling files."""
+
+
+def official_model(official_dir: str, params, cfg: ModelConfig):
+    """The official LLaDA PyTorch code (official_dir/modeling_llada.py and configuration_llada.py,
+    as a real LLaDA checkpoint's config.json auto_map names them) holding the SAME weights as
+    `params` (DLPack views). Returns (model in eval mode on the benchmark device, how the weights
+    were moved). Raises OfficialCodeMissing with what to do when the files are absent."""
+    import torch
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+
+    missing = [f for f in OFFICIAL_FILES if not os.path.isfile(os.path.join(official_dir or "", f))]
+    if not official_dir or missing:
+        raise OfficialCodeMissing(
+            f"--official-dir {official_dir!r} lacks {missing or list(OFFICIAL_FILES)}: put the files of a LLaDA "
+            "checkpoint (e.g. GSAI-ML/LLaDA-8B-Instruct: modeling_llada.py, configuration_llada.py) in an ignored "
+            "folder such as .official/llada/ and pass it (and carry it to the device)")
+    path = os.path.abspath(official_dir)
+    conf_cls = get_class_from_dynamic_module("configuration_llada.LLaDAConfig", path)
+    model_cls = get_class_from_dynamic_module("modeling_llada.LLaDAModelLM", path)
+    d = hf.hf_config_dict(cfg, dtype=cfg.dtype)
+    d = {k: v for k, v in d.items() if k not in ("auto_map", "architectures", "model_type")}
+    d["init_device"] = "meta"  # the official code's own no-allocation path; the weights come below
+    dev = torch_device()
+    m = model_cls(conf_cls(**d))
+    sd, how = shared_state_dict(params, cfg, dev)
     m.load_state_dict(sd, strict=True, assign=True)
-    return m.eval(), "+".join(sorted(how))
+    return m.to(dev).eval(), how
 
 
 # ------------------------------------------------------------------------------------------------
