@@ -15,7 +15,7 @@ Params layout (plain dicts; layers stacked on a leading axis L and run with `lax
 Unstacked layout (`unstack`): the same tree with `layers` a Python list of L per-layer dicts
 (separate arrays, no leading axis). `run` accepts either; the unstacked one runs an unrolled layer
 loop that reads each layer's own arrays, with no per-iteration copy of a layer out of the stack
-(the batch-1 generation path; docs/performance.md).
+(the batch-1 generation path; benchmarks/bench_generate.py times both layouts).
 
 Precision policy: matmuls in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softmax, the
 MoE router and the logits in float32.

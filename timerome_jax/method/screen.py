@@ -22,7 +22,7 @@ estimates every TIE_bar(l, k, m) at once from one forward and one backward per d
   (alpha = 1) is a poor slope for the whole way back to the clean value. `alphas` evaluates it with
   the noise scaled by each alpha (on the corrupted canvases) and averages: a midpoint or trapezoid
   rule for the path integral from corrupted to clean. The default is the midpoint, alpha = 0.5
-  (docs/performance.md has the measured rank correlations of each choice).
+  (docs/screen.md has the measured rank correlations of each choice).
 
 `screen_and_trace` ranks candidates by the screen's E_F |TIE_bar| (Eq. 5's score), runs the exact
 sweep on the top `top_frac` of each module's (layer, step) cells through the trace's lane program,
