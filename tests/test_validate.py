@@ -81,9 +81,11 @@ def check(report, passed):
 
 
 def test_llada_remote_code_passes(tiny_llada_dir, tmp_path):
-    r = V.validate(with_remote_code(tiny_llada_dir, tmp_path / "llada"))
+    folder = with_remote_code(tiny_llada_dir, tmp_path / "llada")
+    r = V.validate(folder)
     check(r, True)
     assert r["torch"].startswith("remote code modeling_llada.LLaDAModelLM") and r["max_rel_err"] < 1e-5
+    assert set(V.validate(folder, cases=("unpadded",))["cases"]) == {"unpadded"}
 
 
 @pytest.mark.slow

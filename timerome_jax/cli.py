@@ -231,7 +231,7 @@ def run_validate(a):
     from timerome_jax.backbone import validate as V
 
     try:
-        report = V.validate(a.model, a.dtype, tol=a.tol, impl=a.torch_impl)
+        report = V.validate(a.model, a.dtype, tol=a.tol, impl=a.torch_impl, cases=tuple(a.cases))
     except (FileNotFoundError, V.ValidationError) as e:
         raise SystemExit(f"error: {e}") from None
     print("\n".join(V.summary_lines(report)))
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-impl", default="auto", choices=("auto", "remote", "builtin"),
                    help="PyTorch side: the folder's auto_map files (remote), transformers' Qwen2/Llama (builtin), "
                    "or remote when the files exist (auto, the default)")
+    p.add_argument("--cases", nargs="+", default=["unpadded", "padded"], choices=("unpadded", "padded"),
+                   help="inputs to compare: unpadded (no padding mask) and/or padded (left padding + mask); default both")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     p.set_defaults(func=run_validate)
 
