@@ -94,7 +94,9 @@ def test_fig_a_tie_sweep(results):
 def test_screen_figure(results):
     scr = results["tie_screen"]
     assert scr["status"] == "ok", scr["errors"]
-    assert scr["screen"]["n_steady"] >= 1 and scr["screen_plus_topk"]["n_candidates"] == 3 * 1  # ceil(.05*2*4)=1
+    # steady, or estimated as wall - compile when the soft budget ran out first
+    assert scr["screen"]["steady_s"] > 0 and scr["screen_plus_topk"]["steady_s"] > 0
+    assert scr["screen_plus_topk"]["n_candidates"] == 3  # ceil(0.05 * 2 layers * 4 steps) = 1 per module
     assert scr["full_sweep_s"] == results["fig_a_tie"]["jax"]["steady_s"]  # figure a of the same run
     assert scr["full_over_screen_plus_topk"] == pytest.approx(scr["full_sweep_s"] / scr["screen_plus_topk"]["steady_s"])
 
