@@ -57,7 +57,7 @@ def test_screen_estimate_is_the_commits_fixed_derivative(setup):
         clean = tr.trajectory(params, fb, None, cfg=CFG, tcfg=TC, read=True)
         corr = tr.trajectory(params, fb, noise, cfg=CFG, tcfg=TC, read=True)
         eps = 1e-3
-        for m, l, k in [(1, 1, 0), (2, 0, 1), (0, 0, 1)]:
+        for m, l, k in [(1, 1, 0), (0, 0, 1)]:
             diff = clean.acts[k, m, l] - corr.acts[k, m, l]
             fd = []
             for sgn in (1, -1):
