@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmark suite (issue 5): shapes, weights, FLOP counts, timing, records.
+"""Shared pieces of the GPU benchmark suite (JAX vs PyTorch hooks at the LLaDA-8B shape): shapes, weights, FLOP counts, timing, records.
 
 Every figure script (bench_ceiling, bench_tie, bench_install, bench_generate) imports this first:
 it puts the repo root on sys.path and turns JAX's GPU memory preallocation off (before JAX starts),
@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timerome_jax.backbone import hf  # noqa: E402
+from timerome_jax.backbone import hf_config, hf_weights  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.backbone.config import ModelConfig, llada_8b  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
@@ -135,7 +135,7 @@ def _to_torch(x, device):
 
 def torch_model(params, cfg: ModelConfig):
     """The torch_ref LLaDAModelLM holding the SAME weights as `params` (DLPack views; HF key map
-    of `timerome_jax.backbone.hf`). Returns (model in eval mode, how the weights were moved)."""
+    of `timerome_jax.backbone.hf_weights`). Returns (model in eval mode, how the weights were moved)."""
     import torch
 
     from timerome_jax.torch_ref.llada import LLaDAModelLM
@@ -146,7 +146,7 @@ def torch_model(params, cfg: ModelConfig):
         # torch's default intra-op pool made tiny matmuls ~100x slower; one thread avoids it.
         torch.set_num_threads(1)
     tdt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    m = LLaDAModelLM(hf.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
+    m = LLaDAModelLM(hf_config.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
     sd, how = shared_state_dict(params, cfg, dev)
     m.load_state_dict(sd, strict=True, assign=True)
     return m.eval(), how
@@ -155,14 +155,13 @@ def torch_model(params, cfg: ModelConfig):
 def shared_state_dict(params, cfg: ModelConfig, dev):
     """The HF-layout state dict of `params` as torch views of the JAX arrays (DLPack; host copy
     when DLPack cannot): (state dict, how the weights were moved)."""
-
     leaves, how = {}, set()
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
         leaves[key], h = _to_torch(x, dev)
         how.add(h)
     sd = {}
-    for name, (path, idx, transpose) in hf.key_map(cfg).items():
+    for name, (path, idx, transpose) in hf_weights.key_map(cfg).items():
         t = leaves[tuple(path)]
         for i in idx:
             t = t[i]
@@ -195,7 +194,7 @@ def official_model(official_dir: str, params, cfg: ModelConfig):
     path = os.path.abspath(official_dir)
     conf_cls = get_class_from_dynamic_module("configuration_llada.LLaDAConfig", path)
     model_cls = get_class_from_dynamic_module("modeling_llada.LLaDAModelLM", path)
-    d = hf.hf_config_dict(cfg, dtype=cfg.dtype)
+    d = hf_config.hf_config_dict(cfg, dtype=cfg.dtype)
     d = {k: v for k, v in d.items() if k not in ("auto_map", "architectures", "model_type")}
     d["init_device"] = "meta"  # the official code's own no-allocation path; the weights come below
     dev = torch_device()

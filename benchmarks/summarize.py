@@ -5,7 +5,7 @@
 States the card (JAX device kind, torch device name, driver), the JAX / jaxlib / torch /
 transformers versions, and per figure: FLOPs, floor (from the ceilings measured in the same run),
 compile time and steady-state time apart (with the number of timed runs), ratio to the floor, the
-torch/JAX ratio, peak memory and whether each target of issue 5 was met. Missing or failed figures
+torch/JAX ratio, peak memory and whether each benchmark target was met. Missing or failed figures
 are listed as such.
 """
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _status(fig):
 
 def write_summary(folder: str) -> str:
     figs = _load(folder)
-    L = ["# Benchmarks of issue 5 (LLaDA-8B shape): JAX vs PyTorch hooks", ""] + _env_lines(figs) + [""]
+    L = ["# Benchmarks (LLaDA-8B shape): JAX vs PyTorch hooks", ""] + _env_lines(figs) + [""]
     ceil = figs.get("ceiling", {})
     if ceil:
         j, t = ceil.get("jax", {}), ceil.get("torch", {})

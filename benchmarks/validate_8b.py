@@ -4,7 +4,7 @@ official modeling files beside it, checked against the library on the GPU.
     python benchmarks/validate_8b.py --out $OUT --official-dir .official/llada      # H200, ~3 min
     python benchmarks/validate_8b.py --out /tmp/r --official-dir DIR --tiny         # CPU, seconds
 
-The checkpoint (random weights, `hf.save_pretrained`, about 16 GB at 8B) is written to --work
+The checkpoint (random weights, `hf_weights.save_pretrained`, about 16 GB at 8B) is written to --work
 (default: a temporary folder, removed afterwards); the official `modeling_llada.py` and
 `configuration_llada.py` are copied in and config.json gets the `auto_map` a real LLaDA folder has.
 Then `validate.validate` loads it in the library and through transformers' remote code and compares
@@ -26,7 +26,7 @@ import common as C  # noqa: E402
 
 import jax  # noqa: E402
 
-from timerome_jax.backbone import hf  # noqa: E402
+from timerome_jax.backbone import hf_weights  # noqa: E402
 from timerome_jax.backbone import validate as V  # noqa: E402
 from timerome_jax.io import write_json, write_text  # noqa: E402
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     work = args.work or tempfile.mkdtemp(prefix="validate_8b_")
     t0 = time.perf_counter()
     params = C.init_params(jax.random.key(args.seed), cfg, C.default_init_std(args.tiny))
-    hf.save_pretrained(params, cfg, work, dtype=dtype)
+    hf_weights.save_pretrained(params, cfg, work, dtype=dtype)
     del params
     for f in C.OFFICIAL_FILES:
         shutil.copyfile(os.path.join(args.official_dir, f), os.path.join(work, f))

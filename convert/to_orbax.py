@@ -14,14 +14,14 @@ import sys
 import time
 
 from timerome_jax.backbone import checkpoint
-from timerome_jax.backbone import hf
+from timerome_jax.backbone.hf_weights import load_pretrained
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool = False):
-    """Load `hf_dir` strictly (hf.load_pretrained) and write it to `out_dir`; returns the ModelConfig."""
+    """Load `hf_dir` strictly (hf_weights.load_pretrained) and write it to `out_dir`; returns the ModelConfig."""
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
-    params, cfg, tok = hf.load_pretrained(hf_dir, dtype=dtype)
+    params, cfg, tok = load_pretrained(hf_dir, dtype=dtype)
     checkpoint.save(params, cfg, out_dir, tokenizer=tok)
     return cfg
 

@@ -3,7 +3,7 @@
     python experiments/package_default.py experiments/runs/default_v2
 
 writes timerome_jax/assets/tofu_target/ and tofu_retain/ (config.json in LLaDA's field names,
-model.safetensors, tokenizer files) with `hf.save_pretrained`, so the default path runs exactly the
+model.safetensors, tokenizer files) with `hf_weights.save_pretrained`, so the default path runs exactly the
 `load_pretrained` code a real LLaDA-8B checkpoint runs, then loads each back and checks the
 round trip bit for bit.
 """
@@ -19,10 +19,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from timerome_jax.backbone import hf  # noqa: E402
+from timerome_jax.backbone import hf_weights  # noqa: E402
 from timerome_jax.backbone.config import ModelConfig  # noqa: E402
 from timerome_jax.backbone.model import param_shapes  # noqa: E402
 from timerome_jax.backbone.tokenizer import load_tokenizer  # noqa: E402
+from timerome_jax.tofu.models import write_reference_info  # noqa: E402
 
 
 def load_run(run: Path, name: str):
@@ -45,8 +46,11 @@ def main(argv=None):
         params, cfg = load_run(run, name)
         tok = load_tokenizer(a.tokenizer, cfg)
         dest = Path(a.out) / f"tofu_{name}"
-        hf.save_pretrained(params, cfg, str(dest), tokenizer=tok, dtype="float32")
-        back, cfg2, _ = hf.load_pretrained(str(dest))
+        hf_weights.save_pretrained(params, cfg, str(dest), tokenizer=tok, dtype="float32")
+        if name == "retain":  # the FQ reference must say which retain set it saw (tofu.models)
+            write_reference_info(dest, "retain99", recipe="experiments/train_default.py: the target's recipe "
+                                 "on retain99 instead of full", run=str(run))
+        back, cfg2, _ = hf_weights.load_pretrained(str(dest))
         same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
         if not same or cfg2.replace(max_seq_len=cfg.max_seq_len) != cfg.replace(max_seq_len=cfg.max_seq_len):
             raise SystemExit(f"round trip of {dest} failed")

@@ -5,7 +5,7 @@ Both are trained in one jitted program (params stacked on a leading model axis a
 LLaDA's SFT objective: the prompt is never masked; each answer-region token (answer + EOS padding)
 is masked with probability p = (1-eps) t + eps, t ~ U(0,1) per example, and the loss is
 sum(CE / p) over masked tokens / answer-region length, averaged over the batch
-(ML-GSAI/LLaDA GUIDELINES.md, see shared/reference/backbones.md §1.7).
+(ML-GSAI/LLaDA GUIDELINES.md, see docs/backbones.md §1.7 Training objective).
 
 Sequences are `Question: {q}\\nAnswer: ` + answer + EOS, padded with EOS (in the loss, as LLaDA
 SFT does) up to a per-example random length in [len, T]; positions past it are key-padding, so the
@@ -160,7 +160,9 @@ def main(argv=None):
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(a.data) if Path(a.data).exists() else Path("/work/shared/data/tofu")
+    data_dir = Path(a.data)
+    if not data_dir.is_dir():
+        raise SystemExit(f"error: TOFU data folder {data_dir} does not exist")
     tok = Tokenizer.from_file(a.tokenizer)
     eos, mask = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|mdm_mask|>")
     cfg = default_config(tok.get_vocab_size(), mask, eos, a.tiny)

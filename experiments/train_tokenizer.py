@@ -63,7 +63,8 @@ def save(tok: Tokenizer, out: Path) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", default="/work/shared/data/tofu")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "timerome_jax" / "data" / "tofu"),
+                    help="folder of the TOFU json files (default: the packaged copy)")
     ap.add_argument("--out", default="timerome_jax/assets/tokenizer")
     ap.add_argument("--vocab", type=int, default=2048)
     a = ap.parse_args(argv)

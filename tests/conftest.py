@@ -3,7 +3,7 @@
 Reusable fixture names (session-scoped, built once, offline):
   tiny_tokenizer_dir   byte-level BPE (vocab 300) with "<|endoftext|>" (id 0) and "<|mdm_mask|>" (id 1)
   tiny_llada_dir       LLaDA layout (torch_ref.LLaDAModelLM) + the tiny tokenizer, vocab 320, mask id 1
-  tiny_llada           (params, cfg, tokenizer) = hf.load_pretrained(tiny_llada_dir), float32
+  tiny_llada           (params, cfg, tokenizer) = hf_weights.load_pretrained(tiny_llada_dir), float32
   tiny_moe_dir         LLaDA-MoE layout (torch_ref.LLaDAMoEModelLM) + tokenizer, 8 experts top-2
   tiny_dream_dir       Dream layout (transformers Qwen2ForCausalLM, causal mask off) + tokenizer
   tiny_diffullama_dir  DiffuLLaMA layout (transformers LlamaForCausalLM, causal mask off), no
@@ -63,7 +63,7 @@ def make_tiny_tokenizer(path: str, mask_as_special: bool = True, mask_token: str
 # config.json dicts in each family's real field set (sizes shrunk)
 # ------------------------------------------------------------------------------------------------
 def llada_config_dict(**over) -> dict:
-    """The LLaDA-8B config.json field set (backbones.md §1.1) with tiny sizes."""
+    """The LLaDA-8B config.json field set (docs/backbones.md §1.1 Config) with tiny sizes."""
     d = {
         "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
         "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
@@ -86,7 +86,7 @@ def llada_config_dict(**over) -> dict:
 
 
 def moe_config_dict(**over) -> dict:
-    """LLaDA-MoE-7B-A1B config.json fields (LLaDAMoEConfig; backbones.md §4) with tiny sizes."""
+    """LLaDA-MoE-7B-A1B config.json fields (LLaDAMoEConfig; docs/backbones.md §4 LLaDA-MoE-7B-A1B) with tiny sizes."""
     d = {
         "architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "attention_bias": False,
         "attention_dropout": 0.0, "clip_qkv": None, "dense_intermediate_size": 256, "eos_token_id": 0,
@@ -106,7 +106,7 @@ def moe_config_dict(**over) -> dict:
 
 
 def dream_config_dict(**over) -> dict:
-    """Dream-v0 config.json fields (DreamConfig; backbones.md §2) with tiny sizes."""
+    """Dream-v0 config.json fields (DreamConfig; docs/backbones.md §2 Dream-7B) with tiny sizes."""
     d = {
         "architectures": ["DreamModel"], "attention_dropout": 0.0,
         "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
@@ -292,10 +292,10 @@ def tiny_diffullama_dir(_tiny_diffullama_pair) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_llada(tiny_llada_dir):
-    """(params, cfg, tokenizer) of the tiny LLaDA, loaded through hf.load_pretrained (float32)."""
-    from timerome_jax.backbone import hf
+    """(params, cfg, tokenizer) of the tiny LLaDA, loaded through hf_weights.load_pretrained (float32)."""
+    from timerome_jax.backbone import hf_weights
 
-    return hf.load_pretrained(tiny_llada_dir)
+    return hf_weights.load_pretrained(tiny_llada_dir)
 
 
 def tofu_tokenizer(vocab_size=256):
@@ -335,3 +335,18 @@ def np_params(cfg, seed=0, std=0.3):
         return jnp.asarray(std * rng.standard_normal(shp), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(make, model.param_shapes(cfg), is_leaf=lambda t: isinstance(t, tuple))
+
+
+@pytest.fixture(scope="session")
+def tiny_tofu_llada():
+    """(params, cfg, tokenizer): a random 2-layer LLaDA (d_model 32) with the TOFU-trained tokenizer."""
+    import jax
+
+    from timerome_jax.backbone.config import ModelConfig
+    from timerome_jax.backbone.model import init_params
+
+    tok = tofu_tokenizer()
+    cfg = ModelConfig(family="llada", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
+                      head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
+                      pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)
+    return init_params(jax.random.PRNGKey(0), cfg), cfg, tok

@@ -46,6 +46,7 @@ def cfig_official_absent(results):
     return "official" not in results["fig_c_generate"] and "official" not in results["fig_c_generate"]["errors"]
 
 
+@pytest.mark.slow
 def test_every_figure_records_card_versions_knobs_and_ceiling(results):
     ceil = results["ceiling"]
     assert ceil["status"] == "ok"
@@ -68,6 +69,7 @@ def test_every_figure_records_card_versions_knobs_and_ceiling(results):
         assert head in s, head
 
 
+@pytest.mark.slow
 def test_fig_a_tie_sweep(results):
     a = results["fig_a_tie"]
     c, sh = a["shapes"]["config"], a["shapes"]
@@ -91,6 +93,7 @@ def test_fig_a_tie_sweep(results):
     assert all(a["jax_result_finite"].values())
 
 
+@pytest.mark.slow
 def test_screen_figure(results):
     scr = results["tie_screen"]
     assert scr["status"] == "ok", scr["errors"]
@@ -101,6 +104,7 @@ def test_screen_figure(results):
     assert scr["full_over_screen_plus_topk"] == pytest.approx(scr["full_sweep_s"] / scr["screen_plus_topk"]["steady_s"])
 
 
+@pytest.mark.slow
 def test_fig_b_install(results):
     b = results["fig_b_install"]
     c, sh = b["shapes"]["config"], b["shapes"]
@@ -120,6 +124,7 @@ def test_fig_b_install(results):
         assert len(row["jax"]["capture"]["compile_runs"]) <= 1 and row["jax"]["capture"]["n_steady"] >= 1
 
 
+@pytest.mark.slow
 def test_fig_c_generation_and_fig_d_memory(results):
     cfig, dfig = results["fig_c_generate"], results["fig_d_memory"]
     c, sh = cfig["shapes"]["config"], cfig["shapes"]
@@ -154,6 +159,7 @@ def test_fig_c_generation_and_fig_d_memory(results):
     assert max(row["agreement"]["jax_edit_changed_tokens_fraction"] for row in cfig["batches"].values()) > 0
 
 
+@pytest.mark.slow
 def test_stage_variant_full_is_the_library_lane_loop():
     """bench_tie's stage variants run trace.run_lanes with another step; "full" must give its exact scores."""
     sys.path.insert(0, BENCH)

@@ -24,6 +24,7 @@ def _equal(a, b, dtype=None):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=str(p))
 
 
+@pytest.mark.slow
 def test_save_restore_round_trip(tiny_llada, tmp_path):
     params, cfg, tok = tiny_llada
     out = str(tmp_path / "ck")

@@ -1,4 +1,4 @@
-"""evaluate(): end to end on a tiny random model; compare/write_report; the CLI with a fake loader."""
+"""evaluate(): end to end on a tiny random model; compare/write_report (the CLI: test_cli.py)."""
 import json
 
 import jax
@@ -6,30 +6,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tofu_tokenizer
 from scipy import stats
 
-from timerome_jax import cli
 from timerome_jax.tofu import evaluate as E
-from timerome_jax.tofu.reference import retain_tr_cache_path
 from timerome_jax.tofu.report import compare, write_report
-from timerome_jax.tofu.truth_ratios import load_retain_tr
 from timerome_jax.diffusion import likelihood
 from timerome_jax.tofu import metrics as M
 from timerome_jax.tofu import data as tofu
-from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene
-from timerome_jax.backbone.model import init_params
 from timerome_jax.diffusion.sampler import SamplerConfig
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    tok = tofu_tokenizer()
-    cfg = ModelConfig(family="llada", vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                      head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
-                      pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)
-    return init_params(jax.random.PRNGKey(0), cfg), cfg, tok
+def tiny(tiny_tofu_llada):
+    return tiny_tofu_llada
 
 
 SCFG = SamplerConfig(steps=4, block_length=4, temperature=0.0)
@@ -40,30 +30,35 @@ KW = dict(n_mc=2, limit=2, batch_size=8, gen_length=4, sampler=SCFG, progress=Fa
 @pytest.fixture(scope="module")
 def run_all(tiny):
     params, cfg, tok = tiny
-    retain_tr = {"0": {"0": 0.5, "1": 2.0}, "1": [0.7, 0.9]}
+    # limit 2 reads rows 10 and 30 of forget01 (spread over the set): a dict per row, or a list by row
+    retain_tr = {"0": {"10": 0.5, "30": 2.0}, "1": [0.7 if i == 10 else 0.9 if i == 30 else 5.0 for i in range(40)]}
     res = E.evaluate(params, cfg, tok, "forget01", metrics=("all",), seeds=(0, 1), retain_tr=retain_tr, **KW)
     return res, retain_tr
 
 
+@pytest.mark.slow
 def test_structure_and_metric_identities(tiny, run_all):
     res, retain_tr = run_all
     assert set(res["metrics"]) == set(E.ALL_METRICS)
     assert all(len(v) == 2 for v in res["metrics"].values())
     per = res["per_seed"]["0"]
-    assert res["n_rows"] == {"forget": 2, "retain": 2, "ra": 2, "wf": 2}
-    for m in ("forget_lp", "forget_tr", "retain_prob", "ra_prob", "wf_rouge"):
-        assert set(per[m]["value_by_index"]) == {"0", "1"}
+    assert res["n_rows"] == {"forget": 2, "retain": 2, "ra": 2, "wf": 2} and res["row_selection"] == "spread"
+    # 2 rows spread over each set: floor((i + 1/2) * n / 2)
+    want = {"forget_lp": {"10", "30"}, "forget_tr": {"10", "30"}, "retain_prob": {"100", "300"},
+            "ra_prob": {"25", "75"}, "wf_rouge": {"29", "87"}}
+    for m, keys in want.items():
+        assert set(per[m]["value_by_index"]) == keys
     lls = [v["ll"] for v in per["forget_lp"]["value_by_index"].values()]
     assert per["forget_lp"]["agg_value"] == pytest.approx(np.mean(lls))
     assert all(v < 0 for v in lls)
     ns = [v["n_tokens"] for v in per["forget_lp"]["value_by_index"].values()]
     tok = tiny[2]
     rows = tofu.load_split("forget01_perturbed")
-    assert ns == [len(tok.encode(r["answer"])) + 1 for r in rows[:2]]  # EOS counted
+    assert ns == [len(tok.encode(rows[i]["answer"])) + 1 for i in (10, 30)]  # EOS counted
     # prob = mean exp(ll / n); TR from the stored log-probs; MU = hmean of the nine
     assert per["forget_prob"]["agg_value"] == pytest.approx(np.mean(np.exp(np.array(lls) / np.array(ns))))
     trs = [v["score"] for v in per["forget_tr"]["value_by_index"].values()]
-    v0 = per["forget_tr"]["value_by_index"]["0"]
+    v0 = per["forget_tr"]["value_by_index"]["10"]
     assert trs[0] == pytest.approx(np.exp(np.mean(v0["avg_ll_perturbed"]) - v0["avg_ll_ref"]))
     assert len(v0["avg_ll_perturbed"]) == 5
     assert per["forget_tr"]["agg_value"] == pytest.approx(np.mean(np.minimum(trs, 1 / np.array(trs))))
@@ -75,6 +70,12 @@ def test_structure_and_metric_identities(tiny, run_all):
     assert per["forget_quality"]["agg_value"] == pytest.approx(stats.ks_2samp(trs, [0.5, 2.0]).pvalue)
     trs1 = [v["score"] for v in res["per_seed"]["1"]["forget_tr"]["value_by_index"].values()]
     assert res["metrics"]["forget_quality"][1] == pytest.approx(stats.ks_2samp(trs1, [0.7, 0.9]).pvalue)
+    # pooled FQ: one KS test on the per-row geometric mean of TR over seeds, for both models
+    gm = np.sqrt(np.array(trs) * np.array(trs1))
+    gm_ref = np.sqrt(np.array([0.5, 2.0]) * np.array([0.7, 0.9]))
+    pooled = res["forget_quality_pooled"]
+    assert pooled["agg_value"] == pytest.approx(stats.ks_2samp(gm, gm_ref).pvalue)
+    assert pooled["n_rows"] == 2 and pooled["retain_tr_seeds"] == [0, 1]
     # the two seeds use different masks; greedy generations are shared
     assert res["metrics"]["forget_lp"][0] != res["metrics"]["forget_lp"][1]
     assert set(res["generations"]) == {"shared"}
@@ -82,18 +83,20 @@ def test_structure_and_metric_identities(tiny, run_all):
     json.dumps(res)  # serialisable
 
 
+@pytest.mark.slow
 def test_item_score_equals_a_direct_elbo_call(tiny, run_all):
     params, cfg, tok = tiny
     res, _ = run_all
-    r = tofu.load_split("forget01_perturbed")[1]
+    r = tofu.load_split("forget01_perturbed")[30]
     toks, am, pm = likelihood.make_qa_batch([tok.encode(tofu.format_prompt(r["question"]))],
                                             [tok.encode(r["answer"]) + [tok.eos_id]], cfg)
-    eid = (1 * 100_000 + 3961) * 8 + 0  # question 3961 of full.json, variant 0 (the answer)
+    eid = (1 * 100_000 + 3990) * 8 + 0  # question 3990 of full.json, variant 0 (the answer)
     ll = likelihood.elbo(params, cfg, toks, am, pm, jax.random.PRNGKey(0), n_mc=2, example_ids=np.array([eid]))
-    got = res["per_seed"]["0"]["forget_lp"]["value_by_index"]["1"]["ll"]
+    got = res["per_seed"]["0"]["forget_lp"]["value_by_index"]["30"]["ll"]
     assert got == pytest.approx(float(ll[0]), rel=1e-5, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_determinism_batching_and_zero_intervention(tiny):
     params, cfg, tok = tiny
     kw = dict(KW, metrics=("forget_lp", "forget_tr", "forget_rouge"), seeds=(3,))
@@ -113,6 +116,7 @@ def test_determinism_batching_and_zero_intervention(tiny):
     assert e["metrics"]["forget_lp"] != a["metrics"]["forget_lp"]
 
 
+@pytest.mark.slow
 def test_metric_names_and_errors(tiny):
     assert E.expand_metrics(["table1"]) == ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_quality")
     assert E.expand_metrics(["prob", "forget_prob"]) == ("forget_prob", "retain_prob", "ra_prob", "wf_prob")
@@ -151,38 +155,3 @@ def test_compare_and_report(tmp_path):
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(ValueError, match="reference method 'no_edit'"):
         compare({"a": no_edit})
-
-
-def test_cli_with_retain_cache(tiny, tmp_path, capsys):
-    params, cfg, tok = tiny
-    retain_params = init_params(jax.random.PRNGKey(1), cfg)
-    target_dir, retain_dir = tmp_path / "target", tmp_path / "retain"
-    target_dir.mkdir()
-    retain_dir.mkdir()
-    calls = []
-
-    def loader(path):
-        calls.append(str(path))
-        return (retain_params if str(path) == str(retain_dir) else params), cfg, tok
-
-    out = tmp_path / "results"
-    argv = ["--split", "forget01", "--model", str(target_dir), "--retain-model", str(retain_dir),
-            "--metrics", "forget_lp", "forget_quality", "--n-mc", "2", "--seeds", "0", "--limit", "3",
-            "--out", str(out), "--no-progress", "--gen-length", "4", "--length-bucket", "192",
-            "--batch-size", "8"]
-    args = cli.build_eval_parser().parse_args(argv)
-    res = cli.run_eval(args, loader=loader)
-    assert calls == [str(retain_dir), str(target_dir)]
-    cache = retain_tr_cache_path(out, "forget01", 2)
-    retain = load_retain_tr(cache)
-    assert set(retain) == {"0"} and set(retain["0"]) == {"0", "1", "2"}
-    mine = [v["score"] for v in res["per_seed"]["0"]["forget_tr"]["value_by_index"].values()]
-    assert res["metrics"]["forget_quality"][0] == pytest.approx(M.forget_quality(mine, list(retain["0"].values())))
-    saved = json.loads((out / "eval_forget01.json").read_text())
-    assert saved["metrics"] == res["metrics"]
-    assert (out / "eval_forget01_summary.md").is_file()
-    assert "forget_quality" in capsys.readouterr().out
-    # second run: the retain TRs come from the cache, the retain model is not loaded again
-    calls.clear()
-    cli.run_eval(args, loader=loader)
-    assert calls == [str(target_dir)]

@@ -23,10 +23,11 @@ from conftest import (diffullama_config_dict, dream_config_dict, llada_config_di
                       moe_config_dict, torch_logits)
 from safetensors.torch import load_file, save_file
 
-from timerome_jax.backbone import hf
+from timerome_jax.backbone import hf_config, hf_weights
 from timerome_jax.backbone import model
 from timerome_jax.backbone.config import llada_8b
-from timerome_jax.backbone.hf import CheckpointError, HFConfigError
+from timerome_jax.backbone.hf_config import HFConfigError
+from timerome_jax.backbone.hf_weights import CheckpointError
 from timerome_jax.backbone.tokenizer import TokenizerError
 from timerome_jax.torch_ref import llada as tref
 
@@ -52,7 +53,7 @@ def loaded(tiny_torch):
     """name -> (params, cfg, tok, torch_model) for every tiny folder."""
     out = {}
     for name, (m, path) in tiny_torch.items():
-        params, cfg, tok = hf.load_pretrained(path)
+        params, cfg, tok = hf_weights.load_pretrained(path)
         out[name] = (params, cfg, tok, m)
     return out
 
@@ -100,7 +101,7 @@ def test_families_and_configs(loaded):
     assert loaded["diffullama"][2] is None and loaded["llada"][2].mask_id == 1
 
 
-@pytest.mark.parametrize("T", [7, 512])
+@pytest.mark.parametrize("T", [7, pytest.param(512, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", NAMES)
 def test_parity_unpadded(loaded, name, T):
     params, cfg, _, m = loaded[name]
@@ -111,6 +112,7 @@ def test_parity_unpadded(loaded, name, T):
     assert rel_err(got, ref) <= TOL, rel_err(got, ref)
 
 
+@pytest.mark.slow
 def test_parity_is_sensitive(loaded):
     """The parity check fails loudly for the classic conversion bugs (so it can fail)."""
     params, cfg, _, m = loaded["llada"]
@@ -131,6 +133,7 @@ def test_parity_is_sensitive(loaded):
     assert rel_err(ours(dict(params, layers=bad), ids, cfg), ref) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_attention_is_bidirectional(loaded, name):
     """Changing the last token changes position 1's logits, in torch (so the causal mask is really
@@ -150,6 +153,7 @@ def test_attention_is_bidirectional(loaded, name):
         assert torch.equal(ca[0, :-1], cb[0, :-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", NAMES)
 def test_padded_rows_equal_unpadded(loaded, name, side):
@@ -171,7 +175,7 @@ def test_padded_rows_equal_unpadded(loaded, name, side):
         g, rp = got[r, sl], ref_pad[r, sl]
         if cfg.logits_shift and side == "left" and n < T:
             # the first real token's shifted logit comes from a pad position; it predicts position
-            # 0 of the prompt, which these families never mask (backbones.md §8)
+            # 0 of the prompt, which these families never mask (docs/backbones.md §8 Implications for a Flax port)
             g, rp, alone = g[1:], rp[1:], alone[1:]
         assert rel_err(g, alone) <= TOL
         assert rel_err(g, rp) <= TOL
@@ -201,7 +205,7 @@ def test_sharded_with_and_without_index(loaded, tiny_torch, tmp_path, name):
     tref.save_hf_folder(m, d, no_index, n_shards=3)
     os.remove(os.path.join(no_index, "model.safetensors.index.json"))
     for p in (with_index, no_index):
-        params, cfg, _ = hf.load_pretrained(p)
+        params, cfg, _ = hf_weights.load_pretrained(p)
         _trees_equal(params, loaded[name][0])
 
 
@@ -209,11 +213,11 @@ def test_bf16_checkpoint(tiny_torch, tmp_path):
     m, _ = tiny_torch["llada"]
     p = str(tmp_path / "bf16")
     tref.save_hf_folder(m, m.config_dict, p, dtype=torch.bfloat16)
-    params, cfg, _ = hf.load_pretrained(p)
+    params, cfg, _ = hf_weights.load_pretrained(p)
     assert cfg.dtype == "bfloat16" and params["embed"].dtype == jnp.bfloat16
     want = m.model.transformer.blocks[1].q_proj.weight.detach().bfloat16().float().numpy().T
     np.testing.assert_array_equal(np.asarray(params["layers"]["wq"][1], np.float32), want)
-    p32, c32, _ = hf.load_pretrained(p, dtype="float32")
+    p32, c32, _ = hf_weights.load_pretrained(p, dtype="float32")
     assert c32.dtype == "float32" and p32["embed"].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(p32["layers"]["wq"][1]), want)
 
@@ -227,13 +231,13 @@ def test_load_never_holds_a_second_full_copy(tmp_path):
     p = str(tmp_path / "mem")
     tref.save_hf_folder(m, d, p, n_shards=3)
     total = sum(x.numel() * 4 for x in m.parameters())
-    hf.load_pretrained(p)  # warm imports/caches
+    hf_weights.load_pretrained(p)  # warm imports/caches
     gc.collect()  # garbage left by earlier tests would otherwise be freed/reallocated inside the window
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
@@ -247,15 +251,15 @@ def test_load_never_holds_a_second_full_copy(tmp_path):
 # ------------------------------------------------------------------------------------------------
 def test_missing_folder_or_config(tmp_path, tiny_llada_dir):
     with pytest.raises(HFConfigError, match="does not exist"):
-        hf.load_pretrained(str(tmp_path / "nope"))
+        hf_weights.load_pretrained(str(tmp_path / "nope"))
     p = _copy(tiny_llada_dir, tmp_path)
     os.remove(os.path.join(p, "config.json"))
     with pytest.raises(HFConfigError, match="no config.json"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
     with open(os.path.join(p, "config.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(HFConfigError, match="not valid JSON"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 def test_truncated_and_corrupt_safetensors(tmp_path, tiny_llada_dir):
@@ -264,35 +268,35 @@ def test_truncated_and_corrupt_safetensors(tmp_path, tiny_llada_dir):
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated or corrupt)"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
     p = _copy(tiny_llada_dir, tmp_path, "garbage")
     open(os.path.join(p, "model.safetensors"), "wb").write(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!" + data[16:200])
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 def test_no_safetensors(tmp_path, tiny_llada_dir):
     p = _copy(tiny_llada_dir, tmp_path)
     os.rename(os.path.join(p, "model.safetensors"), os.path.join(p, "pytorch_model.bin"))
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors.*\.bin"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 def test_tokenizer_mask_disagrees(tmp_path, tiny_llada_dir):
     p = _copy(tiny_llada_dir, tmp_path)
     _edit_config(p, mask_token_id=7)
     with pytest.raises(TokenizerError, match=r"<\|mdm_mask\|>.*id 1.*mask_token_id=7"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 def test_unsupported_architecture(tmp_path, tiny_llada_dir):
     p = _copy(tiny_llada_dir, tmp_path)
     _edit_config(p, architectures=["GPT2LMHeadModel"])
     with pytest.raises(HFConfigError, match="GPT2LMHeadModel"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
     _edit_config(p, architectures=_DEL)
     with pytest.raises(HFConfigError, match="architectures"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 def _rewrite(path, fn):
@@ -306,33 +310,33 @@ def test_missing_unexpected_duplicated_misshaped_keys(tmp_path, tiny_llada_dir):
     p = _copy(tiny_llada_dir, tmp_path, "missing")
     _rewrite(p, lambda sd: {k: v for k, v in sd.items() if k != key})
     with pytest.raises(CheckpointError, match=r"missing: 'model\.transformer\.blocks\.1\.up_proj\.weight'"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
     p = _copy(tiny_llada_dir, tmp_path, "unexpected")
     _rewrite(p, lambda sd: {**sd, "model.transformer.blocks.0.q_norm.weight": torch.ones(64)})
     with pytest.raises(CheckpointError, match=r"unexpected.*model\.safetensors.*blocks\.0\.q_norm\.weight"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
     p = _copy(tiny_llada_dir, tmp_path, "dup")
     sd = load_file(os.path.join(p, "model.safetensors"))
     save_file({key: sd[key]}, os.path.join(p, "extra.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"up_proj\.weight' appears twice: in extra\.safetensors and in model\.safetensors"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
     p = _copy(tiny_llada_dir, tmp_path, "shape")
     _rewrite(p, lambda sd: {**sd, key: sd[key][:96]})
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.transformer\.blocks\.1\.up_proj\.weight' has shape \[96, 64\], expected \[128, 64\]"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
     p = _copy(tiny_llada_dir, tmp_path, "cfgshape")  # config disagrees with every up_proj
     _edit_config(p, mlp_hidden_size=96)
     with pytest.raises(CheckpointError, match=r"has shape \[128, 64\], expected \[96, 64\]"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
     p = _copy(tiny_llada_dir, tmp_path, "f64")
     _rewrite(p, lambda sd: {**sd, key: sd[key].double()})
     with pytest.raises(CheckpointError, match=r"up_proj\.weight' has dtype F64"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 def test_bad_index(tmp_path, tiny_torch):
@@ -345,7 +349,7 @@ def test_bad_index(tmp_path, tiny_torch):
     j["weight_map"][first] = "model-00009-of-00009.safetensors"
     json.dump(j, open(idx, "w"))
     with pytest.raises(CheckpointError, match=r"to .model-00009-of-00009\.safetensors., which does not exist"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,14 +359,14 @@ def test_llada_8b_config_parses_to_llada_8b():
     d = llada_config_dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288,
                           vocab_size=126464, embedding_size=126464, max_sequence_length=4096,
                           mask_token_id=126336, eos_token_id=126081, pad_token_id=126081)
-    assert hf.config_from_hf(d) == llada_8b()
+    assert hf_config.config_from_hf(d) == llada_8b()
     # writing it back gives the same field values as the real config.json (bookkeeping aside)
-    back = hf.hf_config_dict(llada_8b(), "bfloat16")
+    back = hf_config.hf_config_dict(llada_8b(), "bfloat16")
     skip = {"auto_map", "transformers_version"}
     assert {k: v for k, v in back.items() if k not in skip} == {k: v for k, v in d.items() if k not in skip}
-    assert hf.config_from_hf(back) == llada_8b()
+    assert hf_config.config_from_hf(back) == llada_8b()
     # the 8B key map covers every leaf exactly once
-    kmap = hf.key_map(llada_8b())
+    kmap = hf_weights.key_map(llada_8b())
     assert len(kmap) == 2 + 1 + 32 * 9
     assert kmap["model.transformer.blocks.31.ff_out.weight"] == (("layers", "w_down"), (31,), True)
     assert kmap["model.transformer.ff_out.weight"] == (("lm_head",), (), True)
@@ -370,40 +374,40 @@ def test_llada_8b_config_parses_to_llada_8b():
 
 def test_config_whitelist_errors():
     with pytest.raises(HFConfigError, match="'use_scheduler_head'=True"):
-        hf.config_from_hf(llada_config_dict(use_scheduler_head=True))
-    hf.config_from_hf(llada_config_dict(use_scheduler_head=False))  # unknown but disabled: fine
-    hf.config_from_hf(llada_config_dict(residual_dropout=0.1, init_std=0.5, use_cache=True))  # irrelevant
+        hf_config.config_from_hf(llada_config_dict(use_scheduler_head=True))
+    hf_config.config_from_hf(llada_config_dict(use_scheduler_head=False))  # unknown but disabled: fine
+    hf_config.config_from_hf(llada_config_dict(residual_dropout=0.1, init_std=0.5, use_cache=True))  # irrelevant
     with pytest.raises(HFConfigError, match="'block_type'='sequential'"):
-        hf.config_from_hf(llada_config_dict(block_type="sequential"))
+        hf_config.config_from_hf(llada_config_dict(block_type="sequential"))
     with pytest.raises(HFConfigError, match="'attention_layer_norm'=True"):
-        hf.config_from_hf(llada_config_dict(attention_layer_norm=True))
+        hf_config.config_from_hf(llada_config_dict(attention_layer_norm=True))
     with pytest.raises(HFConfigError, match="'rope'"):
-        hf.config_from_hf({k: v for k, v in llada_config_dict().items() if k != "rope"})
+        hf_config.config_from_hf({k: v for k, v in llada_config_dict().items() if k != "rope"})
     with pytest.raises(HFConfigError, match="'d_model'"):
-        hf.config_from_hf({k: v for k, v in llada_config_dict().items() if k != "d_model"})
+        hf_config.config_from_hf({k: v for k, v in llada_config_dict().items() if k != "d_model"})
     with pytest.raises(HFConfigError, match="'moe_layer_freq'"):
-        hf.config_from_hf(moe_config_dict(moe_layer_freq=[0, 1]))
+        hf_config.config_from_hf(moe_config_dict(moe_layer_freq=[0, 1]))
     with pytest.raises(HFConfigError, match="'clip_qkv'=8"):
-        hf.config_from_hf(moe_config_dict(clip_qkv=8))
+        hf_config.config_from_hf(moe_config_dict(clip_qkv=8))
     with pytest.raises(HFConfigError, match="'moe_router_enable_expert_bias'=True"):
-        hf.config_from_hf(moe_config_dict(moe_router_enable_expert_bias=True))
+        hf_config.config_from_hf(moe_config_dict(moe_router_enable_expert_bias=True))
     with pytest.raises(HFConfigError, match="'use_sliding_window'=True"):
-        hf.config_from_hf(dream_config_dict(use_sliding_window=True))
+        hf_config.config_from_hf(dream_config_dict(use_sliding_window=True))
     with pytest.raises(HFConfigError, match="'rope_scaling'"):
-        hf.config_from_hf(diffullama_config_dict(rope_scaling={"type": "linear", "factor": 2.0}))
+        hf_config.config_from_hf(diffullama_config_dict(rope_scaling={"type": "linear", "factor": 2.0}))
     with pytest.raises(HFConfigError, match="'attention_bias'=True"):
-        hf.config_from_hf(diffullama_config_dict(attention_bias=True))
+        hf_config.config_from_hf(diffullama_config_dict(attention_bias=True))
 
 
 def test_dispatch_on_architectures_not_model_type():
     # LLaDA-MoE ships model_type "llada"; even with LLaDA's architecture name the MoE fields decide
-    c = hf.config_from_hf(moe_config_dict(architectures=["LLaDAModelLM"], model_type="llada"))
+    c = hf_config.config_from_hf(moe_config_dict(architectures=["LLaDAModelLM"], model_type="llada"))
     assert c.family == "llada_moe"
-    c = hf.config_from_hf(llada_config_dict(architectures=["MMadaModelLM"], model_type="mmada",
+    c = hf_config.config_from_hf(llada_config_dict(architectures=["MMadaModelLM"], model_type="mmada",
                                             vocab_size=400, embedding_size=400, llm_vocab_size=320,
                                             codebook_size=80, num_vq_tokens=16, new_vocab_size=400))
     assert (c.family, c.vocab_size, c.logits_shift) == ("mmada", 400, False)
-    assert hf.config_from_hf(dream_config_dict(model_type="qwen2")).family == "dream"
+    assert hf_config.config_from_hf(dream_config_dict(model_type="qwen2")).family == "dream"
 
 
 def test_transformers5_llama_config_parses():
@@ -412,14 +416,14 @@ def test_transformers5_llama_config_parses():
     d = LlamaConfig(vocab_size=832, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=4, rope_theta=1e4).to_dict()
     d["architectures"] = ["LlamaForCausalLM"]
-    c = hf.config_from_hf(d)
+    c = hf_config.config_from_hf(d)
     assert (c.family, c.rope_theta, c.head_dim, c.logits_shift, c.mask_token_id) == ("diffullama", 1e4, 16, True, 811)
 
 
 def test_diffullama_mask_from_tokenizer(tmp_path, tiny_diffullama_dir):
     p = _copy(tiny_diffullama_dir, tmp_path)
     make_tiny_tokenizer(p, mask_token="[MASK]")
-    params, cfg, tok = hf.load_pretrained(p)
+    params, cfg, tok = hf_weights.load_pretrained(p)
     assert cfg.mask_token_id == tok.mask_id == tok.token_to_id("[MASK]") != 811
 
 
@@ -427,7 +431,7 @@ def test_tokenizer_larger_than_vocab(tmp_path, tiny_llada_dir):
     p = _copy(tiny_llada_dir, tmp_path)
     _edit_config(p, vocab_size=256, embedding_size=256)
     with pytest.raises(TokenizerError, match="300 tokens.*only 256"):
-        hf.load_pretrained(p)
+        hf_weights.load_pretrained(p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,8 +441,8 @@ def test_tokenizer_larger_than_vocab(tmp_path, tiny_llada_dir):
 def test_save_load_round_trip(loaded, tmp_path, name):
     params, cfg, tok, _ = loaded[name]
     out = str(tmp_path / "saved")
-    hf.save_pretrained(params, cfg, out, tokenizer=tok)
-    p2, c2, t2 = hf.load_pretrained(out)
+    hf_weights.save_pretrained(params, cfg, out, tokenizer=tok)
+    p2, c2, t2 = hf_weights.load_pretrained(out)
     _trees_equal(p2, params)
     assert c2 == cfg
     assert (t2 is None) == (tok is None)
@@ -452,7 +456,7 @@ def test_save_llada_layout_and_overwrite(tiny_llada, tmp_path):
     out = str(tmp_path / "m")
     os.makedirs(out)
     open(os.path.join(out, "stale.txt"), "w").write("old")
-    hf.save_pretrained(params, cfg, out, tokenizer=tok, dtype="bfloat16")
+    hf_weights.save_pretrained(params, cfg, out, tokenizer=tok, dtype="bfloat16")
     assert not os.path.exists(os.path.join(out, "stale.txt"))  # replaced as a whole
     d = json.load(open(os.path.join(out, "config.json")))
     assert d["architectures"] == ["LLaDAModelLM"] and d["model_type"] == "llada"
@@ -463,10 +467,10 @@ def test_save_llada_layout_and_overwrite(tiny_llada, tmp_path):
     assert set(os.listdir(out)) >= {"config.json", "model.safetensors", "tokenizer.json"}
     sd = load_file(os.path.join(out, "model.safetensors"))  # readable by safetensors itself
     assert sd["model.transformer.blocks.0.ff_proj.weight"].dtype == torch.bfloat16
-    assert set(sd) == set(hf.key_map(cfg))
+    assert set(sd) == set(hf_weights.key_map(cfg))
     # and the torch reference built from the saved folder reproduces our logits
     m = tref.load_hf_folder(out).float()
-    p2, c2, _ = hf.load_pretrained(out)
+    p2, c2, _ = hf_weights.load_pretrained(out)
     ids = _ids(c2, (1, 32), seed=5)
     assert rel_err(ours(p2, ids, c2.replace(dtype="float32")), torch_logits("llada", m, ids)) <= TOL
 
@@ -474,13 +478,14 @@ def test_save_llada_layout_and_overwrite(tiny_llada, tmp_path):
 def test_save_rejects_mismatched_params(tiny_llada, tmp_path):
     params, cfg, _ = tiny_llada
     with pytest.raises(CheckpointError, match=r"layers/w_gate has shape \(2, 64, 128\), config expects \(2, 64, 256\)"):
-        hf.save_pretrained(params, cfg.replace(d_ff=256), str(tmp_path / "x"))
+        hf_weights.save_pretrained(params, cfg.replace(d_ff=256), str(tmp_path / "x"))
     assert os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------
 # torch_ref hook points = our activation semantics
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llada", "moe"])
 def test_torch_hook_points_match_our_acts(loaded, name):
     """Forward hooks on the documented torch_ref modules (LLaDA: attn_out / ff_out / block; LLaDA-MoE:

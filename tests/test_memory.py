@@ -66,6 +66,7 @@ def delta_np(mem, h):
 # memory algebra
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @HYP
 @given(n=st.integers(1, 6), d=st.integers(2, 10), extra=st.integers(0, 3),
        lam=st.floats(0.05, 20.0), seed=st.integers(0, 2**31 - 1))
@@ -87,6 +88,7 @@ def test_kernel_form_equals_primal_ridge(n, d, extra, lam, seed):
     assert np.all(G[:n, n:] == 0) and np.all(G[n:, :n] == 0)
 
 
+@pytest.mark.slow
 @HYP
 @given(n=st.integers(1, 6), extra=st.integers(0, 3), q_big=st.integers(0, 5),
        seed=st.integers(0, 2**31 - 1))
@@ -100,6 +102,7 @@ def test_topq_zero_and_large_equal_dense(n, extra, q_big, seed):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 @HYP
 @given(n=st.integers(2, 8), q=st.integers(1, 7), seed=st.integers(0, 2**31 - 1))
 def test_topq_keeps_exactly_q_largest(n, q, seed):
@@ -130,6 +133,7 @@ def test_top_q_tie_rule():
     np.testing.assert_array_equal(M.top_q(c, 99), c)
 
 
+@pytest.mark.slow
 @HYP
 @given(n=st.integers(1, 5), extra=st.integers(0, 2), seed=st.integers(0, 2**31 - 1))
 def test_insert_then_remove_restores_previous(n, extra, seed):
@@ -178,6 +182,7 @@ def test_streaming_inserts_equal_build():
     np.testing.assert_array_equal(np.asarray(mem3.G), np.asarray(ref.G))
 
 
+@pytest.mark.slow
 @HYP
 @given(n=st.integers(1, 4), scale=st.floats(0.01, 100.0), g_max=st.floats(0.1, 3.0),
        seed=st.integers(0, 2**31 - 1))
@@ -223,6 +228,7 @@ def test_build_and_edit_errors():
 # the edit inside the forward
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", MODULES)
 def test_empty_memory_is_bit_exact(params, module):
     rng = np.random.default_rng(0)
@@ -239,6 +245,7 @@ def test_empty_memory_is_bit_exact(params, module):
     assert not np.allclose(np.asarray(fwd(params, tok, Intervene(edit=live))), base, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_edit_fires_only_at_its_coordinate(params):
     rng = np.random.default_rng(2)
     tok = jnp.asarray(rng.integers(2, 96, (1, 7)))
@@ -254,6 +261,7 @@ def test_edit_fires_only_at_its_coordinate(params):
                            atol=1e-3)
 
 
+@pytest.mark.slow
 def test_memories_of_one_capacity_and_layer_compile_once(params):
     """Facts, alpha, q, lam and step are data; the layer (like the module) is structure."""
     rng = np.random.default_rng(3)
@@ -334,6 +342,7 @@ def _mean(acts, valid):
     return (np.asarray(acts) * w).sum(1) / w.sum(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer,module", [(0, "mlp"), (1, "resid")])
 def test_capture_equals_full_run_read(params, layer, module):
     b = cloze_batch()
@@ -426,6 +435,7 @@ def test_load_errors(tmp_path, params):
     assert sorted(os.listdir(tmp_path)) == ["bad.npz", "mem.npz", "other.npz", "trunc.npz", "v99.npz"]
 
 
+@pytest.mark.slow
 def test_model_fingerprint(params):
     fp = M.model_fingerprint(params, CFG)
     assert fp == M.model_fingerprint(params, CFG)
@@ -442,17 +452,17 @@ def test_model_fingerprint(params):
 # --------------------------------------------------------------------------------------------
 
 # The torch side is the team's reference models (timerome_jax.torch_ref.llada, transformers
-# Llama/Qwen2) from the conftest fixtures; the JAX side loads the same folders via hf.load_pretrained.
+# Llama/Qwen2) from the conftest fixtures; the JAX side loads the same folders via hf_weights.load_pretrained.
 
 @pytest.fixture(scope="module")
 def pair(tiny_torch):
     """name -> (torch model, jax params, cfg) for the LLaDA, LLaDA-MoE and Dream layouts."""
-    from timerome_jax.backbone import hf
+    from timerome_jax.backbone import hf_weights
 
     out = {}
     for name in ("llada", "moe", "dream"):
         tm, path = tiny_torch[name]
-        p, cfg, _ = hf.load_pretrained(path, dtype="float32")
+        p, cfg, _ = hf_weights.load_pretrained(path, dtype="float32")
         out[name] = (tm, p, cfg)
     return out
 
@@ -479,6 +489,7 @@ EDIT_CASES = [("llada", "resid"), ("llada", "attn"), ("llada", "mlp"), ("moe", "
               ("dream", "attn")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,module", EDIT_CASES)
 def test_edit_hook_matches_jax(pair, name, module):
     tm, p, cfg = pair[name]
@@ -500,6 +511,7 @@ def test_edit_hook_matches_jax(pair, name, module):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_step_gated_edit_and_patch_hook_match_jax(pair):
     tm, p, cfg = pair["llada"]
     d = cfg.d_model
@@ -528,6 +540,7 @@ def test_step_gated_edit_and_patch_hook_match_jax(pair):
     np.testing.assert_allclose(_torch_logits("llada", tm, ph, step=4), base, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer,module", [(0, "resid"), (1, "attn"), (1, "mlp")])
 def test_capture_torch_matches_jax(pair, layer, module):
     tm, p, cfg = pair["llada"]

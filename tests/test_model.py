@@ -50,7 +50,13 @@ def _read_pos():
 
 
 def unrolled(params, tokens, cfg, pad_mask=None, read_pos=None):
-    """The same forward as `model.run`, written as a plain Python loop over layers (no scan)."""
+    """The same forward as `model.run`, written as a plain Python loop over layers (no scan).
+
+    It calls the library's own `embed`, `rope_tables`, `attn_block`, `mlp_block` and `head`, so it
+    checks the layer loop (scan, stacked-weight indexing, residual adds, activation reads), not what a
+    block computes. The block math is checked independently against the HF/PyTorch models in
+    test_hf.py (`test_parity_*`) and, for LLaDA, against a NumPy forward in
+    test_trace.py::test_tie_by_hand_numpy."""
     x = model.embed(params, tokens, cfg)
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = model.rope_tables(pos, cfg.rot_dim, cfg.rope_theta)
@@ -68,6 +74,7 @@ def unrolled(params, tokens, cfg, pad_mask=None, read_pos=None):
     return model.head(params, x, cfg), {k: jnp.stack(v) for k, v in acts.items()} if read_pos is not None else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llada", "moe", "dream"])
 def test_scan_equals_unrolled_loop(models, name):
     params, cfg = models[name]
@@ -84,6 +91,7 @@ def test_scan_equals_unrolled_loop(models, name):
     assert np.abs(np.asarray(out.logits)).max() > 0.1  # not a degenerate all-zero comparison
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unroll", [2, 99])
 def test_layer_unroll_changes_no_number(models, unroll):
     """cfg.layer_unroll (partly / fully unrolled layer loop) is a speed knob: same logits and reads,
@@ -108,6 +116,7 @@ def test_layer_unroll_changes_no_number(models, unroll):
     assert np.abs(np.asarray(ref.logits - plain)).max() > 1e-3  # the edit really acted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llada", "dream"])
 def test_zero_noise_is_identity(models, name):
     params, cfg = models[name]
@@ -125,6 +134,7 @@ def _patch(layer, module, value, step=0, pos=None):
                  pos=_read_pos() if pos is None else pos, valid=jnp.ones((B, S), bool), value=value)
 
 
+@pytest.mark.slow
 def test_patches_compile_once_and_batch(models):
     params, cfg = models["llada"]
     tok = _tokens(cfg, 2)
@@ -156,6 +166,7 @@ def test_patches_compile_once_and_batch(models):
     assert np.abs(np.asarray(loop[0] - loop[1])).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [0, 1, 2])
 def test_patch_with_own_clean_value_is_noop(models, module):
     params, cfg = models["moe"]
@@ -177,6 +188,7 @@ def test_patch_with_own_clean_value_is_noop(models, module):
     assert np.abs(np.asarray(patched(1, other, 0) - clean.logits)).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [0, 1, 2])
 def test_stop_layer_acts_equal_full_run(models, stop):
     params, cfg = models["moe"]
@@ -190,6 +202,7 @@ def test_stop_layer_acts_equal_full_run(models, stop):
         np.testing.assert_allclose(part.acts[k], full.acts[k][: stop + 1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_read_pos_semantics(models):
     """resid = block output, attn/mlp = sub-layer outputs before the residual add, gathered per row."""
     params, cfg = models["llada"]

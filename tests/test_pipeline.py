@@ -1,11 +1,10 @@
-"""The main job end to end on a tiny model: trace -> select -> install -> evaluate, files written,
-and the CLI's bad-input errors."""
+"""The main job end to end on a tiny model: trace -> select -> install -> evaluate, files written
+(the CLI: test_cli.py)."""
 import json
 
 import numpy as np
 import pytest
 
-from timerome_jax import cli
 from timerome_jax.method import facts as F
 from timerome_jax.method import memory as mem_lib
 from timerome_jax import pipeline as pl
@@ -17,22 +16,7 @@ def tiny(tiny_llada):
     return tiny_llada
 
 
-def test_facts_keys_and_fallback(tiny):
-    params, cfg, tok = tiny
-    facts = F.load_facts(tok, "forget01", tok.eos_id)
-    assert len(facts) == 40
-    by_src = {f.key_source for f in facts}
-    assert by_src == {"subject", "question"}  # 38 name the author, 2 fall back to the question tokens
-    assert sum(f.key_source == "subject" for f in facts) == 38
-    for f in facts:
-        decoded = tok.decode([f.prompt_ids[i] for i in f.key_pos]).strip()
-        want = f.subject if f.key_source == "subject" else f.question
-        assert want.startswith(decoded[:3]) or decoded in want
-        assert f.object_ids[-1] == tok.eos_id
-    with pytest.raises(ValueError, match="empty"):
-        F.make_facts(tok, [], tok.eos_id)
-
-
+@pytest.mark.slow
 def test_demo_end_to_end(tiny, tmp_path):
     params, cfg, tok = tiny
     dcfg = pl.DemoConfig(n_trace=2, trace=tr.TraceConfig(steps=2, n_noise=1, chunk=6), seeds=(0, 1), n_mc=2,
@@ -52,6 +36,7 @@ def test_demo_end_to_end(tiny, tmp_path):
     assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01"
 
 
+@pytest.mark.slow
 def test_install_timings_and_errors(tiny):
     params, cfg, tok = tiny
     facts = F.load_facts(tok, "forget01", tok.eos_id, limit=5)
@@ -68,17 +53,3 @@ def test_install_timings_and_errors(tiny):
     # same memory at another (alpha, q) is data only
     m2 = pl.with_hparams(mem, 2.0, 4)
     assert float(m2.alpha) == 2.0 and int(m2.q) == 4 and m2.U is mem.U
-
-
-def test_cli_edit_rejects_memory_for_other_model(tiny, tiny_llada_dir, tmp_path, capsys):
-    params, cfg, tok = tiny
-    cli.main(["edit", "--model", tiny_llada_dir, "--layer", "1", "--limit", "3", "--out", str(tmp_path),
-              "--no-progress"])
-    info = json.loads(capsys.readouterr().out)
-    assert info["n_facts"] == 3 and info["coordinate"]["layer"] == 1
-    with pytest.raises(mem_lib.ModelMismatchError):
-        mem_lib.load(tmp_path / "memory.npz", expect_fingerprint="llada-000000000000000000000000")
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli.main(["edit", "--model", str(tmp_path / "nope"), "--layer", "1"])
-    with pytest.raises(SystemExit, match="no trace result"):
-        cli.main(["edit", "--model", tiny_llada_dir, "--trace", str(tmp_path / "none.npz")])

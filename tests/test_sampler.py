@@ -233,6 +233,7 @@ STEP_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scfg", STEP_CASES, ids=lambda c: f"{c.remasking}-T{c.temperature}-a{c.alg_temp}-e{int(c.suppress_eos)}")
 def test_commit_matches_numpy(scfg):
     rng = np.random.default_rng(1)
@@ -270,6 +271,7 @@ def test_topk_mask_ties_and_per_row_k():
     np.testing.assert_array_equal(np.asarray(S.topk_mask(conf, cand, jnp.asarray([0, 9]))), [[0] * 5, [1, 0, 1, 1, 1]])
 
 
+@pytest.mark.slow
 def test_temperature_samples_softmax_over_temperature():
     scfg = S.SamplerConfig(steps=1, temperature=0.7)
     N, lg = 6000, np.asarray([1.0, 0.0, -0.5, 2.0, 0.0], np.float32)
@@ -288,6 +290,7 @@ def test_temperature_samples_softmax_over_temperature():
 # --------------------------------------------------------------------------------- full steps
 
 
+@pytest.mark.slow
 def test_denoise_step_is_forward_then_commit(params):
     rng = np.random.default_rng(2)
     x, pad, prm, _ = region_canvas([3, 2], 8, (0, 2), rng)
@@ -308,6 +311,7 @@ def test_denoise_step_is_forward_then_commit(params):
         np.testing.assert_array_equal(np.asarray(x_new), np.asarray(want))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scfg", [
     S.SamplerConfig(steps=6, block_length=4, remasking="low_confidence", temperature=0.5),
     S.SamplerConfig(steps=6, block_length=4, remasking="random"),
@@ -341,6 +345,7 @@ def test_generate_commits_every_position_once(params, scfg):
     np.testing.assert_array_equal((step_of // spb)[gen], np.asarray(sched.block)[gen])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scfg,rows", [
     (S.SamplerConfig(steps=8, block_length=4, remasking="low_confidence"), (0, 1)),
     (S.SamplerConfig(steps=4, remasking="entropy"), (1,)),  # the padded row only (one compile less)
@@ -375,6 +380,7 @@ def test_generate_compiles_once(params, monkeypatch):
     chex.clear_trace_counter()
 
 
+@pytest.mark.slow
 def test_jitted_step_accepts_traced_step_and_intervention(params):
     """One compiled step serves every step; an edit keyed to a step changes only that step."""
     x, pad, prm = S.make_canvas([[5, 6, 7]], 4, CFG)
@@ -431,6 +437,7 @@ def test_generate_text_matches_generate(params):
 # --------------------------------------------------------------------------------- benchmark
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_tiny(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "probes"))
     try:

@@ -101,6 +101,7 @@ def four_devices():
     return json.loads(line[-1][len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_sweep_on_4_devices_equals_one_device(four_devices):
     r = four_devices
     assert r["n_devices"] == 4
@@ -111,6 +112,7 @@ def test_sweep_on_4_devices_equals_one_device(four_devices):
         assert r["trace_nan_pattern_equal"][run], run
 
 
+@pytest.mark.slow
 def test_lanes_are_split_over_the_devices(four_devices):
     r = four_devices
     assert r["lanes"] == 9 and r["padded_lanes"] == 12
@@ -118,11 +120,13 @@ def test_lanes_are_split_over_the_devices(four_devices):
     assert r["runner_vs_run_lanes"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_unpadded_batch_runs_without_mask_and_matches(four_devices):
     m = four_devices["mask_vs_none"]
     assert m["xs_equal"] and m["scores"] <= 1e-5 and m["acts"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_capture_on_4_devices_equals_memory_capture(four_devices):
     r = four_devices
     assert r["capture_scale"] > 1e-2

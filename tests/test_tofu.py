@@ -9,6 +9,7 @@ import pytest
 from conftest import tofu_tokenizer
 
 from timerome_jax.tofu import data as tofu
+from timerome_jax.tofu import subjects
 
 COUNTS = {"full": 4000, "forget01": 40, "forget05": 200, "forget10": 400, "retain99": 3960,
           "retain95": 3800, "retain90": 3600, "holdout01": 40, "holdout05": 200, "holdout10": 400,
@@ -76,7 +77,7 @@ def test_subjects_on_forget01_by_hand():
     assert f1[21]["subject"] == "Nikolai Abilov"
     for r in f1:
         if r["subject"] is not None:
-            s, e = tofu.subject_char_span(r["question"], r["subject"])
+            s, e = subjects.subject_char_span(r["question"], r["subject"])
             assert r["question"][s:e] == r["subject"]
 
 
@@ -103,7 +104,7 @@ def test_subject_coverage_numbers_in_the_docstring():
     assert cover("holdout10")[0] == 394
     assert cover("retain_perturbed")[0] == 385
     for n in ("forget01", "forget05", "forget10", "full"):
-        assert f"{n}:" in tofu.__doc__
+        assert f"{n}:" in subjects.__doc__
     with pytest.warns(UserWarning, match="2 of 40"):
         assert len(tofu.with_subject(tofu.load_split("forget01"))) == 38
 
@@ -115,10 +116,10 @@ def test_prompt_template():
 
 def test_token_span_from_offsets():
     offs = [(0, 0), (0, 8), (8, 9), (9, 14), (14, 20), (20, 21)]
-    assert tofu.token_span(offs, (9, 20)) == (3, 5)
-    assert tofu.token_span(offs, (10, 15)) == (3, 5)  # partial overlaps count
+    assert subjects.token_span(offs, (9, 20)) == (3, 5)
+    assert subjects.token_span(offs, (10, 15)) == (3, 5)  # partial overlaps count
     with pytest.raises(ValueError, match="no token"):
-        tofu.token_span(offs, (30, 31))
+        subjects.token_span(offs, (30, 31))
 
 
 class CharTok:

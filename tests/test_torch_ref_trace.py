@@ -2,16 +2,18 @@
 checkpoint and the same noise draws: equal heatmaps to fp32 tolerance."""
 import jax
 import numpy as np
+import pytest
 import torch
 
-from timerome_jax.backbone import hf
+from timerome_jax.backbone import hf_weights
 from timerome_jax.method import trace as tr
 from timerome_jax.torch_ref.trace import torch_trace
 
 
+@pytest.mark.slow
 def test_jax_tie_equals_torch_hooks(tiny_torch):
     model, path = tiny_torch["llada"]
-    params, cfg, _ = hf.load_pretrained(path)
+    params, cfg, _ = hf_weights.load_pretrained(path)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(2, cfg.vocab_size, 7)), list(rng.integers(2, cfg.vocab_size, 5))]
     objects = [list(rng.integers(2, cfg.vocab_size, 6)), list(rng.integers(2, cfg.vocab_size, 4))]

@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 import uuid
+
+import numpy as np
 from pathlib import Path
 
 
@@ -57,8 +59,6 @@ def write_json(path, obj) -> None:
 
 
 def _default(o):
-    import numpy as np
-
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from timerome_jax.tofu import evaluate as ev
 from timerome_jax.tofu.reference import cached_retain_tr
@@ -35,8 +36,6 @@ DEFAULT_TARGET = mem_lib.DEFAULT_TARGET_TEXT
 
 
 def _bar(total, desc, progress):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not progress, leave=False)
 
 
@@ -141,11 +140,14 @@ class DemoConfig:
 
 
 def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retain_model=None,
-         progress: bool = True) -> dict:
+         progress: bool = True, reference_override: bool = False) -> dict:
     """The main job: trace `n_trace` facts of the forget split, select the coordinate (Eq. 5, resid,
     k* = -1), build the memory for every fact of the split, evaluate no_edit vs each (alpha, q) setting,
     and write heatmap.png, tie.npz, table.{md,json}, memory.npz and demo.json into `out_dir`.
-    retain_model: folder of the retain model for Forget Quality (None: FQ is not computed)."""
+    retain_model: the Forget Quality reference: "auto" = the packaged model trained on the split's
+    retain set (`tofu.models.retain_model_for`; FQ is None if there is none), a folder (checked
+    against the split: a mismatch raises ReferenceMismatchError unless `reference_override`), or
+    None (FQ is not computed). demo.json's "reference" records which one was used."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -163,9 +165,11 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
     mem_lib.save(memory, out / "memory.npz", {"split": dcfg.split, "target_text": dcfg.target_text,
                                               "fact_index": [f.index for f in all_facts]})
     retain_tr = None
+    reference = {"model": None, "reference_override": False, "message": "no reference model given"}
     if "forget_quality" in ev.expand_metrics(dcfg.metrics) and retain_model is not None:
         retain_tr = cached_retain_tr(out, dcfg.split, dcfg.seeds, dcfg.n_mc, retain_model=str(retain_model),
-                                        limit=dcfg.limit, batch_size=dcfg.batch_size, progress=progress)
+                                     limit=dcfg.limit, batch_size=dcfg.batch_size, progress=progress,
+                                     override=reference_override, record=reference)
     methods = {"no_edit": None}
     for name, alpha, q in dcfg.settings:
         methods[f"{name} (a={alpha:g}, q={q})"] = Intervene(edit=with_hparams(memory, alpha, q))
@@ -178,7 +182,8 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
                "traced_facts": [f.index for f in traced], "n_facts": len(all_facts),
                "clean_final_logp": result.clean[:, -1].tolist(),
                "corrupted_final_logp": result.corrupted[:, :, -1].mean(0).tolist(),
-               "max_mean_abs_tie": float(score.max()), "files": {**paths, "table": str(out / "table.md"),
+               "max_mean_abs_tie": float(score.max()), "reference": reference,
+               "reference_override": bool(reference.get("reference_override")), "files": {**paths, "table": str(out / "table.md"),
                                                                   "memory": str(out / "memory.npz")},
                "config": json.loads(json.dumps(dataclasses.asdict(dcfg), default=str))}
     write_json(out / "demo.json", summary)
@@ -193,6 +198,10 @@ def print_rows(rows, metrics=("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forge
         for k in metrics:
             r = next((r for r in rows if r["method"] == m and r["metric"] == k), None)
             if r is None:
+                continue
+            if r["mean"] is None:  # a p-value (forget_quality): pooled over seeds, never a mean
+                pooled = "–" if r.get("pooled") is None else f"{r['pooled']:.3g}"
+                cells.append(f"{k}(pooled)={pooled}")
                 continue
             d = f" Δ{r['delta']:+.2f}{r['sig']}" if r["delta"] is not None else ""
             cells.append(f"{k}={r['mean']:.3g}{d}")

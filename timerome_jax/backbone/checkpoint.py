@@ -18,8 +18,10 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
 from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.backbone.hf_weights import load_pretrained
 from timerome_jax.io import atomic_dir
 from timerome_jax.backbone.model import param_shapes
 from timerome_jax.backbone.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
@@ -49,8 +51,6 @@ def _leaf_dtype(params) -> str:
 def save(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None) -> None:
     """Write params + config (+ tokenizer files) as a converted Orbax folder at `path`, atomically
     (built in a temp folder next to `path`, then renamed; an existing `path` is replaced)."""
-    import orbax.checkpoint as ocp
-
     want = param_shapes(cfg)
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     if jax.tree.structure(want, is_leaf=_is_shape) != jax.tree.structure(got, is_leaf=_is_shape) or \
@@ -118,8 +118,6 @@ def restore(path: str, sharding: Any = None, dtype: Optional[str] = None):
     dtype:    optional "float32"/"bfloat16" to restore into (default: the stored dtype); cfg.dtype
               is set to it.
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     cfg, stored = read_meta(path)
     dt = dtype or stored
@@ -154,15 +152,13 @@ def load_model(path: str, dtype: Optional[str] = None, attn_impl: Optional[str] 
     """(params, cfg, tokenizer|None) from either a converted Orbax folder or an HF folder.
 
     A folder with `timerome_config.json` is restored with `restore(path, sharding, dtype)`; a
-    folder with `config.json` is read with `hf.load_pretrained(path, dtype)` (then placed with
+    folder with `config.json` is read with `hf_weights.load_pretrained(path, dtype)` (then placed with
     `sharding` if one is given). attn_impl overrides cfg.attn_impl when given.
     """
-    from timerome_jax.backbone import hf
-
     if is_converted(path):
         params, cfg, tok = restore(path, sharding=sharding, dtype=dtype)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        params, cfg, tok = hf.load_pretrained(path, dtype=dtype)
+        params, cfg, tok = load_pretrained(path, dtype=dtype)
         if sharding is not None:
             params = jax.device_put(params, sharding)
     else:

@@ -1,6 +1,6 @@
 """Model configuration: one frozen, hashable dataclass for every supported MDLM family.
 
-HF field names never appear here; `timerome_jax.backbone.hf` translates HF `config.json` files into this.
+HF field names never appear here; `timerome_jax.backbone.hf_config` translates HF `config.json` files into this.
 """
 from __future__ import annotations
 
@@ -97,5 +97,5 @@ class ModelConfig:
 
 
 def llada_8b() -> ModelConfig:
-    """LLaDA-8B-Base/Instruct shape (backbones.md §1.1)."""
+    """LLaDA-8B-Base/Instruct shape (docs/backbones.md §1.1 Config)."""
     return ModelConfig()

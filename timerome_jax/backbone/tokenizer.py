@@ -4,7 +4,7 @@ The folder must hold `tokenizer.json` (and usually `tokenizer_config.json` /
 `special_tokens_map.json`, which name the special tokens). Loading goes through transformers'
 `PreTrainedTokenizerFast`, so no remote code is ever run.
 
-Token-id conventions (backbones.md): LLaDA's mask token is "<|mdm_mask|>" (126336), Dream's is
+Token-id conventions (docs/backbones.md §1.4 Special tokens, §2 Dream-7B, §3 DiffuLLaMA-7B): LLaDA's mask token is "<|mdm_mask|>" (126336), Dream's is
 "<|mask|>" (151666); LLaMA tokenizers (DiffuLLaMA) have none and the model config supplies one
 (fallback 811). `Tokenizer.mask_id` is the tokenizer's own mask token if it names one (through
 `mask_token` or one of the known mask strings), else the id given by the model config.
@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 from typing import Iterable, Optional
+
+from transformers import PreTrainedTokenizerFast
 
 # Known mask-token spellings, most specific first.
 MASK_TOKEN_STRINGS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
@@ -148,8 +150,6 @@ def load_tokenizer(path: str, cfg=None) -> Tokenizer:
     equal `cfg.mask_token_id`, else `TokenizerError`; a tokenizer without a mask token takes the
     config's id (DiffuLLaMA). Raises `TokenizerError` if the folder has no tokenizer.json.
     """
-    from transformers import PreTrainedTokenizerFast
-
     if not os.path.isdir(path):
         raise TokenizerError(f"tokenizer folder {path!r} does not exist")
     tj = os.path.join(path, "tokenizer.json")

@@ -2,7 +2,7 @@
 
 `validate(path)` loads the folder twice:
 
-- in the library (`hf.load_pretrained`);
+- in the library (`hf_weights.load_pretrained`);
 - in PyTorch through transformers: the folder's own modeling files named by config.json's
   `auto_map` (remote code, `trust_remote_code=True`), or, for the Qwen2/Llama-based families
   (Dream, DiffuLLaMA) when the folder has no modeling files, transformers' built-in
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timerome_jax.backbone import hf, model
+from timerome_jax.backbone import hf_config, hf_weights, model
 from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.io import write_json
 
@@ -64,8 +64,8 @@ def torch_model(path: str, dtype: str = "float32", device: str = "cpu", impl: st
     import torch
     import transformers
 
-    d = hf.read_config_json(path)
-    family = hf.detect_family(d)
+    d = hf_config.read_config_json(path)
+    family = hf_config.detect_family(d)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     files = _remote_files(path, d)
     if impl == "auto":
@@ -167,7 +167,7 @@ def validate(path: str, dtype: Optional[str] = None, prompts: Sequence[str] = DE
     dtype = dtype or ("bfloat16" if gpu else "float32")
     device = device or ("cuda" if gpu else "cpu")
     tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
-    params, cfg, tok = hf.load_pretrained(path, dtype, attn_impl="xla")
+    params, cfg, tok = hf_weights.load_pretrained(path, dtype, attn_impl="xla")
     tm, desc, family = torch_model(path, dtype, device, impl)
     builtin = desc.startswith("transformers ")
     seqs = prompt_ids(tok, cfg, prompts)

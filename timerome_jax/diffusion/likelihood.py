@@ -37,11 +37,12 @@ from timerome_jax.backbone.intervene import Intervene
 ESTIMATORS = ("auto", "llada", "dream")
 
 
-def _is_traced(*xs) -> bool:
+def is_traced(*xs) -> bool:
+    """True when any of `xs` is a JAX tracer (inside jit/vmap: value checks must be skipped)."""
     return any(isinstance(a, jax.core.Tracer) for a in xs)
 
 
-def _as_key(key):
+def as_key(key):
     """An int is taken as a seed; anything else is already a PRNG key."""
     if isinstance(key, (int, np.integer)):
         return jax.random.PRNGKey(int(key))
@@ -228,7 +229,7 @@ def _check_qa(cfg, tokens, answer_mask, pad_mask, fn):
     if tokens.ndim != 2 or answer_mask.shape != tokens.shape or pad_mask.shape != tokens.shape:
         raise ValueError(f"{fn}: tokens, answer_mask and pad_mask must all be [B,T]; got {tokens.shape}, "
                          f"{answer_mask.shape}, {pad_mask.shape}")
-    if _is_traced(tokens, answer_mask, pad_mask):
+    if is_traced(tokens, answer_mask, pad_mask):
         return
     am, pm = np.asarray(answer_mask), np.asarray(pad_mask)
     empty = np.where(am.sum(1) == 0)[0]
@@ -274,7 +275,7 @@ def elbo(params, cfg: ModelConfig, tokens, answer_mask, pad_mask, key, n_mc: int
     example_ids = jnp.arange(B, dtype=jnp.int32) if example_ids is None else jnp.asarray(example_ids, jnp.int32)
     if example_ids.shape != (B,):
         raise ValueError(f"elbo: example_ids must have shape ({B},), got {example_ids.shape}")
-    key = _as_key(key)
+    key = as_key(key)
     return _elbo_jit(params, tokens, answer_mask, pad_mask, key, example_ids, intervene, cfg=cfg, n_mc=int(n_mc),
                      estimator=est, mc_batch=int(mb), eps=float(eps))
 

@@ -48,7 +48,7 @@ import numpy as np
 from timerome_jax.backbone import model
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene
-from timerome_jax.diffusion.likelihood import _as_key, _is_traced, token_logprob
+from timerome_jax.diffusion.likelihood import as_key, is_traced, token_logprob
 from timerome_jax.backbone.tokenizer import eos_or_default
 
 LLADA_RULES = ("low_confidence", "random")
@@ -213,7 +213,7 @@ def schedule(x, pad_mask, cfg: ModelConfig, scfg: SamplerConfig) -> Schedule:
     positions in the row's block and spb steps per block, base = n // spb, and the first n % spb
     steps of the block get one more.
     """
-    if not _is_traced(x, pad_mask):
+    if not is_traced(x, pad_mask):
         xn, pn = np.asarray(x), np.asarray(pad_mask, bool)
         if xn.ndim != 2 or pn.shape != xn.shape:
             raise ValueError(f"schedule: x must be [B,T] and pad_mask the same shape; got x {xn.shape}, "
@@ -428,7 +428,7 @@ def generate(params, cfg: ModelConfig, scfg: SamplerConfig, x, pad_mask, prompt_
     if x.shape[1] > cfg.max_seq_len:
         raise ValueError(f"generate: canvas length {x.shape[1]} exceeds cfg.max_seq_len={cfg.max_seq_len}")
     sched = schedule(x, pad_mask, cfg, scfg)
-    return generate_scan(params, x, pad_mask, prompt_mask, sched, _as_key(key), intervene,
+    return generate_scan(params, x, pad_mask, prompt_mask, sched, as_key(key), intervene,
                          cfg=cfg, scfg=scfg, return_history=bool(return_history))
 
 

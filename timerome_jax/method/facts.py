@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 from timerome_jax.tofu import data as tofu
 from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.method.memory import make_cloze_batch
+from timerome_jax.method.trace import make_fact_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +63,11 @@ def load_facts(tokenizer, split: str, eos_id: int, limit: Optional[int] = None, 
 
 def fact_batch(facts: Sequence[Fact], cfg: ModelConfig):
     """`trace.FactBatch` for a list of facts (the object region is masked)."""
-    from timerome_jax.method.trace import make_fact_batch
-
     return make_fact_batch([f.prompt_ids for f in facts], [f.key_pos for f in facts],
                            [f.object_ids for f in facts], cfg)
 
 
 def cloze_batch(facts: Sequence[Fact], tokenizer, cfg: ModelConfig, target_text):
     """`memory.ClozeBatch` for a list of facts (object = answer + eos, target = target_text + eos)."""
-    from timerome_jax.method.memory import make_cloze_batch
-
     return make_cloze_batch(tokenizer, [list(f.prompt_ids) for f in facts], [list(f.key_pos) for f in facts],
                             [f.answer for f in facts], target_text, cfg)

@@ -82,7 +82,7 @@ def _round_up(n: int, m: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _lanes_fn(mesh: Mesh, cfg: ModelConfig, tcfg: tr.TraceConfig):
-    body = functools.partial(tr._run_lanes, cfg=cfg, tcfg=tcfg)
+    body = functools.partial(tr.run_lanes, cfg=cfg, tcfg=tcfg)  # a jit inside shard_map is inlined
     # params, fb, noise, corr, clean_acts replicated; lanes (and the scores) split over devices
     f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P(AXIS)), out_specs=P(AXIS),
                       check_vma=False)

@@ -39,12 +39,14 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 from timerome_jax.backbone import model
 from timerome_jax.diffusion import sampler
 from timerome_jax.backbone.config import MODULES, ModelConfig
 from timerome_jax.backbone.intervene import Intervene, Patch
 from timerome_jax.diffusion.likelihood import token_logprob
+from timerome_jax.io import atomic_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,14 +353,8 @@ def select(tie_bar: np.ndarray, neighbours: Optional[np.ndarray] = None, beta: f
 
 def plot_heatmaps(tie_bar_mean: np.ndarray, path: str, title: str = "") -> None:
     """Layer x step heatmaps of mean TIE_bar, one panel per module ([3, L, K] input), saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from timerome_jax.io import atomic_path
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4), constrained_layout=True)
+    fig = Figure(figsize=(12, 4), layout="constrained")  # no pyplot: no global backend state
+    axes = fig.subplots(1, 3)
     vmax = float(np.nanmax(np.abs(tie_bar_mean))) or 1.0
     for ax, m in zip(axes, range(3)):
         im = ax.imshow(tie_bar_mean[m], origin="lower", aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
@@ -370,4 +366,3 @@ def plot_heatmaps(tie_bar_mean: np.ndarray, path: str, title: str = "") -> None:
         fig.suptitle(title)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)

@@ -19,7 +19,10 @@ and reports, per seed (metric names, `metrics=` accepts these, or the groups in 
     ra_tr, wf_tr                         mean max(0, 1 − TR), TR with the answer in place of a paraphrase
     forget_rouge, ... wf_rouge           mean ROUGE-L recall of a greedy generation vs the answer
     forget_quality                       KS p-value of this model's per-sample forget TRs vs the retain
-                                         model's (`retain_tr`); None when they are not given
+                                         model's (`retain_tr`), one per seed; None when they are not
+                                         given. Never averaged over seeds: the result's
+                                         "forget_quality_pooled" is one KS test on the per-row
+                                         geometric mean of TR over seeds (`metrics.pooled_forget_quality`)
     model_utility                        hmean of the nine retain/ra/wf prob, rouge, tr numbers
 
 Every likelihood is `likelihood.elbo` (fixed n_mc; its masks depend only on the PRNG key and an
@@ -55,9 +58,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from timerome_jax.backbone.tokenizer import eos_or_default
-from timerome_jax.diffusion.sampler import SamplerConfig
+from timerome_jax.diffusion import likelihood
+from timerome_jax.diffusion.sampler import SamplerConfig, generate_text
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu import metrics as M
 from timerome_jax.tofu.truth_ratios import load_retain_tr
@@ -135,7 +140,20 @@ def _eval_rows(split: str, which: str, limit: Optional[int], root=None) -> list[
     else:
         for r in rows:
             r["_qid"] = (_SET_CODE[which], r["index"])
-    return rows if limit is None else rows[:limit]
+    return rows if limit is None else [rows[i] for i in spread_rows(len(rows), limit)]
+
+
+def spread_rows(n: int, limit: Optional[int]) -> list[int]:
+    """The positions of the `limit` rows (of `n`) that a limited evaluation reads: evenly spread,
+    position floor((i + 1/2) * n / limit) for i < limit, all n rows when limit is None or >= n.
+
+    TOFU sets hold 20 questions per author in author order, so 40 of retain_perturbed's 400 rows
+    are 2 from each of its 20 authors (the first 40 rows would be 2 authors only)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit < 1:
+        raise ValueError(f"limit must be None or >= 1, got {limit}")
+    return [int((i + 0.5) * n // limit) for i in range(limit)]
 
 
 def _example_id(qid: tuple[int, int], variant: int) -> int:
@@ -200,8 +218,6 @@ def _batches(items: list[_Item], batch_size: int, max_seq_len: int, q: int):
 
 def _score_items(params, cfg, items, key, n_mc, batch_size, intervene, estimator, mc_batch, progress, desc, q):
     """ELBO [N] float64 for every item (batched; the last batch is padded with repeats)."""
-    from timerome_jax.diffusion import likelihood
-
     out = np.full(len(items), np.nan)
     batches = list(_batches(items, batch_size, cfg.max_seq_len, q))
     for idx, L in _tqdm(batches, progress, desc):
@@ -221,8 +237,6 @@ def _score_items(params, cfg, items, key, n_mc, batch_size, intervene, estimator
 
 def _generate(params, cfg, tokenizer, rows_by_set, need, gen_length, scfg, seed, batch_size, intervene,
               progress, q) -> dict[str, list[str]]:
-    from timerome_jax.diffusion.sampler import generate_text
-
     jobs = [(w, i, tofu.format_prompt(r["question"])) for w in SETS if "rouge" in need[w]
             for i, r in enumerate(rows_by_set[w])]
     lens = [len(tokenizer.encode(p)) for _, _, p in jobs]
@@ -244,8 +258,6 @@ def _generate(params, cfg, tokenizer, rows_by_set, need, gen_length, scfg, seed,
 def _tqdm(it, progress, desc):
     if not progress:
         return it
-    from tqdm.auto import tqdm
-
     return tqdm(it, desc=desc, leave=False)
 
 
@@ -287,7 +299,8 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
         they need. retain_tr: the retain model's per-sample forget TRs: {row: tr}, {seed: {row: tr}},
         a list indexed by row, or a JSON path written by `save_retain_tr`; the seed's own entry is
         used when present, else the lowest seed's.
-    limit: evaluate only the first `limit` rows of every set (quick runs).
+    limit: evaluate only `limit` rows of every set, spread evenly over it (`spread_rows`: every
+        author of a TOFU set contributes), for quick runs; None = every row (the TOFU protocol).
     length_bucket: batch lengths are rounded up to a multiple of it (capped at cfg.max_seq_len), so
         a whole evaluation compiles only a few shapes; batches are length-sorted, padded to
         `batch_size` with repeats (discarded). gen_batch_size: generation batch (default batch_size).
@@ -315,13 +328,15 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
     t0 = time.time()
     result: dict[str, Any] = {
         "split": split, "metrics_requested": list(names), "seeds": seeds, "n_mc": n_mc,
-        "estimator": estimator, "limit": limit, "batch_size": batch_size, "gen_length": gen_length,
+        "estimator": estimator, "limit": limit, "row_selection": "spread" if limit else "all",
+        "batch_size": batch_size, "gen_length": gen_length,
         "length_bucket": length_bucket,
         "sampler": dataclasses.asdict(scfg), "intervened": intervene is not None,
         "prompt_template": tofu.PROMPT_TEMPLATE, "n_rows": {w: len(rows[w]) for w in SETS if need[w]},
         "per_seed": {}, "generations": {},
     }
     gens_shared = None
+    fq_mine, fq_ref = [], {}  # per-seed forget TRs of this model / of the reference, for the pooled FQ
     for seed in seeds:
         per: dict[str, dict] = {}
         if items:
@@ -348,6 +363,9 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
             mine = [per["forget_tr"]["value_by_index"][k]["score"] for k in keys]
             per["forget_quality"] = {"agg_value": None if ref is None else M.forget_quality(mine, ref),
                                      "retain_tr_seed": used}
+            fq_mine.append(mine)
+            if ref is not None and used not in fq_ref:
+                fq_ref[used] = ref
         if "model_utility" in names:
             per["model_utility"] = {"agg_value": M.model_utility(
                 {k: per[k]["agg_value"] for k in M.MU_KEYS})}
@@ -355,6 +373,11 @@ def evaluate(params, cfg, tokenizer, split: str = "forget01", metrics: Sequence[
     if gens_shared is not None:
         result["generations"] = {"shared": gens_shared}
     result["metrics"] = {m: [result["per_seed"][str(s)][m]["agg_value"] for s in seeds] for m in names}
+    if "forget_quality" in names:
+        result["forget_quality_pooled"] = {
+            "agg_value": M.pooled_forget_quality(fq_mine, list(fq_ref.values())) if fq_ref else None,
+            "seeds": seeds, "retain_tr_seeds": list(fq_ref), "n_rows": len(rows["forget"]),
+            "method": M.POOLED_FQ_METHOD}
     result["seconds"] = round(time.time() - t0, 3)
     return result
 

@@ -11,7 +11,9 @@ Definitions follow open-unlearning (OU) as in the project notes (TOFU reference 
   Truth ratio                  TR_i = GM_j P̄(â_j) / P̄(ã) = exp(mean_j avg_ll(â_j) − avg_ll(ã))
       forget aggregate         mean_i min(TR_i, 1/TR_i)          (1 = indifferent; higher better)
       retain/ra/wf aggregate   mean_i max(0, 1 − TR_i)
-  Forget quality               scipy.stats.ks_2samp(TR_unlearned, TR_retain_model).pvalue
+  Forget quality               scipy.stats.ks_2samp(TR_unlearned, TR_retain_model).pvalue, one per
+                               seed; over seeds: pooled_forget_quality (one KS test on the per-row
+                               geometric mean of TR over seeds), never a mean of p-values
   ROUGE-L recall               rouge_score RougeScorer(['rougeL'], use_stemmer=True), .recall
   Model utility                scipy.stats.hmean of the nine retain/ra/wf numbers
 Everything is computed in log space, so OU's "+1e-10" guards in denominators are not needed
@@ -29,6 +31,7 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 from scipy import special, stats
+from rouge_score import rouge_scorer
 
 ArrayLike = Union[Sequence[float], np.ndarray]
 
@@ -119,9 +122,33 @@ def forget_quality(tr_unlearned: ArrayLike, tr_retain_model: ArrayLike) -> float
     return float(stats.ks_2samp(a, b).pvalue)
 
 
+POOLED_FQ_METHOD = ("ks_2samp of the per-row geometric mean of TR over seeds (this model) vs the same "
+                    "for the reference; one p-value from one set of n_rows truth ratios per model")
+
+
+def pooled_forget_quality(tr_by_seed: ArrayLike, tr_ref_by_seed: ArrayLike) -> float:
+    """Forget Quality over several MC seeds as TOFU defines it: one KS p-value from one set of truth
+    ratios per model. Each forget row's TR is the geometric mean of its per-seed TRs (seeds are
+    Monte-Carlo replicates of the same ELBO-based TR), so each side keeps one TR per row and the
+    p-value keeps TOFU's sample size n = rows (stacking seeds would count every row S times).
+
+    tr_by_seed: [S, n] this model's per-sample forget TRs per seed; tr_ref_by_seed: [S', n] the
+    reference's (S' may differ, e.g. 1). Returns the ks_2samp p-value."""
+    a = np.asarray(tr_by_seed, np.float64)
+    b = np.asarray(tr_ref_by_seed, np.float64)
+    if a.ndim == 1:
+        a = a[None]
+    if b.ndim == 1:
+        b = b[None]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.size == 0 or b.size == 0:
+        raise ValueError(f"pooled_forget_quality needs [S, n] and [S', n] truth ratios, got {a.shape} and {b.shape}")
+    if not (np.all(a > 0) and np.all(b > 0) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("pooled_forget_quality: truth ratios must be finite and > 0")
+    return forget_quality(np.exp(np.log(a).mean(0)), np.exp(np.log(b).mean(0)))
+
+
 @functools.lru_cache(maxsize=1)
 def _scorer():
-    from rouge_score import rouge_scorer
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

@@ -1,4 +1,4 @@
-"""A small, faithful PyTorch LLaDA / LLaDA-MoE, written from the facts in backbones.md.
+"""A small, faithful PyTorch LLaDA / LLaDA-MoE, written from the facts in docs/backbones.md (§1 LLaDA, §4 LLaDA-MoE).
 
 Module and parameter names are the real ones, so `state_dict()` keys equal the HF checkpoints':
 
@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from timerome_jax.io import atomic_path
@@ -438,8 +439,6 @@ def save_hf_folder(model: nn.Module, cfg_dict: dict, path: str, dtype: Optional[
     `model.safetensors.index.json` weight map, like `save_pretrained` does for big models.
     dtype: optionally cast every tensor (e.g. torch.bfloat16) before writing.
     """
-    from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
     sd = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous().clone()
           for k, v in model.state_dict().items()}
@@ -474,8 +473,6 @@ def save_hf_folder(model: nn.Module, cfg_dict: dict, path: str, dtype: Optional[
 def load_hf_folder(path: str, device=None, dtype=None) -> nn.Module:
     """Build the LLaDA / LLaDA-MoE torch model described by `path/config.json` and load its
     safetensors (strict: every key must match). For benchmarks against real checkpoints."""
-    from safetensors.torch import load_file
-
     with open(os.path.join(path, "config.json")) as f:
         d = json.load(f)
     archs = d.get("architectures") or []
