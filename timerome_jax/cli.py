@@ -209,8 +209,8 @@ def add_validate(sub):
                    "hidden state, padded and unpadded); exit 1 above the tolerance")
     p.add_argument("--model", required=True, help="HF checkpoint folder (with its auto_map modeling files, or a "
                    "Dream/DiffuLLaMA folder for transformers' built-in Qwen2/Llama classes)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                   help="compute dtype of both sides (default: float32 on CPU, bfloat16 on a GPU)")
+    p.add_argument("--dtype", dest="compute_dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype of both sides, not the checkpoint's (default: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--tol", type=float, default=None, help="max error relative to each tensor's max |value| "
                    "(default: 1e-4 in float32, 5e-2 in bfloat16)")
     p.add_argument("--torch-impl", default="auto", choices=("auto", "remote", "builtin"),
@@ -223,7 +223,7 @@ def add_validate(sub):
 
 
 def run_validate(a):
-    report = V.validate(a.model, a.dtype, tol=a.tol, impl=a.torch_impl, cases=tuple(a.cases))
+    report = V.validate(a.model, a.compute_dtype, tol=a.tol, impl=a.torch_impl, cases=tuple(a.cases))
     print("\n".join(V.summary_lines(report)))
     if a.out:
         V.write_report(report, a.out)
