@@ -23,52 +23,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 
-def default_sizes(tiny: bool) -> tuple[int, int, int]:
-    """(matmul size, matmuls per timed call, copy bytes): 8192, 10, 2 GiB; tiny 512, 4, 16 MiB."""
-    return (512, 4, 16 << 20) if tiny else (8192, 10, 2048 << 20)
-
-
-def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
-    """JAX bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, read + written)."""
-    ka, kb = jax.random.split(jax.random.key(1))
-    a = (jax.random.normal(ka, (n, n), jnp.float32) / jnp.sqrt(n)).astype(jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-
-    @jax.jit
-    def chain(a, c):
-        return jax.lax.fori_loop(0, reps, lambda i, c: jnp.dot(a, c, preferred_element_type=jnp.float32)
-                                 .astype(jnp.bfloat16), c)
-
-    out = {"n": n, "reps": reps}
-    t0 = time.perf_counter()
-    chain_c = chain.lower(a, b).compile()
-    out["matmul_compile_s"] = time.perf_counter() - t0
-    C.block(chain_c(a, b))
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        r = C.block(chain_c(a, b))
-        ts.append((time.perf_counter() - t0) / reps)
-    out["matmul_times_s"] = ts
-    out["matmul_s"] = statistics.median(ts)
-    out["matmul_flops_per_s"] = 2 * n ** 3 / out["matmul_s"]
-    out["matmul_result_finite"] = bool(jnp.isfinite(r.astype(jnp.float32)).all())
-
-    m = copy_bytes // 2
-    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
-    add = jax.jit(lambda x: x + jnp.bfloat16(1)).lower(x).compile()
-    C.block(add(x))
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        C.block(add(x))
-        ts.append(time.perf_counter() - t0)
-    out["copy_bytes"] = 2 * m * 2
-    out["copy_times_s"] = ts
-    out["copy_bytes_per_s"] = out["copy_bytes"] / statistics.median(ts)
-    return out
-
-
 def measure_torch(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
     """The same two numbers through PyTorch (CUDA events on GPU, host clock on CPU)."""
     import torch
@@ -127,12 +81,12 @@ def main(argv=None) -> dict:
                     help="copy buffer MiB (2048, i.e. 2^30 bf16 values: JAX's random arrays stay under 2^31 "
                          "elements; --tiny 16)")
     args = ap.parse_args(argv)
-    dn, dreps, dcopy = default_sizes(args.tiny)
+    dn, dreps, dcopy = C.default_sizes(args.tiny)
     n, reps, copy_bytes = args.n or dn, args.reps or dreps, (args.copy_mib << 20) if args.copy_mib else dcopy
     os.makedirs(args.out, exist_ok=True)
     rec = C.Record(os.path.join(args.out, "ceiling.json"), "ceiling", "bf16 matmul and copy ceilings", args)
     with rec.section("jax"):
-        rec["jax"] = measure_jax(n, reps, copy_bytes)
+        rec["jax"] = C.measure_jax(n, reps, copy_bytes)
         rec["ceiling"] = {"matmul_flops_per_s": rec["jax"]["matmul_flops_per_s"],
                           "bytes_per_s": rec["jax"]["copy_bytes_per_s"], "from": "jax"}
     if not args.skip_torch:

@@ -10,6 +10,12 @@ random bf16 weights. Edit: `memory.build` from random keys/values, |F| = 400 fac
 ahead and timed apart) with `Intervene(edit=memory)`. PyTorch: a Python loop of forward +
 `torch_ref.trace.commit` (the same low-confidence rule) with `hooks.EditHook(TorchEditMemory)`, same
 weights (DLPack views), no attention mask (no padding: SDPA may pick its flash kernel).
+Official (`official` rows, --official-dir PATH): the official LLaDA modeling code from PATH
+(modeling_llada.py + configuration_llada.py, as a checkpoint's auto_map names them), same weights
+(DLPack), its forward and the same sampler loop around it; absent files are recorded, not fatal.
+JAX unstacked (`jax_unstacked` rows, --unstacked 1): the same with `model.unstack(params)` (one array
+per layer, an unrolled layer loop that copies no layer out of a stack), tokens compared with the
+stacked run.
 Reported: steady time per generation (median of up to --repeats within the budget), per step, the
 edit's overhead in % of the step time, new tokens/s and the JAX/torch throughput ratio.
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
@@ -30,6 +37,7 @@ import common as C  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.backbone.intervene import Intervene  # noqa: E402
@@ -77,6 +85,53 @@ def torch_generate(model, x0, steps: int, mask_id: int, edit=None):
     return x
 
 
+def official_generate(model, x0, steps: int, mask_id: int):
+    """The same sampler loop around the official LLaDA code (its forward returns `.logits`)."""
+    import torch
+
+    from timerome_jax.torch_ref.trace import commit, n_transfer
+
+    gen = x0 == mask_id
+    ks = n_transfer(gen.sum(1), steps)
+    x = x0
+    with torch.no_grad():
+        for s in range(steps):
+            x = commit(model(x).logits, x, gen, ks[:, s], mask_id)
+    return x
+
+
+def official_part(args, params, cfg, canv, per_b, toks, deadline, rc):
+    """Forward and generation step of the official PyTorch LLaDA code, weights shared with JAX."""
+    import torch
+
+    try:
+        omodel, how = C.official_model(args.official_dir, params, cfg)
+    except C.OfficialCodeMissing as e:
+        rc["official"] = {"status": "absent", "message": str(e)}
+        print(f"[c] official code: {e}", flush=True)
+        return
+    rc["official"] = {"status": "ok", "dir": os.path.abspath(args.official_dir), "weights": how}
+    dev = C.torch_device()
+    for B in args.batches:
+        x0 = torch.as_tensor(np.array(canv[B][0]), device=dev).long()
+        with torch.no_grad():
+            omodel(x0)  # warm-up
+        C.torch_sync()
+        with torch.no_grad():
+            fwd = C.measure(lambda: omodel(x0).logits, want=args.repeats, deadline=deadline,
+                            sync=lambda _: C.torch_sync())
+        gen = C.measure(lambda: official_generate(omodel, x0, args.steps, cfg.mask_token_id), want=args.repeats,
+                        deadline=deadline, sync=lambda _: C.torch_sync())
+        toks[("official", "no_edit", B)] = gen["out"].cpu().numpy()
+        per_b[str(B)]["official"] = {"forward": {**C.strip(fwd), "forward_ms": 1e3 * fwd["steady_s"]},
+                                     "generate": {**C.strip(gen), "step_ms": 1e3 * gen["steady_s"] / args.steps,
+                                                  "new_tokens_per_s": B * args.gen_len / gen["steady_s"]}}
+        rc.save()
+        del x0
+    del omodel
+    C.torch_release()
+
+
 def parse(argv=None):
     ap = C.base_parser(__doc__)
     ap.add_argument("--batches", default=None, help="comma list (1,32; --tiny 1,4)")
@@ -89,6 +144,11 @@ def parse(argv=None):
     ap.add_argument("--layer", type=int, default=None, help="19; --tiny 1")
     ap.add_argument("--module", default="resid")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--official-dir", default=None, metavar="PATH",
+                    help="folder with the official LLaDA modeling_llada.py + configuration_llada.py: time its forward "
+                         "and generation step beside the library, weights shared (default: not run)")
+    ap.add_argument("--unstacked", type=int, default=1, choices=(0, 1),
+                    help="also time the unstacked layer layout (model.unstack; 1 = yes, the default)")
     args = ap.parse_args(argv)
     C.fill_sizes(args, (("batches", "1,32", "1,4"), ("prompt_len", 64, 8), ("gen_len", 64, 8),
                         ("steps", 64, 8), ("edit_facts", 400, 16), ("layer", 19, 1)))
@@ -181,6 +241,50 @@ def main(argv=None):
             del tmodel, tedit
             C.torch_release()
 
+    # the unstacked layer layout (model.unstack: one array per layer, an unrolled layer loop that
+    # copies nothing out of a stack); a second copy of the weights, so it is made only when asked
+    up = model_lib.unstack(params) if args.unstacked else None
+
+    if args.official_dir is not None and not args.skip_torch:
+        with rc.section("official"):
+            official_part(args, params, cfg, canv, per_b, toks, t_deadline, rc)
+
+    def compile_unstacked(cfg_used, key):
+        """AOT-compile every unstacked program (each batch, with and without the edit) in parallel
+        threads: XLA compiles without the GIL, and an unrolled 32-layer step takes about a minute."""
+        jobs = {(B, name): iv for B in args.batches for name, iv in (("no_edit", None), ("edit", Intervene(edit=mem)))}
+
+        def one(item):
+            (B, name), iv = item
+            x, pad, pm, sched = canv[B]
+            t0 = time.perf_counter()
+            c = sampler.generate_scan.lower(up, x, pad, pm, sched, key, iv, cfg=cfg_used, scfg=scfg,
+                                            return_history=False).compile()
+            return (B, name), (c, time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            done = dict(pool.map(one, jobs.items()))
+        return done, time.perf_counter() - t0
+
+    def unstacked_rows(B, comps, x, pad, pm, sched, key, dl):
+        res = {}
+        for name, iv in (("no_edit", None), ("edit", Intervene(edit=mem))):
+            res[name] = {"compile_wall_s_in_parallel": comps[(B, name)][1]}
+            C.block(comps[(B, name)][0](up, x, pad, pm, sched, key, iv))  # first execution
+        ive = Intervene(edit=mem)
+        mn, me, ratios = C.measure_pair(lambda: comps[(B, "no_edit")][0](up, x, pad, pm, sched, key, None),
+                                        lambda: comps[(B, "edit")][0](up, x, pad, pm, sched, key, ive),
+                                        want=args.repeats, deadline=dl)
+        for name, m in (("no_edit", mn), ("edit", me)):
+            toks[("jax_unstacked", name, B)] = np.asarray(m["out"])
+            res[name].update({**C.strip(m), "step_ms": 1e3 * m["steady_s"] / args.steps,
+                              "new_tokens_per_s": B * args.gen_len / m["steady_s"],
+                              "ratio_to_floor": C.ratio(m["steady_s"], per_b[str(B)]["floor" if name == "no_edit"
+                                                                                     else "floor_with_edit"]["floor_s"])})
+        res.update(overhead(res, ratios))
+        return res
+
     def jax_part(cfg_used):
         j_deadline = deadline.at_least((deadline.budget_s or 0) / 2)
         key = jax.random.key(args.seed + 5)
@@ -214,6 +318,7 @@ def main(argv=None):
             res.update(overhead(res, ratios))
             res["peak_bytes_so_far"] = C.jax_peak_bytes()
             per_b[str(B)]["jax"] = res
+
             d = rd["batches"][str(B)]
             d["jax"] = {"no_edit": ma["no_edit"], "edit": ma["edit"]}
             if ma["no_edit"] and ma["edit"]:
@@ -228,6 +333,14 @@ def main(argv=None):
                             read - 64 <= add.get("argument_size_in_bytes", 0) <= edit_bytes + 64,
                             "temp_growth_at_most_edit_bytes": add.get("temp_size_in_bytes", 0) <= edit_bytes}
             rd.save()
+
+        if up is not None:
+            comps, wall = compile_unstacked(cfg_used, key)
+            rc["unstacked_compile_wall_s"] = wall
+            for B in args.batches:
+                x, pad, pm, sched = canv[B]
+                per_b[str(B)]["jax_unstacked"] = unstacked_rows(B, comps, x, pad, pm, sched, key, j_deadline)
+                rc.save()
 
     with rc.section("jax"):
         C.with_attn_fallback(rc, cfg, jax_part)
@@ -245,6 +358,12 @@ def main(argv=None):
             if ("jax", name, B) in toks:
                 g = toks[("jax", name, B)][:, -args.gen_len:]
                 agree.setdefault("jax_masks_left", {})[name] = int(np.sum(g == cfg.mask_token_id))
+            if ("jax", name, B) in toks and ("official", name, B) in toks:
+                agree.setdefault("official_tokens_equal_fraction", {})[name] = float(
+                    np.mean(toks[("jax", name, B)] == toks[("official", name, B)]))
+            if ("jax", name, B) in toks and ("jax_unstacked", name, B) in toks:
+                agree.setdefault("unstacked_tokens_equal_fraction", {})[name] = float(
+                    np.mean(toks[("jax", name, B)] == toks[("jax_unstacked", name, B)]))
         if ("jax", "edit", B) in toks and ("jax", "no_edit", B) in toks:
             agree["jax_edit_changed_tokens_fraction"] = float(np.mean(
                 toks[("jax", "edit", B)][:, -args.gen_len:] != toks[("jax", "no_edit", B)][:, -args.gen_len:]))
@@ -256,6 +375,10 @@ def main(argv=None):
             thr = r.get("jax_over_torch_throughput")
             met[str(B)] = {"edit_overhead_at_most_1pct": r["jax"]["edit_overhead_pct"] <= 1.0,
                            "faster_than_torch": None if thr is None else min(thr.values()) > 1.0}
+            if "jax_unstacked" in r:
+                u = r["jax_unstacked"]
+                met[str(B)]["unstacked_step_within_1p5x_floor"] = (u["no_edit"]["ratio_to_floor"] or 1e9) <= 1.5
+                met[str(B)]["unstacked_edit_overhead_at_most_1pct"] = u["edit_overhead_pct"] <= 1.0
     rc["met"] = met
     rc["targets"] = {"edit_overhead_pct_max": 1.0, "jax_over_torch_throughput_min": 1.0}
     out_c = rc.finish()
@@ -267,6 +390,10 @@ def main(argv=None):
         print(f"[c] batch {B}: jax step {j.get('no_edit', {}).get('step_ms')} ms (+edit {j.get('edit_overhead_pct')}%)"
               f"  torch step {t.get('no_edit', {}).get('step_ms')} ms  jax/torch throughput "
               f"{r.get('jax_over_torch_throughput')}", flush=True)
+        u = r.get("jax_unstacked")
+        if u:
+            print(f"[c] batch {B}: jax unstacked step {u['no_edit']['step_ms']} ms "
+                  f"({u['no_edit']['ratio_to_floor']}x floor, +edit {u['edit_overhead_pct']}%)", flush=True)
         print(f"[d] batch {B}: {out_d['batches'][str(B)].get('jax', {}).get('added')} edit bytes {edit_bytes}", flush=True)
     return out_c, out_d
 

@@ -3,6 +3,7 @@
     python benchmarks/bench_tie.py --out benchmarks/results                      # figure a
     python benchmarks/bench_tie.py --out R --what stages --profile R/profile     # where the time goes
     python benchmarks/bench_tie.py --out R --what scaling                        # 1 vs all local devices
+    python benchmarks/bench_tie.py --out R --what screen                         # screen + exact top 5% vs full
     python benchmarks/bench_tie.py --out R --tiny --what sweep,stages,scaling    # CPU, seconds
 
 sweep (fig_a_tie.json): 8 unpadded facts of prompt 112 + answer 16 = 128 tokens (subject 6 tokens),
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -188,7 +190,9 @@ def lane_inputs(params, cfg, fb, tcfg):
 
 def parse(argv=None):
     ap = C.base_parser(__doc__)
-    ap.add_argument("--what", default="sweep", help="comma list of sweep, stages, scaling")
+    ap.add_argument("--what", default="sweep", help="comma list of sweep, stages, scaling, screen")
+    ap.add_argument("--top-frac", type=float, default=0.05, help="--what screen: exact TIE on this fraction of "
+                    "each module's cells (default 0.05)")
     ap.add_argument("--facts", type=int, default=None, help="facts (8; --tiny 4)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (112; --tiny 12)")
     ap.add_argument("--answer-len", type=int, default=None, help="answer tokens (16; --tiny 4)")
@@ -214,7 +218,7 @@ def parse(argv=None):
     if args.stage_lanes is None:
         args.stage_lanes = 2 * args.chunk
     args.what = [w.strip() for w in args.what.split(",") if w.strip()]
-    bad = set(args.what) - {"sweep", "stages", "scaling"}
+    bad = set(args.what) - {"sweep", "stages", "scaling", "screen"}
     if bad:
         ap.error(f"--what: unknown parts {sorted(bad)}")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -416,6 +420,56 @@ def run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline):
     return out
 
 
+def run_screen(args, cfg, params, fb, tcfg, ceiling, deadline):
+    """The first-order screen, and screen + exact TIE on the top --top-frac of each module's cells,
+    against the full exact sweep (figure a's JAX time when its JSON is in --out, else timed here)."""
+    from timerome_jax.method import screen as sc
+
+    B, T = fb.x0.shape
+    rec = C.Record(os.path.join(args.out, "tie_screen.json"), "screen",
+                   "first-order TIE screen + exact top-k vs the full exact sweep", args)
+    rec["shapes"] = {**C.shape_info(cfg), "facts": B, "seq_len": T, "steps": tcfg.steps, "chunk": args.chunk,
+                     "top_frac": args.top_frac, "cells": 3 * cfg.n_layers * tcfg.steps}
+    rec["ceiling"] = ceiling
+    rec["targets"] = {"full_over_screen_plus_topk_min": 10.0}
+    fb_u = _unpadded(fb)
+
+    def part(cfg_used):
+        m = C.measure(lambda: sc.screen(params, cfg_used, fb_u, tcfg).estimate, want=args.repeats + 1,
+                      deadline=deadline.at, allow_estimate=True)
+        rec["screen"] = C.strip(m)
+        rec.save()
+        m = C.measure(lambda: sc.screen_and_trace(params, cfg_used, fb_u, tcfg, top_frac=args.top_frac),
+                      want=args.repeats + 1, deadline=deadline.at, allow_estimate=True)
+        st = m["out"]
+        rec["screen_plus_topk"] = {**C.strip(m), "n_candidates": int(len(st.candidates)),
+                                   "coordinate": sc.select_screened(st)[0]._asdict()}
+        rec.save()
+        full = None
+        a_json = os.path.join(args.out, "fig_a_tie.json")
+        if os.path.exists(a_json):
+            with open(a_json) as f:
+                full = (json.load(f).get("jax") or {}).get("steady_s")
+            rec["full_sweep_source"] = a_json
+        if full is None:
+            mf = C.measure(lambda: tr.trace(params, cfg_used, fb, tcfg), want=1, deadline=deadline.at,
+                           allow_estimate=True)
+            full = mf["steady_s"]
+            rec["full_sweep_source"] = "timed here"
+            rec["full_sweep"] = C.strip(mf)
+        rec["full_sweep_s"] = full
+        rec["full_over_screen_plus_topk"] = C.ratio(full, rec["screen_plus_topk"]["steady_s"])
+        rec["met"] = {"at_least_10x": (rec["full_over_screen_plus_topk"] or 0) >= 10.0}
+
+    with rec.section("jax"):
+        C.with_attn_fallback(rec, cfg, part)
+    out = rec.finish()
+    print(f"[screen] screen {out.get('screen', {}).get('steady_s')}s, screen+top-k "
+          f"{out.get('screen_plus_topk', {}).get('steady_s')}s, full {out.get('full_sweep_s')}s, "
+          f"speed-up {out.get('full_over_screen_plus_topk')}", flush=True)
+    return out
+
+
 def main(argv=None):
     args = parse(argv)
     cfg, std, deadline, ceiling = C.start(args)
@@ -432,6 +486,8 @@ def main(argv=None):
         out["stages"] = run_stages(args, cfg, params, fb, tcfg, ceiling, deadline)
     if "scaling" in args.what:
         out["scaling"] = run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline)
+    if "screen" in args.what:
+        out["screen"] = run_screen(args, cfg, params, fb, tcfg, ceiling, deadline)
     if args.profile and "stages" not in args.what and "sweep" in args.what:
         # a whole 8B sweep would make a trace of hundreds of MB: profile the lane loop on a subset
         rec = out["sweep"]

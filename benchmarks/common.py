@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timerome_jax.backbone import hf_config, hf_weights  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.backbone.config import ModelConfig, llada_8b  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
@@ -137,7 +138,6 @@ def torch_model(params, cfg: ModelConfig):
     of `timerome_jax.backbone.hf_weights`). Returns (model in eval mode, how the weights were moved)."""
     import torch
 
-    from timerome_jax.backbone import hf_config, hf_weights
     from timerome_jax.torch_ref.llada import LLaDAModelLM
 
     dev = torch_device()
@@ -147,6 +147,14 @@ def torch_model(params, cfg: ModelConfig):
         torch.set_num_threads(1)
     tdt = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     m = LLaDAModelLM(hf_config.hf_config_dict(cfg, dtype=cfg.dtype), device="meta", dtype=tdt)
+    sd, how = shared_state_dict(params, cfg, dev)
+    m.load_state_dict(sd, strict=True, assign=True)
+    return m.eval(), how
+
+
+def shared_state_dict(params, cfg: ModelConfig, dev):
+    """The HF-layout state dict of `params` as torch views of the JAX arrays (DLPack; host copy
+    when DLPack cannot): (state dict, how the weights were moved)."""
     leaves, how = {}, set()
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
@@ -158,8 +166,42 @@ def torch_model(params, cfg: ModelConfig):
         for i in idx:
             t = t[i]
         sd[name] = t.T if transpose else t  # a view: torch's matmuls take transposed operands as is
+    return sd, "+".join(sorted(how))
+
+
+OFFICIAL_FILES = ("modeling_llada.py", "configuration_llada.py")
+
+
+class OfficialCodeMissing(FileNotFoundError):
+    """--official-dir is not a folder holding the official LLaDA modeling files."""
+
+
+def official_model(official_dir: str, params, cfg: ModelConfig):
+    """The official LLaDA PyTorch code (official_dir/modeling_llada.py and configuration_llada.py,
+    as a real LLaDA checkpoint's config.json auto_map names them) holding the SAME weights as
+    `params` (DLPack views). Returns (model in eval mode on the benchmark device, how the weights
+    were moved). Raises OfficialCodeMissing with what to do when the files are absent."""
+    import torch
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+
+    missing = [f for f in OFFICIAL_FILES if not os.path.isfile(os.path.join(official_dir or "", f))]
+    if not official_dir or missing:
+        raise OfficialCodeMissing(
+            f"--official-dir {official_dir!r} lacks {missing or list(OFFICIAL_FILES)}: put the files of a LLaDA "
+            "checkpoint (e.g. GSAI-ML/LLaDA-8B-Instruct: modeling_llada.py, configuration_llada.py) in an ignored "
+            "folder such as .official/llada/ and pass it (and carry it to the device)")
+    path = os.path.abspath(official_dir)
+    conf_cls = get_class_from_dynamic_module("configuration_llada.LLaDAConfig", path)
+    model_cls = get_class_from_dynamic_module("modeling_llada.LLaDAModelLM", path)
+    d = hf_config.hf_config_dict(cfg, dtype=cfg.dtype)
+    d = {k: v for k, v in d.items() if k not in ("auto_map", "architectures", "model_type")}
+    d["init_device"] = "meta"  # the official code's own no-allocation path; the weights come below
+    dev = torch_device()
+    m = model_cls(conf_cls(**d))
+    sd, how = shared_state_dict(params, cfg, dev)
     m.load_state_dict(sd, strict=True, assign=True)
-    return m.eval(), "+".join(sorted(how))
+    return m.to(dev).eval(), how
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,6 +559,52 @@ class Record:
         return self.data
 
 
+def default_sizes(tiny: bool) -> tuple[int, int, int]:
+    """(matmul size, matmuls per timed call, copy bytes): 8192, 10, 2 GiB; tiny 512, 4, 16 MiB."""
+    return (512, 4, 16 << 20) if tiny else (8192, 10, 2048 << 20)
+
+
+def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
+    """JAX bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, read + written)."""
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = (jax.random.normal(ka, (n, n), jnp.float32) / jnp.sqrt(n)).astype(jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+
+    @jax.jit
+    def chain(a, c):
+        return jax.lax.fori_loop(0, reps, lambda i, c: jnp.dot(a, c, preferred_element_type=jnp.float32)
+                                 .astype(jnp.bfloat16), c)
+
+    out = {"n": n, "reps": reps}
+    t0 = time.perf_counter()
+    chain_c = chain.lower(a, b).compile()
+    out["matmul_compile_s"] = time.perf_counter() - t0
+    block(chain_c(a, b))
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        r = block(chain_c(a, b))
+        ts.append((time.perf_counter() - t0) / reps)
+    out["matmul_times_s"] = ts
+    out["matmul_s"] = statistics.median(ts)
+    out["matmul_flops_per_s"] = 2 * n ** 3 / out["matmul_s"]
+    out["matmul_result_finite"] = bool(jnp.isfinite(r.astype(jnp.float32)).all())
+
+    m = copy_bytes // 2
+    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
+    add = jax.jit(lambda x: x + jnp.bfloat16(1)).lower(x).compile()
+    block(add(x))
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        block(add(x))
+        ts.append(time.perf_counter() - t0)
+    out["copy_bytes"] = 2 * m * 2
+    out["copy_times_s"] = ts
+    out["copy_bytes_per_s"] = out["copy_bytes"] / statistics.median(ts)
+    return out
+
+
 def load_ceiling(path: Optional[str], tiny: bool) -> dict:
     """The JAX ceilings of this run (bench_ceiling's JSON), or measured now when no file is given."""
     if path and os.path.exists(path):
@@ -525,12 +613,10 @@ def load_ceiling(path: Optional[str], tiny: bool) -> dict:
         out = dict(c["ceiling"])
         out["source"] = os.path.abspath(path)
         return out
-    from bench_ceiling import default_sizes, measure_jax  # noqa: E402 - same folder
-
     n, reps, copy_bytes = default_sizes(tiny)
     j = measure_jax(n, reps=reps, copy_bytes=copy_bytes)
     return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["copy_bytes_per_s"],
-            "source": "measured in this process (bench_ceiling.measure_jax)"}
+            "source": "measured in this process (common.measure_jax)"}
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -1,20 +1,24 @@
-"""Run the issue-5 benchmark figures in one go and write the Markdown summary.
+"""Run every benchmark figure in one call and write benchmarks/results/latest/ (+ summary.md).
 
-    python3 benchmarks/run_all.py --out $OUT                          # ceiling, a, b, c, d (8B, GPU)
-    python3 benchmarks/run_all.py --out $OUT --only ceiling,a         # pick figures
-    python3 benchmarks/run_all.py --out $OUT --only ceiling,scaling   # on a multi-GPU machine
-    python3 benchmarks/run_all.py --out /tmp/r --tiny                 # everything on a CPU, seconds
+    python3 benchmarks/run_all.py                                   # all figures -> benchmarks/results/latest
+    python3 benchmarks/run_all.py --out $OUT --official-dir .official/llada   # on the device (one call)
+    python3 benchmarks/run_all.py --out $OUT --only ceiling,a       # pick figures
+    python3 benchmarks/run_all.py --out /tmp/r --tiny               # everything on a CPU, seconds
 
-At the 8B shape on one H100 the least work of every figure takes about 9 minutes (a 261 s, b 111 s,
-c and d more than 95 s: `results/h100_call13`, where `--budget-s 480` completed ceiling, a and b and
-killed c/d). So run them as two calls, each with its own $OUT:
-    python3 benchmarks/run_all.py --out $OUT --only ceiling,a
-    python3 benchmarks/run_all.py --out $OUT --only ceiling,b,c,d
-Knobs of one figure's script pass through --figure-args, e.g. --figure-args "a=--chunk 4 --torch-chunk 4".
+One call, reduced repeat count. The default is the whole entry in one device call of at most 9
+minutes (--budget-s 540): figure a runs ONE timed full TIE sweep per framework (--repeats-a 1);
+b and c/d take 3 timed repeats per measurement (--repeats 3, the figures' own default is 5), and
+every figure stops taking optional repeats at its soft budget (SHARE, capped so that the figures
+still to come keep their least time, LEAST). The medians are therefore of 1-3 runs; run a figure
+alone with more --repeats for tighter numbers.
 
-Figures: ceiling (bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (one
-bench_generate run writes both), stages (bench_tie --what stages: the sweep with stages left out,
-plus `--profile`), scaling (bench_tie --what scaling: 1, 2 and all local devices). The ceiling runs
+Figures (FIGURES below; to add one, add an entry: its script, fixed arguments, output files, soft
+budget, least time and whether it takes --repeats / --profile): ceiling (bench_ceiling), a
+(bench_tie --what sweep), b (bench_install), c and d (one bench_generate run writes both: stacked
+and unstacked layer layouts, and the official LLaDA code with --official-dir), stages (bench_tie
+--what stages), scaling (bench_tie --what scaling: 1, 2 and all local devices), screen (bench_tie
+--what screen: the first-order screen + exact TIE on the top 5% against figure a's full sweep; last
+in the default list, so it runs on what is left and is skipped, and recorded so, when nothing is). The ceiling runs
 first whenever any figure runs, so every floor uses a ceiling measured in the same run.
 
 Each figure runs in its own Python process (a crash, an out-of-memory or a CUDA fault in one
@@ -23,10 +27,6 @@ figure rewrites its JSON after each section; summary.md is rewritten after each 
 --budget-s is the total wall-clock budget: a figure that would start with less than --min-left-s
 left is skipped (recorded in run_all.json and summary.md), and a figure still running when the
 budget ends is killed (its JSON keeps what it had saved, marked killed).
-Each figure also gets a soft budget (its share, capped by what is left once the figures still to
-come have their least time, `LEAST`) after which it stops taking optional repeats. Output files: ceiling.json, fig_a_tie.json, fig_b_install.json,
-fig_c_generate.json, fig_d_memory.json, [tie_stages.json, tie_scaling.json], run_all.json,
-summary.md (at most 9; the device tool brings back 8, so run stages/scaling in a separate call).
 """
 from __future__ import annotations
 
@@ -45,15 +45,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-ORDER = ("ceiling", "a", "b", "c", "d", "stages", "scaling")
-FILES = {"ceiling": ["ceiling.json"], "a": ["fig_a_tie.json"], "b": ["fig_b_install.json"],
-         "cd": ["fig_c_generate.json", "fig_d_memory.json"], "stages": ["tie_stages.json"],
-         "scaling": ["tie_scaling.json"]}
-# soft budgets (s) for optional repeats at full size; the minimal work of a figure is not cut
-SHARE = {"ceiling": 30, "a": 30, "b": 110, "cd": 110, "stages": 90, "scaling": 30}
-# about the least each figure takes at full size on one H100 (one run of everything, compile and
-# init included): a figure's soft budget leaves this much for every figure still to come
-LEAST = {"ceiling": 15, "a": 265, "b": 110, "cd": 150, "stages": 60, "scaling": 220}
+# name -> script, fixed arguments, output files, soft budget (s) for optional repeats at full size,
+# about the least it takes at full size on one H100 (compile and init included; a figure's soft
+# budget leaves this much for every figure still to come), whether it takes --repeats / --profile
+FIGURES = {
+    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15),
+    "a": dict(script="bench_tie.py", args=["--what", "sweep"], files=["fig_a_tie.json"], share=30, least=265),
+    "b": dict(script="bench_install.py", args=[], files=["fig_b_install.json"], share=110, least=110,
+              repeats=True, profile="install"),
+    "cd": dict(script="bench_generate.py", args=[], files=["fig_c_generate.json", "fig_d_memory.json"],
+               share=110, least=150, repeats=True, profile="generate", official=True),
+    "screen": dict(script="bench_tie.py", args=["--what", "screen"], files=["tie_screen.json"], share=30, least=60),
+    "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
+                   least=60, profile="tie_stages"),
+    "scaling": dict(script="bench_tie.py", args=["--what", "scaling"], files=["tie_scaling.json"], share=30,
+                    least=220),
+}
+ALIASES = {"c": "cd", "d": "cd"}
+DEFAULT = "ceiling,a,b,c,d,screen"
+ORDER = tuple(f for job in FIGURES for f in ({v for k, v in ALIASES.items()} == {job} and sorted(ALIASES) or [job]))
+FILES = {k: v["files"] for k, v in FIGURES.items()}
+SHARE = {k: v["share"] for k, v in FIGURES.items()}
+LEAST = {k: v["least"] for k, v in FIGURES.items()}
+LATEST = os.path.join(HERE, "results", "latest")
 
 
 def _write_json(path, obj):
@@ -63,16 +77,11 @@ def _write_json(path, obj):
 
 
 def jobs_for(only) -> list:
-    """Figure names -> the scripts to run, in order (c and d share one run)."""
-    want = [f for f in ORDER if f in only]
-    jobs = []
-    if want and "ceiling" not in want:
-        want = ["ceiling"] + want
-    for f in want:
-        name = "cd" if f in ("c", "d") else f
-        if name not in jobs:
-            jobs.append(name)
-    return jobs
+    """Figure names -> the jobs to run, in FIGURES order (c and d share one run), ceiling first."""
+    want = {ALIASES.get(f, f) for f in only}
+    if want:
+        want.add("ceiling")
+    return [job for job in FIGURES if job in want]
 
 
 def command(job: str, args, ceiling_json: str, budget: float) -> list:
@@ -80,35 +89,24 @@ def command(job: str, args, ceiling_json: str, budget: float) -> list:
 
 
 def _command(job: str, args, ceiling_json: str, budget: float) -> list:
-    py = [sys.executable, "-u"]
-    common = ["--out", args.out, "--budget-s", f"{budget:.0f}", "--seed", str(args.seed)]
+    fig = FIGURES[job]
+    cmd = [sys.executable, "-u", os.path.join(HERE, fig["script"])] + list(fig["args"])
+    cmd += ["--out", args.out, "--budget-s", f"{budget:.0f}", "--seed", str(args.seed)]
     if args.tiny:
-        common.append("--tiny")
+        cmd.append("--tiny")
     if job != "ceiling":
-        common += ["--ceiling-json", ceiling_json]
+        cmd += ["--ceiling-json", ceiling_json]
     if args.skip_torch:
-        common.append("--skip-torch")
-    if job == "ceiling":
-        return py + [os.path.join(HERE, "bench_ceiling.py")] + common
-    if job in ("a", "stages", "scaling"):
-        what = {"a": "sweep"}.get(job, job)
-        cmd = py + [os.path.join(HERE, "bench_tie.py"), "--what", what] + common
-        if job == "a":
-            cmd += ["--repeats", str(args.repeats_a)]
-        if job == "stages" and args.profile:
-            cmd += ["--profile", os.path.join(args.profile, "tie_stages")]
-        return cmd
-    if job == "b":
-        cmd = py + [os.path.join(HERE, "bench_install.py")] + common
-        if args.profile:
-            cmd += ["--profile", os.path.join(args.profile, "install")]
-        return cmd + (["--repeats", str(args.repeats)] if args.repeats else [])
-    if job == "cd":
-        cmd = py + [os.path.join(HERE, "bench_generate.py")] + common
-        if args.profile:
-            cmd += ["--profile", os.path.join(args.profile, "generate")]
-        return cmd + (["--repeats", str(args.repeats)] if args.repeats else [])
-    raise ValueError(job)
+        cmd.append("--skip-torch")
+    if job == "a":
+        cmd += ["--repeats", str(args.repeats_a)]
+    if fig.get("repeats") and args.repeats:
+        cmd += ["--repeats", str(args.repeats)]
+    if fig.get("profile") and args.profile:
+        cmd += ["--profile", os.path.join(args.profile, fig["profile"])]
+    if fig.get("official") and args.official_dir:
+        cmd += ["--official-dir", args.official_dir]
+    return cmd
 
 
 def mark_killed(out: str, job: str, why: str, rc=None, tail: str = ""):
@@ -165,14 +163,18 @@ def run_job(job, cmd, timeout, out) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=LATEST, help="output folder (default benchmarks/results/latest)")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--only", default="ceiling,a,b,c,d", help=f"comma list from {','.join(ORDER)}")
-    ap.add_argument("--budget-s", type=float, default=570.0, help="total wall-clock budget (s)")
+    ap.add_argument("--only", default=DEFAULT, help=f"comma list from {','.join(ORDER)} (default {DEFAULT})")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="total wall-clock budget (s; default 540)")
     ap.add_argument("--min-left-s", type=float, default=None,
                     help="skip a figure if less than this is left (60; --tiny 5)")
     ap.add_argument("--repeats-a", type=int, default=1, help="timed full TIE sweeps per framework (figure a)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement in b, c (default 5)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement in b, c (default 3; "
+                    "the reduced count that fits one call)")
+    ap.add_argument("--official-dir", default=None, metavar="PATH",
+                    help="folder with the official LLaDA modeling_llada.py + configuration_llada.py (figure c "
+                         "times it beside the library; default: not run)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile one steady JAX run of stages, b and c into DIR/<figure> (keep DIR outside "
                          "--out); OUT/profile.tar.gz packs DIR at the end")
@@ -185,12 +187,12 @@ def main(argv=None):
     args.extra = {}
     for item in args.figure_args:
         fig, sep, rest = item.partition("=")
-        fig = "cd" if fig.strip() in ("c", "d") else fig.strip()
+        fig = ALIASES.get(fig.strip(), fig.strip())
         if not sep or fig not in FILES:
             ap.error(f"--figure-args {item!r}: expected FIG=ARGS with FIG one of {sorted(FILES)}")
         args.extra[fig] = (args.extra.get(fig, "") + " " + rest).strip()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    bad = set(only) - set(ORDER)
+    bad = set(only) - set(ORDER) - set(FIGURES)
     if bad:
         ap.error(f"--only: unknown figures {sorted(bad)}; choose from {ORDER}")
     min_left = args.min_left_s if args.min_left_s is not None else (5.0 if args.tiny else 60.0)

@@ -204,9 +204,31 @@ def write_summary(folder: str) -> str:
                      f"{r(thr.get('no_edit'))} / {r(thr.get('edit'))} | {s(jn.get('compile_s'))} | "
                      f"{n_of(jn)}, {n_of(tn)} |")
         L.append("")
+        rows = [(b, row) for b, row in c.get("batches", {}).items() if "jax_unstacked" in row or "official" in row]
+        if rows:
+            L += ["Unstacked layer layout (`model.unstack`) and the official LLaDA code (`--official-dir`):", "",
+                  "| batch | JAX stacked step | JAX unstacked step no edit / edit | unstacked / floor | unstacked "
+                  "edit overhead | official forward | official step | tokens = JAX (unstacked, official) |",
+                  "|---|---|---|---|---|---|---|---|"]
+            for bsz, row in rows:
+                u, o = row.get("jax_unstacked", {}), row.get("official", {})
+                un, ue = u.get("no_edit", {}), u.get("edit", {})
+                ag = row.get("agreement", {})
+                L.append(f"| {bsz} | {r(row.get('jax', {}).get('no_edit', {}).get('step_ms'))} ms | "
+                         f"{r(un.get('step_ms'))} / {r(ue.get('step_ms'))} ms | {r(un.get('ratio_to_floor'))} | "
+                         f"{r(u.get('edit_overhead_pct'), 2)}% | {r(o.get('forward', {}).get('forward_ms'))} ms | "
+                         f"{r(o.get('generate', {}).get('step_ms'))} ms | "
+                         f"{ag.get('unstacked_tokens_equal_fraction', {}).get('no_edit')}, "
+                         f"{ag.get('official_tokens_equal_fraction', {}).get('no_edit')} |")
+            L.append("")
+        if c.get("official", {}).get("status") == "absent":
+            L += [f"Official code not run: {c['official']['message']}", ""]
         for bsz, m in c.get("met", {}).items():
             L.append(f"- batch {bsz}: overhead <= 1%: {yes(m.get('edit_overhead_at_most_1pct'))}; faster than torch: "
-                     f"{yes(m.get('faster_than_torch'))}")
+                     f"{yes(m.get('faster_than_torch'))}"
+                     + (f"; unstacked step <= 1.5x floor: {yes(m.get('unstacked_step_within_1p5x_floor'))}, its edit "
+                        f"overhead <= 1%: {yes(m.get('unstacked_edit_overhead_at_most_1pct'))}"
+                        if "unstacked_step_within_1p5x_floor" in m else ""))
         L += [""] + _status(c) + [""]
 
     d = figs.get("d")

@@ -24,7 +24,7 @@ def results(tmp_path_factory):
                        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     figs = {}
-    for name in ("ceiling", "fig_a_tie", "fig_b_install", "fig_c_generate", "fig_d_memory", "run_all"):
+    for name in ("ceiling", "fig_a_tie", "fig_b_install", "fig_c_generate", "fig_d_memory", "tie_screen", "run_all"):
         with open(os.path.join(out, name + ".json")) as f:
             figs[name] = json.load(f)
     with open(os.path.join(out, "summary.md")) as f:
@@ -39,6 +39,11 @@ def _flops(c, rows, T, layers=None, head=True):
     per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f
     out = rows * (2 * per_layer * L * T + 4 * T * T * h * hd * L)
     return out + (rows * T * 2 * d * c["vocab_size"] if head else 0)
+
+
+def cfig_official_absent(results):
+    """Without --official-dir figure c runs no official section and says nothing is missing."""
+    return "official" not in results["fig_c_generate"] and "official" not in results["fig_c_generate"]["errors"]
 
 
 @pytest.mark.slow
@@ -57,7 +62,8 @@ def test_every_figure_records_card_versions_knobs_and_ceiling(results):
     for name in ("fig_a_tie", "fig_b_install", "fig_c_generate"):
         # the floors use the ceiling measured in this same run
         assert results[name]["ceiling"]["matmul_flops_per_s"] == ceil["ceiling"]["matmul_flops_per_s"]
-    assert [j["job"] for j in results["run_all"]["jobs"]] == ["ceiling", "a", "b", "cd"]
+    assert [j["job"] for j in results["run_all"]["jobs"]] == ["ceiling", "a", "b", "cd", "screen"]
+    assert cfig_official_absent(results)
     s = results["summary"]
     for head in ("## a.", "## b.", "## c.", "## d.", "JAX " + jax.__version__, "**cpu**"):
         assert head in s, head
@@ -85,6 +91,17 @@ def test_fig_a_tie_sweep(results):
     for k in ("clean", "corrupted"):
         assert ag[k]["rel_err"] < 1e-5, (k, ag[k])
     assert all(a["jax_result_finite"].values())
+
+
+@pytest.mark.slow
+def test_screen_figure(results):
+    scr = results["tie_screen"]
+    assert scr["status"] == "ok", scr["errors"]
+    # steady, or estimated as wall - compile when the soft budget ran out first
+    assert scr["screen"]["steady_s"] > 0 and scr["screen_plus_topk"]["steady_s"] > 0
+    assert scr["screen_plus_topk"]["n_candidates"] == 3  # ceil(0.05 * 2 layers * 4 steps) = 1 per module
+    assert scr["full_sweep_s"] == results["fig_a_tie"]["jax"]["steady_s"]  # figure a of the same run
+    assert scr["full_over_screen_plus_topk"] == pytest.approx(scr["full_sweep_s"] / scr["screen_plus_topk"]["steady_s"])
 
 
 @pytest.mark.slow
@@ -126,6 +143,10 @@ def test_fig_c_generation_and_fig_d_memory(results):
         for name in ("no_edit", "edit"):
             assert row["agreement"][name]["tokens_equal_fraction"] == 1.0, (bsz, name, row["agreement"])
         assert row["agreement"]["jax_masks_left"] == {"no_edit": 0, "edit": 0}
+        # the unstacked layer layout: same tokens as the stacked one, timed without compiling
+        assert row["agreement"]["unstacked_tokens_equal_fraction"] == {"no_edit": 1.0, "edit": 1.0}
+        u = row["jax_unstacked"]
+        assert u["no_edit"]["compile_runs"] == [] and u["no_edit"]["step_ms"] > 0 and "edit_overhead_pct" in u
         d = dfig["batches"][bsz]
         assert d["edit_bytes"] == sh["edit"]["bytes"] > 0
         add = d["jax"]["added"]

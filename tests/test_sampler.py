@@ -439,7 +439,7 @@ def test_generate_text_matches_generate(params):
 
 @pytest.mark.slow
 def test_smoke_benchmark_tiny(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "probes"))
     try:
         import smoke_llada8b
     finally:

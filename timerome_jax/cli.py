@@ -25,10 +25,12 @@ from timerome_jax.backbone.config import MODULES
 from timerome_jax.backbone.hf_config import HFConfigError
 from timerome_jax.backbone.hf_weights import CheckpointError
 from timerome_jax.backbone.intervene import Intervene
+from timerome_jax.backbone import validate as V
 from timerome_jax.backbone.tokenizer import TokenizerError, eos_or_default
-from timerome_jax.io import write_json
+from timerome_jax.io import atomic_path, write_json
 from timerome_jax.method import facts as F
 from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import screen as sc
 from timerome_jax.method import trace as tr
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu import evaluate as ev
@@ -46,7 +48,7 @@ class CLIError(Exception):
 KNOWN_ERRORS = (CLIError, FileNotFoundError, NotADirectoryError, HFConfigError, CheckpointError,
                 OrbaxCheckpointError, TokenizerError, NoTokenizerError, mem_lib.MemoryFileError,
                 mem_lib.ModelMismatchError, mem_lib.CoordinateMismatchError, ReferenceMismatchError,
-                MissingReferenceError)
+                MissingReferenceError, V.ValidationError)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -164,6 +166,10 @@ def add_trace(sub):
     p.add_argument("--modules", nargs="+", default=["resid"], choices=MODULES, help="modules the selection may pick")
     p.add_argument("--single-step", action="store_true",
                    help="select the step k* too (default: off, k* = -1 = every step)")
+    p.add_argument("--screen", action="store_true", help="first-order TIE screen of every candidate, then exact "
+                   "TIE on the top --top-frac of each module's cells only (default: off, the full exact sweep)")
+    p.add_argument("--top-frac", type=float, default=0.05,
+                   help="with --screen: fraction of each module's (layer, step) cells traced exactly (default 0.05)")
     p.set_defaults(func=run_trace)
 
 
@@ -172,10 +178,57 @@ def run_trace(a):
     eos = eos_or_default(tok, cfg)
     facts = F.load_facts(tok, a.split, eos, limit=a.n_trace, require_subject=True)
     tcfg = _tcfg(a)
-    res = pl.trace_facts(params, cfg, facts, tcfg, batch=a.n_trace, progress=not a.no_progress)
-    coord, score = tr.select(res.tie_bar, modules=tuple(a.modules), k_star=None if a.single_step else -1)
-    paths = pl.save_trace(res, coord, facts, tcfg, a.out, f"TIE_bar, {len(facts)} {a.split} facts")
-    print(json.dumps({"coordinate": coord._asdict(), "max_mean_abs_tie": float(score.max()), **paths}, indent=1))
+    k_star = None if a.single_step else -1
+    extra = {}
+    if a.screen:
+        st = sc.screen_and_trace(params, cfg, F.fact_batch(facts, cfg), tcfg, top_frac=a.top_frac,
+                                 modules=tuple(a.modules))
+        res = tr.TraceResult(st.tie, st.merged(), st.clean, st.corrupted)
+        coord, score = sc.select_screened(st, modules=tuple(a.modules), k_star=k_star)
+        score = score[np.isfinite(score)]
+        title = f"TIE_bar (exact on the top {a.top_frac:g}, first-order elsewhere), {len(facts)} {a.split} facts"
+        extra = {"screen_npz": str(Path(a.out) / "screen.npz"), "n_exact_candidates": int(len(st.candidates))}
+    else:
+        res = pl.trace_facts(params, cfg, facts, tcfg, batch=a.n_trace, progress=not a.no_progress)
+        coord, score = tr.select(res.tie_bar, modules=tuple(a.modules), k_star=k_star)
+        title = f"TIE_bar, {len(facts)} {a.split} facts"
+    paths = pl.save_trace(res, coord, facts, tcfg, a.out, title)
+    if a.screen:
+        with atomic_path(extra["screen_npz"]) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, estimate=st.estimate, tie_bar_exact=st.tie_bar, candidates=st.candidates)
+    print(json.dumps({"coordinate": coord._asdict(), "max_mean_abs_tie": float(score.max()), **paths, **extra},
+                     indent=1))
+
+
+# -------------------------------------------------------------------------------------------------
+# validate
+# -------------------------------------------------------------------------------------------------
+def add_validate(sub):
+    p = _subparser(sub, "validate", "compare the library with the checkpoint's own PyTorch code (logits and every "
+                   "hidden state, padded and unpadded); exit 1 above the tolerance")
+    p.add_argument("--model", required=True, help="HF checkpoint folder (with its auto_map modeling files, or a "
+                   "Dream/DiffuLLaMA folder for transformers' built-in Qwen2/Llama classes)")
+    p.add_argument("--dtype", dest="compute_dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype of both sides, not the checkpoint's (default: float32 on CPU, bfloat16 on a GPU)")
+    p.add_argument("--tol", type=float, default=None, help="max error relative to each tensor's max |value| "
+                   "(default: 1e-4 in float32, 5e-2 in bfloat16)")
+    p.add_argument("--torch-impl", default="auto", choices=("auto", "remote", "builtin"),
+                   help="PyTorch side: the folder's auto_map files (remote), transformers' Qwen2/Llama (builtin), "
+                   "or remote when the files exist (default: auto)")
+    p.add_argument("--cases", nargs="+", default=["unpadded", "padded"], choices=("unpadded", "padded"),
+                   help="inputs to compare: unpadded (no padding mask) and/or padded (left padding + mask); default both")
+    p.add_argument("--out", default=None, help="also write the JSON report here (default: none)")
+    p.set_defaults(func=run_validate)
+
+
+def run_validate(a):
+    report = V.validate(a.model, a.compute_dtype, tol=a.tol, impl=a.torch_impl, cases=tuple(a.cases))
+    print("\n".join(V.summary_lines(report)))
+    if a.out:
+        V.write_report(report, a.out)
+    if not report["passed"]:
+        raise SystemExit(1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -373,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace(sub)
     add_edit(sub)
     add_eval(sub)
+    add_validate(sub)
     return ap
 
 

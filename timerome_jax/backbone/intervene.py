@@ -36,12 +36,28 @@ class Patch:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Shift:
+    """Add a value to every layer's module outputs on a set of token positions.
+
+    pos: [B, S] int32 token positions; valid: [B, S] bool; value: [L, 3, B, S, D] indexed
+    [layer, module]. With value = 0 the forward is unchanged and the gradient with respect to value
+    is the gradient of the output with respect to every module output on S (the TIE screen's probe).
+    """
+
+    pos: jax.Array
+    valid: jax.Array
+    value: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Intervene:
     """Everything the forward can be asked to do besides the plain computation.
 
     noise:    [B, T, D] added to the token embeddings (Eq. 2 corruption; zero off the subject).
     read_pos: [B, S] int32 positions at which resid/attn/mlp outputs of every layer are returned.
     patch:    a `Patch` (or None).
+    shift:    a `Shift` (or None): additive values at every layer and module on a set of positions.
     edit:     an edit memory (any pytree with `.delta(h) -> [B,T,D]`, a `.step` array and static
               `.layer` and `.module` ints), applied at its coordinate; see `timerome_jax.method.memory`.
     """
@@ -50,6 +66,7 @@ class Intervene:
     read_pos: Optional[jax.Array] = None
     patch: Optional[Patch] = None
     edit: Optional[Any] = None
+    shift: Optional[Shift] = None
 
 
 def apply_patch(h: jax.Array, patch: Optional[Patch], layer, step, module: int) -> jax.Array:
@@ -62,6 +79,15 @@ def apply_patch(h: jax.Array, patch: Optional[Patch], layer, step, module: int) 
     # scatter-*add* the difference so that padded (invalid) duplicate positions add exactly 0
     diff = jnp.where((hit & patch.valid)[..., None], patch.value.astype(h.dtype) - cur, 0)
     return h.at[b, patch.pos].add(diff)
+
+
+def apply_shift(h: jax.Array, shift: Optional[Shift], layer, module: int) -> jax.Array:
+    """Return h [B,T,D] plus shift.value[layer, module] at shift.pos (valid rows only)."""
+    if shift is None:
+        return h
+    b = jnp.arange(h.shape[0])[:, None]
+    add = jnp.where(shift.valid[..., None], shift.value[layer, module].astype(h.dtype), 0)
+    return h.at[b, shift.pos].add(add)
 
 
 def apply_edit(h: jax.Array, edit, step, module: int) -> jax.Array:

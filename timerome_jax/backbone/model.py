@@ -12,6 +12,11 @@ Params layout (plain dicts; layers stacked on a leading axis L and run with `lax
     final_norm [D]
     lm_head    [D, V]   (absent when tie_embeddings)
 
+Unstacked layout (`unstack`): the same tree with `layers` a Python list of L per-layer dicts
+(separate arrays, no leading axis). `run` accepts either; the unstacked one runs an unrolled layer
+loop that reads each layer's own arrays, with no per-iteration copy of a layer out of the stack
+(the batch-1 generation path; benchmarks/bench_generate.py times both layouts).
+
 Precision policy: matmuls in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softmax, the
 MoE router and the logits in float32.
 """
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timerome_jax.backbone.config import ModelConfig
-from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, read
+from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, apply_shift, read
 
 RESID, ATTN, MLP = 0, 1, 2
 
@@ -153,7 +158,12 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cos, sin = rope_tables(positions, cfg.rot_dim, cfg.rope_theta)
     layers = params["layers"]
-    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    listed = isinstance(layers, (list, tuple))
+    n_layers = len(layers) if listed else jax.tree.leaves(layers)[0].shape[0]
+
+    def layer_params(l: int):
+        return layers[l] if listed else jax.tree.map(lambda a: a[l], layers)
+
     n_run = n_layers if stop_layer is None else int(stop_layer) + 1
     if not 1 <= n_run <= n_layers:
         raise ValueError(f"run: stop_layer={stop_layer} out of range for a {n_layers}-layer model")
@@ -167,12 +177,12 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
     def block(h, lp, l, edit_here: bool):
         e = edit if edit_here else None
         a = attn_block(lp, h, cos, sin, pad_mask, cfg)
-        a = apply_edit(apply_patch(a, iv.patch, l, step, ATTN), e, step, ATTN)
+        a = apply_edit(apply_shift(apply_patch(a, iv.patch, l, step, ATTN), iv.shift, l, ATTN), e, step, ATTN)
         h = h + a
         m = mlp_block(lp, h, cfg)
-        m = apply_edit(apply_patch(m, iv.patch, l, step, MLP), e, step, MLP)
+        m = apply_edit(apply_shift(apply_patch(m, iv.patch, l, step, MLP), iv.shift, l, MLP), e, step, MLP)
         h = h + m
-        h = apply_edit(apply_patch(h, iv.patch, l, step, RESID), e, step, RESID)
+        h = apply_edit(apply_shift(apply_patch(h, iv.patch, l, step, RESID), iv.shift, l, RESID), e, step, RESID)
         ys = None
         if iv.read_pos is not None:
             ys = {"resid": read(h, iv.read_pos), "attn": read(a, iv.read_pos), "mlp": read(m, iv.read_pos)}
@@ -184,10 +194,10 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
         def body(h, l):
             return block(h, jax.tree.map(lambda a: a[l], layers), l, False)
 
-        if cfg.layer_unroll >= hi - lo:  # fully unrolled: static layer indices, no loop at all
+        if listed or cfg.layer_unroll >= hi - lo:  # fully unrolled: static layer indices, no loop at all
             ys = []
             for l in range(lo, hi):
-                h, y = block(h, jax.tree.map(lambda a: a[l], layers), jnp.int32(l), False)
+                h, y = block(h, layer_params(l), jnp.int32(l), False)
                 ys.append(y)
             return h, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
         return jax.lax.scan(body, h, jnp.arange(lo, hi, dtype=jnp.int32), unroll=cfg.layer_unroll)
@@ -202,8 +212,7 @@ def run(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Int
         if e_layer > 0:
             h, ys = segment(h, 0, e_layer)
             parts.append(ys)
-        lp = jax.tree.map(lambda a: a[e_layer], layers)
-        h, ys = block(h, lp, jnp.int32(e_layer), True)
+        h, ys = block(h, layer_params(e_layer), jnp.int32(e_layer), True)
         parts.append(jax.tree.map(lambda a: a[None], ys))
         if e_layer + 1 < n_run:
             h, ys = segment(h, e_layer + 1, n_run)
@@ -227,6 +236,30 @@ def head(params, h, cfg: ModelConfig):
 def forward(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Intervene] = None, step=0):
     """Logits [B,T,V] float32 with [:, i] predicting token i, for every family."""
     return run(params, tokens, cfg, pad_mask, intervene, step).logits
+
+
+def unstack(params) -> dict:
+    """The same params with `layers` as a list of L per-layer dicts ([D, F] etc., no leading axis).
+
+    The arrays are new (sliced copies): drop the stacked tree afterwards to keep one copy in
+    memory. Already unstacked params are returned as they are."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    out = dict(params)
+    out["layers"] = [jax.tree.map(lambda a: a[l], layers) for l in range(n)]
+    return out
+
+
+def stack(params) -> dict:
+    """Inverse of `unstack`: `layers` as one dict of [L, ...] arrays (stacked params pass through)."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return params
+    out = dict(params)
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return out
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

@@ -534,12 +534,21 @@ def model_fingerprint(params, cfg: ModelConfig) -> str:
     h = hashlib.sha256()
     cfg_d = {k: v for k, v in cfg.to_dict().items() if k not in _FP_SKIP}
     h.update(json.dumps(cfg_d, sort_keys=True).encode())
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    flat = sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0]))
+    layers = params["layers"]
+    flat = [(jax.tree_util.keystr(p), tuple(leaf.shape), leaf) for p, leaf in
+            jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "layers"})[0]]
+    if isinstance(layers, (list, tuple)):  # unstacked (`model.unstack`): the stacked layout's id
+        for p, _ in jax.tree_util.tree_flatten_with_path(layers[0])[0]:
+            per = [functools.reduce(lambda t, k: t[k.key], p, lp) for lp in layers]
+            flat.append((f"['layers']{jax.tree_util.keystr(p)}", (len(per),) + tuple(per[0].shape), per))
+    else:
+        flat += [(f"['layers']{jax.tree_util.keystr(p)}", tuple(leaf.shape), leaf)
+                 for p, leaf in jax.tree_util.tree_flatten_with_path(layers)[0]]
+    flat = sorted(flat, key=lambda t: t[0])
     # every row in one jitted gather and one transfer (row by row it was ~30 ms of syncs at 8B)
-    rows = jax.device_get(_fingerprint_rows([leaf for _, leaf in flat]))
-    for (path, leaf), leaf_rows in zip(flat, rows):
-        h.update(f"{jax.tree_util.keystr(path)}{tuple(leaf.shape)}".encode())
+    rows = jax.device_get(_fingerprint_rows([leaf for _, _, leaf in flat]))
+    for (path, shape, _), leaf_rows in zip(flat, rows):
+        h.update(f"{path}{shape}".encode())
         for r in leaf_rows:
             h.update(np.asarray(r).view(np.uint16).tobytes())
     return f"{cfg.family}-{h.hexdigest()[:24]}"
@@ -548,6 +557,11 @@ def model_fingerprint(params, cfg: ModelConfig) -> str:
 @jax.jit
 def _fingerprint_rows(leaves):
     def rows(leaf):
+        if isinstance(leaf, (list, tuple)):  # one layer's arrays per entry: rows of the virtual stack
+            n, rest = len(leaf), leaf[0].shape[:-1]
+            picks = [(0, tuple(0 for _ in rest)), (n // 2, tuple(s // 2 for s in rest)),
+                     (n - 1, tuple(s - 1 for s in rest))]
+            return [jnp.asarray(leaf[i])[j].astype(jnp.bfloat16) for i, j in picks]
         leaf = jnp.asarray(leaf)
         if leaf.ndim <= 1:
             return [leaf.astype(jnp.bfloat16)]

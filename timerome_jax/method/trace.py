@@ -178,10 +178,20 @@ trajectory = jax.jit(_trajectory, static_argnames=("cfg", "tcfg", "read"))
 trajectory.__doc__ = """Run K traced steps. noise [B,T,D] or None; read=True records module outputs on S."""
 
 
-def plan_lanes(n_layers: int, K: int, modules: Sequence[int] = (0, 1, 2)) -> np.ndarray:
+def plan_lanes(n_layers: int, K: int, modules: Sequence[int] = (0, 1, 2),
+               candidates: Optional[np.ndarray] = None) -> np.ndarray:
     """Pair candidates into lanes. Returns int32 [N, 6] rows (kA, lA, mA, kB, lB, mB); a candidate
-    with layer -1 is a filler that never fires (only when a middle step has an odd count)."""
-    cands = {k: [(l, m) for m in modules for l in range(n_layers)] for k in range(K)}
+    with layer -1 is a filler that never fires (when the steps k and K-1-k have unequal counts).
+    candidates: int [C, 3] rows (module, layer, step) to run (default: every layer and step of
+    `modules`)."""
+    if candidates is None:
+        cands = {k: [(l, m) for m in modules for l in range(n_layers)] for k in range(K)}
+    else:
+        cands = {k: [] for k in range(K)}
+        for m, l, k in np.asarray(candidates, np.int64).reshape(-1, 3):
+            if not (0 <= m < 3 and 0 <= l < n_layers and 0 <= k < K):
+                raise ValueError(f"plan_lanes: candidate (module {m}, layer {l}, step {k}) outside 3 x {n_layers} x {K}")
+            cands[int(k)].append((int(l), int(m)))
     lanes = []
     for kA in range((K + 1) // 2):
         kB = K - 1 - kA
@@ -193,6 +203,8 @@ def plan_lanes(n_layers: int, K: int, modules: Sequence[int] = (0, 1, 2)) -> np.
             a, b = a[:half], a[half:]
         else:
             b = cands[kB]
+            n = max(len(a), len(b))
+            a, b = a + [(-1, 0)] * (n - len(a)), b + [(-1, 0)] * (n - len(b))
         lanes += [(kA, la, ma, kB, lb, mb) for (la, ma), (lb, mb) in zip(a, b)]
     return np.asarray(lanes, np.int32).reshape(-1, 6)
 
@@ -266,22 +278,25 @@ def embedding_noise(key, fb: FactBatch, params, sigma: float) -> jax.Array:
 
 
 def trace(params, cfg: ModelConfig, fb: FactBatch, tcfg: TraceConfig = TraceConfig(), progress=None,
-          lanes_runner: Optional[Callable] = None) -> TraceResult:
+          lanes_runner: Optional[Callable] = None, candidates: Optional[np.ndarray] = None) -> TraceResult:
     """Full TIE sweep over all (layer, step, module) for a batch of facts (Eqs. 2-4).
 
     Returns a TraceResult (NumPy). `progress(i, n)` is called after each noise draw when given.
     lanes_runner(params, fb, noise, corr, clean_acts, lanes [N,6] int32 NumPy) -> scores [N, K+1, B]
     replaces the one-device `run_lanes` (e.g. `sharding.LanesRunner(mesh, cfg, tcfg)` spreads the lanes over
     devices). A FactBatch without padding (all-True pad_mask) runs its forwards with no mask.
+    candidates: int [C, 3] rows (module, layer, step) to run; the others are NaN in tie and tie_bar
+    (default: all of them).
     """
     if fb.pad_mask is not None and bool(np.all(np.asarray(fb.pad_mask))):
         fb = dataclasses.replace(fb, pad_mask=None)
     K, L = tcfg.steps, cfg.n_layers
     sigma = tcfg.noise_scale * float(jnp.std(params["embed"].astype(jnp.float32)))
     clean = trajectory(params, fb, None, cfg=cfg, tcfg=tcfg, read=True)
-    lanes = plan_lanes(L, K)
+    lanes = plan_lanes(L, K, candidates=candidates)
     B = fb.x0.shape[0]
     tie_sum = np.zeros((B, 3, L, K, K))
+    ran = np.zeros((3, L, K), bool)
     corr_scores = []
     for r in range(tcfg.n_noise):
         noise = embedding_noise(jax.random.fold_in(jax.random.key(tcfg.seed), r), fb, params, sigma)
@@ -298,6 +313,7 @@ def trace(params, cfg: ModelConfig, fb: FactBatch, tcfg: TraceConfig = TraceConf
                 k, l, m = (kA, lA, mA) if j < seg else (kB, lB, mB)
                 if l < 0:
                     continue
+                ran[m, l, k] = True
                 kp = (kA + j if j < seg else kB + j - seg) + 1  # this iteration yields s(k')
                 tie_sum[:, m, l, k, kp - 1] += scores[n, j] - cs[kp - 1]
         if progress is not None:
@@ -305,8 +321,8 @@ def trace(params, cfg: ModelConfig, fb: FactBatch, tcfg: TraceConfig = TraceConf
     tie = tie_sum / tcfg.n_noise
     w = decay_weights(K, tcfg.tau)
     later = w > 0
-    tie_bar = np.sum(np.where(later, tie, 0.0) * w, axis=-1)
-    tie = np.where(later, tie, np.nan)
+    tie_bar = np.where(ran, np.sum(np.where(later, tie, 0.0) * w, axis=-1), np.nan)
+    tie = np.where(later & ran[..., None], tie, np.nan)
     return TraceResult(tie, tie_bar, np.asarray(clean.scores).T, np.stack(corr_scores))
 
 

@@ -1,7 +1,7 @@
 """Smoke benchmark: an LLaDA-8B-shaped model with random bf16 weights, forward + 64-step generation.
 
-    python benchmarks/smoke_llada8b.py --out benchmarks/results/smoke_llada8b.json
-    python benchmarks/smoke_llada8b.py --tiny --out /tmp/smoke_tiny.json   # same code, small config, CPU, seconds
+    python benchmarks/probes/smoke_llada8b.py --out /tmp/smoke_llada8b.json
+    python benchmarks/probes/smoke_llada8b.py --tiny --out /tmp/smoke_tiny.json   # same code, small config, CPU, seconds
 
 Measures, on jax.devices()[0]:
 - init: time to create the random bf16 params ON the device (one jitted init; nothing big on host);
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from timerome_jax.backbone import model
 from timerome_jax.diffusion import sampler  # noqa: E402

@@ -1,9 +1,9 @@
 """Probe: what the layer loop costs at batch 1, and what the edit adds (one variant per process).
 
-    python benchmarks/probe_layer_loop.py --out R --label scan                      # as shipped
-    python benchmarks/probe_layer_loop.py --out R --label unroll --unroll 32        # fully unrolled
-    XLA_FLAGS=... python benchmarks/probe_layer_loop.py --out R --label flagname    # an XLA option
-    python benchmarks/probe_layer_loop.py --out /tmp/r --tiny                       # CPU, seconds
+    python benchmarks/probes/probe_layer_loop.py --out R --label scan                      # as shipped
+    python benchmarks/probes/probe_layer_loop.py --out R --label unroll --unroll 32        # fully unrolled
+    XLA_FLAGS=... python benchmarks/probes/probe_layer_loop.py --out R --label flagname    # an XLA option
+    python benchmarks/probes/probe_layer_loop.py --out /tmp/r --tiny                       # CPU, seconds
 
 Why: the h100_call3 profile of generation showed 8 weight-slice copies per layer iteration
 (`memcpy128`, 16384 per 64-step generation): the rolled `lax.scan` copies each layer's weights out
@@ -21,7 +21,7 @@ import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 import common as C  # noqa: E402
 
 import jax  # noqa: E402

@@ -2,7 +2,7 @@
 the default models), compile and steady state apart, median of `--repeats` timed calls, each of
 `--rounds` separate rounds (this machine is shared, so rounds differ).
 
-    python benchmarks/cpu_forward.py --out benchmarks/results/cpu_forward.json
+    python benchmarks/probes/cpu_forward.py --out /tmp/cpu_forward.json
 """
 import argparse
 import os
@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import jax  # noqa: E402
 
 from timerome_jax.backbone.checkpoint import load_model  # noqa: E402
