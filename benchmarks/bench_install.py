@@ -3,11 +3,11 @@
     python benchmarks/bench_install.py --out benchmarks/results
     python benchmarks/bench_install.py --out /tmp/r --tiny            # CPU, seconds
 
-Facts are random token arrays laid out as a `memory.ClozeBatch` directly (no tokenizer): prompt 112
+Facts are random token arrays laid out as a `capture.ClozeBatch` directly (no tokenizer): prompt 112
 tokens (a 6-token subject inside it) + object 16 tokens, and prompt + target 16 tokens, so both
 cloze sequences are exactly 128 tokens (no padding). Coordinate: layer 19, resid (k* = -1).
 
-JAX (what `pipeline.install` does after tokenising): `memory.capture` (forward stopped at the layer,
+JAX (what `pipeline.install` does after tokenising): `capture.capture` (forward stopped at the layer,
 `--chunk` facts per forward with both cloze sequences in it, results brought to the host) then the solve: `default_lam` +
 `memory.build` (host float64 Cholesky). The model fingerprint that `pipeline.install` also computes
 is timed apart (`fingerprint_s`; computed from the weights on every call) and included in `install_s`.
@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timerome_jax.method import capture as cap_lib  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
 from timerome_jax.backbone.config import module_id  # noqa: E402
 from timerome_jax.pipeline import default_lam  # noqa: E402
@@ -57,8 +58,8 @@ def make_cloze(cfg, n: int, prompt_len: int, obj_len: int, tgt_len: int, subj_le
             "tgt_pos": i32(tpos), "tgt_valid": ones(tpos)}
 
 
-def cloze_batch(arrs: dict, n: int) -> mem_lib.ClozeBatch:
-    return mem_lib.ClozeBatch(**{k: jnp.asarray(v[:n]) for k, v in arrs.items()})
+def cloze_batch(arrs: dict, n: int) -> cap_lib.ClozeBatch:
+    return cap_lib.ClozeBatch(**{k: jnp.asarray(v[:n]) for k, v in arrs.items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def cloze_batch(arrs: dict, n: int) -> mem_lib.ClozeBatch:
 
 def jax_capture(params, cfg, cb, layer, module, chunk):
     """memory.capture, results on the host (as pipeline.install)."""
-    u, v_o, v_t = mem_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
+    u, v_o, v_t = cap_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
     return tuple(np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
 
 
@@ -87,7 +88,7 @@ def jax_solve(u, v_o, v_t, layer, module, alpha, q, fingerprint):
 
 def torch_capture(model, tb: dict, n: int, layer: int, module: int, chunk: int):
     """capture_torch per chunk (forward stops at the layer), masked means in float32 -> u, v_o, v_t.
-    As in `memory.capture`, the original and target sequences of a chunk go through one batched
+    As in `capture.capture`, the original and target sequences of a chunk go through one batched
     forward (padded to one length and one number of read positions)."""
     import torch
     import torch.nn.functional as F
@@ -221,7 +222,7 @@ def main(argv=None):
     def jax_part(cfg_used):
         j_deadline = deadline.at_least((deadline.budget_s or 0) / 2)
         # pipeline.install computes it on every install; its first call compiles small gathers
-        fpm = C.measure(lambda: mem_lib.model_fingerprint(params, cfg_used), want=3, deadline=j_deadline,
+        fpm = C.measure(lambda: cap_lib.model_fingerprint(params, cfg_used), want=3, deadline=j_deadline,
                         sync=lambda _: None)
         fp = fpm["out"]
         rec["fingerprint"] = C.strip(fpm)

@@ -7,7 +7,9 @@ import pytest
 
 from timerome_jax import cli
 from timerome_jax.method import facts as F
+from timerome_jax.method import capture as cap_lib
 from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import memory_file
 from timerome_jax import pipeline as pl
 from timerome_jax.method import trace as tr
 
@@ -48,7 +50,7 @@ def test_demo_end_to_end(tiny, tmp_path):
     assert methods == {"no_edit", "timerome_safe (a=0.5, q=2)", "timerome_strong (a=2, q=4)"}
     strong = next(r for r in out["rows"] if r["method"].startswith("timerome_strong") and r["metric"] == "forget_lp")
     assert strong["delta"] is not None and strong["delta"] != 0.0  # the edit changes the scores
-    mem, meta = mem_lib.load(tmp_path / "memory.npz", expect_fingerprint=mem_lib.model_fingerprint(params, cfg))
+    mem, meta = memory_file.load(tmp_path / "memory.npz", expect_fingerprint=cap_lib.model_fingerprint(params, cfg))
     assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01"
 
 
@@ -76,8 +78,8 @@ def test_cli_edit_rejects_memory_for_other_model(tiny, tiny_llada_dir, tmp_path,
               "--no-progress"])
     info = json.loads(capsys.readouterr().out)
     assert info["n_facts"] == 3 and info["coordinate"]["layer"] == 1
-    with pytest.raises(mem_lib.ModelMismatchError):
-        mem_lib.load(tmp_path / "memory.npz", expect_fingerprint="llada-000000000000000000000000")
+    with pytest.raises(memory_file.ModelMismatchError):
+        memory_file.load(tmp_path / "memory.npz", expect_fingerprint="llada-000000000000000000000000")
     with pytest.raises(SystemExit, match="does not exist"):
         cli.main(["edit", "--model", str(tmp_path / "nope"), "--layer", "1"])
     with pytest.raises(SystemExit, match="no trace result"):

@@ -1,6 +1,6 @@
 """`timerome` command line: demo (the main job), trace, edit, eval.
 
-Every sub-command is a thin layer over the Python API in `pipeline`, `trace`, `memory` and
+Every sub-command is a thin layer over the Python API in `pipeline`, `trace`, `memory_file` and
 `evaluate`, with the same defaults, so the CLI and the API agree.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from timerome_jax.backbone.checkpoint import NoTokenizerError, load_model_with_t
 from timerome_jax.backbone.tokenizer import eos_or_default
 from timerome_jax.diffusion.sampler import SamplerConfig
 from timerome_jax.io import write_json
-from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
+from timerome_jax.method.capture import DEFAULT_TARGET_TEXT
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu import evaluate as ev
 from timerome_jax.tofu.models import DEFAULT_MODEL, DEFAULT_RETAIN_MODEL
@@ -76,7 +76,7 @@ def run_trace(a):
 
 def run_edit(a):
     from timerome_jax.method import facts as F
-    from timerome_jax.method import memory as mem_lib
+    from timerome_jax.method import memory_file
     from timerome_jax import pipeline as pl
     from timerome_jax.backbone.config import MODULES
     from timerome_jax.backbone.intervene import Intervene
@@ -102,7 +102,7 @@ def run_edit(a):
     memory, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, a.lam, target)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     mem_path = Path(a.out) / "memory.npz"
-    mem_lib.save(memory, mem_path, {"split": a.split, "target_text": a.target_text if not a.idk_targets else "idontknow",
+    memory_file.save(memory, mem_path, {"split": a.split, "target_text": a.target_text if not a.idk_targets else "idontknow",
                                     "fact_index": [f.index for f in facts]})
     print(json.dumps({**info, "memory": str(mem_path)}, indent=1))
     if a.evaluate:

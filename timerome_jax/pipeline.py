@@ -24,14 +24,16 @@ from timerome_jax.tofu import evaluate as ev
 from timerome_jax.tofu.reference import cached_retain_tr
 from timerome_jax.tofu.report import compare, write_report
 from timerome_jax.method import facts as F
+from timerome_jax.method import capture as cap_lib
 from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import memory_file
 from timerome_jax.method import trace as tr
 from timerome_jax.backbone.config import MODULES
 from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.io import atomic_path, write_json
 from timerome_jax.backbone.tokenizer import eos_or_default
 
-DEFAULT_TARGET = mem_lib.DEFAULT_TARGET_TEXT
+DEFAULT_TARGET = cap_lib.DEFAULT_TARGET_TEXT
 
 
 def _bar(total, desc, progress):
@@ -91,12 +93,12 @@ def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinat
         raise ValueError(f"install: lambda must be > 0, got {lam}")
     t0 = time.perf_counter()
     cb = F.cloze_batch(facts, tokenizer, cfg, target_text)
-    u, v_o, v_t = mem_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)
+    u, v_o, v_t = cap_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)
     u, v_o, v_t = (np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
     t1 = time.perf_counter()
     lam = default_lam(u) if lam is None else float(lam)
     memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
-                           step=coord.step, capacity=capacity, fingerprint=mem_lib.model_fingerprint(params, cfg))
+                           step=coord.step, capacity=capacity, fingerprint=cap_lib.model_fingerprint(params, cfg))
     jax.block_until_ready(memory.G)
     t2 = time.perf_counter()
     info = {"capture_s": t1 - t0, "solve_s": t2 - t1, "install_s": t2 - t0, "n_facts": len(facts), "lam": lam,
@@ -160,7 +162,7 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
                        f"TIE_bar over {len(traced)} {dcfg.split} facts (K={dcfg.trace.steps})")
     memory, info = install(params, cfg, tokenizer, all_facts, coord, alpha=dcfg.settings[0][1], q=dcfg.settings[0][2],
                            lam=dcfg.lam, target_text=dcfg.target_text)
-    mem_lib.save(memory, out / "memory.npz", {"split": dcfg.split, "target_text": dcfg.target_text,
+    memory_file.save(memory, out / "memory.npz", {"split": dcfg.split, "target_text": dcfg.target_text,
                                               "fact_index": [f.index for f in all_facts]})
     retain_tr = None
     if "forget_quality" in ev.expand_metrics(dcfg.metrics) and retain_model is not None:

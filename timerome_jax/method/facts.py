@@ -68,8 +68,8 @@ def fact_batch(facts: Sequence[Fact], cfg: ModelConfig):
 
 
 def cloze_batch(facts: Sequence[Fact], tokenizer, cfg: ModelConfig, target_text):
-    """`memory.ClozeBatch` for a list of facts (object = answer + eos, target = target_text + eos)."""
-    from timerome_jax.method.memory import make_cloze_batch
+    """`capture.ClozeBatch` for a list of facts (object = answer + eos, target = target_text + eos)."""
+    from timerome_jax.method.capture import make_cloze_batch
 
     return make_cloze_batch(tokenizer, [list(f.prompt_ids) for f in facts], [list(f.key_pos) for f in facts],
                             [f.answer for f in facts], target_text, cfg)

@@ -1,0 +1,144 @@
+"""Edit-memory files: one .npz with the arrays and a JSON header (format name and version).
+
+`save` writes atomically; `load` checks format, version, checksum, shapes and (optionally) the
+model fingerprint and coordinate, raising `MemoryFileError`, `ModelMismatchError` or
+`CoordinateMismatchError` with the file and field in the message.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from typing import Optional, Union
+
+import numpy as np
+
+from timerome_jax.backbone.config import MODULES, module_id
+from timerome_jax.io import atomic_path
+from timerome_jax.method.memory import EditMemory, from_arrays, n_facts
+
+FORMAT_NAME = "timerome-edit-memory"
+FORMAT_VERSION = 1
+
+
+class MemoryFileError(ValueError):
+    """An edit-memory file is missing pieces, corrupt, truncated or of another format version."""
+
+
+class ModelMismatchError(ValueError):
+    """An edit-memory file was built for another model (fingerprint mismatch)."""
+
+
+class CoordinateMismatchError(ValueError):
+    """An edit-memory file sits at another (layer, module[, step]) than expected."""
+
+
+_ARRAYS = ("U", "Dm", "G", "active")
+_RESERVED = ("format", "format_version", "fingerprint", "layer", "module", "step", "alpha", "q",
+             "lam", "capacity", "d_model", "n_facts", "sha256")
+
+
+def _digest(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for k in _ARRAYS:
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save(mem: EditMemory, path: Union[str, os.PathLike], meta: Optional[dict] = None) -> None:
+    """Write `mem` to one .npz file, atomically (temp file in the same folder, then os.replace).
+
+    The file holds U, Dm, G, active and a JSON header (entry "meta"): format name and version,
+    fingerprint, layer, module name, step, alpha, q, lam, capacity, d_model, n_facts, a sha256 of
+    the arrays, and the caller's `meta` (e.g. target_text, fact_ids; JSON-serialisable, keys must
+    not clash with the reserved ones above).
+    """
+    path = os.fspath(path)
+    arrays = {"U": np.asarray(mem.U, np.float32), "Dm": np.asarray(mem.Dm, np.float32),
+              "G": np.asarray(mem.G, np.float32), "active": np.asarray(mem.active, bool)}
+    user = dict(meta or {})
+    clash = sorted(set(user) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"save: meta keys {clash} are reserved for the memory's own fields")
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+              "fingerprint": mem.fingerprint, "layer": int(mem.layer),
+              "module": MODULES[mem.module], "step": int(mem.step), "alpha": float(mem.alpha),
+              "q": int(mem.q), "lam": float(mem.lam), "capacity": mem.capacity,
+              "d_model": mem.d_model, "n_facts": n_facts(mem), "sha256": _digest(arrays), **user}
+    try:
+        blob = json.dumps(header, sort_keys=True).encode()
+    except TypeError as e:
+        raise ValueError(f"save: meta is not JSON-serialisable ({e})") from None
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add ".npz"
+        np.savez(f, meta=np.frombuffer(blob, np.uint8), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _norm_coordinate(coord) -> tuple:
+    if len(coord) not in (2, 3):
+        raise ValueError(f"expect_coordinate must be (layer, module) or (layer, module, step), "
+                         f"got {coord!r}")
+    out = (int(coord[0]), module_id(coord[1]))
+    return out + ((int(coord[2]),) if len(coord) == 3 else ())
+
+
+def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None,
+         expect_coordinate: Optional[tuple] = None):
+    """Read a memory written by `save` -> (EditMemory, meta dict with every header field).
+
+    expect_fingerprint: raise `ModelMismatchError` unless the file was built for this model.
+    expect_coordinate: (layer, module) or (layer, module, step), module a name or id; raise
+    `CoordinateMismatchError` on a mismatch. A corrupt, truncated or foreign file, or another
+    format version, raises `MemoryFileError`.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"edit-memory file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise MemoryFileError(f"{path}: not an edit-memory .npz file")
+            missing = [k for k in ("meta",) + _ARRAYS if k not in z.files]
+            if missing:
+                raise MemoryFileError(f"{path}: not an edit-memory file (missing entries {missing})")
+            header = json.loads(bytes(z["meta"]).decode())
+            arrays = {k: z[k] for k in _ARRAYS}
+    except MemoryFileError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as e:
+        raise MemoryFileError(f"{path}: corrupt or truncated edit-memory file "
+                              f"({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise MemoryFileError(f"{path}: not an edit-memory file (format "
+                              f"{header.get('format') if isinstance(header, dict) else header!r})")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise MemoryFileError(f"{path}: edit-memory format version {header.get('format_version')!r}; "
+                              f"this library reads version {FORMAT_VERSION}")
+    missing = [k for k in _RESERVED if k not in header]
+    if missing:
+        raise MemoryFileError(f"{path}: header lacks fields {missing}")
+    if _digest(arrays) != header["sha256"]:
+        raise MemoryFileError(f"{path}: array checksum mismatch (file corrupt)")
+    C, D = header["capacity"], header["d_model"]
+    want = {"U": (C, D), "Dm": (C, D), "G": (C, C), "active": (C,)}
+    for k, shp in want.items():
+        if arrays[k].shape != shp:
+            raise MemoryFileError(f"{path}: entry {k} has shape {arrays[k].shape}, header says {shp}")
+    if expect_fingerprint is not None and header["fingerprint"] != expect_fingerprint:
+        raise ModelMismatchError(f"{path}: edit memory was built for model "
+                                 f"{header['fingerprint']!r}, not {expect_fingerprint!r}")
+    if expect_coordinate is not None:
+        want_c = _norm_coordinate(expect_coordinate)
+        have = (header["layer"], module_id(header["module"]), header["step"])[: len(want_c)]
+        if have != want_c:
+            fmt = lambda c: (c[0], MODULES[c[1]]) + tuple(c[2:])
+            raise CoordinateMismatchError(f"{path}: edit memory sits at (layer, module, step) "
+                                          f"{fmt(have)}, expected {fmt(want_c)}")
+    mem = from_arrays(arrays["U"], arrays["Dm"], arrays["G"], arrays["active"], header["lam"],
+                header["alpha"], header["q"], header["layer"], module_id(header["module"]),
+                header["step"], header["fingerprint"])
+    return mem, header
