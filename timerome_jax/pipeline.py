@@ -25,6 +25,7 @@ from timerome_jax.tofu.reference import cached_retain_tr
 from timerome_jax.tofu.report import compare, write_report
 from timerome_jax.method import facts as F
 from timerome_jax.method import capture as cap_lib
+from timerome_jax.method import gate as gate_lib
 from timerome_jax.method import memory as mem_lib
 from timerome_jax.method import memory_file
 from timerome_jax.method import trace as tr
@@ -82,11 +83,15 @@ def default_lam(u: np.ndarray, rel: float = 0.1) -> float:
 
 def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinate, alpha: float, q: int,
             lam: Optional[float] = None, target_text: str = DEFAULT_TARGET, capacity: Optional[int] = None,
-            chunk: int = 16):
+            chunk: int = 16, gate: bool = False, calibration: Optional[gate_lib.GateCalibration] = None,
+            percentile: float = gate_lib.DEFAULT_PERCENTILE):
     """Stage 3: capture (Eqs. 6-9) and solve (Eq. 11) -> (EditMemory, info).
 
     lam None = `default_lam` of the captured keys. target_text: one string, or one per fact (e.g.
-    TOFU idontknow lines). info: capture_s, solve_s, n_facts, lam, coordinate."""
+    TOFU idontknow lines). gate: also capture slot keys and build the gated memory
+    (`memory.Gate`), whitened and thresholded (at `percentile` of held-out retain tokens) with
+    `calibration` (None: `gate.calibrate` on TOFU calibration rows at this coordinate).
+    info: capture_s, solve_s, n_facts, lam, coordinate (+ gate_s, tau, percentile when gated)."""
     if not facts:
         raise ValueError("install: the forget set is empty")
     if lam is not None and not lam > 0:
@@ -97,13 +102,29 @@ def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinat
     u, v_o, v_t = (np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
     t1 = time.perf_counter()
     lam = default_lam(u) if lam is None else float(lam)
-    memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
-                           step=coord.step, capacity=capacity, fingerprint=cap_lib.model_fingerprint(params, cfg))
-    jax.block_until_ready(memory.G)
+    gate_kw, extra = {}, {}
+    if gate:
+        if calibration is None:
+            calibration = gate_lib.calibrate(params, cfg, tokenizer, coord.layer, coord.module)
+        elif (calibration.layer, calibration.module) != (coord.layer, coord.module):
+            raise ValueError(f"install: the gate calibration is at (layer, module) "
+                             f"({calibration.layer}, {calibration.module}), the edit at ({coord.layer}, {coord.module})")
+        keys = np.asarray(cap_lib.capture_slot_keys(params, cfg, cb, coord.layer, coord.module, chunk=chunk))
+        gate_kw = {"gate_keys": keys, "whitening": calibration.whitening}
     t2 = time.perf_counter()
-    info = {"capture_s": t1 - t0, "solve_s": t2 - t1, "install_s": t2 - t0, "n_facts": len(facts), "lam": lam,
-            "alpha": alpha, "q": q, "coordinate": {"layer": coord.layer, "step": coord.step,
-                                                   "module": MODULES[coord.module]}}
+    memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
+                           step=coord.step, capacity=capacity, fingerprint=cap_lib.model_fingerprint(params, cfg),
+                           **gate_kw)
+    if gate:
+        tau = mem_lib.calibrate_tau(memory, calibration.h_thresh, percentile)
+        memory = mem_lib.with_gate(memory, tau=tau)
+        extra = {"gate_s": t2 - t1, "tau": tau, "percentile": percentile,
+                 "calibration_rows": {"whiten": len(calibration.whiten_rows), "thresh": len(calibration.thresh_rows)}}
+    jax.block_until_ready(memory.G)
+    t3 = time.perf_counter()
+    info = {"capture_s": t1 - t0, "solve_s": t3 - t2, "install_s": t3 - t0, "n_facts": len(facts), "lam": lam,
+            "alpha": alpha, "q": q, "gated": bool(gate), **extra,
+            "coordinate": {"layer": coord.layer, "step": coord.step, "module": MODULES[coord.module]}}
     return memory, info
 
 

@@ -196,7 +196,7 @@ def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Uni
 
 def chunked(batch, n: int, step: int, run):
     """`run(sub)` on consecutive `step`-row chunks of `batch` (the last one padded with copies of
-    row 0, so every chunk has one shape); returns its three outputs' first n rows, concatenated."""
+    row 0, so every chunk has one shape); returns a tuple of its outputs' first n rows, concatenated."""
     outs = []
     for start in range(0, n, step):
         idx = np.arange(start, start + step)
@@ -204,7 +204,63 @@ def chunked(batch, n: int, step: int, run):
         res = run(jax.tree.map(lambda a: a[idx], batch))
         k = min(step, n - start)
         outs.append(tuple(r[:k] for r in res))
-    return tuple(jnp.concatenate([o[i] for o in outs]) for i in range(3))
+    return tuple(jnp.concatenate([o[i] for o in outs]) for i in range(len(outs[0])))
+
+# --------------------------------------------------------------------------------------------
+# Gate keys and calibration residuals (the gated memory, see `memory.Gate`)
+# --------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "module"))
+def slot_key_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: int):
+    """Slot keys of one chunk: the mean residual over the object positions O_z of the cloze with
+    every object token replaced by the mask token: `b` of N facts -> ([N,D] f32,)."""
+    obj = jnp.zeros(b.tokens_o.shape, jnp.bool_).at[jnp.arange(b.n)[:, None], b.obj_pos].max(b.obj_valid)
+    tokens = jnp.where(obj, cfg.mask_token_id, b.tokens_o)
+    acts = _model.run(params, tokens, cfg, b.pad_o, Intervene(read_pos=b.obj_pos), step=0,
+                      stop_layer=layer).acts[MODULES[module]][layer]
+    return (_masked_mean(acts, b.obj_valid),)
+
+
+def capture_slot_keys(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str],
+                      chunk: int = 16) -> jax.Array:
+    """Gate keys at (layer, module), step 0: for every fact, the residual at its answer slots
+    (object positions, answer + eos) averaged, with the whole answer masked, i.e. what the model
+    holds where it is about to write this fact's answer. -> [N,D] float32."""
+    m = check_capture(cfg, batch, layer, module)
+    n = batch.n
+    chunk = max(1, min(int(chunk), n))
+    if chunk == n:
+        return slot_key_chunk(params, batch, cfg, int(layer), m)[0]
+    return chunked(batch, n, chunk, lambda sub: slot_key_chunk(params, sub, cfg, int(layer), m))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "module"))
+def _residual_chunk(params, tokens, pad, cfg: ModelConfig, layer: int, module: int):
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return _model.run(params, tokens, cfg, pad, Intervene(read_pos=pos), step=0,
+                      stop_layer=layer).acts[MODULES[module]][layer]
+
+
+def capture_residuals(params, cfg: ModelConfig, tokens, pad, layer: int, module: Union[int, str],
+                      chunk: int = 32) -> np.ndarray:
+    """Residuals at (layer, module) of every real token: tokens, pad [N,T] (pad True = real) ->
+    [n_real, D] float32 on the host (what a gate is whitened and thresholded with)."""
+    m = module_id(module)
+    if not 0 <= layer < cfg.n_layers:
+        raise ValueError(f"capture_residuals: layer {layer} out of range for a {cfg.n_layers}-layer model")
+    tokens, pad = np.asarray(tokens, np.int32), np.asarray(pad, bool)
+    if tokens.shape != pad.shape or tokens.ndim != 2:
+        raise ValueError(f"capture_residuals: tokens {tokens.shape} and pad {pad.shape} must be one [N,T] shape")
+    out = []
+    for i in range(0, tokens.shape[0], chunk):
+        t, p = tokens[i:i + chunk], pad[i:i + chunk]
+        k = t.shape[0]
+        if k < chunk:  # one compiled shape: pad the last chunk with copies of its first row
+            t = np.concatenate([t, np.repeat(t[:1], chunk - k, 0)])
+            p = np.concatenate([p, np.repeat(p[:1], chunk - k, 0)])
+        a = np.asarray(_residual_chunk(params, jnp.asarray(t), jnp.asarray(p), cfg, int(layer), m))[:k]
+        out.append(a[pad[i:i + chunk]])
+    return np.concatenate(out).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------

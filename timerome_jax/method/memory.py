@@ -75,7 +75,40 @@ def top_q(c: jax.Array, q) -> jax.Array:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["U", "Dm", "G", "W", "active", "alpha", "q", "lam", "step"],
+                   data_fields=["K", "mu", "P", "tau", "on"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """Per-token gate g(h) in {0, 1} of a gated memory: h <- h + g(h) alpha TopQ_q(D^T G U h).
+
+    g(h) = 1 when max_f cos_W(h, k_f) > tau over the active facts f, where cos_W is the cosine
+    after whitening z = P (h - mu): the keys k_f are residuals at the fact's answer slots with the
+    answer fully masked (`capture.capture_slot_keys`), and (mu, P) whiten with the residuals of
+    held-out retain rows (`fit_whitening`), so directions every question shares count little.
+    K [C,R] f32: whitened, unit-norm keys P (k_f - mu) / |.| (zero rows for inactive slots);
+    mu [D] f32; P [R,D] f32 (R <= D; R = D is full whitening); tau f32 scalar threshold on the
+    whitened cosine; on bool scalar (False: g = 1 everywhere, i.e. Eq. 12 exactly). All data.
+    """
+
+    K: jax.Array
+    mu: jax.Array
+    P: jax.Array
+    tau: jax.Array
+    on: jax.Array
+
+    def score(self, h: jax.Array, active: jax.Array) -> jax.Array:
+        """max over active facts of the whitened cosine: h [..., D] -> [...] f32 (-inf: no fact)."""
+        z = jnp.einsum("...d,rd->...r", h.astype(jnp.float32) - self.mu, self.P, precision=_HI)
+        n = jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True))
+        s = jnp.einsum("...r,cr->...c", z / jnp.maximum(n, 1e-30), self.K, precision=_HI)
+        return jnp.max(jnp.where(active, s, -jnp.inf), axis=-1)
+
+    def fires(self, h: jax.Array, active: jax.Array) -> jax.Array:
+        """g(h) as bool: h [..., D] -> [...] (all True when the gate is off)."""
+        return jnp.logical_or(jnp.logical_not(self.on), self.score(h, active) > self.tau)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["U", "Dm", "G", "W", "active", "alpha", "q", "lam", "step", "gate"],
                    meta_fields=["layer", "module", "fingerprint"])
 @dataclasses.dataclass(frozen=True)
 class EditMemory:
@@ -89,6 +122,9 @@ class EditMemory:
     its inactive rows are zero.
     alpha, lam: f32 scalars; q: int32 scalar (0 = dense); step: int32 scalar (-1 = every
     denoising step, the paper's k* = -1).
+    gate: a `Gate` (the selective memory: the update is applied only on tokens where it fires)
+    or None (the paper's Eq. 12 at every token); whether a memory has a gate is structure, its
+    keys, threshold and on/off switch are data.
     Static: layer and module (0 resid, 1 attn, 2 mlp), i.e. where the hook sits, which is program
     structure (a forward compiles once per coordinate, and no other layer pays for the edit); and
     fingerprint (the model the keys came from). Facts, alpha, q, lam and step are data.
@@ -106,6 +142,7 @@ class EditMemory:
     layer: int
     module: int
     fingerprint: str = ""
+    gate: Optional[Gate] = None
 
     @property
     def capacity(self) -> int:
@@ -125,7 +162,15 @@ class EditMemory:
         """Eq. 12 update alpha * D^T TopQ_q(G U h) per token: h [B,T,D] -> [B,T,D] in h's dtype."""
         c = self.coefficients(h)
         out = self.alpha * jnp.einsum("...c,cd->...d", c, self.Dm, precision=_HI)
+        if self.gate is not None:  # gated: h <- h + g(h) * alpha TopQ_q(D^T G U h)
+            out = jnp.where(self.gate.fires(h, self.active)[..., None], out, jnp.zeros_like(out))
         return out.astype(h.dtype)
+
+    def fires(self, h: jax.Array) -> jax.Array:
+        """Where the update is applied: h [..., D] -> [...] bool (all True without a gate)."""
+        if self.gate is None:
+            return jnp.ones(h.shape[:-1], jnp.bool_)
+        return self.gate.fires(h, self.active)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -207,23 +252,28 @@ def _check_hparams(lam, alpha, q):
         raise ValueError(f"q must be an integer >= 0 (0 = dense), got {q}")
 
 
-def _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint) -> EditMemory:
+def _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint, gate=None) -> EditMemory:
     return from_arrays(U, Dm, _ridge_inverse(U, active, lam), active, lam, alpha, q, layer, module, step,
-                 fingerprint)
+                       fingerprint, gate)
 
 
-def from_arrays(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprint) -> EditMemory:
+def from_arrays(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprint,
+                gate: Optional[Gate] = None) -> EditMemory:
     """An `EditMemory` from its host arrays (U, Dm [C,D], G [C,C], active [C]) without re-solving
-    Eq. 11 (W = G U is recomputed in float64); used by `memory_file.load`."""
+    Eq. 11 (W = G U is recomputed in float64); used by `memory_file.load`. gate: a `Gate` or None."""
     U = np.asarray(U, np.float32)
     G = np.asarray(G, np.float32)
     W = (G.astype(np.float64) @ U.astype(np.float64)).astype(np.float32)
+    if gate is not None and (gate.K.shape[0] != U.shape[0] or gate.mu.shape != (U.shape[1],)
+                             or gate.P.shape[1] != U.shape[1] or gate.K.shape[1] != gate.P.shape[0]):
+        raise ValueError(f"gate: K {gate.K.shape}, mu {gate.mu.shape}, P {gate.P.shape} do not fit a "
+                         f"memory of capacity {U.shape[0]} and hidden size {U.shape[1]}")
     return EditMemory(
         U=jnp.asarray(U), Dm=jnp.asarray(Dm, jnp.float32), G=jnp.asarray(G), W=jnp.asarray(W),
         active=jnp.asarray(active, jnp.bool_), alpha=jnp.asarray(alpha, jnp.float32),
         q=jnp.asarray(q, jnp.int32), lam=jnp.asarray(lam, jnp.float32),
         step=jnp.asarray(step, jnp.int32), layer=_layer_id(layer),
-        module=module_id(module), fingerprint=str(fingerprint))
+        module=module_id(module), fingerprint=str(fingerprint), gate=gate)
 
 
 def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:
@@ -239,13 +289,99 @@ def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:
     return a
 
 
+# --------------------------------------------------------------------------------------------
+# The gate: whitening, keys, threshold
+# --------------------------------------------------------------------------------------------
+
+def fit_whitening(x, shrink: float = 0.01, rank: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], P [R,D]) f32 with P (x - mu) white: x [N,D] residuals of held-out rows.
+
+    P = diag(e_r + shrink * mean(e))^{-1/2} V_r^T from the covariance's eigenpairs (float64), the
+    R = `rank` (default D) largest; shrink > 0 keeps directions the rows barely vary in from
+    dominating the whitened cosine.
+    """
+    x = _as_rows(x, "whitening residuals").astype(np.float64)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"fit_whitening: need >= 2 residual rows, got {n}")
+    if not shrink > 0:
+        raise ValueError(f"fit_whitening: shrink must be > 0, got {shrink}")
+    r = d if rank is None else int(rank)
+    if not 1 <= r <= d:
+        raise ValueError(f"fit_whitening: rank {rank} must be in [1, {d}]")
+    mu = x.mean(0)
+    e, V = np.linalg.eigh(np.cov(x - mu, rowvar=False))
+    e, V = e[::-1][:r], V[:, ::-1][:, :r]
+    e = np.maximum(e, 0.0) + shrink * max(float(np.mean(np.maximum(e, 0.0))), 1e-30)
+    P = (V / np.sqrt(e)).T
+    return mu.astype(np.float32), P.astype(np.float32)
+
+
+def whiten_keys(keys, mu, P) -> np.ndarray:
+    """Gate keys: P (k - mu) / |P (k - mu)| per row (float64 on the host): keys [N,D] -> [N,R] f32."""
+    k = _as_rows(keys, "gate keys").astype(np.float64)
+    z = (k - np.asarray(mu, np.float64)) @ np.asarray(P, np.float64).T
+    return (z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-30)).astype(np.float32)
+
+
+def make_gate(K, mu, P, tau: float, on: bool = True) -> Gate:
+    """A `Gate` from whitened keys K [C,R] (`whiten_keys`, zero rows for free slots), mu, P."""
+    if not np.isfinite(tau):
+        raise ValueError(f"gate threshold tau must be finite, got {tau}")
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    return Gate(f32(K), f32(mu), f32(P), f32(tau), jnp.asarray(bool(on)))
+
+
+def with_gate(mem: EditMemory, tau: Optional[float] = None, on: Optional[bool] = None) -> EditMemory:
+    """The same memory with another threshold and/or the gate switched on/off (data: no recompile)."""
+    if mem.gate is None:
+        raise ValueError("with_gate: this memory has no gate (build it with gate_keys=...)")
+    g = mem.gate
+    g = dataclasses.replace(g, tau=g.tau if tau is None else jnp.asarray(tau, jnp.float32),
+                            on=g.on if on is None else jnp.asarray(bool(on)))
+    return dataclasses.replace(mem, gate=g)
+
+
+@jax.jit
+def _scores(gate: Gate, active, h):
+    return gate.score(h, active)
+
+
+def gate_scores(mem: EditMemory, h, chunk: int = 8192) -> np.ndarray:
+    """Whitened-cosine gate score of each residual: h [N,D] -> [N] float32 (max over active facts)."""
+    if mem.gate is None:
+        raise ValueError("gate_scores: this memory has no gate")
+    h = _as_rows(h, "residuals", mem.d_model)
+    return np.concatenate([np.asarray(_scores(mem.gate, mem.active, jnp.asarray(h[i:i + chunk])))
+                           for i in range(0, h.shape[0], chunk)]) if h.shape[0] else np.zeros(0, np.float32)
+
+
+def calibrate_tau(mem: EditMemory, h, percentile: float = 99.9) -> float:
+    """The threshold that `percentile` % of held-out retain residuals h [N,D] score at or below."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"calibrate_tau: percentile must be in (0, 100], got {percentile}")
+    return float(np.percentile(gate_scores(mem, h), percentile))
+
+
+# --------------------------------------------------------------------------------------------
+# build / empty / insert / remove
+# --------------------------------------------------------------------------------------------
+
+def _gate_for(K, whitening, tau, gate_on) -> Gate:
+    mu, P = whitening
+    return make_gate(K, mu, P, tau, gate_on)
+
+
 def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Union[int, str],
-          step: int = -1, capacity: Optional[int] = None, fingerprint: str = "") -> EditMemory:
+          step: int = -1, capacity: Optional[int] = None, fingerprint: str = "", gate_keys=None,
+          whitening: Optional[tuple] = None, tau: float = 0.5, gate_on: bool = True) -> EditMemory:
     """Eq. 11: an `EditMemory` from captured keys and values.
 
     u, v_o, v_t [N,D] (Eqs. 6-8); D = v_t - v_o (Eq. 9). Facts fill slots 0..N-1 of a memory of
     `capacity` rows (default N; must be >= N). lam > 0 is the ridge term, alpha the edit scale,
     q the TopQ sparsity (0 = dense), (layer, module, step) the coordinate (step -1 = every step).
+    gate_keys [N,D] (raw slot keys, `capture.capture_slot_keys`) with whitening = (mu [D], P [R,D])
+    (`fit_whitening`) give a gated memory with threshold tau (`calibrate_tau`); None: Eq. 12.
     """
     _check_hparams(lam, alpha, q)
     u = _as_rows(u, "u")
@@ -255,6 +391,8 @@ def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Uni
     v_o, v_t = _as_rows(v_o, "v_o", u.shape[1]), _as_rows(v_t, "v_t", u.shape[1])
     if not (u.shape == v_o.shape == v_t.shape):
         raise ValueError(f"build: u {u.shape}, v_o {v_o.shape}, v_t {v_t.shape} must have one shape")
+    if (gate_keys is None) != (whitening is None):
+        raise ValueError("build: a gate needs both gate_keys and whitening (mu, P)")
     n, d = u.shape
     cap = n if capacity is None else int(capacity)
     if cap < n:
@@ -264,36 +402,61 @@ def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Uni
     U[:n], Dm[:n] = u, v_t - v_o
     active = np.zeros(cap, bool)
     active[:n] = True
-    return _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint)
+    gate = None
+    if gate_keys is not None:
+        k = _as_rows(gate_keys, "gate_keys", d)
+        if k.shape[0] != n:
+            raise ValueError(f"build: {k.shape[0]} gate keys for {n} facts")
+        Kw = whiten_keys(k, *whitening)
+        K = np.zeros((cap, Kw.shape[1]), np.float32)
+        K[:n] = Kw
+        gate = _gate_for(K, whitening, tau, gate_on)
+    return _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint, gate)
 
 
 def empty(d_model: int, capacity: int, lam: float, alpha: float, q: int, layer: int,
-          module: Union[int, str], step: int = -1, fingerprint: str = "") -> EditMemory:
-    """A memory with no active facts (its delta is exactly 0), to `insert` facts into."""
+          module: Union[int, str], step: int = -1, fingerprint: str = "",
+          whitening: Optional[tuple] = None, tau: float = 0.5, gate_on: bool = True) -> EditMemory:
+    """A memory with no active facts (its delta is exactly 0), to `insert` facts into; with
+    `whitening` = (mu, P) it is gated (insert then needs each fact's gate key)."""
     _check_hparams(lam, alpha, q)
     if capacity < 1 or d_model < 1:
         raise ValueError(f"empty: capacity={capacity} and d_model={d_model} must be >= 1")
     z = np.zeros((capacity, d_model), np.float32)
-    return _assemble(z, z, np.zeros(capacity, bool), lam, alpha, q, layer, module, step, fingerprint)
+    gate = None
+    if whitening is not None:
+        gate = _gate_for(np.zeros((capacity, np.shape(whitening[1])[0]), np.float32), whitening, tau, gate_on)
+    return _assemble(z, z, np.zeros(capacity, bool), lam, alpha, q, layer, module, step, fingerprint, gate)
 
 
 def _host(mem: EditMemory):
-    return (np.array(mem.U, np.float32), np.array(mem.Dm, np.float32), np.array(mem.active, bool))
+    K = None if mem.gate is None else np.array(mem.gate.K, np.float32)
+    return (np.array(mem.U, np.float32), np.array(mem.Dm, np.float32), np.array(mem.active, bool), K)
 
 
-def _rebuild(mem: EditMemory, U, Dm, active) -> EditMemory:
+def _rebuild(mem: EditMemory, U, Dm, active, K) -> EditMemory:
+    gate = None if mem.gate is None else dataclasses.replace(mem.gate, K=jnp.asarray(K))
     return _assemble(U, Dm, active, float(mem.lam), float(mem.alpha), int(mem.q), int(mem.layer),
-                     mem.module, int(mem.step), mem.fingerprint)
+                     mem.module, int(mem.step), mem.fingerprint, gate)
 
 
-def insert(mem: EditMemory, u, d) -> EditMemory:
-    """Stream facts in: u, d [D] (one fact) or [k,D]. Each goes to the lowest free slot; when
-    the memory is full its capacity doubles (a new shape, so the next forward compiles again).
-    G is recomputed from all active rows, so the result equals `build` on the same slots."""
-    U, Dm, active = _host(mem)
+def insert(mem: EditMemory, u, d, gate_key=None) -> EditMemory:
+    """Stream facts in: u, d [D] (one fact) or [k,D]; gate_key (same shape, raw slot keys) is
+    required for a gated memory and whitened with the memory's own (mu, P). Each fact goes to the
+    lowest free slot; when the memory is full its capacity doubles (a new shape, so the next
+    forward compiles again). G is recomputed from all active rows, so the result equals `build`
+    on the same slots."""
+    U, Dm, active, K = _host(mem)
     u, d = _as_rows(u, "u", mem.d_model), _as_rows(d, "d", mem.d_model)
     if u.shape != d.shape:
         raise ValueError(f"insert: u {u.shape} and d {d.shape} must have one shape")
+    if (mem.gate is None) != (gate_key is None):
+        raise ValueError("insert: a gated memory needs gate_key for every fact, an ungated one none")
+    if gate_key is not None:
+        gk = _as_rows(gate_key, "gate_key", mem.d_model)
+        if gk.shape != u.shape:
+            raise ValueError(f"insert: gate_key {gk.shape} and u {u.shape} must have one shape")
+        kw = whiten_keys(gk, np.asarray(mem.gate.mu), np.asarray(mem.gate.P))
     need = int(active.sum()) + u.shape[0]
     cap = U.shape[0]
     while cap < need:
@@ -303,15 +466,19 @@ def insert(mem: EditMemory, u, d) -> EditMemory:
         U = np.concatenate([U, np.zeros((grow, U.shape[1]), np.float32)])
         Dm = np.concatenate([Dm, np.zeros((grow, Dm.shape[1]), np.float32)])
         active = np.concatenate([active, np.zeros(grow, bool)])
+        if K is not None:
+            K = np.concatenate([K, np.zeros((grow, K.shape[1]), np.float32)])
     slots = np.flatnonzero(~active)[: u.shape[0]]
     U[slots], Dm[slots], active[slots] = u, d, True
-    return _rebuild(mem, U, Dm, active)
+    if K is not None:
+        K[slots] = kw
+    return _rebuild(mem, U, Dm, active, K)
 
 
 def remove(mem: EditMemory, index: Union[int, Sequence[int]]) -> EditMemory:
-    """Remove the fact(s) in slot(s) `index` exactly: rows zeroed, marked inactive, G recomputed
-    from the remaining active rows (capacity unchanged)."""
-    U, Dm, active = _host(mem)
+    """Remove the fact(s) in slot(s) `index` exactly: rows (and gate keys) zeroed, marked
+    inactive, G recomputed from the remaining active rows (capacity unchanged)."""
+    U, Dm, active, K = _host(mem)
     idx = np.atleast_1d(np.asarray(index))
     if idx.dtype.kind not in "iu":
         raise ValueError(f"remove: slot indices must be integers, got {index!r}")
@@ -320,7 +487,9 @@ def remove(mem: EditMemory, index: Union[int, Sequence[int]]) -> EditMemory:
         raise ValueError(f"remove: slot(s) {bad} are not active facts of this memory "
                          f"(capacity {U.shape[0]}, active slots {np.flatnonzero(active).tolist()})")
     U[idx], Dm[idx], active[idx] = 0.0, 0.0, False
-    return _rebuild(mem, U, Dm, active)
+    if K is not None:
+        K[idx] = 0.0
+    return _rebuild(mem, U, Dm, active, K)
 
 
 def n_facts(mem: EditMemory) -> int:
