@@ -38,7 +38,8 @@ def test_facts_keys_and_fallback(tiny):
 def test_demo_end_to_end(tiny, tmp_path):
     params, cfg, tok = tiny
     dcfg = pl.DemoConfig(n_trace=2, trace=tr.TraceConfig(steps=2, n_noise=1, chunk=6), seeds=(0, 1), n_mc=2,
-                         limit=3, batch_size=4, metrics=("forget_lp", "retain_lp", "forget_tr"))
+                         limit=3, batch_size=4, metrics=("forget_lp", "retain_lp", "forget_tr"),
+                         gate_rows=(40, 40))
     out = pl.demo(params, cfg, tok, tmp_path, dcfg, retain_model=None, progress=False)
     for name in ("heatmap.png", "tie.npz", "table.md", "table.json", "memory.npz", "demo.json"):
         assert (tmp_path / name).is_file(), name
@@ -47,11 +48,12 @@ def test_demo_end_to_end(tiny, tmp_path):
     z = np.load(tmp_path / "tie.npz")
     assert z["tie_bar"].shape == (2, 3, cfg.n_layers, 2)
     methods = {r["method"] for r in out["rows"]}
-    assert methods == {"no_edit", "timerome_safe (a=0.5, q=2)", "timerome_strong (a=2, q=4)"}
-    strong = next(r for r in out["rows"] if r["method"].startswith("timerome_strong") and r["metric"] == "forget_lp")
-    assert strong["delta"] is not None and strong["delta"] != 0.0  # the edit changes the scores
+    assert methods == {"no_edit", "gated (a=4, q=4)", "paper_eq12 (a=4, q=4)"}
+    eq12 = next(r for r in out["rows"] if r["method"].startswith("paper_eq12") and r["metric"] == "forget_lp")
+    assert eq12["delta"] is not None and eq12["delta"] != 0.0  # the edit changes the scores
     mem, meta = memory_file.load(tmp_path / "memory.npz", expect_fingerprint=cap_lib.model_fingerprint(params, cfg))
-    assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01"
+    assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01" and mem.gate is not None
+    assert meta["gate"]["on"] and s["install"]["gated"]
 
 
 def test_install_timings_and_errors(tiny):

@@ -99,7 +99,8 @@ def run_edit(a):
     if a.idk_targets:
         idk = tofu.load_split("idontknow")
         target = [idk[i % len(idk)]["text"] for i in range(len(facts))]
-    memory, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, a.lam, target)
+    memory, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, a.lam, target, gate=not a.no_gate,
+                              percentile=a.gate_percentile)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     mem_path = Path(a.out) / "memory.npz"
     memory_file.save(memory, mem_path, {"split": a.split, "target_text": a.target_text if not a.idk_targets else "idontknow",
@@ -236,8 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--module", default="resid", choices=("resid", "attn", "mlp"))
     p.add_argument("--step", type=int, default=-1, help="-1 = every denoising step")
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--q", type=int, default=2, help="TopQ sparsity (0 = dense)")
+    p.add_argument("--alpha", type=float, default=4.0, help="edit scale (default: the gated memory's, docs/gated_memory.md)")
+    p.add_argument("--q", type=int, default=4, help="TopQ sparsity (0 = dense)")
+    p.add_argument("--no-gate", action="store_true", help="the paper's ungated Eq. 12 instead of the gated memory")
+    p.add_argument("--gate-percentile", type=float, default=99.9,
+                   help="gate threshold: this percentile of held-out retain tokens' gate scores")
     p.add_argument("--lam", type=float, default=None)
     p.add_argument("--limit", type=int, default=None, help="first N facts of the split")
     p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT)

@@ -153,7 +153,10 @@ class DemoConfig:
     split: str = "forget01"
     n_trace: int = 8
     trace: tr.TraceConfig = tr.TraceConfig()
-    settings: tuple = (("timerome_safe", 0.5, 2), ("timerome_strong", 2.0, 4))
+    # (name, alpha, q, gated): the gated memory and the paper's Eq. 12 at the same (alpha, q)
+    settings: tuple = (("gated", 4.0, 4, True), ("paper_eq12", 4.0, 4, False))
+    gate_percentile: float = gate_lib.DEFAULT_PERCENTILE
+    gate_rows: tuple = (400, 400)  # calibration rows for the gate's whitening and threshold
     lam: Optional[float] = None
     target_text: str = DEFAULT_TARGET
     metrics: tuple = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr", "forget_quality")
@@ -166,7 +169,8 @@ class DemoConfig:
 def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retain_model=None,
          progress: bool = True) -> dict:
     """The main job: trace `n_trace` facts of the forget split, select the coordinate (Eq. 5, resid,
-    k* = -1), build the memory for every fact of the split, evaluate no_edit vs each (alpha, q) setting,
+    k* = -1), build the (gated) memory for every fact of the split, evaluate no_edit vs each (alpha, q,
+    gated) setting (by default the gated memory beside the paper's Eq. 12),
     and write heatmap.png, tie.npz, table.{md,json}, memory.npz and demo.json into `out_dir`.
     retain_model: folder of the retain model for Forget Quality (None: FQ is not computed)."""
     out = Path(out_dir)
@@ -181,8 +185,11 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
     t_trace = time.perf_counter() - t0
     paths = save_trace(result, coord, traced, dcfg.trace, out,
                        f"TIE_bar over {len(traced)} {dcfg.split} facts (K={dcfg.trace.steps})")
+    gated = any(s[3] for s in dcfg.settings)
+    calib = gate_lib.calibrate(params, cfg, tokenizer, coord.layer, coord.module, *dcfg.gate_rows) if gated else None
     memory, info = install(params, cfg, tokenizer, all_facts, coord, alpha=dcfg.settings[0][1], q=dcfg.settings[0][2],
-                           lam=dcfg.lam, target_text=dcfg.target_text)
+                           lam=dcfg.lam, target_text=dcfg.target_text, gate=gated, calibration=calib,
+                           percentile=dcfg.gate_percentile)
     memory_file.save(memory, out / "memory.npz", {"split": dcfg.split, "target_text": dcfg.target_text,
                                               "fact_index": [f.index for f in all_facts]})
     retain_tr = None
@@ -190,8 +197,10 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
         retain_tr = cached_retain_tr(out, dcfg.split, dcfg.seeds, dcfg.n_mc, retain_model=str(retain_model),
                                         limit=dcfg.limit, batch_size=dcfg.batch_size, progress=progress)
     methods = {"no_edit": None}
-    for name, alpha, q in dcfg.settings:
-        methods[f"{name} (a={alpha:g}, q={q})"] = Intervene(edit=with_hparams(memory, alpha, q))
+    for name, alpha, q, g in dcfg.settings:
+        m = with_hparams(memory, alpha, q)
+        m = mem_lib.with_gate(m, on=g) if m.gate is not None else m
+        methods[f"{name} (a={alpha:g}, q={q})"] = Intervene(edit=m)
     t0 = time.perf_counter()
     rows, _ = evaluate_methods(params, cfg, tokenizer, methods, dcfg.split, retain_tr, out, "table",
                                metrics=dcfg.metrics, n_mc=dcfg.n_mc, seeds=dcfg.seeds, limit=dcfg.limit,
