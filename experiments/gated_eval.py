@@ -75,6 +75,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=["no_edit", "eq12", "gated"])
     ap.add_argument("--skip-subjectless", action="store_true", help="leave facts without a subject out of the memory")
     ap.add_argument("--rouge", action="store_true")
+    ap.add_argument("--no-lp", action="store_true", help="ROUGE only (with --rouge): skip the log-probabilities")
     ap.add_argument("--rouge-limit", type=int, default=40)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--out", default="results/gated_eval")
@@ -94,12 +95,12 @@ def main(argv=None) -> dict:
                "gated": Intervene(edit=mem)}
     methods = {k: v for k, v in methods.items() if k in a.methods}
     results = {}
-    for m, iv in methods.items():
+    for m, iv in (() if a.no_lp else methods.items()):
         print(f"[gated_eval] {m} ...", flush=True)
         results[m] = ev.evaluate(params, cfg, tok, a.split, metrics=LP, n_mc=a.n_mc, seeds=a.seeds, intervene=iv,
                                  limit=a.limit, batch_size=a.batch_size, progress=False)
         write_json(out / f"{name}_{m}.json", results[m])
-    rows = compare(results, reference="no_edit")
+    rows = compare(results, reference="no_edit") if results else []
     deltas = {}
     for m in results:
         if m == "no_edit":
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
                "percentile": a.percentile, "seeds": a.seeds, "n_mc": a.n_mc, "limit": a.limit,
                "n_facts": len(facts), "skip_subjectless": a.skip_subjectless,
                "n_rows": {k: len(results["no_edit"]["per_seed"][str(a.seeds[0])][k]["value_by_index"])
-                          if "no_edit" in results else None for k in LP},
+                          if "no_edit" in results else 0 for k in LP},
                "compare_seed_bootstrap": rows, "delta_row_bootstrap": deltas}
     if a.rouge:
         gen = {}

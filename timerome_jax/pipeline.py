@@ -186,7 +186,9 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
     paths = save_trace(result, coord, traced, dcfg.trace, out,
                        f"TIE_bar over {len(traced)} {dcfg.split} facts (K={dcfg.trace.steps})")
     gated = any(s[3] for s in dcfg.settings)
+    t0 = time.perf_counter()
     calib = gate_lib.calibrate(params, cfg, tokenizer, coord.layer, coord.module, *dcfg.gate_rows) if gated else None
+    t_calib = time.perf_counter() - t0
     memory, info = install(params, cfg, tokenizer, all_facts, coord, alpha=dcfg.settings[0][1], q=dcfg.settings[0][2],
                            lam=dcfg.lam, target_text=dcfg.target_text, gate=gated, calibration=calib,
                            percentile=dcfg.gate_percentile)
@@ -205,7 +207,7 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
     rows, _ = evaluate_methods(params, cfg, tokenizer, methods, dcfg.split, retain_tr, out, "table",
                                metrics=dcfg.metrics, n_mc=dcfg.n_mc, seeds=dcfg.seeds, limit=dcfg.limit,
                                batch_size=dcfg.batch_size, progress=progress)
-    summary = {"coordinate": info["coordinate"], "install": info, "trace_s": t_trace,
+    summary = {"coordinate": info["coordinate"], "install": info, "trace_s": t_trace, "gate_calibration_s": t_calib,
                "eval_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start,
                "traced_facts": [f.index for f in traced], "n_facts": len(all_facts),
                "clean_final_logp": result.clean[:, -1].tolist(),
