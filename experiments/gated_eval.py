@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=["no_edit", "eq12", "gated"])
     ap.add_argument("--skip-subjectless", action="store_true", help="leave facts without a subject out of the memory")
     ap.add_argument("--rouge", action="store_true")
+    ap.add_argument("--no-edit-json", default=None, help="reuse a no_edit result written by an earlier run with the "
+                    "same split/seeds/n_mc/limit (its <name>_no_edit.json) instead of recomputing it")
     ap.add_argument("--no-lp", action="store_true", help="ROUGE only (with --rouge): skip the log-probabilities")
     ap.add_argument("--rouge-limit", type=int, default=40)
     ap.add_argument("--gen-length", type=int, default=64)
@@ -95,6 +97,9 @@ def main(argv=None) -> dict:
                "gated": Intervene(edit=mem)}
     methods = {k: v for k, v in methods.items() if k in a.methods}
     results = {}
+    if a.no_edit_json:
+        results["no_edit"] = json.loads(Path(a.no_edit_json).read_text())
+        methods.pop("no_edit", None)
     for m, iv in (() if a.no_lp else methods.items()):
         print(f"[gated_eval] {m} ...", flush=True)
         results[m] = ev.evaluate(params, cfg, tok, a.split, metrics=LP, n_mc=a.n_mc, seeds=a.seeds, intervene=iv,
@@ -117,7 +122,7 @@ def main(argv=None) -> dict:
         for m in ("no_edit", "gated"):
             print(f"[gated_eval] rouge {m} ...", flush=True)
             r = ev.evaluate(params, cfg, tok, a.split, metrics=("forget_rouge", "retain_rouge"), n_mc=1, seeds=[0],
-                            intervene=methods.get(m) if m in methods else (Intervene(edit=mem) if m == "gated" else None),
+                            intervene=Intervene(edit=mem) if m == "gated" else None,
                             limit=a.rouge_limit, batch_size=a.batch_size, gen_length=a.gen_length, progress=False)
             write_json(out / f"{name}_rouge_{m}.json", r)
             gen[m] = {k: r["metrics"][k][0] for k in ("forget_rouge", "retain_rouge")}
