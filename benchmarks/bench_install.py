@@ -3,11 +3,11 @@
     python benchmarks/bench_install.py --out benchmarks/results
     python benchmarks/bench_install.py --out /tmp/r --tiny            # CPU, seconds
 
-Facts are random token arrays laid out as a `memory.ClozeBatch` directly (no tokenizer): prompt 112
+Facts are random token arrays laid out as a `capture.ClozeBatch` directly (no tokenizer): prompt 112
 tokens (a 6-token subject inside it) + object 16 tokens, and prompt + target 16 tokens, so both
 cloze sequences are exactly 128 tokens (no padding). Coordinate: layer 19, resid (k* = -1).
 
-JAX (what `pipeline.install` does after tokenising): `memory.capture` (forward stopped at the layer,
+JAX (what `pipeline.install` does after tokenising): `capture.capture` (forward stopped at the layer,
 `--chunk` facts per forward with both cloze sequences in it, results brought to the host) then the solve: `default_lam` +
 `memory.build` (host float64 Cholesky). The model fingerprint that `pipeline.install` also computes
 is timed apart (`fingerprint_s`; computed from the weights on every call) and included in `install_s`.
@@ -32,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.method import capture as cap_lib  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
 from timerome_jax.backbone.config import module_id  # noqa: E402
 from timerome_jax.pipeline import default_lam  # noqa: E402
@@ -58,8 +59,8 @@ def make_cloze(cfg, n: int, prompt_len: int, obj_len: int, tgt_len: int, subj_le
             "tgt_pos": i32(tpos), "tgt_valid": ones(tpos)}
 
 
-def cloze_batch(arrs: dict, n: int) -> mem_lib.ClozeBatch:
-    return mem_lib.ClozeBatch(**{k: jnp.asarray(v[:n]) for k, v in arrs.items()})
+def cloze_batch(arrs: dict, n: int) -> cap_lib.ClozeBatch:
+    return cap_lib.ClozeBatch(**{k: jnp.asarray(v[:n]) for k, v in arrs.items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def cloze_batch(arrs: dict, n: int) -> mem_lib.ClozeBatch:
 
 def jax_capture(params, cfg, cb, layer, module, chunk):
     """memory.capture, results on the host (as pipeline.install)."""
-    u, v_o, v_t = mem_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
+    u, v_o, v_t = cap_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
     return tuple(np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
 
 
@@ -81,6 +82,15 @@ def jax_solve(u, v_o, v_t, layer, module, alpha, q, fingerprint):
     return mem
 
 
+def jax_gate_solve(u, v_o, v_t, keys, whitening, h_thresh, layer, module, alpha, q, fingerprint):
+    """Gated build (keys whitened on the host) + tau from the threshold residuals, as pipeline.install."""
+    mem = mem_lib.build(u, v_o, v_t, lam=default_lam(u), alpha=alpha, q=q, layer=layer, module=module, step=-1,
+                        fingerprint=fingerprint, gate_keys=keys, whitening=whitening)
+    mem = mem_lib.with_gate(mem, tau=mem_lib.calibrate_tau(mem, h_thresh))
+    jax.block_until_ready(mem.G)
+    return mem
+
+
 # ------------------------------------------------------------------------------------------------
 # PyTorch
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +98,7 @@ def jax_solve(u, v_o, v_t, layer, module, alpha, q, fingerprint):
 
 def torch_capture(model, tb: dict, n: int, layer: int, module: int, chunk: int):
     """capture_torch per chunk (forward stops at the layer), masked means in float32 -> u, v_o, v_t.
-    As in `memory.capture`, the original and target sequences of a chunk go through one batched
+    As in `capture.capture`, the original and target sequences of a chunk go through one batched
     forward (padded to one length and one number of read positions)."""
     import torch
     import torch.nn.functional as F
@@ -154,10 +164,14 @@ def parse(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per size (fewer once the budget is spent)")
     ap.add_argument("--unstacked", type=int, default=1, choices=(0, 1),
                     help="also time the smallest |F| with the unstacked layer layout (model.unstack; default 1)")
+    ap.add_argument("--gate", action="store_true",
+                    help="also time the gated install: slot-key capture + key whitening + tau (calibration "
+                         "residuals random, --gate-tokens of them; the whitening is fitted once, outside the timing)")
+    ap.add_argument("--gate-tokens", type=int, default=None, help="threshold residuals (16384; --tiny 512)")
     args = ap.parse_args(argv)
     C.fill_sizes(args, (("sizes", "1,40,400,4000", "1,4,40"), ("layer", 19, 1), ("chunk", 200, 8),
                         ("prompt_len", 112, 12), ("object_len", 16, 4), ("target_len", 16, 4),
-                        ("subj_len", 6, 3)))
+                        ("subj_len", 6, 3), ("gate_tokens", 16384, 512)))
     args.sizes = sorted({int(s) for s in str(args.sizes).split(",") if s.strip()})
     return args
 
@@ -224,9 +238,13 @@ def main(argv=None):
     def jax_part(cfg_used):
         j_deadline = deadline.at_least((deadline.budget_s or 0) / 2)
         # pipeline.install computes it on every install; its first call compiles small gathers
-        fpm = C.measure(lambda: mem_lib.model_fingerprint(params, cfg_used), want=3, deadline=j_deadline,
+        fpm = C.measure(lambda: cap_lib.model_fingerprint(params, cfg_used), want=3, deadline=j_deadline,
                         sync=lambda _: None)
         fp = fpm["out"]
+        if args.gate:  # calibration stand-ins: random residuals (the timing does not depend on their values)
+            g_rng = np.random.default_rng(args.seed + 9)
+            whitening = mem_lib.fit_whitening(g_rng.standard_normal((2 * cfg.d_model, cfg.d_model)).astype(np.float32))
+            h_thresh = g_rng.standard_normal((args.gate_tokens, cfg.d_model)).astype(np.float32)
         rec["fingerprint"] = C.strip(fpm)
         rec["fingerprint_s"] = fpm["steady_s"]
         for n in args.sizes:
@@ -245,12 +263,20 @@ def main(argv=None):
                         "peak_bytes_so_far": C.jax_peak_bytes()}
             r["jax"]["ratio_to_floor"] = C.ratio(r["jax"]["install_s"], r["floor"]["floor_s"])
             results[("jax", n)] = (u, v_o, v_t, np.asarray(mem.G)[:n, :n], np.asarray(mem.Dm)[:n])
+            if args.gate:
+                keys = C.measure(lambda: np.asarray(jax.block_until_ready(cap_lib.capture_slot_keys(
+                    params, cfg_used, cb, args.layer, m_id, chunk=args.chunk))), want=args.repeats, deadline=j_deadline)
+                gsol = C.measure(lambda: jax_gate_solve(u, v_o, v_t, keys["out"], whitening, h_thresh, args.layer, m_id,
+                                                        args.alpha, args.q, fp), want=args.repeats, deadline=j_deadline)
+                r["jax"]["gate"] = {"slot_keys": C.strip(keys), "solve_with_gate": C.strip(gsol),
+                                    "install_s": cap["steady_s"] + keys["steady_s"] + gsol["steady_s"] + rec["fingerprint_s"],
+                                    "gate_tokens": int(h_thresh.shape[0])}
             rec.save()
         if args.unstacked:
             # the unstacked layer layout (model.unstack): the capture's layer loop reads each
             # layer's own arrays (no copy out of the stack); timed at the smallest |F| (the |F| = 1 target)
             up = model_lib.unstack(params)
-            fpu = C.measure(lambda: mem_lib.model_fingerprint(up, cfg_used), want=3, deadline=j_deadline,
+            fpu = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used), want=3, deadline=j_deadline,
                             sync=lambda _: None)
             n = min(args.sizes)
             cb = cloze_batch(arrs, n)
@@ -294,6 +320,8 @@ def main(argv=None):
                            "within_2x_floor": (r["jax"]["ratio_to_floor"] or 1e9) <= 2.0}
             if "jax_unstacked" in r:
                 met[str(n)]["unstacked_within_2x_floor"] = (r["jax_unstacked"]["ratio_to_floor"] or 1e9) <= 2.0
+            if "gate" in r["jax"]:
+                met[str(n)]["gated_within_target_s"] = None if tgt is None else r["jax"]["gate"]["install_s"] <= tgt
     rec["met"] = met
     rec["jax_peak_bytes"] = C.jax_peak_bytes()
     out = rec.finish()

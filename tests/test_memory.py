@@ -1,4 +1,4 @@
-"""Tests for timerome_jax.method.memory (edit memory, capture, save/load) and torch_ref/hooks.py."""
+"""Tests for timerome_jax.method.memory (edit memory), .capture, .memory_file (save/load) and torch_ref/hooks.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,9 @@ import torch
 from conftest import torch_logits
 from hypothesis import given, settings, strategies as st
 
+from timerome_jax.method import capture as CAP
 from timerome_jax.method import memory as M
+from timerome_jax.method import memory_file as MF
 from timerome_jax.backbone import model
 from timerome_jax.backbone.config import MODULES, ModelConfig
 from timerome_jax.backbone.intervene import Intervene, Patch
@@ -304,7 +306,7 @@ FACTS = [("Who wrote Dune? ", [4, 5, 6, 7, 8, 9], "Frank Herbert"),
 
 def cloze_batch(facts=FACTS, target="I don't know."):
     tok = ToyTok()
-    return M.make_cloze_batch(tok, [f[0] for f in facts], [f[1] for f in facts],
+    return CAP.make_cloze_batch(tok, [f[0] for f in facts], [f[1] for f in facts],
                               [f[2] for f in facts], target_text=target, cfg=CFG)
 
 
@@ -325,11 +327,11 @@ def test_make_cloze_batch_layout():
         assert np.asarray(b.tgt_pos[i])[np.asarray(b.tgt_valid[i])].tolist() == list(
             range(len(pi), len(pi) + len(ti)))
     with pytest.raises(ValueError, match="outside its prompt"):
-        M.make_cloze_batch(tok, ["ab"], [[5]], ["x"], cfg=CFG)
+        CAP.make_cloze_batch(tok, ["ab"], [[5]], ["x"], cfg=CFG)
     with pytest.raises(ValueError, match="no subject positions"):
-        M.make_cloze_batch(tok, ["ab"], [[]], ["x"], cfg=CFG)
+        CAP.make_cloze_batch(tok, ["ab"], [[]], ["x"], cfg=CFG)
     with pytest.raises(ValueError, match="cfg is required"):
-        M.make_cloze_batch(tok, ["ab"], [[0]], ["x"])
+        CAP.make_cloze_batch(tok, ["ab"], [[0]], ["x"])
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "module"))
@@ -348,7 +350,7 @@ def test_capture_equals_full_run_read(params, layer, module):
     b = cloze_batch()
     n_s = b.subj_pos.shape[1]
     with jax.default_matmul_precision("highest"):
-        u, vo, vt = M.capture(params, CFG, b, layer, module, chunk=2)  # 5 facts: a padded chunk
+        u, vo, vt = CAP.capture(params, CFG, b, layer, module, chunk=2)  # 5 facts: a padded chunk
         # the full forward (no stop_layer), read at subject+object positions, then at targets
         acts_o = _read_acts(params, b.tokens_o, b.pad_o, jnp.concatenate([b.subj_pos, b.obj_pos], 1),
                             layer, module)
@@ -367,44 +369,44 @@ def test_capture_equals_full_run_read(params, layer, module):
 
 def test_save_load_round_trip(tmp_path, params):
     rng = np.random.default_rng(4)
-    fp = M.model_fingerprint(params, CFG)
+    fp = CAP.model_fingerprint(params, CFG)
     mem = M.build(*rng.normal(size=(3, 3, 32)), 0.7, 2.0, 2, 1, "attn", step=3, capacity=5,
                   fingerprint=fp)
     path = tmp_path / "mem.npz"
-    M.save(mem, path, {"target_text": "I don't know.", "fact_ids": ["a", "b", "c"]})
+    MF.save(mem, path, {"target_text": "I don't know.", "fact_ids": ["a", "b", "c"]})
     assert os.listdir(tmp_path) == ["mem.npz"]  # no temp file left behind
-    got, meta = M.load(path, expect_fingerprint=fp, expect_coordinate=(1, "attn", 3))
+    got, meta = MF.load(path, expect_fingerprint=fp, expect_coordinate=(1, "attn", 3))
     assert meta["fact_ids"] == ["a", "b", "c"] and meta["target_text"] == "I don't know."
-    assert meta["format_version"] == M.FORMAT_VERSION and meta["module"] == "attn"
+    assert meta["format_version"] == MF.FORMAT_VERSION and meta["module"] == "attn"
     assert jax.tree.structure(got) == jax.tree.structure(mem)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(mem)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    M.load(path, expect_coordinate=(1, 1))  # module by id, no step
+    MF.load(path, expect_coordinate=(1, 1))  # module by id, no step
     # overwrite in place
-    M.save(M.remove(mem, 0), path, {})
-    assert M.n_facts(M.load(path)[0]) == 2
+    MF.save(M.remove(mem, 0), path, {})
+    assert M.n_facts(MF.load(path)[0]) == 2
 
 
 def test_load_errors(tmp_path, params):
     rng = np.random.default_rng(5)
-    fp = M.model_fingerprint(params, CFG)
+    fp = CAP.model_fingerprint(params, CFG)
     mem = M.build(*rng.normal(size=(3, 4, 32)), 0.7, 2.0, 2, 1, "resid", fingerprint=fp)
     path = str(tmp_path / "mem.npz")
-    M.save(mem, path, {"fact_ids": [1, 2, 3, 4]})
-    with pytest.raises(M.ModelMismatchError, match="built for model"):
-        M.load(path, expect_fingerprint="dream-000")
-    with pytest.raises(M.CoordinateMismatchError, match="expected"):
-        M.load(path, expect_coordinate=(0, "resid"))
-    with pytest.raises(M.CoordinateMismatchError):
-        M.load(path, expect_coordinate=(1, "mlp"))
-    with pytest.raises(M.CoordinateMismatchError):
-        M.load(path, expect_coordinate=(1, "resid", 2))
+    MF.save(mem, path, {"fact_ids": [1, 2, 3, 4]})
+    with pytest.raises(MF.ModelMismatchError, match="built for model"):
+        MF.load(path, expect_fingerprint="dream-000")
+    with pytest.raises(MF.CoordinateMismatchError, match="expected"):
+        MF.load(path, expect_coordinate=(0, "resid"))
+    with pytest.raises(MF.CoordinateMismatchError):
+        MF.load(path, expect_coordinate=(1, "mlp"))
+    with pytest.raises(MF.CoordinateMismatchError):
+        MF.load(path, expect_coordinate=(1, "resid", 2))
     raw = open(path, "rb").read()
     trunc = tmp_path / "trunc.npz"
     trunc.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(M.MemoryFileError, match="corrupt or truncated"):
-        M.load(trunc)
+    with pytest.raises(MF.MemoryFileError, match="corrupt or truncated"):
+        MF.load(trunc)
     # flip bytes inside the stored U array
     with zipfile.ZipFile(path) as z:
         info = z.getinfo("U.npy")
@@ -412,8 +414,8 @@ def test_load_errors(tmp_path, params):
     bad = bytearray(raw)
     bad[off: off + 8] = bytes(b ^ 0xFF for b in bad[off: off + 8])
     (tmp_path / "bad.npz").write_bytes(bytes(bad))
-    with pytest.raises(M.MemoryFileError):
-        M.load(tmp_path / "bad.npz")
+    with pytest.raises(MF.MemoryFileError):
+        MF.load(tmp_path / "bad.npz")
     # another format version
     with np.load(path) as z:
         arrs = {k: z[k] for k in z.files}
@@ -421,30 +423,30 @@ def test_load_errors(tmp_path, params):
     hdr["format_version"] = 99
     arrs["meta"] = np.frombuffer(json.dumps(hdr).encode(), np.uint8)
     np.savez(tmp_path / "v99.npz", **arrs)
-    with pytest.raises(M.MemoryFileError, match="version 99"):
-        M.load(tmp_path / "v99.npz")
+    with pytest.raises(MF.MemoryFileError, match="version 99"):
+        MF.load(tmp_path / "v99.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    with pytest.raises(M.MemoryFileError, match="missing entries"):
-        M.load(tmp_path / "other.npz")
+    with pytest.raises(MF.MemoryFileError, match="missing entries"):
+        MF.load(tmp_path / "other.npz")
     with pytest.raises(FileNotFoundError):
-        M.load(tmp_path / "nope.npz")
+        MF.load(tmp_path / "nope.npz")
     with pytest.raises(ValueError, match="reserved"):
-        M.save(mem, path, {"layer": 3})
+        MF.save(mem, path, {"layer": 3})
     with pytest.raises(ValueError, match="JSON"):
-        M.save(mem, path, {"x": object()})
+        MF.save(mem, path, {"x": object()})
     assert sorted(os.listdir(tmp_path)) == ["bad.npz", "mem.npz", "other.npz", "trunc.npz", "v99.npz"]
 
 
 @pytest.mark.slow
 def test_model_fingerprint(params):
-    fp = M.model_fingerprint(params, CFG)
-    assert fp == M.model_fingerprint(params, CFG)
+    fp = CAP.model_fingerprint(params, CFG)
+    assert fp == CAP.model_fingerprint(params, CFG)
     bf = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    assert M.model_fingerprint(bf, CFG.replace(dtype="bfloat16")) == fp
+    assert CAP.model_fingerprint(bf, CFG.replace(dtype="bfloat16")) == fp
     other = jax.tree.map(lambda a: a, params)
     other["layers"] = dict(params["layers"], wq=params["layers"]["wq"].at[0, 0, :].add(0.5))
-    assert M.model_fingerprint(other, CFG) != fp
-    assert M.model_fingerprint(params, CFG.replace(rope_theta=5e5)) != fp
+    assert CAP.model_fingerprint(other, CFG) != fp
+    assert CAP.model_fingerprint(params, CFG.replace(rope_theta=5e5)) != fp
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from timerome_jax.method import facts as F
+from timerome_jax.method import capture as cap_lib
 from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import memory_file
 from timerome_jax import pipeline as pl
 from timerome_jax.method import trace as tr
 
@@ -20,7 +22,8 @@ def tiny(tiny_llada):
 def test_demo_end_to_end(tiny, tmp_path):
     params, cfg, tok = tiny
     dcfg = pl.DemoConfig(n_trace=2, trace=tr.TraceConfig(steps=2, n_noise=1, chunk=6), seeds=(0, 1), n_mc=2,
-                         limit=3, batch_size=4, metrics=("forget_lp", "retain_lp", "forget_tr"))
+                         limit=3, batch_size=4, metrics=("forget_lp", "retain_lp", "forget_tr"),
+                         gate_rows=(40, 40))
     out = pl.demo(params, cfg, tok, tmp_path, dcfg, retain_model=None, progress=False)
     for name in ("heatmap.png", "tie.npz", "table.md", "table.json", "memory.npz", "demo.json"):
         assert (tmp_path / name).is_file(), name
@@ -29,11 +32,12 @@ def test_demo_end_to_end(tiny, tmp_path):
     z = np.load(tmp_path / "tie.npz")
     assert z["tie_bar"].shape == (2, 3, cfg.n_layers, 2)
     methods = {r["method"] for r in out["rows"]}
-    assert methods == {"no_edit", "timerome_safe (a=0.5, q=2)", "timerome_strong (a=2, q=4)"}
-    strong = next(r for r in out["rows"] if r["method"].startswith("timerome_strong") and r["metric"] == "forget_lp")
-    assert strong["delta"] is not None and strong["delta"] != 0.0  # the edit changes the scores
-    mem, meta = mem_lib.load(tmp_path / "memory.npz", expect_fingerprint=mem_lib.model_fingerprint(params, cfg))
-    assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01"
+    assert methods == {"no_edit", "gated (a=4, q=4)", "paper_eq12 (a=4, q=4)"}
+    eq12 = next(r for r in out["rows"] if r["method"].startswith("paper_eq12") and r["metric"] == "forget_lp")
+    assert eq12["delta"] is not None and eq12["delta"] != 0.0  # the edit changes the scores
+    mem, meta = memory_file.load(tmp_path / "memory.npz", expect_fingerprint=cap_lib.model_fingerprint(params, cfg))
+    assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01" and mem.gate is not None
+    assert meta["gate"]["on"] and s["install"]["gated"]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(r"""
     import dataclasses, json
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from timerome_jax.method import memory
+    from timerome_jax.method import capture as cap_lib
     from timerome_jax.method import sharding
     from timerome_jax.method import trace as tr
     from timerome_jax.backbone.config import ModelConfig
@@ -76,9 +76,9 @@ SCRIPT = textwrap.dedent(r"""
     rng = np.random.default_rng(0)
     n = 7
     prompts = [list(rng.integers(2, 60, int(rng.integers(4, 7)))) for _ in range(n)]
-    cb = memory.make_cloze_batch(None, prompts, [[0, 1]] * n, [list(rng.integers(2, 60, 2)) for _ in range(n)],
+    cb = cap_lib.make_cloze_batch(None, prompts, [[0, 1]] * n, [list(rng.integers(2, 60, 2)) for _ in range(n)],
                                  target_text=[list(rng.integers(2, 60, 3)) for _ in range(n)], cfg=cfg)
-    base = memory.capture(params, cfg, cb, 1, "resid", chunk=3)
+    base = cap_lib.capture(params, cfg, cb, 1, "resid", chunk=3)
     out["capture"] = {}
     for chunk, name, kw in ((3, "1", {"devices": jax.devices()[:1]}), (1, "4", {})):
         got = sharding.capture(params, cfg, cb, 1, "resid", chunk=chunk, **kw)

@@ -10,6 +10,7 @@ from timerome_jax.backbone import model
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene, Patch, Shift
 from timerome_jax.diffusion import sampler as S
+from timerome_jax.method import capture as cap_lib
 from timerome_jax.method import memory as mem_lib
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
@@ -49,10 +50,10 @@ def test_unstack_roundtrip_and_run_identical():
     b = run(up, tok, CFG, pad, Intervene(read_pos=pos), 0, stop_layer=1)
     assert b.logits is None
     chex.assert_trees_all_equal(a, b)
-    assert mem_lib.model_fingerprint(params, CFG) == mem_lib.model_fingerprint(up, CFG)
+    assert cap_lib.model_fingerprint(params, CFG) == cap_lib.model_fingerprint(up, CFG)
     changed = model.unstack(params)
     changed["layers"][2]["wq"] = changed["layers"][2]["wq"].at[-1].add(1.0)
-    assert mem_lib.model_fingerprint(changed, CFG) != mem_lib.model_fingerprint(params, CFG)
+    assert cap_lib.model_fingerprint(changed, CFG) != cap_lib.model_fingerprint(params, CFG)
 
 
 def test_generate_identical_and_one_compile_for_new_memories(monkeypatch):

@@ -35,9 +35,9 @@ from timerome_jax.diffusion.likelihood import elbo  # noqa: E402
 from timerome_jax.diffusion.sampler import SamplerConfig, generate, generate_text  # noqa: E402
 from timerome_jax.method.facts import Fact, load_facts, make_facts  # noqa: E402
 from timerome_jax.method.memory import EditMemory  # noqa: E402
-from timerome_jax.method.memory import load as load_memory  # noqa: E402
-from timerome_jax.method.memory import model_fingerprint  # noqa: E402
-from timerome_jax.method.memory import save as save_memory  # noqa: E402
+from timerome_jax.method.memory_file import load as load_memory  # noqa: E402
+from timerome_jax.method.capture import model_fingerprint  # noqa: E402
+from timerome_jax.method.memory_file import save as save_memory  # noqa: E402
 from timerome_jax.method.screen import ScreenedTrace, screen, screen_and_trace, select_screened  # noqa: E402
 from timerome_jax.method.trace import Coordinate, TraceConfig, TraceResult, select  # noqa: E402
 from timerome_jax.pipeline import DemoConfig, demo, install, save_trace, trace_facts  # noqa: E402

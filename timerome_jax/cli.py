@@ -1,7 +1,7 @@
 """`timerome` command line: demo (the main job), trace, edit, eval.
 
 Every sub-command is a thin layer over the Python API in `pipeline`, `method.trace`,
-`method.memory` and `tofu.evaluate`, with the same defaults, so the CLI and the API agree.
+`method.memory_file` and `tofu.evaluate`, with the same defaults, so the CLI and the API agree.
 
 Layout, kept simple so that new sub-commands merge easily: one `add_<name>(sub)` that builds the
 sub-command's parser and one `run_<name>(args)` that does the work; `main` parses, runs, and turns
@@ -29,7 +29,8 @@ from timerome_jax.backbone import validate as V
 from timerome_jax.backbone.tokenizer import TokenizerError, eos_or_default
 from timerome_jax.io import atomic_path, write_json
 from timerome_jax.method import facts as F
-from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import memory_file
+from timerome_jax.method.capture import DEFAULT_TARGET_TEXT, model_fingerprint
 from timerome_jax.method import screen as sc
 from timerome_jax.method import trace as tr
 from timerome_jax.tofu import data as tofu
@@ -46,8 +47,8 @@ class CLIError(Exception):
 
 # Errors with a message written for people: printed as one line, no traceback (unless --debug).
 KNOWN_ERRORS = (CLIError, FileNotFoundError, NotADirectoryError, HFConfigError, CheckpointError,
-                OrbaxCheckpointError, TokenizerError, NoTokenizerError, mem_lib.MemoryFileError,
-                mem_lib.ModelMismatchError, mem_lib.CoordinateMismatchError, ReferenceMismatchError,
+                OrbaxCheckpointError, TokenizerError, NoTokenizerError, memory_file.MemoryFileError,
+                memory_file.ModelMismatchError, memory_file.CoordinateMismatchError, ReferenceMismatchError,
                 MissingReferenceError, V.ValidationError)
 
 
@@ -242,11 +243,16 @@ def add_edit(sub):
     p.add_argument("--layer", type=int, default=None, help="edit layer (default: the one in --trace)")
     p.add_argument("--module", default="resid", choices=MODULES, help="edited module (with --layer)")
     p.add_argument("--step", type=int, default=-1, help="denoising step of the edit (with --layer); -1 = every step")
-    p.add_argument("--alpha", type=float, default=0.5, help="edit strength alpha (Eq. 12)")
-    p.add_argument("--q", type=int, default=2, help="TopQ sparsity, facts per query (0 = dense)")
+    p.add_argument("--alpha", type=float, default=4.0,
+                   help="edit strength alpha (the gated memory's default, docs/gated_memory.md)")
+    p.add_argument("--q", type=int, default=4, help="TopQ sparsity, facts per query (0 = dense)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="the paper's ungated Eq. 12 instead of the gated memory (default: gated)")
+    p.add_argument("--gate-percentile", type=float, default=99.9,
+                   help="gate threshold: this percentile of held-out retain tokens' gate scores, percent")
     p.add_argument("--lam", type=float, default=None, help="ridge lambda (default: 0.1 * mean ||u||^2 of the keys)")
     p.add_argument("--limit", type=int, default=None, help="first N facts of the split (default: all)")
-    p.add_argument("--target-text", default=mem_lib.DEFAULT_TARGET_TEXT, help="what the edited model should say instead")
+    p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT, help="what the edited model should say instead")
     p.add_argument("--idk-targets", action="store_true", help="targets from TOFU idontknow.jsonl instead of --target-text")
     p.add_argument("--evaluate", action="store_true", help="also evaluate no_edit vs the edit")
     p.add_argument("--retain-model", default="auto",
@@ -277,10 +283,11 @@ def run_edit(a):
     if a.idk_targets:
         idk = tofu.load_split("idontknow")
         target = [idk[i % len(idk)]["text"] for i in range(len(facts))]
-    memory, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, a.lam, target)
+    memory, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, a.lam, target, gate=not a.no_gate,
+                              percentile=a.gate_percentile)
     mem_path = Path(a.out) / "memory.npz"
     mem_path.parent.mkdir(parents=True, exist_ok=True)
-    mem_lib.save(memory, mem_path, {"split": a.split, "target_text": a.target_text if not a.idk_targets else "idontknow",
+    memory_file.save(memory, mem_path, {"split": a.split, "target_text": a.target_text if not a.idk_targets else "idontknow",
                                     "fact_index": [f.index for f in facts]})
     print(json.dumps({**info, "memory": str(mem_path)}, indent=1))
     if a.evaluate:
@@ -370,7 +377,7 @@ def run_eval(args, loader=None) -> dict:
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"model folder {args.model} does not exist")
     if args.memory:
-        mem_lib.load(args.memory)
+        memory_file.load(args.memory)
     reference = {"model": None, "reference_override": False}
     retain_tr = None
     if "forget_quality" in names:
@@ -389,7 +396,7 @@ def run_eval(args, loader=None) -> dict:
     scfg = dataclasses.replace(scfg, steps=args.steps or scfg.steps, block_length=args.block_length or scfg.block_length)
     intervene = None
     if args.memory:
-        memory, _ = mem_lib.load(args.memory, expect_fingerprint=mem_lib.model_fingerprint(params, cfg))
+        memory, _ = memory_file.load(args.memory, expect_fingerprint=model_fingerprint(params, cfg))
         intervene = Intervene(edit=memory)
     res = ev.evaluate(params, cfg, tok, args.split, metrics=names, n_mc=n_mc, seeds=seeds,
                       retain_tr=retain_tr, batch_size=args.batch_size, gen_length=gl, sampler=scfg,

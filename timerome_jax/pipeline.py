@@ -25,14 +25,17 @@ from timerome_jax.tofu import evaluate as ev
 from timerome_jax.tofu.reference import cached_retain_tr
 from timerome_jax.tofu.report import compare, write_report
 from timerome_jax.method import facts as F
+from timerome_jax.method import capture as cap_lib
+from timerome_jax.method import gate as gate_lib
 from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import memory_file
 from timerome_jax.method import trace as tr
 from timerome_jax.backbone.config import MODULES
 from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.io import atomic_path, write_json
 from timerome_jax.backbone.tokenizer import eos_or_default
 
-DEFAULT_TARGET = mem_lib.DEFAULT_TARGET_TEXT
+DEFAULT_TARGET = cap_lib.DEFAULT_TARGET_TEXT
 
 
 def _bar(total, desc, progress):
@@ -79,28 +82,48 @@ def default_lam(u: np.ndarray, rel: float = 0.1) -> float:
 
 def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinate, alpha: float, q: int,
             lam: Optional[float] = None, target_text: str = DEFAULT_TARGET, capacity: Optional[int] = None,
-            chunk: int = 16):
+            chunk: int = 16, gate: bool = False, calibration: Optional[gate_lib.GateCalibration] = None,
+            percentile: float = gate_lib.DEFAULT_PERCENTILE):
     """Stage 3: capture (Eqs. 6-9) and solve (Eq. 11) -> (EditMemory, info).
 
     lam None = `default_lam` of the captured keys. target_text: one string, or one per fact (e.g.
-    TOFU idontknow lines). info: capture_s, solve_s, n_facts, lam, coordinate."""
+    TOFU idontknow lines). gate: also capture slot keys and build the gated memory
+    (`memory.Gate`), whitened and thresholded (at `percentile` of held-out retain tokens) with
+    `calibration` (None: `gate.calibrate` on TOFU calibration rows at this coordinate).
+    info: capture_s, solve_s, n_facts, lam, coordinate (+ gate_s, tau, percentile when gated)."""
     if not facts:
         raise ValueError("install: the forget set is empty")
     if lam is not None and not lam > 0:
         raise ValueError(f"install: lambda must be > 0, got {lam}")
     t0 = time.perf_counter()
     cb = F.cloze_batch(facts, tokenizer, cfg, target_text)
-    u, v_o, v_t = mem_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)
+    u, v_o, v_t = cap_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)
     u, v_o, v_t = (np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
     t1 = time.perf_counter()
     lam = default_lam(u) if lam is None else float(lam)
-    memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
-                           step=coord.step, capacity=capacity, fingerprint=mem_lib.model_fingerprint(params, cfg))
-    jax.block_until_ready(memory.G)
+    gate_kw, extra = {}, {}
+    if gate:
+        if calibration is None:
+            calibration = gate_lib.calibrate(params, cfg, tokenizer, coord.layer, coord.module)
+        elif (calibration.layer, calibration.module) != (coord.layer, coord.module):
+            raise ValueError(f"install: the gate calibration is at (layer, module) "
+                             f"({calibration.layer}, {calibration.module}), the edit at ({coord.layer}, {coord.module})")
+        keys = np.asarray(cap_lib.capture_slot_keys(params, cfg, cb, coord.layer, coord.module, chunk=chunk))
+        gate_kw = {"gate_keys": keys, "whitening": calibration.whitening}
     t2 = time.perf_counter()
-    info = {"capture_s": t1 - t0, "solve_s": t2 - t1, "install_s": t2 - t0, "n_facts": len(facts), "lam": lam,
-            "alpha": alpha, "q": q, "coordinate": {"layer": coord.layer, "step": coord.step,
-                                                   "module": MODULES[coord.module]}}
+    memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
+                           step=coord.step, capacity=capacity, fingerprint=cap_lib.model_fingerprint(params, cfg),
+                           **gate_kw)
+    if gate:
+        tau = mem_lib.calibrate_tau(memory, calibration.h_thresh, percentile)
+        memory = mem_lib.with_gate(memory, tau=tau)
+        extra = {"gate_s": t2 - t1, "tau": tau, "percentile": percentile,
+                 "calibration_rows": {"whiten": len(calibration.whiten_rows), "thresh": len(calibration.thresh_rows)}}
+    jax.block_until_ready(memory.G)
+    t3 = time.perf_counter()
+    info = {"capture_s": t1 - t0, "solve_s": t3 - t2, "install_s": t3 - t0, "n_facts": len(facts), "lam": lam,
+            "alpha": alpha, "q": q, "gated": bool(gate), **extra,
+            "coordinate": {"layer": coord.layer, "step": coord.step, "module": MODULES[coord.module]}}
     return memory, info
 
 
@@ -129,7 +152,10 @@ class DemoConfig:
     split: str = "forget01"
     n_trace: int = 8
     trace: tr.TraceConfig = tr.TraceConfig()
-    settings: tuple = (("timerome_safe", 0.5, 2), ("timerome_strong", 2.0, 4))
+    # (name, alpha, q, gated): the gated memory and the paper's Eq. 12 at the same (alpha, q)
+    settings: tuple = (("gated", 4.0, 4, True), ("paper_eq12", 4.0, 4, False))
+    gate_percentile: float = gate_lib.DEFAULT_PERCENTILE
+    gate_rows: tuple = (400, 400)  # calibration rows for the gate's whitening and threshold
     lam: Optional[float] = None
     target_text: str = DEFAULT_TARGET
     metrics: tuple = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr", "forget_quality")
@@ -142,7 +168,8 @@ class DemoConfig:
 def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retain_model=None,
          progress: bool = True, reference_override: bool = False) -> dict:
     """The main job: trace `n_trace` facts of the forget split, select the coordinate (Eq. 5, resid,
-    k* = -1), build the memory for every fact of the split, evaluate no_edit vs each (alpha, q) setting,
+    k* = -1), build the (gated) memory for every fact of the split, evaluate no_edit vs each (alpha, q,
+    gated) setting (by default the gated memory beside the paper's Eq. 12),
     and write heatmap.png, tie.npz, table.{md,json}, memory.npz and demo.json into `out_dir`.
     retain_model: the Forget Quality reference: "auto" = the packaged model trained on the split's
     retain set (`tofu.models.retain_model_for`; FQ is None if there is none), a folder (checked
@@ -160,9 +187,14 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
     t_trace = time.perf_counter() - t0
     paths = save_trace(result, coord, traced, dcfg.trace, out,
                        f"TIE_bar over {len(traced)} {dcfg.split} facts (K={dcfg.trace.steps})")
+    gated = any(s[3] for s in dcfg.settings)
+    t0 = time.perf_counter()
+    calib = gate_lib.calibrate(params, cfg, tokenizer, coord.layer, coord.module, *dcfg.gate_rows) if gated else None
+    t_calib = time.perf_counter() - t0
     memory, info = install(params, cfg, tokenizer, all_facts, coord, alpha=dcfg.settings[0][1], q=dcfg.settings[0][2],
-                           lam=dcfg.lam, target_text=dcfg.target_text)
-    mem_lib.save(memory, out / "memory.npz", {"split": dcfg.split, "target_text": dcfg.target_text,
+                           lam=dcfg.lam, target_text=dcfg.target_text, gate=gated, calibration=calib,
+                           percentile=dcfg.gate_percentile)
+    memory_file.save(memory, out / "memory.npz", {"split": dcfg.split, "target_text": dcfg.target_text,
                                               "fact_index": [f.index for f in all_facts]})
     retain_tr = None
     reference = {"model": None, "reference_override": False, "message": "no reference model given"}
@@ -171,13 +203,15 @@ def demo(params, cfg, tokenizer, out_dir, dcfg: DemoConfig = DemoConfig(), retai
                                      limit=dcfg.limit, batch_size=dcfg.batch_size, progress=progress,
                                      override=reference_override, record=reference)
     methods = {"no_edit": None}
-    for name, alpha, q in dcfg.settings:
-        methods[f"{name} (a={alpha:g}, q={q})"] = Intervene(edit=with_hparams(memory, alpha, q))
+    for name, alpha, q, g in dcfg.settings:
+        m = with_hparams(memory, alpha, q)
+        m = mem_lib.with_gate(m, on=g) if m.gate is not None else m
+        methods[f"{name} (a={alpha:g}, q={q})"] = Intervene(edit=m)
     t0 = time.perf_counter()
     rows, _ = evaluate_methods(params, cfg, tokenizer, methods, dcfg.split, retain_tr, out, "table",
                                metrics=dcfg.metrics, n_mc=dcfg.n_mc, seeds=dcfg.seeds, limit=dcfg.limit,
                                batch_size=dcfg.batch_size, progress=progress)
-    summary = {"coordinate": info["coordinate"], "install": info, "trace_s": t_trace,
+    summary = {"coordinate": info["coordinate"], "install": info, "trace_s": t_trace, "gate_calibration_s": t_calib,
                "eval_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start,
                "traced_facts": [f.index for f in traced], "n_facts": len(all_facts),
                "clean_final_logp": result.clean[:, -1].tolist(),

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_generate import make_memory  # noqa: E402
-from timerome_jax.method import memory as mem_lib  # noqa: E402
+from timerome_jax.method import capture as cap_lib  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.backbone.intervene import Intervene  # noqa: E402
@@ -101,11 +101,11 @@ def main(argv=None):
         print(args.label, "gen_b1", rec["gen_b1"], flush=True)
     if "capture" in what:
         tok = C.random_tokens(rng, (1, T), cfg)
-        cb = mem_lib.ClozeBatch(*(jnp.asarray(a) for a in (
+        cb = cap_lib.ClozeBatch(*(jnp.asarray(a) for a in (
             tok, np.ones((1, T), bool), np.arange(4)[None], np.ones((1, 4), bool), np.arange(8, 12)[None],
             np.ones((1, 4), bool), tok, np.ones((1, T), bool), np.arange(8, 12)[None], np.ones((1, 4), bool))))
-        r = C.measure(lambda: mem_lib.capture(params, cfg, cb, args.layer, "resid", chunk=1), want=5)
-        f = C.measure(lambda: mem_lib.model_fingerprint(params, cfg), want=5, sync=lambda x: x)
+        r = C.measure(lambda: cap_lib.capture(params, cfg, cb, args.layer, "resid", chunk=1), want=5)
+        f = C.measure(lambda: cap_lib.model_fingerprint(params, cfg), want=5, sync=lambda x: x)
         rec["capture_f1_ms"] = 1e3 * r["steady_s"]
         rec["fingerprint_ms"] = 1e3 * f["steady_s"]
         print(args.label, "capture", rec["capture_f1_ms"], "fingerprint", rec["fingerprint_ms"], flush=True)

@@ -26,7 +26,7 @@ from timerome_jax.editors.covariance import DEFAULT_CACHE, key_second_moment, re
 from timerome_jax.editors.locate import ar_positional_layer
 from timerome_jax.editors.memit import band_update, default_band, target_z
 from timerome_jax.editors.weights import task_batch
-from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
+from timerome_jax.method.capture import DEFAULT_TARGET_TEXT
 from timerome_jax.methods import EditTask, Prepared, register
 
 

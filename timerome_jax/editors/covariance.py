@@ -29,7 +29,7 @@ from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.diffusion.likelihood import make_qa_batch
 from timerome_jax.editors.states import mlp_keys
 from timerome_jax.io import atomic_path
-from timerome_jax.method.memory import model_fingerprint
+from timerome_jax.method.capture import model_fingerprint
 from timerome_jax.tofu import data as tofu
 
 DEFAULT_CACHE = Path(os.environ.get("TIMEROME_CACHE", Path.home() / ".cache" / "timerome-jax")) / "covariance"

@@ -42,7 +42,7 @@ from timerome_jax.backbone.config import module_id
 from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.editors import states as S
 from timerome_jax.editors.weights import task_batch
-from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
+from timerome_jax.method.capture import DEFAULT_TARGET_TEXT
 from timerome_jax.methods import EditTask, Prepared, register
 
 REPLACEMENTS = ("last", "after", "all")

@@ -25,7 +25,7 @@ from timerome_jax.editors import states as S
 from timerome_jax.editors.covariance import DEFAULT_CACHE, key_second_moment, retain_rows
 from timerome_jax.editors.locate import ar_positional_layer
 from timerome_jax.editors.weights import add_to_w_down, task_batch
-from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
+from timerome_jax.method.capture import DEFAULT_TARGET_TEXT
 from timerome_jax.methods import EditTask, Prepared, register
 
 

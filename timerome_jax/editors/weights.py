@@ -19,7 +19,7 @@ from timerome_jax.backbone.tokenizer import eos_or_default
 from timerome_jax.editors.states import EditBatch, edit_batch
 from timerome_jax.io import atomic_path
 from timerome_jax.method import facts as F
-from timerome_jax.method.memory import DEFAULT_TARGET_TEXT
+from timerome_jax.method.capture import DEFAULT_TARGET_TEXT
 
 
 def task_batch(task, target_text: Union[str, Sequence[str]] = DEFAULT_TARGET_TEXT) -> tuple[list, EditBatch]:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from timerome_jax.tofu import data as tofu
 from timerome_jax.backbone.config import ModelConfig
-from timerome_jax.method.memory import make_cloze_batch
+from timerome_jax.method.capture import make_cloze_batch
 from timerome_jax.method.trace import make_fact_batch
 
 
@@ -68,6 +68,6 @@ def fact_batch(facts: Sequence[Fact], cfg: ModelConfig):
 
 
 def cloze_batch(facts: Sequence[Fact], tokenizer, cfg: ModelConfig, target_text):
-    """`memory.ClozeBatch` for a list of facts (object = answer + eos, target = target_text + eos)."""
+    """`capture.ClozeBatch` for a list of facts (object = answer + eos, target = target_text + eos)."""
     return make_cloze_batch(tokenizer, [list(f.prompt_ids) for f in facts], [list(f.key_pos) for f in facts],
                             [f.answer for f in facts], target_text, cfg)

@@ -1,10 +1,11 @@
-"""TimeROME edit memory (paper §III-C/D, Algorithm 1 stage 3, Eqs. 6-12) as JAX pytrees.
+"""TimeROME edit memory (paper §III-C/D, Eqs. 10-12): the edit algebra as JAX pytrees.
 
-    capture  (Eqs. 6-9)   u_z = mean_{S_z} h[x_cloze^{o_z}],  v_o = mean_{O_z} h[x_cloze^{o_z}],
-                          v_t = mean_{T_z} h[x_cloze^{t}],    d_z = v_t - v_o
     build    (Eq. 11)     G = (U U^T + lam I)^{-1}  over the active facts
     delta    (Eq. 12)     h <- h + alpha * D^T TopQ_q(G U h)  at every token
     GatedEdit (Eq. 10)    h <- h + alpha * sum_f clip(<u_f,h>/(|u_f|^2+eps), 0, g_max) d_f
+
+The keys and values come from `capture` (Eqs. 6-9, `timerome_jax.method.capture`); files are
+written and read by `timerome_jax.method.memory_file`.
 
 An `EditMemory` has a fixed capacity C (rows padded with inactive slots), and every
 hyperparameter (alpha, q, lam, step) is an array: memories with different facts, a different fact
@@ -15,32 +16,23 @@ layer alone and no other layer pays a per-layer test for it) and the model finge
 Building and editing (build/insert/remove) runs on the host in float64: the keys of different
 facts share a large common residual component, so U U^T is badly conditioned for small lam and a
 float32 Cholesky loses most digits. That is O(|F|^2 H + |F|^3) per call, done once per edit, not
-per forward. The per-forward `delta` and the capture are jitted.
+per forward. The per-forward `delta` is jitted with the forward.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import os
-import zipfile
 from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timerome_jax.backbone.config import MODULES, ModelConfig, module_id
-from timerome_jax.backbone.intervene import Intervene
-from timerome_jax.io import atomic_path
-from timerome_jax.backbone import model as _model
+from timerome_jax.backbone.config import module_id
 
-FORMAT_NAME = "timerome-edit-memory"
-FORMAT_VERSION = 1
-DEFAULT_TARGET_TEXT = "I don't know."
 # fp32-accurate on GPU too (bf16 x3 passes; HIGHEST's 6 passes cost ~2x more for no visible gain), exact on CPU
 _HI = jax.lax.Precision.HIGH
+
 
 
 def _layer_id(layer) -> int:
@@ -83,7 +75,40 @@ def top_q(c: jax.Array, q) -> jax.Array:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["U", "Dm", "G", "W", "active", "alpha", "q", "lam", "step"],
+                   data_fields=["K", "mu", "P", "tau", "on"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """Per-token gate g(h) in {0, 1} of a gated memory: h <- h + g(h) alpha TopQ_q(D^T G U h).
+
+    g(h) = 1 when max_f cos_W(h, k_f) > tau over the active facts f, where cos_W is the cosine
+    after whitening z = P (h - mu): the keys k_f are residuals at the fact's answer slots with the
+    answer fully masked (`capture.capture_slot_keys`), and (mu, P) whiten with the residuals of
+    held-out retain rows (`fit_whitening`), so directions every question shares count little.
+    K [C,R] f32: whitened, unit-norm keys P (k_f - mu) / |.| (zero rows for inactive slots);
+    mu [D] f32; P [R,D] f32 (R <= D; R = D is full whitening); tau f32 scalar threshold on the
+    whitened cosine; on bool scalar (False: g = 1 everywhere, i.e. Eq. 12 exactly). All data.
+    """
+
+    K: jax.Array
+    mu: jax.Array
+    P: jax.Array
+    tau: jax.Array
+    on: jax.Array
+
+    def score(self, h: jax.Array, active: jax.Array) -> jax.Array:
+        """max over active facts of the whitened cosine: h [..., D] -> [...] f32 (-inf: no fact)."""
+        z = jnp.einsum("...d,rd->...r", h.astype(jnp.float32) - self.mu, self.P, precision=_HI)
+        n = jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True))
+        s = jnp.einsum("...r,cr->...c", z / jnp.maximum(n, 1e-30), self.K, precision=_HI)
+        return jnp.max(jnp.where(active, s, -jnp.inf), axis=-1)
+
+    def fires(self, h: jax.Array, active: jax.Array) -> jax.Array:
+        """g(h) as bool: h [..., D] -> [...] (all True when the gate is off)."""
+        return jnp.logical_or(jnp.logical_not(self.on), self.score(h, active) > self.tau)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["U", "Dm", "G", "W", "active", "alpha", "q", "lam", "step", "gate"],
                    meta_fields=["layer", "module", "fingerprint"])
 @dataclasses.dataclass(frozen=True)
 class EditMemory:
@@ -97,6 +122,9 @@ class EditMemory:
     its inactive rows are zero.
     alpha, lam: f32 scalars; q: int32 scalar (0 = dense); step: int32 scalar (-1 = every
     denoising step, the paper's k* = -1).
+    gate: a `Gate` (the selective memory: the update is applied only on tokens where it fires)
+    or None (the paper's Eq. 12 at every token); whether a memory has a gate is structure, its
+    keys, threshold and on/off switch are data.
     Static: layer and module (0 resid, 1 attn, 2 mlp), i.e. where the hook sits, which is program
     structure (a forward compiles once per coordinate, and no other layer pays for the edit); and
     fingerprint (the model the keys came from). Facts, alpha, q, lam and step are data.
@@ -114,6 +142,7 @@ class EditMemory:
     layer: int
     module: int
     fingerprint: str = ""
+    gate: Optional[Gate] = None
 
     @property
     def capacity(self) -> int:
@@ -133,7 +162,15 @@ class EditMemory:
         """Eq. 12 update alpha * D^T TopQ_q(G U h) per token: h [B,T,D] -> [B,T,D] in h's dtype."""
         c = self.coefficients(h)
         out = self.alpha * jnp.einsum("...c,cd->...d", c, self.Dm, precision=_HI)
+        if self.gate is not None:  # gated: h <- h + g(h) * alpha TopQ_q(D^T G U h)
+            out = jnp.where(self.gate.fires(h, self.active)[..., None], out, jnp.zeros_like(out))
         return out.astype(h.dtype)
+
+    def fires(self, h: jax.Array) -> jax.Array:
+        """Where the update is applied: h [..., D] -> [...] bool (all True without a gate)."""
+        if self.gate is None:
+            return jnp.ones(h.shape[:-1], jnp.bool_)
+        return self.gate.fires(h, self.active)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -215,21 +252,28 @@ def _check_hparams(lam, alpha, q):
         raise ValueError(f"q must be an integer >= 0 (0 = dense), got {q}")
 
 
-def _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint) -> EditMemory:
-    return _make(U, Dm, _ridge_inverse(U, active, lam), active, lam, alpha, q, layer, module, step,
-                 fingerprint)
+def _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint, gate=None) -> EditMemory:
+    return from_arrays(U, Dm, _ridge_inverse(U, active, lam), active, lam, alpha, q, layer, module, step,
+                       fingerprint, gate)
 
 
-def _make(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprint) -> EditMemory:
+def from_arrays(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprint,
+                gate: Optional[Gate] = None) -> EditMemory:
+    """An `EditMemory` from its host arrays (U, Dm [C,D], G [C,C], active [C]) without re-solving
+    Eq. 11 (W = G U is recomputed in float64); used by `memory_file.load`. gate: a `Gate` or None."""
     U = np.asarray(U, np.float32)
     G = np.asarray(G, np.float32)
     W = (G.astype(np.float64) @ U.astype(np.float64)).astype(np.float32)
+    if gate is not None and (gate.K.shape[0] != U.shape[0] or gate.mu.shape != (U.shape[1],)
+                             or gate.P.shape[1] != U.shape[1] or gate.K.shape[1] != gate.P.shape[0]):
+        raise ValueError(f"gate: K {gate.K.shape}, mu {gate.mu.shape}, P {gate.P.shape} do not fit a "
+                         f"memory of capacity {U.shape[0]} and hidden size {U.shape[1]}")
     return EditMemory(
         U=jnp.asarray(U), Dm=jnp.asarray(Dm, jnp.float32), G=jnp.asarray(G), W=jnp.asarray(W),
         active=jnp.asarray(active, jnp.bool_), alpha=jnp.asarray(alpha, jnp.float32),
         q=jnp.asarray(q, jnp.int32), lam=jnp.asarray(lam, jnp.float32),
         step=jnp.asarray(step, jnp.int32), layer=_layer_id(layer),
-        module=module_id(module), fingerprint=str(fingerprint))
+        module=module_id(module), fingerprint=str(fingerprint), gate=gate)
 
 
 def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:
@@ -245,13 +289,99 @@ def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:
     return a
 
 
+# --------------------------------------------------------------------------------------------
+# The gate: whitening, keys, threshold
+# --------------------------------------------------------------------------------------------
+
+def fit_whitening(x, shrink: float = 0.01, rank: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], P [R,D]) f32 with P (x - mu) white: x [N,D] residuals of held-out rows.
+
+    P = diag(e_r + shrink * mean(e))^{-1/2} V_r^T from the covariance's eigenpairs (float64), the
+    R = `rank` (default D) largest; shrink > 0 keeps directions the rows barely vary in from
+    dominating the whitened cosine.
+    """
+    x = _as_rows(x, "whitening residuals").astype(np.float64)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"fit_whitening: need >= 2 residual rows, got {n}")
+    if not shrink > 0:
+        raise ValueError(f"fit_whitening: shrink must be > 0, got {shrink}")
+    r = d if rank is None else int(rank)
+    if not 1 <= r <= d:
+        raise ValueError(f"fit_whitening: rank {rank} must be in [1, {d}]")
+    mu = x.mean(0)
+    e, V = np.linalg.eigh(np.cov(x - mu, rowvar=False))
+    e, V = e[::-1][:r], V[:, ::-1][:, :r]
+    e = np.maximum(e, 0.0) + shrink * max(float(np.mean(np.maximum(e, 0.0))), 1e-30)
+    P = (V / np.sqrt(e)).T
+    return mu.astype(np.float32), P.astype(np.float32)
+
+
+def whiten_keys(keys, mu, P) -> np.ndarray:
+    """Gate keys: P (k - mu) / |P (k - mu)| per row (float64 on the host): keys [N,D] -> [N,R] f32."""
+    k = _as_rows(keys, "gate keys").astype(np.float64)
+    z = (k - np.asarray(mu, np.float64)) @ np.asarray(P, np.float64).T
+    return (z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-30)).astype(np.float32)
+
+
+def make_gate(K, mu, P, tau: float, on: bool = True) -> Gate:
+    """A `Gate` from whitened keys K [C,R] (`whiten_keys`, zero rows for free slots), mu, P."""
+    if not np.isfinite(tau):
+        raise ValueError(f"gate threshold tau must be finite, got {tau}")
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    return Gate(f32(K), f32(mu), f32(P), f32(tau), jnp.asarray(bool(on)))
+
+
+def with_gate(mem: EditMemory, tau: Optional[float] = None, on: Optional[bool] = None) -> EditMemory:
+    """The same memory with another threshold and/or the gate switched on/off (data: no recompile)."""
+    if mem.gate is None:
+        raise ValueError("with_gate: this memory has no gate (build it with gate_keys=...)")
+    g = mem.gate
+    g = dataclasses.replace(g, tau=g.tau if tau is None else jnp.asarray(tau, jnp.float32),
+                            on=g.on if on is None else jnp.asarray(bool(on)))
+    return dataclasses.replace(mem, gate=g)
+
+
+@jax.jit
+def _scores(gate: Gate, active, h):
+    return gate.score(h, active)
+
+
+def gate_scores(mem: EditMemory, h, chunk: int = 8192) -> np.ndarray:
+    """Whitened-cosine gate score of each residual: h [N,D] -> [N] float32 (max over active facts)."""
+    if mem.gate is None:
+        raise ValueError("gate_scores: this memory has no gate")
+    h = _as_rows(h, "residuals", mem.d_model)
+    return np.concatenate([np.asarray(_scores(mem.gate, mem.active, jnp.asarray(h[i:i + chunk])))
+                           for i in range(0, h.shape[0], chunk)]) if h.shape[0] else np.zeros(0, np.float32)
+
+
+def calibrate_tau(mem: EditMemory, h, percentile: float = 99.9) -> float:
+    """The threshold that `percentile` % of held-out retain residuals h [N,D] score at or below."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"calibrate_tau: percentile must be in (0, 100], got {percentile}")
+    return float(np.percentile(gate_scores(mem, h), percentile))
+
+
+# --------------------------------------------------------------------------------------------
+# build / empty / insert / remove
+# --------------------------------------------------------------------------------------------
+
+def _gate_for(K, whitening, tau, gate_on) -> Gate:
+    mu, P = whitening
+    return make_gate(K, mu, P, tau, gate_on)
+
+
 def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Union[int, str],
-          step: int = -1, capacity: Optional[int] = None, fingerprint: str = "") -> EditMemory:
+          step: int = -1, capacity: Optional[int] = None, fingerprint: str = "", gate_keys=None,
+          whitening: Optional[tuple] = None, tau: float = 0.5, gate_on: bool = True) -> EditMemory:
     """Eq. 11: an `EditMemory` from captured keys and values.
 
     u, v_o, v_t [N,D] (Eqs. 6-8); D = v_t - v_o (Eq. 9). Facts fill slots 0..N-1 of a memory of
     `capacity` rows (default N; must be >= N). lam > 0 is the ridge term, alpha the edit scale,
     q the TopQ sparsity (0 = dense), (layer, module, step) the coordinate (step -1 = every step).
+    gate_keys [N,D] (raw slot keys, `capture.capture_slot_keys`) with whitening = (mu [D], P [R,D])
+    (`fit_whitening`) give a gated memory with threshold tau (`calibrate_tau`); None: Eq. 12.
     """
     _check_hparams(lam, alpha, q)
     u = _as_rows(u, "u")
@@ -261,6 +391,8 @@ def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Uni
     v_o, v_t = _as_rows(v_o, "v_o", u.shape[1]), _as_rows(v_t, "v_t", u.shape[1])
     if not (u.shape == v_o.shape == v_t.shape):
         raise ValueError(f"build: u {u.shape}, v_o {v_o.shape}, v_t {v_t.shape} must have one shape")
+    if (gate_keys is None) != (whitening is None):
+        raise ValueError("build: a gate needs both gate_keys and whitening (mu, P)")
     n, d = u.shape
     cap = n if capacity is None else int(capacity)
     if cap < n:
@@ -270,36 +402,61 @@ def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Uni
     U[:n], Dm[:n] = u, v_t - v_o
     active = np.zeros(cap, bool)
     active[:n] = True
-    return _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint)
+    gate = None
+    if gate_keys is not None:
+        k = _as_rows(gate_keys, "gate_keys", d)
+        if k.shape[0] != n:
+            raise ValueError(f"build: {k.shape[0]} gate keys for {n} facts")
+        Kw = whiten_keys(k, *whitening)
+        K = np.zeros((cap, Kw.shape[1]), np.float32)
+        K[:n] = Kw
+        gate = _gate_for(K, whitening, tau, gate_on)
+    return _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint, gate)
 
 
 def empty(d_model: int, capacity: int, lam: float, alpha: float, q: int, layer: int,
-          module: Union[int, str], step: int = -1, fingerprint: str = "") -> EditMemory:
-    """A memory with no active facts (its delta is exactly 0), to `insert` facts into."""
+          module: Union[int, str], step: int = -1, fingerprint: str = "",
+          whitening: Optional[tuple] = None, tau: float = 0.5, gate_on: bool = True) -> EditMemory:
+    """A memory with no active facts (its delta is exactly 0), to `insert` facts into; with
+    `whitening` = (mu, P) it is gated (insert then needs each fact's gate key)."""
     _check_hparams(lam, alpha, q)
     if capacity < 1 or d_model < 1:
         raise ValueError(f"empty: capacity={capacity} and d_model={d_model} must be >= 1")
     z = np.zeros((capacity, d_model), np.float32)
-    return _assemble(z, z, np.zeros(capacity, bool), lam, alpha, q, layer, module, step, fingerprint)
+    gate = None
+    if whitening is not None:
+        gate = _gate_for(np.zeros((capacity, np.shape(whitening[1])[0]), np.float32), whitening, tau, gate_on)
+    return _assemble(z, z, np.zeros(capacity, bool), lam, alpha, q, layer, module, step, fingerprint, gate)
 
 
 def _host(mem: EditMemory):
-    return (np.array(mem.U, np.float32), np.array(mem.Dm, np.float32), np.array(mem.active, bool))
+    K = None if mem.gate is None else np.array(mem.gate.K, np.float32)
+    return (np.array(mem.U, np.float32), np.array(mem.Dm, np.float32), np.array(mem.active, bool), K)
 
 
-def _rebuild(mem: EditMemory, U, Dm, active) -> EditMemory:
+def _rebuild(mem: EditMemory, U, Dm, active, K) -> EditMemory:
+    gate = None if mem.gate is None else dataclasses.replace(mem.gate, K=jnp.asarray(K))
     return _assemble(U, Dm, active, float(mem.lam), float(mem.alpha), int(mem.q), int(mem.layer),
-                     mem.module, int(mem.step), mem.fingerprint)
+                     mem.module, int(mem.step), mem.fingerprint, gate)
 
 
-def insert(mem: EditMemory, u, d) -> EditMemory:
-    """Stream facts in: u, d [D] (one fact) or [k,D]. Each goes to the lowest free slot; when
-    the memory is full its capacity doubles (a new shape, so the next forward compiles again).
-    G is recomputed from all active rows, so the result equals `build` on the same slots."""
-    U, Dm, active = _host(mem)
+def insert(mem: EditMemory, u, d, gate_key=None) -> EditMemory:
+    """Stream facts in: u, d [D] (one fact) or [k,D]; gate_key (same shape, raw slot keys) is
+    required for a gated memory and whitened with the memory's own (mu, P). Each fact goes to the
+    lowest free slot; when the memory is full its capacity doubles (a new shape, so the next
+    forward compiles again). G is recomputed from all active rows, so the result equals `build`
+    on the same slots."""
+    U, Dm, active, K = _host(mem)
     u, d = _as_rows(u, "u", mem.d_model), _as_rows(d, "d", mem.d_model)
     if u.shape != d.shape:
         raise ValueError(f"insert: u {u.shape} and d {d.shape} must have one shape")
+    if (mem.gate is None) != (gate_key is None):
+        raise ValueError("insert: a gated memory needs gate_key for every fact, an ungated one none")
+    if gate_key is not None:
+        gk = _as_rows(gate_key, "gate_key", mem.d_model)
+        if gk.shape != u.shape:
+            raise ValueError(f"insert: gate_key {gk.shape} and u {u.shape} must have one shape")
+        kw = whiten_keys(gk, np.asarray(mem.gate.mu), np.asarray(mem.gate.P))
     need = int(active.sum()) + u.shape[0]
     cap = U.shape[0]
     while cap < need:
@@ -309,15 +466,19 @@ def insert(mem: EditMemory, u, d) -> EditMemory:
         U = np.concatenate([U, np.zeros((grow, U.shape[1]), np.float32)])
         Dm = np.concatenate([Dm, np.zeros((grow, Dm.shape[1]), np.float32)])
         active = np.concatenate([active, np.zeros(grow, bool)])
+        if K is not None:
+            K = np.concatenate([K, np.zeros((grow, K.shape[1]), np.float32)])
     slots = np.flatnonzero(~active)[: u.shape[0]]
     U[slots], Dm[slots], active[slots] = u, d, True
-    return _rebuild(mem, U, Dm, active)
+    if K is not None:
+        K[slots] = kw
+    return _rebuild(mem, U, Dm, active, K)
 
 
 def remove(mem: EditMemory, index: Union[int, Sequence[int]]) -> EditMemory:
-    """Remove the fact(s) in slot(s) `index` exactly: rows zeroed, marked inactive, G recomputed
-    from the remaining active rows (capacity unchanged)."""
-    U, Dm, active = _host(mem)
+    """Remove the fact(s) in slot(s) `index` exactly: rows (and gate keys) zeroed, marked
+    inactive, G recomputed from the remaining active rows (capacity unchanged)."""
+    U, Dm, active, K = _host(mem)
     idx = np.atleast_1d(np.asarray(index))
     if idx.dtype.kind not in "iu":
         raise ValueError(f"remove: slot indices must be integers, got {index!r}")
@@ -326,369 +487,11 @@ def remove(mem: EditMemory, index: Union[int, Sequence[int]]) -> EditMemory:
         raise ValueError(f"remove: slot(s) {bad} are not active facts of this memory "
                          f"(capacity {U.shape[0]}, active slots {np.flatnonzero(active).tolist()})")
     U[idx], Dm[idx], active[idx] = 0.0, 0.0, False
-    return _rebuild(mem, U, Dm, active)
+    if K is not None:
+        K[idx] = 0.0
+    return _rebuild(mem, U, Dm, active, K)
 
 
 def n_facts(mem: EditMemory) -> int:
     """Number of active facts."""
     return int(np.asarray(mem.active).sum())
-
-
-# --------------------------------------------------------------------------------------------
-# Capture (Eqs. 6-9)
-# --------------------------------------------------------------------------------------------
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ClozeBatch:
-    """Cloze inputs of N facts (right-padded; positions padded with 0 and valid=False).
-
-    tokens_o [N,T] int32: prompt + original object tokens (+eos), fully unmasked; pad_o [N,T] bool
-    (True = real token). subj_pos [N,S] int32 / subj_valid [N,S] bool: subject positions S_z.
-    obj_pos [N,P] / obj_valid [N,P]: object positions O_z in tokens_o.
-    tokens_t [N,Tt], pad_t: prompt + target tokens (+eos); tgt_pos [N,Q] / tgt_valid [N,Q].
-    """
-
-    tokens_o: jax.Array
-    pad_o: jax.Array
-    subj_pos: jax.Array
-    subj_valid: jax.Array
-    obj_pos: jax.Array
-    obj_valid: jax.Array
-    tokens_t: jax.Array
-    pad_t: jax.Array
-    tgt_pos: jax.Array
-    tgt_valid: jax.Array
-
-    @property
-    def n(self) -> int:
-        return self.tokens_o.shape[0]
-
-
-def _encode(tokenizer, text) -> list:
-    """Token ids of `text` without special tokens (HF tokenizers, `tokenizers.Tokenizer`, or a
-    callable text -> ids); a sequence of ints passes through."""
-    if not isinstance(text, str):
-        return [int(t) for t in text]
-    if hasattr(tokenizer, "encode"):
-        try:
-            out = tokenizer.encode(text, add_special_tokens=False)
-        except TypeError:
-            out = tokenizer.encode(text)
-    elif callable(tokenizer):
-        out = tokenizer(text)
-    else:
-        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no .encode and is not callable")
-    return [int(t) for t in getattr(out, "ids", out)]
-
-
-def _pad(rows, fill, multiple: int):
-    width = max(1, max(len(r) for r in rows))
-    width = -(-width // multiple) * multiple
-    out = np.full((len(rows), width), fill, np.int32)
-    valid = np.zeros((len(rows), width), bool)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-        valid[i, : len(r)] = True
-    return out, valid
-
-
-def make_cloze_batch(tokenizer, prompts, subject_token_positions, objects,
-                     target_text: Union[str, Sequence[str]] = DEFAULT_TARGET_TEXT,
-                     cfg: Optional[ModelConfig] = None, pad_multiple: int = 8) -> ClozeBatch:
-    """Build a `ClozeBatch` for N facts.
-
-    prompts: N prompts, each token ids (or a str, encoded without special tokens);
-    subject_token_positions: N lists of positions (into the prompt) of the subject tokens;
-    objects: N original answers (str or ids); object = encode(answer) + [eos];
-    target_text: the target t (one str for all facts, or N strs); target = encode(t) + [eos];
-    cfg: gives eos/pad ids and max_seq_len (required). Sequence lengths are rounded up to a
-    multiple of `pad_multiple` so batches of similar length share one compiled capture.
-    """
-    if cfg is None:
-        raise ValueError("make_cloze_batch: cfg is required (it gives eos_token_id, pad_token_id)")
-    n = len(prompts)
-    if n == 0:
-        raise ValueError("make_cloze_batch: no facts (prompts is empty)")
-    if not (len(subject_token_positions) == len(objects) == n):
-        raise ValueError(f"make_cloze_batch: {n} prompts, {len(subject_token_positions)} subject "
-                         f"position lists and {len(objects)} objects; they must match")
-    targets = [target_text] * n if isinstance(target_text, str) else list(target_text)
-    if len(targets) != n:
-        raise ValueError(f"make_cloze_batch: {len(targets)} target texts for {n} facts")
-    eos = cfg.eos_token_id
-    seq_o, seq_t, subj, objp, tgtp = [], [], [], [], []
-    for i in range(n):
-        p = _encode(tokenizer, prompts[i])
-        o = _encode(tokenizer, objects[i]) + [eos]
-        t = _encode(tokenizer, targets[i]) + [eos]
-        s = [int(j) for j in subject_token_positions[i]]
-        if not s:
-            raise ValueError(f"make_cloze_batch: fact {i} has no subject positions")
-        if min(s) < 0 or max(s) >= len(p):
-            raise ValueError(f"make_cloze_batch: fact {i} subject positions {s} fall outside its "
-                             f"prompt of {len(p)} tokens")
-        for name, seq in (("object", p + o), ("target", p + t)):
-            if len(seq) > cfg.max_seq_len:
-                raise ValueError(f"make_cloze_batch: fact {i} {name} cloze has {len(seq)} tokens "
-                                 f"> max_seq_len {cfg.max_seq_len}")
-        seq_o.append(p + o)
-        seq_t.append(p + t)
-        subj.append(s)
-        objp.append(list(range(len(p), len(p) + len(o))))
-        tgtp.append(list(range(len(p), len(p) + len(t))))
-    tok_o, pad_o = _pad(seq_o, cfg.pad_token_id, pad_multiple)
-    tok_t, pad_t = _pad(seq_t, cfg.pad_token_id, pad_multiple)
-    sp, sv = _pad(subj, 0, 1)
-    op, ov = _pad(objp, 0, 1)
-    tp, tv = _pad(tgtp, 0, 1)
-    j = jnp.asarray
-    return ClozeBatch(j(tok_o), j(pad_o), j(sp), j(sv), j(op), j(ov), j(tok_t), j(pad_t), j(tp), j(tv))
-
-
-def _masked_mean(h, valid):
-    w = valid.astype(jnp.float32)[..., None]
-    return jnp.sum(h.astype(jnp.float32) * w, axis=1) / jnp.sum(w, axis=1)
-
-
-def _pad_to(a, width: int, fill):
-    return jnp.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "layer", "module"))
-def _capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: int):
-    # the original and target sequences go through ONE forward of 2N rows (padded to one length):
-    # at small N the capture is bound by reading the weights, so one pass instead of two halves it
-    name = MODULES[module]
-    n, n_s = b.tokens_o.shape[0], b.subj_pos.shape[1]
-    T = max(b.tokens_o.shape[1], b.tokens_t.shape[1])
-    pos_o = jnp.concatenate([b.subj_pos, b.obj_pos], axis=1)
-    S = max(pos_o.shape[1], b.tgt_pos.shape[1])
-    tokens = jnp.concatenate([_pad_to(b.tokens_o, T, cfg.pad_token_id), _pad_to(b.tokens_t, T, cfg.pad_token_id)])
-    pad = jnp.concatenate([_pad_to(b.pad_o, T, False), _pad_to(b.pad_t, T, False)])
-    pos = jnp.concatenate([_pad_to(pos_o, S, 0), _pad_to(b.tgt_pos, S, 0)])
-    acts = _model.run(params, tokens, cfg, pad, Intervene(read_pos=pos), step=0,
-                      stop_layer=layer).acts[name][layer]
-    acts_o, acts_t = acts[:n], acts[n:, : b.tgt_pos.shape[1]]
-    u = _masked_mean(acts_o[:, :n_s], b.subj_valid)
-    v_o = _masked_mean(acts_o[:, n_s: pos_o.shape[1]], b.obj_valid)
-    v_t = _masked_mean(acts_t, b.tgt_valid)
-    return u, v_o, v_t
-
-
-def _check_capture(cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str]) -> int:
-    """Validate a capture request (shared with `sharding.capture`); returns the module id."""
-    m = module_id(module)
-    if not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"capture: layer {layer} out of range for a {cfg.n_layers}-layer model")
-    for name, valid in (("subject", batch.subj_valid), ("object", batch.obj_valid),
-                        ("target", batch.tgt_valid)):
-        empty_rows = np.flatnonzero(~np.asarray(valid).any(axis=1))
-        if empty_rows.size:
-            raise ValueError(f"capture: facts {empty_rows.tolist()} have no valid {name} positions")
-    return m
-
-
-def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str],
-            chunk: int = 16):
-    """Eqs. 6-8 at (layer, module), denoising step 0, for every fact of `batch`.
-
-    Returns (u, v_o, v_t), each [N,D] float32. The forward stops at `layer`; facts run in chunks
-    of `chunk` (the last chunk is padded with copies of fact 0, so every chunk has one shape and
-    the capture compiles once per batch shape).
-    """
-    m = _check_capture(cfg, batch, layer, module)
-    n = batch.n
-    chunk = max(1, min(int(chunk), n))
-    if chunk == n:  # one chunk: no gathers, slices or concatenation (they cost as much as a small capture)
-        return _capture_chunk(params, batch, cfg, int(layer), m)
-    return _chunked(batch, n, chunk, lambda sub: _capture_chunk(params, sub, cfg, int(layer), m))
-
-
-def _chunked(batch, n: int, step: int, run):
-    """`run(sub)` on consecutive `step`-row chunks of `batch` (the last one padded with copies of
-    row 0, so every chunk has one shape); returns its three outputs' first n rows, concatenated."""
-    outs = []
-    for start in range(0, n, step):
-        idx = np.arange(start, start + step)
-        idx = np.where(idx < n, idx, 0)
-        res = run(jax.tree.map(lambda a: a[idx], batch))
-        k = min(step, n - start)
-        outs.append(tuple(r[:k] for r in res))
-    return tuple(jnp.concatenate([o[i] for o in outs]) for i in range(3))
-
-
-# --------------------------------------------------------------------------------------------
-# Fingerprint, save, load
-# --------------------------------------------------------------------------------------------
-
-# fields that change how the model is run, not which model it is
-_FP_SKIP = ("dtype", "attn_impl", "layer_unroll", "max_seq_len")
-
-
-def model_fingerprint(params, cfg: ModelConfig) -> str:
-    """A short id of (architecture, weights): the config (minus dtype/attn_impl/layer_unroll/max_seq_len) and,
-    for every param leaf, its path, shape and its first, middle and last rows rounded to bf16 (so
-    the same weights loaded in f32 or bf16 agree). A fingerprint, not a full hash: two models that
-    differ only away from those rows would collide."""
-    h = hashlib.sha256()
-    cfg_d = {k: v for k, v in cfg.to_dict().items() if k not in _FP_SKIP}
-    h.update(json.dumps(cfg_d, sort_keys=True).encode())
-    layers = params["layers"]
-    flat = [(jax.tree_util.keystr(p), tuple(leaf.shape), leaf) for p, leaf in
-            jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "layers"})[0]]
-    if isinstance(layers, (list, tuple)):  # unstacked (`model.unstack`): the stacked layout's id
-        for p, _ in jax.tree_util.tree_flatten_with_path(layers[0])[0]:
-            per = [functools.reduce(lambda t, k: t[k.key], p, lp) for lp in layers]
-            flat.append((f"['layers']{jax.tree_util.keystr(p)}", (len(per),) + tuple(per[0].shape), per))
-    else:
-        flat += [(f"['layers']{jax.tree_util.keystr(p)}", tuple(leaf.shape), leaf)
-                 for p, leaf in jax.tree_util.tree_flatten_with_path(layers)[0]]
-    flat = sorted(flat, key=lambda t: t[0])
-    # every row in one jitted gather and one transfer (row by row it was ~30 ms of syncs at 8B)
-    rows = jax.device_get(_fingerprint_rows([leaf for _, _, leaf in flat]))
-    for (path, shape, _), leaf_rows in zip(flat, rows):
-        h.update(f"{path}{shape}".encode())
-        for r in leaf_rows:
-            h.update(np.asarray(r).view(np.uint16).tobytes())
-    return f"{cfg.family}-{h.hexdigest()[:24]}"
-
-
-@jax.jit
-def _fingerprint_rows(leaves):
-    def rows(leaf):
-        if isinstance(leaf, (list, tuple)):  # one layer's arrays per entry: rows of the virtual stack
-            n, rest = len(leaf), leaf[0].shape[:-1]
-            picks = [(0, tuple(0 for _ in rest)), (n // 2, tuple(s // 2 for s in rest)),
-                     (n - 1, tuple(s - 1 for s in rest))]
-            return [jnp.asarray(leaf[i])[j].astype(jnp.bfloat16) for i, j in picks]
-        leaf = jnp.asarray(leaf)
-        if leaf.ndim <= 1:
-            return [leaf.astype(jnp.bfloat16)]
-        lead = leaf.shape[:-1]
-        idx = [tuple(0 for _ in lead), tuple(s // 2 for s in lead), tuple(s - 1 for s in lead)]
-        return [leaf[i].astype(jnp.bfloat16) for i in idx]
-
-    return [rows(leaf) for leaf in leaves]
-
-
-class MemoryFileError(ValueError):
-    """An edit-memory file is missing pieces, corrupt, truncated or of another format version."""
-
-
-class ModelMismatchError(ValueError):
-    """An edit-memory file was built for another model (fingerprint mismatch)."""
-
-
-class CoordinateMismatchError(ValueError):
-    """An edit-memory file sits at another (layer, module[, step]) than expected."""
-
-
-_ARRAYS = ("U", "Dm", "G", "active")
-_RESERVED = ("format", "format_version", "fingerprint", "layer", "module", "step", "alpha", "q",
-             "lam", "capacity", "d_model", "n_facts", "sha256")
-
-
-def _digest(arrays: dict) -> str:
-    h = hashlib.sha256()
-    for k in _ARRAYS:
-        a = np.ascontiguousarray(arrays[k])
-        h.update(f"{k}{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def save(mem: EditMemory, path: Union[str, os.PathLike], meta: Optional[dict] = None) -> None:
-    """Write `mem` to one .npz file, atomically (temp file in the same folder, then os.replace).
-
-    The file holds U, Dm, G, active and a JSON header (entry "meta"): format name and version,
-    fingerprint, layer, module name, step, alpha, q, lam, capacity, d_model, n_facts, a sha256 of
-    the arrays, and the caller's `meta` (e.g. target_text, fact_ids; JSON-serialisable, keys must
-    not clash with the reserved ones above).
-    """
-    path = os.fspath(path)
-    arrays = {"U": np.asarray(mem.U, np.float32), "Dm": np.asarray(mem.Dm, np.float32),
-              "G": np.asarray(mem.G, np.float32), "active": np.asarray(mem.active, bool)}
-    user = dict(meta or {})
-    clash = sorted(set(user) & set(_RESERVED))
-    if clash:
-        raise ValueError(f"save: meta keys {clash} are reserved for the memory's own fields")
-    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-              "fingerprint": mem.fingerprint, "layer": int(mem.layer),
-              "module": MODULES[mem.module], "step": int(mem.step), "alpha": float(mem.alpha),
-              "q": int(mem.q), "lam": float(mem.lam), "capacity": mem.capacity,
-              "d_model": mem.d_model, "n_facts": n_facts(mem), "sha256": _digest(arrays), **user}
-    try:
-        blob = json.dumps(header, sort_keys=True).encode()
-    except TypeError as e:
-        raise ValueError(f"save: meta is not JSON-serialisable ({e})") from None
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add ".npz"
-        np.savez(f, meta=np.frombuffer(blob, np.uint8), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _norm_coordinate(coord) -> tuple:
-    if len(coord) not in (2, 3):
-        raise ValueError(f"expect_coordinate must be (layer, module) or (layer, module, step), "
-                         f"got {coord!r}")
-    out = (int(coord[0]), module_id(coord[1]))
-    return out + ((int(coord[2]),) if len(coord) == 3 else ())
-
-
-def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None,
-         expect_coordinate: Optional[tuple] = None):
-    """Read a memory written by `save` -> (EditMemory, meta dict with every header field).
-
-    expect_fingerprint: raise `ModelMismatchError` unless the file was built for this model.
-    expect_coordinate: (layer, module) or (layer, module, step), module a name or id; raise
-    `CoordinateMismatchError` on a mismatch. A corrupt, truncated or foreign file, or another
-    format version, raises `MemoryFileError`.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"edit-memory file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise MemoryFileError(f"{path}: not an edit-memory .npz file")
-            missing = [k for k in ("meta",) + _ARRAYS if k not in z.files]
-            if missing:
-                raise MemoryFileError(f"{path}: not an edit-memory file (missing entries {missing})")
-            header = json.loads(bytes(z["meta"]).decode())
-            arrays = {k: z[k] for k in _ARRAYS}
-    except MemoryFileError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as e:
-        raise MemoryFileError(f"{path}: corrupt or truncated edit-memory file "
-                              f"({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise MemoryFileError(f"{path}: not an edit-memory file (format "
-                              f"{header.get('format') if isinstance(header, dict) else header!r})")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise MemoryFileError(f"{path}: edit-memory format version {header.get('format_version')!r}; "
-                              f"this library reads version {FORMAT_VERSION}")
-    missing = [k for k in _RESERVED if k not in header]
-    if missing:
-        raise MemoryFileError(f"{path}: header lacks fields {missing}")
-    if _digest(arrays) != header["sha256"]:
-        raise MemoryFileError(f"{path}: array checksum mismatch (file corrupt)")
-    C, D = header["capacity"], header["d_model"]
-    want = {"U": (C, D), "Dm": (C, D), "G": (C, C), "active": (C,)}
-    for k, shp in want.items():
-        if arrays[k].shape != shp:
-            raise MemoryFileError(f"{path}: entry {k} has shape {arrays[k].shape}, header says {shp}")
-    if expect_fingerprint is not None and header["fingerprint"] != expect_fingerprint:
-        raise ModelMismatchError(f"{path}: edit memory was built for model "
-                                 f"{header['fingerprint']!r}, not {expect_fingerprint!r}")
-    if expect_coordinate is not None:
-        want_c = _norm_coordinate(expect_coordinate)
-        have = (header["layer"], module_id(header["module"]), header["step"])[: len(want_c)]
-        if have != want_c:
-            fmt = lambda c: (c[0], MODULES[c[1]]) + tuple(c[2:])
-            raise CoordinateMismatchError(f"{path}: edit memory sits at (layer, module, step) "
-                                          f"{fmt(have)}, expected {fmt(want_c)}")
-    mem = _make(arrays["U"], arrays["Dm"], arrays["G"], arrays["active"], header["lam"],
-                header["alpha"], header["q"], header["layer"], module_id(header["module"]),
-                header["step"], header["fingerprint"])
-    return mem, header

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from timerome_jax.method import memory as mem_lib
+from timerome_jax.method import capture as cap_lib
 from timerome_jax.method import trace as tr
 from timerome_jax.backbone.config import ModelConfig
 
@@ -136,21 +136,21 @@ def trace(params, cfg: ModelConfig, fb: tr.FactBatch, tcfg: tr.TraceConfig = tr.
 @functools.lru_cache(maxsize=None)
 def _capture_fn(mesh: Mesh, cfg: ModelConfig, layer: int, module: int):
     def body(params, b):
-        return mem_lib._capture_chunk(params, b, cfg, layer, module)
+        return cap_lib.capture_chunk(params, b, cfg, layer, module)
 
     f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False)
     return jax.jit(f)
 
 
-def capture(params, cfg: ModelConfig, batch: mem_lib.ClozeBatch, layer: int, module: Union[int, str],
+def capture(params, cfg: ModelConfig, batch: cap_lib.ClozeBatch, layer: int, module: Union[int, str],
             chunk: int = 16, mesh: Optional[Mesh] = None, devices: Optional[Sequence[jax.Device]] = None):
-    """`timerome_jax.method.memory.capture` with the fact axis sharded over a 1-D mesh.
+    """`timerome_jax.method.capture.capture` with the fact axis sharded over a 1-D mesh.
 
     Each call runs `chunk` facts per device (fewer when there are fewer facts), i.e. chunk x n_dev
     facts at once; the last call is padded with copies of fact 0. Returns (u, v_o, v_t), each
     [N, D] float32, equal to the one-device capture.
     """
-    m = mem_lib._check_capture(cfg, batch, layer, module)
+    m = cap_lib.check_capture(cfg, batch, layer, module)
     mesh = _resolve(mesh, devices)
     n, n_dev = batch.n, mesh.size
     per_dev = max(1, min(int(chunk), -(-n // n_dev)))
@@ -158,4 +158,4 @@ def capture(params, cfg: ModelConfig, batch: mem_lib.ClozeBatch, layer: int, mod
     params = replicate(params, mesh)
     fn = _capture_fn(mesh, cfg, int(layer), m)
     host = jax.tree.map(np.asarray, batch)  # index on the host, then place each call's rows once
-    return mem_lib._chunked(host, n, step, lambda sub: fn(params, shard_rows(sub, mesh)))
+    return cap_lib.chunked(host, n, step, lambda sub: fn(params, shard_rows(sub, mesh)))
