@@ -1,4 +1,4 @@
-"""`timerome` command line: demo (the main job), trace, edit, eval.
+"""`timerome` command line: demo (the main job), trace, edit, eval, compare.
 
 Every sub-command is a thin layer over the Python API in `pipeline`, `trace`, `memory` and
 `evaluate`, with the same defaults, so the CLI and the API agree.
@@ -206,6 +206,29 @@ def run_eval(args, loader=None) -> dict:
     return res
 
 
+def run_compare_cmd(args):
+    """`timerome compare`: every method on the same split/seeds/masks -> Table I (see `compare.py`)."""
+    from timerome_jax import compare as cmp
+
+    params, cfg, tok = _load(args.model, args.dtype, args.attn_impl, args.layer_unroll)
+    ccfg = cmp.CompareConfig(split=args.split, seeds=tuple(args.seeds), n_mc=args.n_mc, limit=args.limit or None,
+                             batch_size=args.batch_size, mu=not args.no_mu, mu_limit=args.mu_limit or None,
+                             mu_gen_length=args.mu_gen_length)
+    if args.full_protocol:
+        ccfg = ccfg.full_protocol()
+    specs = list(args.methods or cmp.DEFAULT_METHODS)
+    try:
+        for s in specs:
+            cmp.parse_method(s)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    retain_tr = cached_retain_tr(args.out, args.split, ccfg.seeds, ccfg.n_mc, retain_model=args.retain_model,
+                                 limit=ccfg.limit, batch_size=ccfg.batch_size, progress=not args.no_progress)
+    res = cmp.run_compare(params, cfg, tok, specs, args.out, ccfg, retain_tr, progress=not args.no_progress)
+    print(Path(res["files"]["table_md"]).read_text())
+    return res
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="timerome", description="TimeROME-DLM: diffusion-time causal tracing and "
                                  "closed-form inference-time editing for masked diffusion LMs (JAX).")
@@ -247,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-mc", type=int, default=16)
     p.set_defaults(func=run_edit)
+
+    p = sub.add_parser("compare", help="every method (baselines + TimeROME) on the same masks: Table I")
+    _model_args(p)
+    p.set_defaults(out="results/compare")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method specs name[:key=value,...] (default: all, see compare.DEFAULT_METHODS)")
+    p.add_argument("--retain-model", default=str(DEFAULT_RETAIN_MODEL))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--n-mc", type=int, default=4)
+    p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set (0 = all)")
+    p.add_argument("--batch-size", type=int, default=40)
+    p.add_argument("--no-mu", action="store_true", help="skip Model Utility (its ROUGE generations are the slow part)")
+    p.add_argument("--mu-limit", type=int, default=8, help="rows per set for Model Utility (0 = all)")
+    p.add_argument("--mu-gen-length", type=int, default=32)
+    p.add_argument("--full-protocol", action="store_true", help="all rows, n_mc 16, seeds 0-4, MU on all rows")
+    p.set_defaults(func=run_compare_cmd)
 
     build_eval_parser(sub)
     return ap

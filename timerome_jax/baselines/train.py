@@ -246,7 +246,7 @@ def _step_impl(trainable, opt_state, base, ref, bf, br, key, u, layer_mask, cfg,
     if layer_mask is not None:
         updates = jax.tree.map(lambda a, m: a * m, updates, layer_mask)
     trainable = optax.apply_updates(trainable, updates)
-    aux = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+    aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return trainable, opt_state, aux
 
 
