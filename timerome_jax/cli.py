@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set (0 = all)")
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--no-mu", action="store_true", help="skip Model Utility (its ROUGE generations are the slow part)")
-    p.add_argument("--mu-limit", type=int, default=8, help="rows per set for Model Utility (0 = all)")
-    p.add_argument("--mu-gen-length", type=int, default=32)
+    p.add_argument("--mu-limit", type=int, default=16, help="rows per set for Model Utility (0 = all)")
+    p.add_argument("--mu-gen-length", type=int, default=64)
     p.add_argument("--full-protocol", action="store_true", help="all rows, n_mc 16, seeds 0-4, MU on all rows")
     p.set_defaults(func=run_compare_cmd)
 

@@ -56,8 +56,8 @@ class CompareConfig:
     batch_size: int = 40
     metrics: tuple = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr", "forget_quality")
     mu: bool = True
-    mu_limit: Optional[int] = 8
-    mu_gen_length: int = 32
+    mu_limit: Optional[int] = 16
+    mu_gen_length: int = 64
     n_retain: int = 64
     prep_seed: int = 0
 
@@ -211,20 +211,34 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
             print(f"[compare] {spec}: prep {prep.info['prepare_s']:.1f}s eval {info[spec]['eval_s']:.1f}s "
                   f"forget_lp {np.mean(list(fl.values())) if fl else float('nan'):.2f}", flush=True)
         del prep, p_eval
+        rows = _write(out, specs, results, info, full, ccfg, time.perf_counter() - t_all)  # after every method
+    return {"rows": rows, "info": info, "files": _files(out), "total_s": time.perf_counter() - t_all}
+
+
+def _files(out: Path) -> dict:
+    return {"table_md": str(out / "table1.md"), "table_json": str(out / "table1.json"),
+            "costs_md": str(out / "costs.md"), "pareto_png": str(out / "pareto.png"),
+            "compare_json": str(out / "compare.json")}
+
+
+def _write(out: Path, specs, results, info, full, ccfg: CompareConfig, total_s: float) -> list[dict]:
+    """(Re)write every output file from the methods done so far; return the compare rows."""
     rows = compare(results, reference="no_edit")
     order = {m: i for i, m in enumerate(TABLE_METRICS)}
     rows.sort(key=lambda r: (specs.index(r["method"]), order.get(r["metric"], 99)))
+    done = [s for s in specs if s in results]
     title = (f"TOFU {ccfg.split}: {len(ccfg.seeds)} seeds, n_mc {ccfg.n_mc}, limit {ccfg.limit}, "
-             f"MU on {ccfg.mu_limit} rows / {ccfg.mu_gen_length} tokens")
-    md = (f"# Table I — {title}\n\n" + markdown_table(rows, "no_edit") +
-          "\n## Preparation cost\n\n" + costs_markdown(info))
-    files = {"table_md": str(out / "table1.md"), "table_json": str(out / "table1.json"),
-             "costs_md": str(out / "costs.md"), "pareto_png": str(out / "pareto.png"),
-             "compare_json": str(out / "compare.json")}
+             f"MU on {ccfg.mu_limit} rows / {ccfg.mu_gen_length} tokens" if ccfg.mu else
+             f"TOFU {ccfg.split}: {len(ccfg.seeds)} seeds, n_mc {ccfg.n_mc}, limit {ccfg.limit}, no MU")
+    pending = [s for s in specs if s not in results]
+    md = (f"# Table I — {title}\n\n" + (f"Pending: {', '.join(pending)}\n\n" if pending else "") +
+          markdown_table(rows, "no_edit") + "\n## Preparation cost\n\n" + costs_markdown(info) +
+          f"\nTotal wall time {total_s:.0f} s for {len(done)} methods.\n")
+    files = _files(out)
     write_text(files["table_md"], md)
     write_json(files["table_json"], rows)
     write_text(files["costs_md"], costs_markdown(info))
     pareto_plot(rows, files["pareto_png"], title)
-    write_json(files["compare_json"], {"config": dataclasses.asdict(ccfg), "methods": specs, "info": info,
-                                       "total_s": time.perf_counter() - t_all, "results": full})
-    return {"rows": rows, "info": info, "files": files, "total_s": time.perf_counter() - t_all}
+    write_json(files["compare_json"], {"config": dataclasses.asdict(ccfg), "methods": specs, "done": done,
+                                       "info": info, "total_s": total_s, "results": full})
+    return rows

@@ -140,7 +140,7 @@ def _take(qa: L.QA, idx) -> L.QA:
 # ------------------------------------------------------------------------------------ parameters
 
 
-def _split_trainable(params, key, tcfg: TrainConfig):
+def split_trainable(params, key, tcfg: TrainConfig):
     """(trainable pytree, frozen base). LoRA: a fresh adapter; full: copies of the target matrices."""
     if tcfg.mode == "lora":
         return lora.init(key, params, tcfg.lora_rank, tcfg.targets, tcfg.lora_alpha), params
@@ -161,7 +161,8 @@ def combine(trainable, base, tcfg: TrainConfig):
     return out
 
 
-def _layer_mask(trainable, n_layers: int, tcfg: TrainConfig):
+def layer_mask_for(trainable, n_layers: int, tcfg: TrainConfig):
+    """Per-leaf 0/1 multipliers [L,1,..] of the updates (full mode with train_layers), else None."""
     if tcfg.mode != "full" or tcfg.train_layers is None:
         return None
     on = np.zeros(n_layers, np.float32)
@@ -289,10 +290,10 @@ def train(params, cfg: ModelConfig, tokenizer, forget_rows: Sequence[dict], reta
 
     key = jax.random.PRNGKey(seed)
     k_init, k_steps = jax.random.split(key)
-    trainable, base = _split_trainable(params, k_init, tcfg)
+    trainable, base = split_trainable(params, k_init, tcfg)
     ref = params
     opt_state = optimizer(tcfg).init(trainable)
-    layer_mask = _layer_mask(trainable, cfg.n_layers, tcfg)
+    layer_mask = layer_mask_for(trainable, cfg.n_layers, tcfg)
     u = rmu_direction(seed, cfg.d_model)
     rng = np.random.Generator(np.random.PCG64(seed))
     order_f, order_r = rng.permutation(nf), rng.permutation(nr)
