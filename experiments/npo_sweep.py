@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import sys
@@ -43,7 +44,13 @@ from timerome_jax.tofu.models import DEFAULT_MODEL  # noqa: E402
 
 PAPER_LRS = (1e-5, 3e-5)
 COLLAPSE_LR = 1e-4
-COLLAPSE_NATS = 1000.0  # a ForgetLP drop this large counts as a collapse (the paper's crash is <= -3000)
+COLLAPSE_RETAIN_NATS = 100.0  # a RetainLP drop this large means the model is destroyed: a collapse
+
+
+def collapsed(run: dict) -> bool:
+    """A run collapsed when RetainLP fell by >= COLLAPSE_RETAIN_NATS (20x the early-stop bound): the
+    forget set did not go alone. The paper's collapse (ForgetLP <= -3000 at 8B) is the same event."""
+    return run["d_retain"] <= -COLLAPSE_RETAIN_NATS
 
 
 def configs(lr_scale: float):
@@ -62,7 +69,9 @@ def write_tables(a, runs, base_f, base_r, elapsed: float, n_jobs: int) -> None:
              "| # | method | lr (paper lr) | beta | retain w | anchored | seeds | dForgetLP mean (per seed) | "
              "dRetainLP mean | steps kept | early stops | collapsed |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["method"], r["lr"], r["beta"], r["retain_weight"], r["anchored"]) for r in runs))
-    for i, k in enumerate(keys, 1):
+    i = 0
+    for k in keys:
+        i += bool(k[4])
         rs = [r for r in runs if (r["method"], r["lr"], r["beta"], r["retain_weight"], r["anchored"]) == k]
         df = [r["d_forget"] for r in rs]
         lines.append(f"| {i if k[4] else 'collapse check'} | {k[0]} | {k[1]:.1e} ({rs[0]['paper_lr']:.0e}) | {k[2]} | "
@@ -93,7 +102,18 @@ def main(argv=None):
     ap.add_argument("--eval-seed", type=int, default=0)
     ap.add_argument("--max-configs", type=int, default=None, help="first N configurations only (a quick run)")
     ap.add_argument("--no-collapse-check", action="store_true")
+    ap.add_argument("--from-json", action="store_true", help="only rewrite sweep.md from <out>/sweep.json")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(os.path.join(a.out, "sweep.json")) as f:
+            d = json.load(f)
+        for r in d["runs"]:
+            r["collapsed"] = collapsed(r)
+        a = argparse.Namespace(**{**d["args"], "out": a.out})
+        n = len(configs(a.lr_scale)[: a.max_configs]) * len(a.seeds) + (0 if a.no_collapse_check else len(a.seeds))
+        write_tables(a, d["runs"], d["no_edit"]["forget_lp"], d["no_edit"]["retain_lp"], d.get("elapsed_s", 0.0), n)
+        print(open(os.path.join(a.out, "sweep.md")).read())
+        return
     params, cfg, tok = load_model_with_tokenizer(a.model)
     forget, retain = tofu.load_split(a.split), retain_anchor_rows(64)
 
@@ -115,13 +135,14 @@ def main(argv=None):
         f, r = score(res.params)
         run = {"method": method, "lr": lr, "paper_lr": lr / a.lr_scale, "beta": beta, "retain_weight": w,
                "anchored": anchored, "seed": seed, "forget_lp": f, "retain_lp": r, "d_forget": f - base_f,
-               "d_retain": r - base_r, "collapsed": (base_f - f) >= COLLAPSE_NATS, "train": res.info}
+               "d_retain": r - base_r, "train": res.info}
+        run["collapsed"] = collapsed(run)
         runs.append(run)
         print(f"{method:7s} lr={lr:.1e} beta={beta} w={w} seed={seed} anchored={anchored}: dForgetLP "
               f"{run['d_forget']:+.2f} dRetainLP {run['d_retain']:+.2f} steps {res.info['steps_kept']}/"
               f"{res.info['steps_run']}", flush=True)
         write_json(os.path.join(a.out, "sweep.json"), {"args": vars(a), "no_edit": {"forget_lp": base_f,
-                                                                                 "retain_lp": base_r}, "runs": runs})
+                   "retain_lp": base_r}, "elapsed_s": time.time() - t0, "runs": runs})
         write_tables(a, runs, base_f, base_r, time.time() - t0, len(jobs))
     write_tables(a, runs, base_f, base_r, time.time() - t0, len(jobs))
     print(open(os.path.join(a.out, "sweep.md")).read())

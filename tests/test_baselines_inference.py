@@ -79,3 +79,21 @@ def test_pareto_and_costs_outputs(tmp_path):
     md = costs_markdown({"npo": {"prepare_s": 1.5, "peak_bytes": None, "extra_bytes": 1024,
                                  "train": {"steps_kept": 3, "steps_run": 4, "step_s": 0.1, "stopped_early": True}}})
     assert "| npo | 1.500 |" in md and "3/4 steps kept" in md and "early stop" in md
+
+
+@pytest.mark.slow
+def test_run_compare_end_to_end_on_tiny_model(tiny_llada, tmp_path):
+    from timerome_jax.compare import CompareConfig, run_compare
+
+    params, cfg, tok = tiny_llada
+    ccfg = CompareConfig(seeds=(0, 1), n_mc=1, limit=2, batch_size=4, metrics=("forget_lp", "retain_lp"), mu=False,
+                         n_retain=8)
+    res = run_compare(params, cfg, tok, ["act_steer", "gd:steps=2,monitor_rows=2,batch_size=2"], tmp_path, ccfg,
+                      progress=False)
+    methods_ = [r["method"] for r in res["rows"]]
+    assert methods_[0] == "no_edit" and set(methods_) == {"no_edit", "act_steer", "gd:steps=2,monitor_rows=2,batch_size=2"}
+    gd = next(r for r in res["rows"] if r["method"].startswith("gd") and r["metric"] == "forget_lp")
+    assert gd["n_paired"] == 2 and gd["delta"] is not None
+    for f in res["files"].values():
+        assert (tmp_path / f.split("/")[-1]).stat().st_size > 0
+    assert res["info"]["gd:steps=2,monitor_rows=2,batch_size=2"]["train"]["steps_run"] == 2
