@@ -167,10 +167,13 @@ def costs_markdown(info: dict) -> str:
 
 
 def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_METHODS, out_dir="results/compare",
-                ccfg: CompareConfig = CompareConfig(), retain_tr=None, progress: bool = True) -> dict:
+                ccfg: CompareConfig = CompareConfig(), retain_tr=None, progress: bool = True,
+                resume: bool = True) -> dict:
     """Prepare and evaluate every method; write the files listed in the module docstring.
 
     retain_tr: the retain model's forget TRs for Forget Quality (see `evaluate`; None = no FQ).
+    resume: reuse the methods already in <out_dir>/compare.json when it was written with the same
+    evaluation protocol (split, seeds, n_mc, limit, batch size, metrics, MU settings, anchors).
     Returns {"rows": compare rows, "info": {method: costs}, "files": {...}}."""
     specs = list(dict.fromkeys(method_specs))
     if "no_edit" not in specs:
@@ -182,9 +185,16 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
                       forget_rows=tofu.load_split(ccfg.split), retain_rows=retain_anchor_rows(ccfg.n_retain),
                       seed=ccfg.prep_seed)
     results, full, info = {}, {}, {}
+    old = _resumable(out, ccfg) if resume else {}
     t_all = time.perf_counter()
     for spec in specs:
         name, hp = parsed[spec]
+        if spec in old.get("done", []):
+            full[spec], info[spec] = old["results"][spec], old["info"][spec]
+            results[spec] = _per_seed(full[spec]["main"])
+            if "mu" in full[spec]:
+                results[spec].update(_per_seed(full[spec]["mu"]))
+            continue
         if progress:
             print(f"[compare] {spec}: prepare", flush=True)
         prep = M.prepare(name, task, **hp)
@@ -213,6 +223,30 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
         del prep, p_eval
         rows = _write(out, specs, results, info, full, ccfg, time.perf_counter() - t_all)  # after every method
     return {"rows": rows, "info": info, "files": _files(out), "total_s": time.perf_counter() - t_all}
+
+
+_PROTOCOL = ("split", "seeds", "n_mc", "limit", "batch_size", "metrics", "n_retain", "prep_seed")
+_MU_PROTOCOL = ("mu_limit", "mu_gen_length")
+
+
+def _resumable(out: Path, ccfg: CompareConfig) -> dict:
+    """The previous compare.json in `out` if it used the same protocol, else {}."""
+    path = out / "compare.json"
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    now = json.loads(json.dumps(dataclasses.asdict(ccfg)))
+    oc = old.get("config", {})
+    if "done" not in old or any(oc.get(k) != now[k] for k in _PROTOCOL):
+        return {}
+    mu_ok = oc.get("mu") and all(oc.get(k) == now[k] for k in _MU_PROTOCOL)
+    if ccfg.mu and not mu_ok:
+        return {}
+    if not ccfg.mu:  # the likelihood part is reusable; its MU part (if any) is not what was asked
+        for r in old["results"].values():
+            r.pop("mu", None)
+    return old
 
 
 def _files(out: Path) -> dict:
