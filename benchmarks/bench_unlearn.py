@@ -17,7 +17,8 @@ device memory (`memory_stats()["peak_bytes_in_use"]`, max over the devices used)
 same card comes from benchmarks/bench_install.py (pass its JSON with --install-json to set it
 beside); the paper reports 17-54 s and 35-51 GB extra for gradient methods vs 3.87 s / 0 GB.
 
-    python benchmarks/bench_unlearn.py --out benchmarks/results/unlearn_h200 --budget-s 560
+    python benchmarks/bench_unlearn.py --out benchmarks/results/unlearn_h200 --budget-s 560 --modes lora
+    python benchmarks/bench_unlearn.py --out benchmarks/results/unlearn_h200x2 --budget-s 560 --modes full
     python benchmarks/bench_unlearn.py --tiny --out /tmp/unlearn_cpu --budget-s 300   # CPU smoke
 
 Writes <out>/unlearn_cost.json and <out>/unlearn_cost.md and prints the JSON summary.
@@ -127,6 +128,8 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--full-methods", nargs="+", default=["npo", "ga", "simnpo", "mdu", "gd", "adaptive_rmu"],
                     choices=METHODS, help="methods also run full-parameter on 2 GPUs (in this order)")
+    ap.add_argument("--modes", nargs="+", default=["lora", "full"], choices=("lora", "full"),
+                    help="lora: one GPU; full: FSDP over two GPUs")
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8, help="forget (and retain) rows per step")
@@ -142,8 +145,8 @@ def main(argv=None):
         return
     t0 = time.perf_counter()
     n_gpu = len([d for d in jax.devices() if d.platform == "gpu"])
-    jobs = [(m, "lora", "0") for m in a.methods]
-    jobs += [(m, "full", "0,1") for m in a.full_methods]
+    jobs = [(m, "lora", "0") for m in a.methods] if "lora" in a.modes else []
+    jobs += [(m, "full", "0,1") for m in a.full_methods] if "full" in a.modes else []
     results, skipped = [], []
     for m, mode, devs in jobs:
         left = a.budget_s - (time.perf_counter() - t0)
