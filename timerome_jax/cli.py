@@ -1,4 +1,4 @@
-"""`timerome` command line: demo (the main job), trace, edit, eval.
+"""`timerome` command line: demo (the main job), trace, edit, eval, compare.
 
 Every sub-command is a thin layer over the Python API in `pipeline`, `method.trace`,
 `method.memory_file` and `tofu.evaluate`, with the same defaults, so the CLI and the API agree.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from timerome_jax import compare as cmp
 from timerome_jax import pipeline as pl
 from timerome_jax.backbone.checkpoint import NoTokenizerError, OrbaxCheckpointError, load_model_with_tokenizer
 from timerome_jax.backbone.config import MODULES
@@ -421,6 +422,52 @@ def run_eval(args, loader=None) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------
+# compare
+# -------------------------------------------------------------------------------------------------
+def add_compare(sub):
+    p = _subparser(sub, "compare", "every method (baselines + TimeROME) on the same masks and seeds: Table I")
+    _model_args(p)
+    p.set_defaults(out="results/compare")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method specs name[:key=value,...] (default: all of compare.DEFAULT_METHODS)")
+    p.add_argument("--retain-model", default="auto",
+                   help="Forget Quality reference model folder (default: auto = the packaged model trained on the "
+                        "split's retain set)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="MC-mask seeds")
+    p.add_argument("--n-mc", type=int, default=4, help="Monte-Carlo samples per ELBO")
+    p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set (0 = all)")
+    p.add_argument("--batch-size", type=int, default=40, help="sequences per scoring batch")
+    p.add_argument("--no-mu", action="store_true",
+                   help="skip Model Utility (its ROUGE generations are the slow part; default: computed)")
+    p.add_argument("--mu-limit", type=int, default=16, help="rows per set for Model Utility (0 = all)")
+    p.add_argument("--mu-gen-length", type=int, default=64, help="generated tokens for Model Utility's ROUGE")
+    p.add_argument("--full-protocol", action="store_true",
+                   help="all rows, n_mc 16, seeds 0-4, Model Utility on all rows (default: the reduced budget)")
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(a):
+    """`timerome compare`: every method on the same split/seeds/masks -> Table I (see `compare.py`)."""
+    ccfg = cmp.CompareConfig(split=a.split, seeds=tuple(a.seeds), n_mc=a.n_mc, limit=a.limit or None,
+                             batch_size=a.batch_size, mu=not a.no_mu, mu_limit=a.mu_limit or None,
+                             mu_gen_length=a.mu_gen_length)
+    if a.full_protocol:
+        ccfg = ccfg.full_protocol()
+    specs = list(a.methods or cmp.DEFAULT_METHODS)
+    for s in specs:
+        try:
+            cmp.parse_method(s)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    params, cfg, tok = _load(a)
+    retain_tr = cached_retain_tr(a.out, a.split, ccfg.seeds, ccfg.n_mc, retain_model=a.retain_model,
+                                 limit=ccfg.limit, batch_size=ccfg.batch_size, progress=not a.no_progress)
+    res = cmp.run_compare(params, cfg, tok, specs, a.out, ccfg, retain_tr, progress=not a.no_progress)
+    print(Path(res["files"]["table_md"]).read_text())
+    return res
+
+
+# -------------------------------------------------------------------------------------------------
 # entry point
 # -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -434,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit(sub)
     add_eval(sub)
     add_validate(sub)
+    add_compare(sub)
     return ap
 
 
