@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from timerome_jax import methods as M
+from timerome_jax import editors  # noqa: F401  (registers rome, memit, alphaedit, grace)
 from timerome_jax.baselines import registry  # noqa: F401  (registers every method)
 from timerome_jax.io import atomic_path, write_json, write_text
 from timerome_jax.tofu import data as tofu
@@ -33,7 +34,7 @@ from timerome_jax.tofu import evaluate as ev
 from timerome_jax.tofu.report import compare, format_number, markdown_table
 
 DEFAULT_METHODS = ("no_edit", "random_layer", "act_steer", "rmu_like", "ga", "gd", "npo", "simnpo", "adaptive_rmu",
-                   "mdu", "timerome:alpha=0.5,q=2", "timerome:alpha=2,q=4")
+                   "mdu", "timerome:alpha=0.5,q=2", "timerome:alpha=2,q=4", "gated")
 TABLE_METRICS = ("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forget_tr", "forget_quality", "model_utility")
 
 

@@ -6,6 +6,7 @@ Importing this module registers:
     timerome       TimeROME Eq. 12: trace -> select -> install (hparams alpha, q, lam, layer, step,
                    n_trace); the coordinate and the memory are cached per (model, split), so
                    several (alpha, q) settings share one trace and one install (`with_hparams`)
+    gated          the gated edit memory (docs/gated_memory.md; hparams alpha, q, lam, percentile)
     random_layer   the same memory at a random layer (sanity)
     act_steer      difference-of-means steering (RepE)          } baselines/inference.py
     rmu_like       gated random-direction push (RMU at inference) }
@@ -13,7 +14,7 @@ Importing this module registers:
                    training-time baselines through baselines/train.py (hparams: any TrainConfig
                    field; defaults in GRADIENT_DEFAULTS)
 
-A new method (e.g. the gated memory of branch i9) registers here the same way:
+A new method registers here the same way:
 `@register("name") def f(task: EditTask, **hp) -> Prepared`.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from timerome_jax.baselines import inference
 from timerome_jax.baselines import train as T
 from timerome_jax.method import facts as F
 from timerome_jax.method import trace as tr
+from timerome_jax.method import gate as gate_lib
 from timerome_jax.methods import EditTask, Prepared, register
 
 # Per-method TrainConfig defaults, sized for the packaged CPU model (see docs/baselines.md). The
@@ -144,6 +146,24 @@ def prepare_timerome(task: EditTask, alpha: float = 2.0, q: int = 4, lam: Option
     memory, info = _memory(task, coord, lam, target_text)
     mem = pipeline.with_hparams(memory, alpha, q)
     return Prepared("timerome", intervene=Intervene(edit=mem), artifact=mem, info={"install": info})
+
+
+@register("gated")
+def prepare_gated(task: EditTask, alpha: float = 4.0, q: int = 4, lam: Optional[float] = None,
+                  layer: Optional[int] = None, step: int = -1, module: str = "resid", n_trace: int = 8,
+                  percentile: float = gate_lib.DEFAULT_PERCENTILE,
+                  target_text: str = pipeline.DEFAULT_TARGET) -> Prepared:
+    """The gated edit memory (docs/gated_memory.md) at the traced coordinate: Eq. 12 applied only
+    where a whitened answer-slot key matches, threshold calibrated on `calibration_rows()`."""
+    coord = traced_coordinate(task, n_trace) if layer is None else tr.Coordinate(int(layer), int(step),
+                                                                                 module_id(module))
+    key = ("gated", id(task.params), task.split, tuple(coord), lam, target_text, percentile)
+    if key not in _CACHE:
+        _CACHE[key] = pipeline.install(task.params, task.cfg, task.tokenizer, _facts(task), coord, alpha=1.0,
+                                       q=0, lam=lam, target_text=target_text, gate=True, percentile=percentile)
+    memory, info = _CACHE[key]
+    mem = pipeline.with_hparams(memory, alpha, q)
+    return Prepared("gated", intervene=Intervene(edit=mem), artifact=mem, info={"install": info})
 
 
 @register("random_layer")
