@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from timerome_jax.backbone.checkpoint import load_model_with_tokenizer  # noqa: E402
 from timerome_jax.baselines import train as T  # noqa: E402
-from timerome_jax.compare import retain_anchor_rows  # noqa: E402
+from timerome_jax.compare_methods import retain_anchor_rows  # noqa: E402
 from timerome_jax.io import write_json, write_text  # noqa: E402
 from timerome_jax.tofu import data as tofu  # noqa: E402
 from timerome_jax.tofu import evaluate as ev  # noqa: E402

@@ -8,7 +8,7 @@ from timerome_jax import methods
 from timerome_jax.backbone import model
 from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.baselines import inference, registry
-from timerome_jax.compare import costs_markdown, parse_method, pareto_plot, retain_anchor_rows
+from timerome_jax.compare_methods import costs_markdown, parse_method, pareto_plot, retain_anchor_rows
 from timerome_jax.tofu import data as tofu
 
 FORGET = [{"question": f"Who wrote the novel number {i}?", "answer": f"The novel was written by author {i}."}
@@ -83,7 +83,7 @@ def test_pareto_and_costs_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_run_compare_end_to_end_on_tiny_model(tiny_llada, tmp_path):
-    from timerome_jax.compare import CompareConfig, run_compare
+    from timerome_jax.compare_methods import CompareConfig, run_compare
 
     params, cfg, tok = tiny_llada
     ccfg = CompareConfig(seeds=(0, 1), n_mc=1, limit=2, batch_size=4, metrics=("forget_lp", "retain_lp"), mu=False,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timerome_jax import compare as cmp
+from timerome_jax import compare_methods as cmp
 from timerome_jax import pipeline as pl
 from timerome_jax.backbone.checkpoint import NoTokenizerError, OrbaxCheckpointError, load_model_with_tokenizer
 from timerome_jax.backbone.config import MODULES
@@ -429,7 +429,7 @@ def add_compare(sub):
     _model_args(p)
     p.set_defaults(out="results/compare")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="method specs name[:key=value,...] (default: all of compare.DEFAULT_METHODS)")
+                   help="method specs name[:key=value,...] (default: all of compare_methods.DEFAULT_METHODS)")
     p.add_argument("--retain-model", default="auto",
                    help="Forget Quality reference model folder (default: auto = the packaged model trained on the "
                         "split's retain set)")
@@ -447,7 +447,7 @@ def add_compare(sub):
 
 
 def run_compare(a):
-    """`timerome compare`: every method on the same split/seeds/masks -> Table I (see `compare.py`)."""
+    """`timerome compare`: every method on the same split/seeds/masks -> Table I (see `compare_methods.py`)."""
     ccfg = cmp.CompareConfig(split=a.split, seeds=tuple(a.seeds), n_mc=a.n_mc, limit=a.limit or None,
                              batch_size=a.batch_size, mu=not a.no_mu, mu_limit=a.mu_limit or None,
                              mu_gen_length=a.mu_gen_length)
