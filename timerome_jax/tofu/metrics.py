@@ -31,7 +31,6 @@ from typing import Mapping, Sequence, Union
 
 import numpy as np
 from scipy import special, stats
-from rouge_score import rouge_scorer
 
 ArrayLike = Union[Sequence[float], np.ndarray]
 
@@ -149,6 +148,10 @@ def pooled_forget_quality(tr_by_seed: ArrayLike, tr_ref_by_seed: ArrayLike) -> f
 
 @functools.lru_cache(maxsize=1)
 def _scorer():
+    # imported on first use: rouge_score pulls in nltk, which only ROUGE needs, so scoring,
+    # tracing and the GPU benchmarks import (and run on machines without nltk) without it
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
