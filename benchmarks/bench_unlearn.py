@@ -185,7 +185,7 @@ def main(argv=None):
                "results": results, "skipped": skipped, "timerome_install": install,
                "total_s": time.perf_counter() - t0}
     write_json(os.path.join(a.out, "unlearn_cost.json"), summary)
-    card = summary["env"].get("gpu") or summary["env"].get("device") or "cpu"
+    card = summary["env"].get("jax_device_kind") or "cpu"
     lines = [f"# Unlearning baselines: cost per step ({'tiny CPU smoke' if a.tiny else 'LLaDA-8B shape, random bf16'}; "
              f"{card})", "", f"{a.rows} forget + {a.rows} retain rows of {a.seq_len} tokens, {a.batch_size} + "
              f"{a.batch_size} rows per step, LoRA r {a.lora_rank}; steps used = {a.steps_used}.", "",
