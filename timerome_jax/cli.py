@@ -109,6 +109,16 @@ def _trace_args(p):
     p.add_argument("--chunk", type=int, default=d.chunk, help="candidate lanes vmapped at once (memory vs speed)")
 
 
+def _reference_args(p):
+    p.add_argument("--retain-model", default="auto",
+                   help="Forget Quality reference model folder (default: auto = the packaged model trained on the "
+                        "split's retain set: forget01->retain99, forget05->retain95, forget10->retain90); a folder "
+                        "whose recorded retain set differs is an error unless --reference-override")
+    p.add_argument("--reference-override", action="store_true",
+                   help="accept a --retain-model/--retain-tr not trained on the split's retain set (default: off; "
+                        "the report records reference_override: true)")
+
+
 def _tcfg(a) -> tr.TraceConfig:
     return tr.TraceConfig(steps=a.steps, noise_scale=a.noise_scale, n_noise=a.n_noise, tau=a.tau, chunk=a.chunk)
 
@@ -125,13 +135,7 @@ def add_demo(sub):
     p = _subparser(sub, "demo", "the main job: trace, select, edit and evaluate on the packaged TOFU model")
     _model_args(p)
     _trace_args(p)
-    p.add_argument("--retain-model", default="auto",
-                   help="Forget Quality reference model folder (default: auto = the packaged model trained on the "
-                        "split's retain set: forget01->retain99, forget05->retain95, forget10->retain90); a folder "
-                        "whose recorded retain set differs is an error unless --reference-override")
-    p.add_argument("--reference-override", action="store_true",
-                   help="accept a --retain-model/--retain-tr not trained on the split's retain set (default: off; "
-                        "the report records reference_override: true)")
+    _reference_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="MC-mask seeds")
     p.add_argument("--n-mc", type=int, default=d.n_mc, help="Monte-Carlo samples per ELBO")
     p.add_argument("--limit", type=int, default=d.limit, help="rows of each evaluation set")
@@ -256,13 +260,7 @@ def add_edit(sub):
     p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT, help="what the edited model should say instead")
     p.add_argument("--idk-targets", action="store_true", help="targets from TOFU idontknow.jsonl instead of --target-text")
     p.add_argument("--evaluate", action="store_true", help="also evaluate no_edit vs the edit")
-    p.add_argument("--retain-model", default="auto",
-                   help="Forget Quality reference model folder (default: auto = the packaged model trained on the "
-                        "split's retain set: forget01->retain99, forget05->retain95, forget10->retain90); a folder "
-                        "whose recorded retain set differs is an error unless --reference-override")
-    p.add_argument("--reference-override", action="store_true",
-                   help="accept a --retain-model/--retain-tr not trained on the split's retain set (default: off; "
-                        "the report records reference_override: true)")
+    _reference_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="MC-mask seeds with --evaluate")
     p.add_argument("--n-mc", type=int, default=16, help="Monte-Carlo samples per ELBO with --evaluate")
     p.set_defaults(func=run_edit)
@@ -309,13 +307,7 @@ def _eval_args(p):
     p.add_argument("--memory", default=None,
                    help="edit-memory file (memory.npz from `timerome edit`) installed during evaluation; it must "
                         "have been built for --model (default: none, the unedited model)")
-    p.add_argument("--retain-model", default="auto",
-                   help="Forget Quality reference model folder (default: auto = the packaged model trained on the "
-                        "split's retain set: forget01->retain99, forget05->retain95, forget10->retain90); a folder "
-                        "whose recorded retain set differs is an error unless --reference-override")
-    p.add_argument("--reference-override", action="store_true",
-                   help="accept a --retain-model/--retain-tr not trained on the split's retain set (default: off; "
-                        "the report records reference_override: true)")
+    _reference_args(p)
     p.add_argument("--protocol", default="quick", choices=tuple(PROTOCOLS),
                    help="quick: 40 rows per set spread over its authors, n_mc 8, seed 0, 128 generated tokens "
                         "(a 2-core CPU); full: TOFU's protocol, every row, n_mc 16, seeds 0-4, TOFU's 200 "
@@ -430,9 +422,7 @@ def add_compare(sub):
     p.set_defaults(out="results/compare")
     p.add_argument("--methods", nargs="+", default=None,
                    help="method specs name[:key=value,...] (default: all of compare_methods.DEFAULT_METHODS)")
-    p.add_argument("--retain-model", default="auto",
-                   help="Forget Quality reference model folder (default: auto = the packaged model trained on the "
-                        "split's retain set)")
+    _reference_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="MC-mask seeds")
     p.add_argument("--n-mc", type=int, default=4, help="Monte-Carlo samples per ELBO")
     p.add_argument("--limit", type=int, default=40, help="rows of each evaluation set (0 = all)")
@@ -461,7 +451,8 @@ def run_compare(a):
             raise CLIError(str(e)) from None
     params, cfg, tok = _load(a)
     retain_tr = cached_retain_tr(a.out, a.split, ccfg.seeds, ccfg.n_mc, retain_model=a.retain_model,
-                                 limit=ccfg.limit, batch_size=ccfg.batch_size, progress=not a.no_progress)
+                                 limit=ccfg.limit, batch_size=ccfg.batch_size, progress=not a.no_progress,
+                                 override=a.reference_override)
     res = cmp.run_compare(params, cfg, tok, specs, a.out, ccfg, retain_tr, progress=not a.no_progress)
     print(Path(res["files"]["table_md"]).read_text())
     return res
