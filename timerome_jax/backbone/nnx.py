@@ -18,7 +18,7 @@ from typing import Optional
 import jax
 from flax import nnx
 
-from timerome_jax.backbone import model as _model_fns
+from timerome_jax.backbone import model as model_lib
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene
 
@@ -44,9 +44,9 @@ class MDLM(nnx.Module):
 
     def __call__(self, tokens, pad_mask=None, intervene: Optional[Intervene] = None, step=0) -> jax.Array:
         """Logits [B,T,V] float32 of tokens [B,T] int32 (pad_mask [B,T] bool, True = real token)."""
-        return _model_fns.forward(self.params_tree(), tokens, self.cfg, pad_mask, intervene, step)
+        return model_lib.forward(self.params_tree(), tokens, self.cfg, pad_mask, intervene, step)
 
     def run(self, tokens, pad_mask=None, intervene: Optional[Intervene] = None, step=0,
-            stop_layer: Optional[int] = None) -> _model_fns.Out:
+            stop_layer: Optional[int] = None) -> model_lib.Out:
         """`model.run`: logits and the activations read at `intervene.read_pos` ([L,B,S,D] per module)."""
-        return _model_fns.run(self.params_tree(), tokens, self.cfg, pad_mask, intervene, step, stop_layer)
+        return model_lib.run(self.params_tree(), tokens, self.cfg, pad_mask, intervene, step, stop_layer)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timerome_jax.backbone import model as _model
+from timerome_jax.backbone import model as model_lib
 from timerome_jax.backbone.config import MODULES, ModelConfig, module_id
 from timerome_jax.backbone.intervene import Intervene
 
@@ -156,7 +156,7 @@ def capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: i
     tokens = jnp.concatenate([_pad_to(b.tokens_o, T, cfg.pad_token_id), _pad_to(b.tokens_t, T, cfg.pad_token_id)])
     pad = jnp.concatenate([_pad_to(b.pad_o, T, False), _pad_to(b.pad_t, T, False)])
     pos = jnp.concatenate([_pad_to(pos_o, S, 0), _pad_to(b.tgt_pos, S, 0)])
-    acts = _model.run(params, tokens, cfg, pad, Intervene(read_pos=pos), step=0,
+    acts = model_lib.run(params, tokens, cfg, pad, Intervene(read_pos=pos), step=0,
                       stop_layer=layer).acts[name][layer]
     acts_o, acts_t = acts[:n], acts[n:, : b.tgt_pos.shape[1]]
     u = _masked_mean(acts_o[:, :n_s], b.subj_valid)
@@ -216,7 +216,7 @@ def slot_key_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: 
     every object token replaced by the mask token: `b` of N facts -> ([N,D] f32,)."""
     obj = jnp.zeros(b.tokens_o.shape, jnp.bool_).at[jnp.arange(b.n)[:, None], b.obj_pos].max(b.obj_valid)
     tokens = jnp.where(obj, cfg.mask_token_id, b.tokens_o)
-    acts = _model.run(params, tokens, cfg, b.pad_o, Intervene(read_pos=b.obj_pos), step=0,
+    acts = model_lib.run(params, tokens, cfg, b.pad_o, Intervene(read_pos=b.obj_pos), step=0,
                       stop_layer=layer).acts[MODULES[module]][layer]
     return (_masked_mean(acts, b.obj_valid),)
 
@@ -237,7 +237,7 @@ def capture_slot_keys(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, m
 @functools.partial(jax.jit, static_argnames=("cfg", "layer", "module"))
 def _residual_chunk(params, tokens, pad, cfg: ModelConfig, layer: int, module: int):
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return _model.run(params, tokens, cfg, pad, Intervene(read_pos=pos), step=0,
+    return model_lib.run(params, tokens, cfg, pad, Intervene(read_pos=pos), step=0,
                       stop_layer=layer).acts[MODULES[module]][layer]
 
 
