@@ -4,6 +4,7 @@ the forget-set likelihood."""
 import ast
 import runpy
 from pathlib import Path
+import pytest
 
 import timerome_jax as tj
 
@@ -26,6 +27,7 @@ def test_quickstart_uses_only_the_public_api():
     assert used and used <= set(tj.__all__), used - set(tj.__all__)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_as_written(capsys):
     ns = runpy.run_path(str(QUICKSTART), run_name="__main__")
     out = capsys.readouterr().out

@@ -48,6 +48,7 @@ def weighted_later_scores(params, fb, noise, corr, patch, k):
     return total
 
 
+@pytest.mark.slow
 def test_screen_estimate_is_the_commits_fixed_derivative(setup):
     params, fb = setup
     with jax.default_matmul_precision("highest"):
@@ -67,6 +68,7 @@ def test_screen_estimate_is_the_commits_fixed_derivative(setup):
             np.testing.assert_allclose(est[:, m, l, k], (fd[0] - fd[1]) / (2 * eps), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_candidate_sweep_equals_full_sweep_on_its_cells(setup):
     params, fb = setup
     cands = np.array([[0, 1, 0], [2, 0, 2], [1, 1, 1], [0, 0, 2]])

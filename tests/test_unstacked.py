@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from timerome_jax.backbone import model
 from timerome_jax.backbone.config import ModelConfig
@@ -25,6 +26,7 @@ def memory(seed, layer=1, module="resid"):
     return mem_lib.build(u, vo, vt, lam=1.0, alpha=0.5, q=0, layer=layer, module=module, step=-1)
 
 
+@pytest.mark.slow
 def test_unstack_roundtrip_and_run_identical():
     params = model.init_params(jax.random.key(0), CFG, std=0.3)
     up = model.unstack(params)
