@@ -90,8 +90,9 @@ def sft_loss(params, cfg, tokens, plen, rlen, key):
     return jnp.mean(per)
 
 
-def make_train_chunk(cfg, tx, batch: int, chunk: int):
-    """A jitted chunk of `chunk` optimizer steps for all models at once (vmapped model axis)."""
+def make_train_chunk(cfg, tx, batch: int, chunk: int, n_models: int = 2):
+    """A jitted chunk of `chunk` optimizer steps for `n_models` stacked models at once (vmapped model
+    axis; each model samples its own rows only)."""
 
     def one_model_step(params, opt_state, data, key):
         toks, plen, rlen, n_rows = data
@@ -107,7 +108,7 @@ def make_train_chunk(cfg, tx, batch: int, chunk: int):
     def run_chunk(params, opt_state, data, key):
         def body(carry, k):
             params, opt_state = carry
-            params, opt_state, loss = step_all(params, opt_state, data, jax.random.split(k, 2))
+            params, opt_state, loss = step_all(params, opt_state, data, jax.random.split(k, n_models))
             return (params, opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), jax.random.split(key, chunk))

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from timerome_jax.backbone.config import ModelConfig  # noqa: E402
 from timerome_jax.backbone.model import init_params  # noqa: E402
 from timerome_jax.io import atomic_path, write_json  # noqa: E402
-from train_default import encode_split, mc_answer_logprob, read_split, sft_loss  # noqa: E402
+from train_default import encode_split, make_train_chunk, mc_answer_logprob, read_split  # noqa: E402
 
 GROUPS = {  # group -> [(model name, training split)]
     "llada": [("target", "full"), ("retain99", "retain99"), ("retain95", "retain95"), ("retain90", "retain90")],
@@ -167,32 +167,6 @@ def build_data(tok, data_dir, names_splits, n_aug, T, eos, seed, use_retain_para
     data = tuple(jnp.stack([pad(e[i]) for e in enc]) for i in range(3)) + (
         jnp.asarray([len(e[0]) for e in enc], jnp.int32),)
     return data, counts
-
-
-def make_train_chunk(cfg, tx, batch: int, chunk: int, n_models: int):
-    """A jitted chunk of `chunk` optimizer steps for `n_models` stacked models (vmapped model axis)."""
-
-    def one_model_step(params, opt_state, data, key):
-        toks, plen, rlen, n_rows = data
-        k_idx, k_loss = jax.random.split(key)
-        idx = jax.random.randint(k_idx, (batch,), 0, n_rows)  # each model samples its own rows only
-        loss, g = jax.value_and_grad(sft_loss)(params, cfg, toks[idx], plen[idx], rlen[idx], k_loss)
-        upd, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, upd), opt_state, loss
-
-    step_all = jax.vmap(one_model_step)
-
-    @jax.jit
-    def run_chunk(params, opt_state, data, key):
-        def body(carry, k):
-            params, opt_state = carry
-            params, opt_state, loss = step_all(params, opt_state, data, jax.random.split(k, n_models))
-            return (params, opt_state), loss
-
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), jax.random.split(key, chunk))
-        return params, opt_state, losses.mean(0)
-
-    return run_chunk
 
 
 def npz_config(z) -> ModelConfig:
