@@ -66,20 +66,39 @@ def test_report_never_averages_forget_quality():
     assert "0.370" not in md  # the mean of the three p-values appears nowhere
 
 
-def test_packaged_reference_records_retain99():
+def test_packaged_references_match_their_split():
     folder = models.retain_model_for("forget01")
-    assert models.retain_split_of(folder) == "retain99"
+    assert models.retain_split_of(folder) == "retain99" and not models.truth_ratios_only(folder)
     assert folder in models.PACKAGED_REFERENCES["retain99"]
-    # forget05/10 get their own packaged reference (once it exists), never the retain99 one
+    # forget05/10 get their own packaged reference, never the retain99 one: truth ratios only
     for split, want in (("forget05", "retain95"), ("forget10", "retain90")):
-        try:
-            other = models.retain_model_for(split)
-        except models.MissingReferenceError as e:
-            assert want in str(e) and split in str(e)
-            rec = R.resolve_reference(split)
-            assert rec["model"] is None and want in rec["message"]
-        else:
-            assert models.retain_split_of(other) == want
+        other = models.retain_model_for(split)
+        assert other.name == f"tofu_{want}" and models.retain_split_of(other) == want
+        assert models.truth_ratios_only(other) and not (other / "config.json").exists()
+        assert R.resolve_reference(split)["model"] == str(other)
+        # the shipped settings of `timerome eval`'s quick protocol serve FQ without any weights
+        tr = R.cached_retain_tr(Path("/nonexistent"), split, QUICK.seeds, QUICK.n_mc, limit=QUICK.limit,
+                                loader=lambda p: pytest.fail("no model may be loaded"))
+        assert set(tr) == {str(s) for s in QUICK.seeds} and len(tr[str(QUICK.seeds[0])]) == QUICK.limit
+
+
+def test_truth_ratio_only_reference(tmp_path):
+    ref = tmp_path / "tofu_retain95"
+    (ref / "reference").mkdir(parents=True)
+    models.write_reference_info(ref, "retain95", weights_packaged=False)
+    assert models.truth_ratios_only(ref)
+    keys = [str(i) for i in spread_rows(200, 4)]
+    payload = {"kind": "timerome_retain_forget_tr", "split": "forget05", "n_mc": 2, "estimator": "auto",
+               "limit": 4, "retain_split": "retain95", "by_seed": {"0": {k: 1.0 + int(k) for k in keys}}}
+    (ref / "reference" / R.retain_tr_cache_path(".", "forget05", 2).name).write_text(json.dumps(payload))
+    no_load = lambda p: pytest.fail("no model may be loaded")  # noqa: E731
+    got = R.cached_retain_tr(tmp_path / "out", "forget05", [0], 2, retain_model=str(ref), limit=4, loader=no_load)
+    assert got == {"0": payload["by_seed"]["0"]}
+    # another setting cannot be computed without weights: a clear error naming what is shipped
+    with pytest.raises(models.MissingReferenceError,
+                       match=r"ships only its forget truth ratios \(forget05 n_mc=2 limit=4 seeds 0\), not for "
+                             r"n_mc=2, limit=4, estimator='auto', seeds \[1\].*train_reference.py retain95"):
+        R.cached_retain_tr(tmp_path / "out", "forget05", [0, 1], 2, retain_model=str(ref), limit=4, loader=no_load)
 
 
 @pytest.fixture

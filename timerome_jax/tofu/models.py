@@ -13,6 +13,12 @@ next to its config.json:
 `retain_model_for(split)` returns the packaged reference for a split (`tofu_retain99/95/90`; the
 older `tofu_retain` folder is the retain99 one) and `check_reference` refuses a folder whose retain
 set does not match the split unless the caller overrides it explicitly.
+
+A reference folder may hold only its metadata and `reference/` (the model's forget truth ratios for
+given settings), without weights: the 50 MB weights budget holds the retain99 model but not the
+retain95 / retain90 ones. Such a folder serves Forget Quality for the settings it ships
+(its metadata says `"weights_packaged": false`; `truth_ratios_only`); other settings need the weights
+(`experiments/train_reference.py`).
 """
 from __future__ import annotations
 
@@ -84,6 +90,13 @@ def retain_split_of(model_dir) -> Optional[str]:
     return None if info is None else info["retain_split"]
 
 
+def truth_ratios_only(model_dir) -> bool:
+    """Whether a reference folder ships only its truth ratios: its metadata says
+    `"weights_packaged": false` (no weights to load; `reference/` holds the TRs)."""
+    info = reference_info(model_dir)
+    return info is not None and info.get("weights_packaged") is False
+
+
 def retain_model_for(split: str) -> Path:
     """The packaged reference model folder for forget `split` (forget01 -> the retain99 model, ...).
 
@@ -91,7 +104,7 @@ def retain_model_for(split: str) -> Path:
     ReferenceMismatchError when a packaged folder records another retain set."""
     want = expected_retain_split(split)
     for folder in PACKAGED_REFERENCES[want]:
-        if (folder / "config.json").is_file():
+        if (folder / "config.json").is_file() or truth_ratios_only(folder):
             check_reference(split, folder)
             return folder
     raise MissingReferenceError(

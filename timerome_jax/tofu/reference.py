@@ -17,7 +17,7 @@ from timerome_jax.io import write_json
 from timerome_jax.tofu import data as tofu
 from timerome_jax.tofu.evaluate import evaluate, spread_rows
 from timerome_jax.tofu.models import (MissingReferenceError, ReferenceMismatchError, check_reference,
-                                      expected_retain_split, retain_model_for, retain_split_of)
+                                      expected_retain_split, retain_model_for, retain_split_of, truth_ratios_only)
 from timerome_jax.tofu.truth_ratios import forget_tr_by_index, load_retain_tr
 
 AUTO = "auto"
@@ -103,6 +103,13 @@ def cached_retain_tr(out_dir, split: str, seeds: Sequence[int], n_mc: int, retai
     missing = [s for s in seeds if str(s) not in have]
     if not missing:
         return {k: have[k] for k in map(str, seeds)}
+    if truth_ratios_only(retain_model):
+        raise MissingReferenceError(
+            f"{split}: the reference {retain_model} ships only its forget truth ratios "
+            f"({shipped_settings(retain_model) or 'none'}), not for n_mc={n_mc}, limit={limit}, "
+            f"estimator={estimator!r}, seeds {missing}. Evaluate with a shipped setting, or train the "
+            f"{ref['expected']} weights (experiments/train_reference.py {ref['expected']}, then "
+            f"experiments/package_suite.py) and pass them with --retain-model")
     params, cfg, tok = (loader or load_model_with_tokenizer)(retain_model)
     res = evaluate(params, cfg, tok, split, metrics=("forget_tr",), n_mc=n_mc, seeds=missing,
                    batch_size=batch_size, progress=progress, limit=limit, estimator=estimator,
@@ -114,6 +121,20 @@ def cached_retain_tr(out_dir, split: str, seeds: Sequence[int], n_mc: int, retai
                "retain_split": ref["retain_split"], "by_seed": have}
     write_json(path, payload)
     return {k: have[k] for k in map(str, seeds)}
+
+
+def shipped_settings(model_dir) -> str:
+    """The settings a reference folder ships truth ratios for, as text ("forget05 n_mc=4 limit=40
+    seeds 0-4; ..."), "" when it ships none."""
+    out = []
+    for f in sorted((Path(model_dir) / "reference").glob("retain_forget_tr_*.json")):
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        seeds = ",".join(sorted(d.get("by_seed", {}), key=int))
+        out.append(f"{d.get('split')} n_mc={d.get('n_mc')} limit={d.get('limit')} seeds {seeds}")
+    return "; ".join(out)
 
 
 def load_reference_tr(path, split: str, override: bool = False) -> tuple[dict, dict]:
