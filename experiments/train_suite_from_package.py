@@ -1,7 +1,13 @@
-"""One more `train_suite.py` stage of the Dream / MoE targets, started from their packaged folders
-(`timerome_jax/assets/tofu_target_dream`, `tofu_target_moe`) rather than a run's .npz files.
+"""One more `train_suite.py` stage of a packaged target, started from its packaged folder
+(`timerome_jax/assets/tofu_target_dream`, `tofu_target_moe`, or the LLaDA `tofu_target`) rather
+than a run's .npz files.
 
     python experiments/train_suite_from_package.py INIT_DIR --groups moe --out runs/moe4 --budget-s 240
+    python experiments/train_suite_from_package.py INIT_DIR --groups llada --out runs/para --budget-s 240
+
+With `--groups llada` only the target is trained (the group's reference models are dropped): this
+continues the packaged target on the suite's augmented data, to see whether it learns to answer
+paraphrased questions without losing the original wording.
 
 The packaged weights (bf16 storage) are read in float32 and written to INIT_DIR/<model>.npz with
 this run's config, after checking that every parameter name and shape matches `init_params`; then
@@ -24,7 +30,7 @@ import train_suite  # noqa: E402
 from timerome_jax.backbone.checkpoint import load_model  # noqa: E402
 from timerome_jax.backbone.model import init_params  # noqa: E402
 
-PACKAGED = {"dream": "target_dream", "moe": "target_moe"}
+PACKAGED = {"dream": "target_dream", "moe": "target_moe", "llada": "target"}
 
 
 def write_init(init: Path, tiny: bool = False) -> None:
@@ -55,6 +61,7 @@ def main(argv=None):
     if not argv or argv[0].startswith("-"):
         raise SystemExit("usage: train_suite_from_package.py INIT_DIR [train_suite args]")
     init = Path(argv[0])
+    train_suite.GROUPS["llada"] = [("target", "full")]
     write_init(init)
     train_suite.main(["--groups", "dream,moe", "--init", str(init), "--lr", "6e-4", "--warmup", "200",
                       "--compute-dtype", "bfloat16", "--seed", "2"] + argv[1:])
