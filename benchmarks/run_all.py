@@ -1,31 +1,42 @@
 """Run every benchmark figure in one call and write benchmarks/results/latest/ (+ summary.md).
 
-    python3 benchmarks/run_all.py                                   # all figures -> benchmarks/results/latest
-    python3 benchmarks/run_all.py --out $OUT --official-dir .official/llada   # on the device (one call)
+    python3 benchmarks/run_all.py --gpus 2 --official-dir .official/llada --out $OUT/latest  # device, one call
     python3 benchmarks/run_all.py --out $OUT --only ceiling,a       # pick figures
-    python3 benchmarks/run_all.py --out /tmp/r --tiny               # everything on a CPU, seconds
+    python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, minutes
 
-One call, reduced repeat count. The default is the whole entry in one device call of at most 9
-minutes (--budget-s 540): figure a runs ONE timed full TIE sweep per framework (--repeats-a 1);
-b and c/d take 3 timed repeats per measurement (--repeats 3, the figures' own default is 5), and
-every figure stops taking optional repeats at its soft budget (SHARE, capped so that the figures
-still to come keep their least time, LEAST). The medians are therefore of 1-3 runs; run a figure
-alone with more --repeats for tighter numbers.
+One call, reduced sizes and repeat counts (the default fits the whole entry in one device call of at
+most 9 minutes on two H200s, --budget-s 540):
+- a: ONE timed full TIE sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is
+  8), 16 lanes per chunk so a forward still holds 64 rows; screen runs on the same 4 facts and
+  compares with a's sweep (time and Eq. 5's coordinate);
+- b: |F| = 1, 40, 400 (bench_install's default adds 4000);
+- b and c take 3 timed repeats per measurement (--repeats 3, the figures' own default is 5); every
+  figure stops taking optional repeats at its soft budget (SHARE, capped so that the jobs still to
+  come on its GPU keep their least time, LEAST). Medians are therefore of 1-3 runs; run a figure
+  alone with more --repeats for tighter numbers.
+
+--gpus N (default: every visible GPU) runs the figure processes in parallel, one per GPU
+(CUDA_VISIBLE_DEVICES per process), planned by expected seconds at full size (`est` below; `plan`):
+the ceiling first on GPU 0 (the others wait for it unless they start with `validate`, which needs
+none), then the longest job onto the least-loaded GPU; screen right after a on a's GPU. With N > 1,
+c/d (one bench_generate run) is split into one process per batch size (OUT/parts/cd@B, merged into
+OUT/fig_c_generate.json and fig_d_memory.json). The plan and each job's expected time are printed
+and kept in run_all.json.
 
 Figures (FIGURES below; to add one, add an entry: its script, fixed arguments, output files, soft
-budget, least time and whether it takes --repeats / --profile): ceiling (bench_ceiling), a
-(bench_tie --what sweep), b (bench_install), c and d (one bench_generate run writes both: stacked
-and unstacked layer layouts, and the official LLaDA code with --official-dir), stages (bench_tie
---what stages), scaling (bench_tie --what scaling: 1, 2 and all local devices), screen (bench_tie
---what screen: the first-order screen + exact TIE on the top 5% against figure a's full sweep; last
-in the default list, so it runs on what is left and is skipped, and recorded so, when nothing is). The ceiling runs
-first whenever any figure runs, so every floor uses a ceiling measured in the same run.
+budget, least time, expected time and whether it takes --repeats / --profile): ceiling
+(bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (bench_generate: stacked and
+unstacked layer layouts with and without the edit, the gated edit, and the official LLaDA code with
+--official-dir), screen (bench_tie --what screen), validate (validate_8b: `timerome validate` at the
+8B shape against the official code; needs --official-dir, else recorded as skipped), stages
+(bench_tie --what stages), scaling (bench_tie --what scaling). Every floor uses the ceiling measured
+in the same run.
 
 Each figure runs in its own Python process (a crash, an out-of-memory or a CUDA fault in one
 loses nothing measured by the others; each process's peak-memory statistics are its own). Every
-figure rewrites its JSON after each section; summary.md is rewritten after each figure.
---budget-s is the total wall-clock budget: a figure that would start with less than --min-left-s
-left is skipped (recorded in run_all.json and summary.md), and a figure still running when the
+figure rewrites its JSON after each section; summary.md is rewritten after each job.
+--budget-s is the total wall-clock budget: a job that would start with less than --min-left-s
+left is skipped (recorded in run_all.json and summary.md), and a job still running when the
 budget ends is killed (its JSON keeps what it had saved, marked killed).
 """
 from __future__ import annotations
@@ -55,14 +66,15 @@ FIGURES = {
     "a": dict(script="bench_tie.py", args=["--what", "sweep", "--facts", "4"],
               full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json"], share=30, least=130,
               est=150),
-    "b": dict(script="bench_install.py", args=[], files=["fig_b_install.json"], share=110, least=90,
-              repeats=True, profile="install", est=120),
+    # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default)
+    "b": dict(script="bench_install.py", args=[], full_args=["--sizes", "1,40,400"], files=["fig_b_install.json"],
+              share=60, least=50, repeats=True, profile="install", est=75),
     "cd": dict(script="bench_generate.py", args=["--gate"], files=["fig_c_generate.json", "fig_d_memory.json"],
-               share=200, least=150, repeats=True, profile="generate", official=True, est=330,
-               split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.35})),
+               share=200, least=150, repeats=True, profile="generate", official=True, est=420,
+               split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),
     "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
                    full_args=["--chunk", "16", "--torch-chunk", "16"], files=["tie_screen.json"], share=30,
-                   least=60, est=90, after="a"),
+                   least=60, est=80, after="a"),
     "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=150, est=200,
                      needs_official=True, plain=True),
     "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
@@ -118,16 +130,18 @@ def expand(figs, args) -> list:
 
 
 def plan(jobs, gpus: int) -> list:
-    """Jobs -> one ordered list per GPU (lane). Longest chain first onto the least-loaded lane (LPT),
-    by expected seconds at full size; the ceiling runs first on lane 0, a job with `after` runs
-    right after that job on its lane, jobs that need no ceiling run first on their lane."""
+    """Jobs -> one ordered list per GPU (lane), by expected seconds at full size (`est`). The ceiling
+    runs first on lane 0 and every other lane waits for it, unless it starts with a job that needs
+    no ceiling (`plain`: validate), so those go first onto the other lanes; then the longest chain
+    onto the least-loaded lane (LPT). A job with `after` runs right after that job on its lane."""
     lanes, load = [[] for _ in range(gpus)], [0.0] * gpus
     by_name = {j["name"]: j for j in jobs}
     chains, taken = [], set()
+    c_est = by_name["ceiling"]["est"] if "ceiling" in by_name else 0.0
     if "ceiling" in by_name:
         lanes[0].append(by_name["ceiling"])
-        load[0] += by_name["ceiling"]["est"]
         taken.add("ceiling")
+    load = [c_est] * gpus  # lanes other than 0 wait for the ceiling
     for j in jobs:
         if j["name"] in taken:
             continue
@@ -138,14 +152,17 @@ def plan(jobs, gpus: int) -> list:
                 chain.append(k)
                 taken.add(k["name"])
         chains.append(chain)
-    for chain in sorted(chains, key=lambda c: -sum(j["est"] for j in c)):
+    plain = sorted([c for c in chains if FIGURES[c[0]["fig"]].get("plain")], key=lambda c: -sum(j["est"] for j in c))
+    for chain in plain:
+        others = [i for i in range(gpus) if i != 0 and not lanes[i]] or list(range(gpus))
+        i = min(others, key=lambda k: load[k])
+        est = sum(j["est"] for j in chain)
+        load[i] = est + (load[i] - c_est if lanes[i] or i == 0 else max(c_est - est, 0.0))
+        lanes[i].extend(chain)
+    for chain in sorted([c for c in chains if c not in plain], key=lambda c: -sum(j["est"] for j in c)):
         i = min(range(gpus), key=lambda k: load[k])
         lanes[i].extend(chain)
         load[i] += sum(j["est"] for j in chain)
-    for i, lane in enumerate(lanes):  # no-ceiling jobs first (they need not wait for it), ceiling stays first
-        head = [j for j in lane if j["name"] == "ceiling"]
-        plain = [j for j in lane if FIGURES[j["fig"]].get("plain")]
-        lanes[i] = head + plain + [j for j in lane if j not in head and j not in plain]
     return lanes
 
 
@@ -350,8 +367,8 @@ def main(argv=None):
         log["skipped"].append({"job": "validate", "why": "no --official-dir"})
     jobs = expand(figs, args)
     lanes = plan(jobs, len(devices))
-    log["plan"] = [{"device": devices[i], "jobs": [j["name"] for j in lane], "est_s": sum(j["est"] for j in lane)}
-                   for i, lane in enumerate(lanes)]
+    log["plan"] = [{"device": devices[i], "jobs": [j["name"] for j in lane], "est_s": sum(j["est"] for j in lane),
+                    "est_each_s": {j["name"]: round(j["est"]) for j in lane}} for i, lane in enumerate(lanes)]
     for p in log["plan"]:
         print(f"[run_all] GPU {p['device']}: {', '.join(p['jobs'])} (expected {p['est_s']:.0f} s at full size)",
               flush=True)
