@@ -162,8 +162,9 @@ def write_summary(folder: str) -> str:
         L += ["## b. Edit install (capture + solve), layer "
               f"{b.get('shapes', {}).get('layer')} {b.get('shapes', {}).get('module')}", "",
               f"Cloze sequences of {b.get('shapes', {}).get('seq_len_object_cloze')} tokens, "
-              f"{b.get('shapes', {}).get('chunk')} facts per forward; JAX fingerprint "
-              f"{s(b.get('fingerprint_s'))} (in JAX install).", "",
+              f"{b.get('shapes', {}).get('chunk')} facts per forward; JAX fingerprint: read from the weights "
+              f"{s(b.get('fingerprint_s'))} once per loaded model (apart), cached lookup "
+              f"{s(b.get('fingerprint_cached_s'))} (in JAX install).", "",
               "| F | FLOPs | floor | JAX capture (runs) | JAX solve | JAX install | target | / floor | "
               "torch capture | torch solve | torch install | torch/JAX | JAX compile |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -178,6 +179,13 @@ def write_summary(folder: str) -> str:
                      f"{s(t.get('capture', {}).get('steady_s'))} | {s(t.get('solve', {}).get('steady_s'))} | "
                      f"{s(t.get('install_s'))} | {r((row.get('torch_over_jax') or {}).get('install'))} | "
                      f"{s(j.get('capture_compile_s'))} |")
+        for n, row in b.get("sizes", {}).items():
+            u = row.get("jax_unstacked")
+            if u:
+                L += ["", f"Unstacked layout (`model.unstack`) at |F| = {n}: capture {s(u.get('capture', {}).get('steady_s'))}, "
+                      f"solve {s(u.get('solve', {}).get('steady_s'))}, install {s(u.get('install_s'))} = "
+                      f"{r(u.get('ratio_to_floor'))}x floor (<= 2: {yes(b.get('met', {}).get(n, {}).get('unstacked_within_2x_floor'))}); "
+                      f"keys equal to the stacked layout's: {u.get('u_equal_to_stacked')}."]
         L += [""] + _status(b) + [""]
 
     c = figs.get("c")
