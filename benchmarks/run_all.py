@@ -133,7 +133,10 @@ def plan(jobs, gpus: int) -> list:
     """Jobs -> one ordered list per GPU (lane), by expected seconds at full size (`est`). The ceiling
     runs first on lane 0 and every other lane waits for it, unless it starts with a job that needs
     no ceiling (`plain`: validate), so those go first onto the other lanes; then the longest chain
-    onto the least-loaded lane (LPT). A job with `after` runs right after that job on its lane."""
+    onto the least-loaded lane (LPT). A job with `after` runs right after that job on its lane. One
+lane: the jobs in FIGURES order."""
+    if gpus == 1:  # one lane: FIGURES order (screen comes after a there too)
+        return [list(jobs)]
     lanes, load = [[] for _ in range(gpus)], [0.0] * gpus
     by_name = {j["name"]: j for j in jobs}
     chains, taken = [], set()
