@@ -75,11 +75,11 @@ def shim_remote_code(model_cls, device: str = "cpu") -> list[str]:
     A config without `use_cache` (transformers 5 dropped it from `PretrainedConfig`) is handled per
     instance by `shim_remote_config`."""
     import torch
-    from transformers import PreTrainedModel
 
     applied = []
-    # a class default: a model whose post_init runs sets its own instance attribute over it
-    if hasattr(PreTrainedModel, "get_expanded_tied_weights_keys") and not hasattr(model_cls, "all_tied_weights_keys"):
+    # a class default (unused by transformers 4.x); a model whose post_init runs sets its own
+    # instance attribute over it
+    if not hasattr(model_cls, "all_tied_weights_keys"):
         model_cls.all_tied_weights_keys = {}
         applied.append("all_tied_weights_keys={}")
     tie = model_cls.__dict__.get("tie_weights")
