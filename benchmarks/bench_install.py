@@ -10,7 +10,9 @@ cloze sequences are exactly 128 tokens (no padding). Coordinate: layer 19, resid
 JAX (what `pipeline.install` does after tokenising): `capture.capture` (forward stopped at the layer,
 `--chunk` facts per forward with both cloze sequences in it, results brought to the host) then the solve: `default_lam` +
 `memory.build` (host float64 Cholesky). The model fingerprint that `pipeline.install` also computes
-is timed apart (`fingerprint_s`; computed from the weights on every call) and included in `install_s`.
+is timed apart: `fingerprint_s` reads the weights (once per loaded model; `capture.model_fingerprint`
+caches it per params object), `install_s` includes only the cached lookup (`fingerprint_cached_s`),
+and `install_s_first_for_this_model` the full read.
 Floor: max(FLOPs / matmul ceiling, one read of the layers' weights per chunk / copy bandwidth).
 PyTorch: `torch_ref.hooks.capture_torch` (a forward hook at the layer that stops the forward), same
 chunks with both cloze sequences in one batched forward (as the JAX capture does), masked means in float32 on the device; solve on the GPU in float64 (Cholesky, then
@@ -237,10 +239,16 @@ def main(argv=None):
 
     def jax_part(cfg_used):
         j_deadline = deadline.at_least((deadline.budget_s or 0) / 2)
-        # pipeline.install computes it on every install; its first call compiles small gathers
-        fpm = C.measure(lambda: cap_lib.model_fingerprint(params, cfg_used), want=3, deadline=j_deadline,
-                        sync=lambda _: None)
+        # the fingerprint read from the weights (once per loaded model: model_fingerprint caches it per
+        # params object) is timed apart; an install pays only the cached lookup (`fingerprint_cached`)
+        fpm = C.measure(lambda: cap_lib.model_fingerprint(params, cfg_used, cache=False), want=3,
+                        deadline=j_deadline, sync=lambda _: None)
         fp = fpm["out"]
+        cap_lib.model_fingerprint(params, cfg_used)  # fills the cache, as the first install does
+        fpc = C.measure(lambda: cap_lib.model_fingerprint(params, cfg_used), want=5, deadline=j_deadline,
+                        sync=lambda _: None)
+        rec["fingerprint_cached"] = C.strip(fpc)
+        rec["fingerprint_cached_s"] = fpc["steady_s"]
         if args.gate:  # calibration stand-ins: random residuals (the timing does not depend on their values)
             g_rng = np.random.default_rng(args.seed + 9)
             whitening = mem_lib.fit_whitening(g_rng.standard_normal((2 * cfg.d_model, cfg.d_model)).astype(np.float32))
@@ -258,8 +266,9 @@ def main(argv=None):
             r = rows[str(n)]
             comp = sum(c["compile_s"] for c in cap["compile_runs"])
             r["jax"] = {"capture": C.strip(cap), "solve": C.strip(sol), "capture_compile_s": comp,
-                        "install_s": cap["steady_s"] + sol["steady_s"] + rec["fingerprint_s"],
+                        "install_s": cap["steady_s"] + sol["steady_s"] + rec["fingerprint_cached_s"],
                         "install_s_without_fingerprint": cap["steady_s"] + sol["steady_s"],
+                        "install_s_first_for_this_model": cap["steady_s"] + sol["steady_s"] + rec["fingerprint_s"],
                         "peak_bytes_so_far": C.jax_peak_bytes()}
             r["jax"]["ratio_to_floor"] = C.ratio(r["jax"]["install_s"], r["floor"]["floor_s"])
             results[("jax", n)] = (u, v_o, v_t, np.asarray(mem.G)[:n, :n], np.asarray(mem.Dm)[:n])
@@ -269,15 +278,18 @@ def main(argv=None):
                 gsol = C.measure(lambda: jax_gate_solve(u, v_o, v_t, keys["out"], whitening, h_thresh, args.layer, m_id,
                                                         args.alpha, args.q, fp), want=args.repeats, deadline=j_deadline)
                 r["jax"]["gate"] = {"slot_keys": C.strip(keys), "solve_with_gate": C.strip(gsol),
-                                    "install_s": cap["steady_s"] + keys["steady_s"] + gsol["steady_s"] + rec["fingerprint_s"],
+                                    "install_s": cap["steady_s"] + keys["steady_s"] + gsol["steady_s"] + rec["fingerprint_cached_s"],
                                     "gate_tokens": int(h_thresh.shape[0])}
             rec.save()
         if args.unstacked:
             # the unstacked layer layout (model.unstack): the capture's layer loop reads each
             # layer's own arrays (no copy out of the stack); timed at the smallest |F| (the |F| = 1 target)
             up = model_lib.unstack(params)
-            fpu = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used), want=3, deadline=j_deadline,
-                            sync=lambda _: None)
+            fpu = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used, cache=False), want=3,
+                            deadline=j_deadline, sync=lambda _: None)
+            cap_lib.model_fingerprint(up, cfg_used)
+            fpuc = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used), want=5, deadline=j_deadline,
+                             sync=lambda _: None)
             n = min(args.sizes)
             cb = cloze_batch(arrs, n)
             cap = C.measure(lambda: jax_capture(up, cfg_used, cb, args.layer, m_id, args.chunk),
@@ -286,8 +298,10 @@ def main(argv=None):
             sol = C.measure(lambda: jax_solve(*u_u, args.layer, m_id, args.alpha, args.q, fpu["out"]),
                             want=args.repeats, deadline=j_deadline)
             r = rows[str(n)]
-            inst = cap["steady_s"] + sol["steady_s"] + fpu["steady_s"]
+            inst = cap["steady_s"] + sol["steady_s"] + fpuc["steady_s"]
             r["jax_unstacked"] = {"capture": C.strip(cap), "solve": C.strip(sol), "fingerprint": C.strip(fpu),
+                                  "fingerprint_cached": C.strip(fpuc),
+                                  "install_s_first_for_this_model": inst - fpuc["steady_s"] + fpu["steady_s"],
                                   "fingerprint_equal_to_stacked": fpu["out"] == fp, "install_s": inst,
                                   "ratio_to_floor": C.ratio(inst, r["floor"]["floor_s"]),
                                   "u_equal_to_stacked": bool(np.array_equal(np.asarray(u_u[0]),

@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timerome_jax.backbone import hf_config, hf_weights  # noqa: E402
+from timerome_jax.backbone import hf_config, hf_weights, validate  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.backbone.config import ModelConfig, llada_8b  # noqa: E402
 from timerome_jax.io import write_json  # noqa: E402
@@ -182,6 +182,7 @@ def official_model(official_dir: str, params, cfg: ModelConfig):
     `params` (DLPack views). Returns (model in eval mode on the benchmark device, how the weights
     were moved). Raises OfficialCodeMissing with what to do when the files are absent."""
     import torch
+    import transformers
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 
@@ -198,7 +199,12 @@ def official_model(official_dir: str, params, cfg: ModelConfig):
     d = {k: v for k, v in d.items() if k not in ("auto_map", "architectures", "model_type")}
     d["init_device"] = "meta"  # the official code's own no-allocation path; the weights come below
     dev = torch_device()
-    m = model_cls(conf_cls(**d))
+    shims = validate.shim_remote_code(model_cls, "cuda" if dev.type == "cuda" else "cpu")
+    conf = conf_cls(**d)
+    shims += validate.shim_remote_config(conf)  # transformers 5 configs have no use_cache
+    if shims:
+        print(f"[official] transformers {transformers.__version__} shims: {', '.join(shims)}", flush=True)
+    m = model_cls(conf)
     sd, how = shared_state_dict(params, cfg, dev)
     m.load_state_dict(sd, strict=True, assign=True)
     return m.to(dev).eval(), how

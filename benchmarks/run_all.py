@@ -1,31 +1,42 @@
 """Run every benchmark figure in one call and write benchmarks/results/latest/ (+ summary.md).
 
-    python3 benchmarks/run_all.py                                   # all figures -> benchmarks/results/latest
-    python3 benchmarks/run_all.py --out $OUT --official-dir .official/llada   # on the device (one call)
+    python3 benchmarks/run_all.py --gpus 2 --official-dir .official/llada --out $OUT/latest  # device, one call
     python3 benchmarks/run_all.py --out $OUT --only ceiling,a       # pick figures
-    python3 benchmarks/run_all.py --out /tmp/r --tiny               # everything on a CPU, seconds
+    python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, minutes
 
-One call, reduced repeat count. The default is the whole entry in one device call of at most 9
-minutes (--budget-s 540): figure a runs ONE timed full TIE sweep per framework (--repeats-a 1);
-b and c/d take 3 timed repeats per measurement (--repeats 3, the figures' own default is 5), and
-every figure stops taking optional repeats at its soft budget (SHARE, capped so that the figures
-still to come keep their least time, LEAST). The medians are therefore of 1-3 runs; run a figure
-alone with more --repeats for tighter numbers.
+One call, reduced sizes and repeat counts (the default fits the whole entry in one device call of at
+most 9 minutes on two H200s, --budget-s 540):
+- a: ONE timed full TIE sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is
+  8), 16 lanes per chunk so a forward still holds 64 rows; screen runs on the same 4 facts and
+  compares with a's sweep (time and Eq. 5's coordinate);
+- b: |F| = 1, 40, 400 (bench_install's default adds 4000);
+- b and c take 3 timed repeats per measurement (--repeats 3, the figures' own default is 5); every
+  figure stops taking optional repeats at its soft budget (SHARE, capped so that the jobs still to
+  come on its GPU keep their least time, LEAST). Medians are therefore of 1-3 runs; run a figure
+  alone with more --repeats for tighter numbers.
+
+--gpus N (default: every visible GPU) runs the figure processes in parallel, one per GPU
+(CUDA_VISIBLE_DEVICES per process), planned by expected seconds at full size (`est` below; `plan`):
+the ceiling first on GPU 0 (the others wait for it unless they start with `validate`, which needs
+none), then the longest job onto the least-loaded GPU; screen right after a on a's GPU. With N > 1,
+c/d (one bench_generate run) is split into one process per batch size (OUT/parts/cd@B, merged into
+OUT/fig_c_generate.json and fig_d_memory.json). The plan and each job's expected time are printed
+and kept in run_all.json.
 
 Figures (FIGURES below; to add one, add an entry: its script, fixed arguments, output files, soft
-budget, least time and whether it takes --repeats / --profile): ceiling (bench_ceiling), a
-(bench_tie --what sweep), b (bench_install), c and d (one bench_generate run writes both: stacked
-and unstacked layer layouts, and the official LLaDA code with --official-dir), stages (bench_tie
---what stages), scaling (bench_tie --what scaling: 1, 2 and all local devices), screen (bench_tie
---what screen: the first-order screen + exact TIE on the top 5% against figure a's full sweep; last
-in the default list, so it runs on what is left and is skipped, and recorded so, when nothing is). The ceiling runs
-first whenever any figure runs, so every floor uses a ceiling measured in the same run.
+budget, least time, expected time and whether it takes --repeats / --profile): ceiling
+(bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (bench_generate: stacked and
+unstacked layer layouts with and without the edit, the gated edit, and the official LLaDA code with
+--official-dir), screen (bench_tie --what screen), validate (validate_8b: `timerome validate` at the
+8B shape against the official code; needs --official-dir, else recorded as skipped), stages
+(bench_tie --what stages), scaling (bench_tie --what scaling). Every floor uses the ceiling measured
+in the same run.
 
 Each figure runs in its own Python process (a crash, an out-of-memory or a CUDA fault in one
 loses nothing measured by the others; each process's peak-memory statistics are its own). Every
-figure rewrites its JSON after each section; summary.md is rewritten after each figure.
---budget-s is the total wall-clock budget: a figure that would start with less than --min-left-s
-left is skipped (recorded in run_all.json and summary.md), and a figure still running when the
+figure rewrites its JSON after each section; summary.md is rewritten after each job.
+--budget-s is the total wall-clock budget: a job that would start with less than --min-left-s
+left is skipped (recorded in run_all.json and summary.md), and a job still running when the
 budget ends is killed (its JSON keeps what it had saved, marked killed).
 """
 from __future__ import annotations
@@ -49,21 +60,31 @@ sys.path.insert(0, os.path.dirname(HERE))
 # about the least it takes at full size on one H100 (compile and init included; a figure's soft
 # budget leaves this much for every figure still to come), whether it takes --repeats / --profile
 FIGURES = {
-    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15),
-    "a": dict(script="bench_tie.py", args=["--what", "sweep"], files=["fig_a_tie.json"], share=30, least=265),
-    "b": dict(script="bench_install.py", args=[], files=["fig_b_install.json"], share=110, least=110,
-              repeats=True, profile="install"),
-    "cd": dict(script="bench_generate.py", args=[], files=["fig_c_generate.json", "fig_d_memory.json"],
-               share=110, least=150, repeats=True, profile="generate", official=True),
-    "screen": dict(script="bench_tie.py", args=["--what", "screen"], files=["tie_screen.json"], share=30, least=60),
+    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=20),
+    # figure a at a documented reduced size: 4 facts (the figure's own default is 8), 16 lanes per
+    # chunk so a forward still holds 64 rows; screen uses the same facts and reads a's JAX time
+    "a": dict(script="bench_tie.py", args=["--what", "sweep", "--facts", "4"],
+              full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json"], share=30, least=130,
+              est=150),
+    # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default)
+    "b": dict(script="bench_install.py", args=[], full_args=["--sizes", "1,40,400"], files=["fig_b_install.json"],
+              share=60, least=50, repeats=True, profile="install", est=75),
+    "cd": dict(script="bench_generate.py", args=["--gate"], files=["fig_c_generate.json", "fig_d_memory.json"],
+               share=200, least=150, repeats=True, profile="generate", official=True, est=420,
+               split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),
+    "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
+                   full_args=["--chunk", "16", "--torch-chunk", "16"], files=["tie_screen.json"], share=30,
+                   least=60, est=80, after="a"),
+    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=150, est=200,
+                     needs_official=True, plain=True),
     "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
-                   least=60, profile="tie_stages"),
+                   least=60, profile="tie_stages", est=120),
     "scaling": dict(script="bench_tie.py", args=["--what", "scaling"], files=["tie_scaling.json"], share=30,
-                    least=220),
+                    least=220, est=250),
 }
 ALIASES = {"c": "cd", "d": "cd"}
-DEFAULT = "ceiling,a,b,c,d,screen"
-ORDER = tuple(f for job in FIGURES for f in ({v for k, v in ALIASES.items()} == {job} and sorted(ALIASES) or [job]))
+DEFAULT = "ceiling,a,b,c,d,screen,validate"
+ORDER = ("ceiling", "a", "b", "c", "d", "screen", "validate", "stages", "scaling")
 FILES = {k: v["files"] for k, v in FIGURES.items()}
 SHARE = {k: v["share"] for k, v in FIGURES.items()}
 LEAST = {k: v["least"] for k, v in FIGURES.items()}
@@ -77,36 +98,144 @@ def _write_json(path, obj):
 
 
 def jobs_for(only) -> list:
-    """Figure names -> the jobs to run, in FIGURES order (c and d share one run), ceiling first."""
+    """Figure names -> the figure jobs to run, in FIGURES order (c and d share one run), ceiling first."""
     want = {ALIASES.get(f, f) for f in only}
     if want:
         want.add("ceiling")
     return [job for job in FIGURES if job in want]
 
 
-def command(job: str, args, ceiling_json: str, budget: float) -> list:
-    return _command(job, args, ceiling_json, budget) + shlex.split(args.extra.get(job, ""))
+def expand(figs, args) -> list:
+    """Figure jobs -> process jobs: dicts name, fig, extra (arguments), out, est, least, share. With more
+    than one GPU a figure with a `split` (cd) becomes one process per batch size, each in
+    OUT/parts/<name>, merged into OUT afterwards (`merge_parts`)."""
+    jobs = []
+    for fig in figs:
+        f = FIGURES[fig]
+        base = dict(fig=fig, extra=[], out=args.out, est=f["est"], least=f["least"], share=f["share"])
+        sp = f.get("split")
+        if sp and args.gpus > 1:
+            flag, values, frac = sp
+            vals = values["tiny" if args.tiny else "full"]
+            rest = 1.0 - sum(frac.get(v, 0.0) for v in vals)
+            default = rest / max(1, sum(1 for v in vals if v not in frac))
+            for v in vals:
+                w = frac.get(v, default)
+                jobs.append({**base, "name": f"{fig}@{v}", "extra": [flag, v],
+                             "out": os.path.join(args.out, "parts", f"{fig}@{v}"), "est": f["est"] * w,
+                             "least": f["least"] * w, "share": f["share"] * w, "part_of": fig})
+        else:
+            jobs.append({**base, "name": fig})
+    return jobs
 
 
-def _command(job: str, args, ceiling_json: str, budget: float) -> list:
-    fig = FIGURES[job]
+def plan(jobs, gpus: int) -> list:
+    """Jobs -> one ordered list per GPU (lane), by expected seconds at full size (`est`). The ceiling
+    runs first on lane 0 and every other lane waits for it, unless it starts with a job that needs
+    no ceiling (`plain`: validate), so those go first onto the other lanes; then the longest chain
+    onto the least-loaded lane (LPT). A job with `after` runs right after that job on its lane. One
+lane: the jobs in FIGURES order."""
+    if gpus == 1:  # one lane: FIGURES order (screen comes after a there too)
+        return [list(jobs)]
+    lanes, load = [[] for _ in range(gpus)], [0.0] * gpus
+    by_name = {j["name"]: j for j in jobs}
+    chains, taken = [], set()
+    c_est = by_name["ceiling"]["est"] if "ceiling" in by_name else 0.0
+    if "ceiling" in by_name:
+        lanes[0].append(by_name["ceiling"])
+        taken.add("ceiling")
+    load = [c_est] * gpus  # lanes other than 0 wait for the ceiling
+    for j in jobs:
+        if j["name"] in taken:
+            continue
+        chain = [j]
+        taken.add(j["name"])
+        for k in jobs:
+            if FIGURES[k["fig"]].get("after") == j["fig"] and k["name"] not in taken:
+                chain.append(k)
+                taken.add(k["name"])
+        chains.append(chain)
+    plain = sorted([c for c in chains if FIGURES[c[0]["fig"]].get("plain")], key=lambda c: -sum(j["est"] for j in c))
+    for chain in plain:
+        others = [i for i in range(gpus) if i != 0 and not lanes[i]] or list(range(gpus))
+        i = min(others, key=lambda k: load[k])
+        est = sum(j["est"] for j in chain)
+        load[i] = est + (load[i] - c_est if lanes[i] or i == 0 else max(c_est - est, 0.0))
+        lanes[i].extend(chain)
+    for chain in sorted([c for c in chains if c not in plain], key=lambda c: -sum(j["est"] for j in c)):
+        i = min(range(gpus), key=lambda k: load[k])
+        lanes[i].extend(chain)
+        load[i] += sum(j["est"] for j in chain)
+    return lanes
+
+
+def command(job: dict, args, ceiling_json: str, budget: float) -> list:
+    return _command(job, args, ceiling_json, budget) + shlex.split(args.extra.get(job["fig"], ""))
+
+
+def _command(job: dict, args, ceiling_json: str, budget: float) -> list:
+    name = job["fig"]
+    fig = FIGURES[name]
     cmd = [sys.executable, "-u", os.path.join(HERE, fig["script"])] + list(fig["args"])
-    cmd += ["--out", args.out, "--budget-s", f"{budget:.0f}", "--seed", str(args.seed)]
+    if not args.tiny:
+        cmd += list(fig.get("full_args", []))
+    cmd += ["--out", job["out"], "--seed", str(args.seed)] + list(job["extra"])
     if args.tiny:
         cmd.append("--tiny")
-    if job != "ceiling":
+    if fig.get("needs_official"):
+        cmd += ["--official-dir", args.official_dir]
+    if fig.get("plain"):
+        return cmd
+    cmd += ["--budget-s", f"{budget:.0f}"]
+    if name != "ceiling":
         cmd += ["--ceiling-json", ceiling_json]
     if args.skip_torch:
         cmd.append("--skip-torch")
-    if job == "a":
+    if name == "a":
         cmd += ["--repeats", str(args.repeats_a)]
     if fig.get("repeats") and args.repeats:
         cmd += ["--repeats", str(args.repeats)]
     if fig.get("profile") and args.profile:
-        cmd += ["--profile", os.path.join(args.profile, fig["profile"])]
+        cmd += ["--profile", os.path.join(args.profile, fig["profile"] + job["name"][len(name):])]
     if fig.get("official") and args.official_dir:
         cmd += ["--official-dir", args.official_dir]
     return cmd
+
+
+def merge_parts(out: str, fig: str, parts: list) -> None:
+    """The per-batch processes of a split figure -> its files in OUT: `batches` and `met` are the
+    union, `errors` keep each part's under its name, other top-level keys come from the first part
+    that has them (each part's own copy stays under `parts`)."""
+    for fname in FILES[fig]:
+        datas = []
+        for p in parts:
+            path = os.path.join(p["out"], fname)
+            if os.path.exists(path):
+                try:
+                    with open(path) as f:
+                        datas.append((p["name"], json.load(f)))
+                except (OSError, ValueError) as e:
+                    datas.append((p["name"], {"status": f"unreadable ({e})", "errors": {}}))
+            else:
+                datas.append((p["name"], {"status": "missing", "errors": {}}))
+        merged = {"parts": {}, "batches": {}, "met": {}, "errors": {}}
+        statuses = []
+        for pname, d in datas:
+            statuses.append(d.get("status"))
+            merged["batches"].update(d.get("batches") or {})
+            merged["met"].update(d.get("met") or {})
+            for k, v in (d.get("errors") or {}).items():
+                merged["errors"][k if len(datas) == 1 else f"{k} ({pname})"] = v
+            for k, v in d.items():
+                if k not in merged and k not in ("batches", "met", "errors", "status"):
+                    merged[k] = v
+            merged["parts"][pname] = {k: v for k, v in d.items() if k not in ("batches", "met", "errors")}
+        if "shapes" in merged and isinstance(merged["shapes"], dict):
+            merged["shapes"] = {**merged["shapes"], "batches": [int(b) for b in merged["batches"]]}
+        merged["status"] = "ok" if all(x == "ok" for x in statuses) else (
+            "partial" if any(x in ("ok", "partial") for x in statuses) else (statuses[0] or "missing"))
+        merged["merged_from"] = [p["out"] for p in parts]
+        _write_json(os.path.join(out, fname), merged)
 
 
 def mark_killed(out: str, job: str, why: str, rc=None, tail: str = ""):
@@ -126,13 +255,19 @@ def mark_killed(out: str, job: str, why: str, rc=None, tail: str = ""):
         _write_json(path, data)
 
 
-def run_job(job, cmd, timeout, out) -> dict:
-    """Run one figure's process, streaming its output; kill it when `timeout` seconds have passed."""
+def run_job(job: dict, cmd, timeout, device=None) -> dict:
+    """Run one figure's process (on `device`: its CUDA_VISIBLE_DEVICES), streaming its output with
+    the job's name in front; kill it when `timeout` seconds have passed."""
+    name = job["name"]
     t0 = time.perf_counter()
-    print(f"[run_all] {job}: {' '.join(cmd[2:])}", flush=True)
+    print(f"[run_all] {name}" + ("" if device is None else f" (GPU {device})") + f": {' '.join(cmd[2:])}",
+          flush=True)
     tail = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    os.makedirs(job["out"], exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     killed = threading.Event()
 
     def kill():
@@ -143,11 +278,11 @@ def run_job(job, cmd, timeout, out) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    timer = threading.Timer(timeout, kill)
+    timer = threading.Timer(max(timeout, 0.0), kill)
     timer.start()
     try:
         for line in proc.stdout:  # stream the child's output, keep a tail for the record
-            sys.stdout.write(line)
+            sys.stdout.write(line if device is None else f"[{name}] {line}")
             tail = (tail + [line])[-200:]
         rc = proc.wait()
     finally:
@@ -155,10 +290,23 @@ def run_job(job, cmd, timeout, out) -> dict:
     wall = time.perf_counter() - t0
     text = "".join(tail)
     if killed.is_set():
-        mark_killed(out, job, "killed (run_all budget)", rc, text)
+        mark_killed(job["out"], job["fig"], "killed (run_all budget)", rc, text)
     elif rc != 0:
-        mark_killed(out, job, "crashed", rc, text)
-    return {"job": job, "rc": rc, "killed": killed.is_set(), "wall_s": wall}
+        mark_killed(job["out"], job["fig"], "crashed", rc, text)
+    return {"job": name, "rc": rc, "killed": killed.is_set(), "wall_s": wall, "device": device,
+            "est_s": job["est"]}
+
+
+def visible_gpus() -> list:
+    """The GPU ids this process may use: CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
 def main(argv=None):
@@ -166,6 +314,9 @@ def main(argv=None):
     ap.add_argument("--out", default=LATEST, help="output folder (default benchmarks/results/latest)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--only", default=DEFAULT, help=f"comma list from {','.join(ORDER)} (default {DEFAULT})")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="figure processes run in parallel, one per GPU (CUDA_VISIBLE_DEVICES per process), "
+                         "balanced by expected time (default: every visible GPU; 1 without any)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="total wall-clock budget (s; default 540)")
     ap.add_argument("--min-left-s", type=float, default=None,
                     help="skip a figure if less than this is left (60; --tiny 5)")
@@ -174,7 +325,8 @@ def main(argv=None):
                     "the reduced count that fits one call)")
     ap.add_argument("--official-dir", default=None, metavar="PATH",
                     help="folder with the official LLaDA modeling_llada.py + configuration_llada.py (figure c "
-                         "times it beside the library; default: not run)")
+                         "times it beside the library, `validate` checks the library against it at the 8B "
+                         "shape; default: neither runs)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile one steady JAX run of stages, b and c into DIR/<figure> (keep DIR outside "
                          "--out); OUT/profile.tar.gz packs DIR at the end")
@@ -182,7 +334,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--figure-args", action="append", default=[], metavar="FIG=ARGS",
                     help='extra arguments for one figure\'s script, e.g. "a=--chunk 4 --torch-chunk 4" or '
-                         '"cd=--batches 1,16" (FIG: ceiling, a, b, cd, stages, scaling); repeatable')
+                         '"cd=--repeats 2" (FIG: ceiling, a, b, cd, screen, validate, stages, scaling); repeatable')
     args = ap.parse_args(argv)
     args.extra = {}
     for item in args.figure_args:
@@ -195,30 +347,87 @@ def main(argv=None):
     bad = set(only) - set(ORDER) - set(FIGURES)
     if bad:
         ap.error(f"--only: unknown figures {sorted(bad)}; choose from {ORDER}")
+    gpus = visible_gpus()
+    if args.gpus is None:
+        args.gpus = max(1, len(gpus))
+    if args.gpus < 1:
+        ap.error("--gpus must be at least 1")
+    if gpus and args.gpus > len(gpus):
+        ap.error(f"--gpus {args.gpus}: only {len(gpus)} visible ({','.join(gpus)})")
+    devices = gpus[:args.gpus] if gpus else ([None] if args.gpus == 1 else [str(i) for i in range(args.gpus)])
     min_left = args.min_left_s if args.min_left_s is not None else (5.0 if args.tiny else 60.0)
+    scale = 0.05 if args.tiny else 1.0
     os.makedirs(args.out, exist_ok=True)
     import summarize
 
     t_start = time.perf_counter()
     ceiling_json = os.path.join(args.out, "ceiling.json")
-    log = {"only": only, "budget_s": args.budget_s, "tiny": args.tiny, "args": vars(args), "jobs": [],
-           "skipped": []}
-    todo = jobs_for(only)
-    for i, job in enumerate(todo):
-        left = args.budget_s - (time.perf_counter() - t_start)
-        later = sum(LEAST[j] for j in todo[i + 1:]) * (0.05 if args.tiny else 1.0)
-        if left < min_left:
-            log["skipped"].append({"job": job, "why": f"budget: {left:.0f}s left"})
-            mark_killed(args.out, job, "skipped (run_all budget)")
-            continue
-        soft = min(SHARE[job] * (0.2 if args.tiny else 1.0), max(left - min_left - later, 1.0))
-        if job == "a" and args.repeats_a > 1:
-            soft = max(left - min_left, 1.0)  # extra full sweeps were asked for: let them use what is left
-        res = run_job(job, command(job, args, ceiling_json, soft), left, args.out)
-        log["jobs"].append(res)
-        log["wall_s"] = time.perf_counter() - t_start
-        _write_json(os.path.join(args.out, "run_all.json"), log)
-        summarize.write_summary(args.out)
+    log = {"only": only, "budget_s": args.budget_s, "tiny": args.tiny, "gpus": args.gpus, "devices": devices,
+           "args": vars(args), "jobs": [], "skipped": []}
+    figs = jobs_for(only)
+    if "validate" in figs and not args.official_dir:
+        figs.remove("validate")
+        log["skipped"].append({"job": "validate", "why": "no --official-dir"})
+    jobs = expand(figs, args)
+    lanes = plan(jobs, len(devices))
+    log["plan"] = [{"device": devices[i], "jobs": [j["name"] for j in lane], "est_s": sum(j["est"] for j in lane),
+                    "est_each_s": {j["name"]: round(j["est"]) for j in lane}} for i, lane in enumerate(lanes)]
+    for p in log["plan"]:
+        print(f"[run_all] GPU {p['device']}: {', '.join(p['jobs'])} (expected {p['est_s']:.0f} s at full size)",
+              flush=True)
+    lock = threading.Lock()
+    ceiling_done = threading.Event()
+    if not any(j["name"] == "ceiling" for j in jobs):
+        ceiling_done.set()
+    parts_left = {}
+    for j in jobs:
+        if j.get("part_of"):
+            parts_left.setdefault(j["part_of"], []).append(j)
+    finished = set()
+
+    def record(res):
+        with lock:
+            log["jobs"].append(res)
+            log["wall_s"] = time.perf_counter() - t_start
+            _write_json(os.path.join(args.out, "run_all.json"), log)
+            finished.add(res["job"])
+            for fig, parts in parts_left.items():
+                if res["job"] in [p["name"] for p in parts]:
+                    merge_parts(args.out, fig, parts)
+            summarize.write_summary(args.out)
+
+    def lane_worker(i):
+        lane = lanes[i]
+        for k, job in enumerate(lane):
+            if job["name"] != "ceiling" and not FIGURES[job["fig"]].get("plain"):
+                ceiling_done.wait(max(args.budget_s - (time.perf_counter() - t_start), 0.0))
+            left = args.budget_s - (time.perf_counter() - t_start)
+            later = sum(j["least"] for j in lane[k + 1:]) * scale
+            if left < min_left:
+                with lock:
+                    log["skipped"].append({"job": job["name"], "why": f"budget: {left:.0f}s left"})
+                    mark_killed(job["out"], job["fig"], "skipped (run_all budget)")
+                if job["name"] == "ceiling":
+                    ceiling_done.set()
+                record({"job": job["name"], "rc": None, "killed": False, "wall_s": 0.0, "device": devices[i],
+                        "est_s": job["est"], "skipped": True})
+                continue
+            soft = min(job["share"] * (0.2 if args.tiny else 1.0), max(left - min_left - later, 1.0))
+            if job["fig"] == "a" and args.repeats_a > 1:
+                soft = max(left - min_left - later, 1.0)  # extra full sweeps were asked for: let them use the rest
+            try:
+                res = run_job(job, command(job, args, ceiling_json, soft), left,
+                              devices[i] if len(devices) > 1 else None)
+            finally:
+                if job["name"] == "ceiling":
+                    ceiling_done.set()
+            record(res)
+
+    threads = [threading.Thread(target=lane_worker, args=(i,), daemon=True) for i in range(len(lanes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     if args.profile and os.path.isdir(args.profile):
         tar = os.path.join(args.out, "profile.tar.gz")
         with tarfile.open(tar, "w:gz") as t:
@@ -228,7 +437,7 @@ def main(argv=None):
     _write_json(os.path.join(args.out, "run_all.json"), log)
     path = summarize.write_summary(args.out)
     print(f"[run_all] done in {log['wall_s']:.0f}s; summary: {path}", flush=True)
-    bad_jobs = [j for j in log["jobs"] if j["rc"] != 0 or j["killed"]]
+    bad_jobs = [j for j in log["jobs"] if (j["rc"] not in (0, None)) or j["killed"]]
     return 1 if bad_jobs else 0
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FIGS = (("ceiling", "ceiling.json"), ("a", "fig_a_tie.json"), ("b", "fig_b_install.json"),
         ("c", "fig_c_generate.json"), ("d", "fig_d_memory.json"), ("stages", "tie_stages.json"),
-        ("scaling", "tie_scaling.json"))
+        ("scaling", "tie_scaling.json"), ("screen", "tie_screen.json"), ("validate", "validate_8b.json"))
 
 
 def _loop(unroll: int, n_layers: int) -> str:
@@ -162,8 +162,9 @@ def write_summary(folder: str) -> str:
         L += ["## b. Edit install (capture + solve), layer "
               f"{b.get('shapes', {}).get('layer')} {b.get('shapes', {}).get('module')}", "",
               f"Cloze sequences of {b.get('shapes', {}).get('seq_len_object_cloze')} tokens, "
-              f"{b.get('shapes', {}).get('chunk')} facts per forward; JAX fingerprint "
-              f"{s(b.get('fingerprint_s'))} (in JAX install).", "",
+              f"{b.get('shapes', {}).get('chunk')} facts per forward; JAX fingerprint: read from the weights "
+              f"{s(b.get('fingerprint_s'))} once per loaded model (apart), cached lookup "
+              f"{s(b.get('fingerprint_cached_s'))} (in JAX install).", "",
               "| F | FLOPs | floor | JAX capture (runs) | JAX solve | JAX install | target | / floor | "
               "torch capture | torch solve | torch install | torch/JAX | JAX compile |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -178,6 +179,13 @@ def write_summary(folder: str) -> str:
                      f"{s(t.get('capture', {}).get('steady_s'))} | {s(t.get('solve', {}).get('steady_s'))} | "
                      f"{s(t.get('install_s'))} | {r((row.get('torch_over_jax') or {}).get('install'))} | "
                      f"{s(j.get('capture_compile_s'))} |")
+        for n, row in b.get("sizes", {}).items():
+            u = row.get("jax_unstacked")
+            if u:
+                L += ["", f"Unstacked layout (`model.unstack`) at |F| = {n}: capture {s(u.get('capture', {}).get('steady_s'))}, "
+                      f"solve {s(u.get('solve', {}).get('steady_s'))}, install {s(u.get('install_s'))} = "
+                      f"{r(u.get('ratio_to_floor'))}x floor (<= 2: {yes(b.get('met', {}).get(n, {}).get('unstacked_within_2x_floor'))}); "
+                      f"keys equal to the stacked layout's: {u.get('u_equal_to_stacked')}."]
         L += [""] + _status(b) + [""]
 
     c = figs.get("c")
@@ -223,6 +231,17 @@ def write_summary(folder: str) -> str:
             L.append("")
         if c.get("official", {}).get("status") == "absent":
             L += [f"Official code not run: {c['official']['message']}", ""]
+        grows = [(b, row["jax"]) for b, row in c.get("batches", {}).items() if "gated" in row.get("jax", {})]
+        if grows:
+            L += ["Gated memory (the same facts + a gate of random whitened keys), stacked layout:", "",
+                  "| batch | edit step | gated step | gate overhead over the edit [paired] | as % of the no-edit step |",
+                  "|---|---|---|---|---|"]
+            for bsz, j in grows:
+                L.append(f"| {bsz} | {r(j.get('edit', {}).get('step_ms'))} ms | {r(j['gated'].get('step_ms'))} ms | "
+                         f"{r(j.get('gate_overhead_pct_over_edit'), 2)}% "
+                         f"[{r(j.get('gate_overhead_pct_over_edit_paired_median'), 2)}%] | "
+                         f"{r(j.get('gate_overhead_pct_of_step'), 2)}% |")
+            L.append("")
         for bsz, m in c.get("met", {}).items():
             L.append(f"- batch {bsz}: overhead <= 1%: {yes(m.get('edit_overhead_at_most_1pct'))}; faster than torch: "
                      f"{yes(m.get('faster_than_torch'))}"
@@ -274,6 +293,37 @@ def write_summary(folder: str) -> str:
                      f"{r((sc.get('speedup') or {}).get(k))} |")
         L += ["", "Targets: >= 1.8x on 2 devices, >= 3.4x on 4.", ""] + _status(sc) + [""]
 
+    scr = figs.get("screen")
+    if scr:
+        sh = scr.get("shapes", {})
+        ag = scr.get("agreement_with_full_sweep", {})
+        sp = scr.get("screen_plus_topk", {})
+        L += [f"## Screen: first-order TIE screen + exact TIE on the top {sh.get('top_frac')} of candidates vs the "
+              f"full exact sweep ({sh.get('facts')} facts, {sh.get('cells')} cells)", "",
+              "| screen alone | screen + exact top-k (candidates) | full exact sweep | speed-up | target |",
+              "|---|---|---|---|---|",
+              f"| {s(scr.get('screen', {}).get('steady_s'))} | {s(sp.get('steady_s'))} ({sp.get('n_candidates')}) | "
+              f"{s(scr.get('full_sweep_s'))} | **{r(scr.get('full_over_screen_plus_topk'))}x** | >= 10x: "
+              f"{yes(scr.get('met', {}).get('at_least_10x'))} |", ""]
+        if ag:
+            same = ag.get("same_coordinate", {})
+            L.append(f"Same coordinate as the full sweep (Eq. 5): resid {yes(same.get('resid'))} "
+                     f"(full {ag['coordinate_full']['resid']}, screened {ag['coordinate_screened']['resid']}); "
+                     f"all modules {yes(same.get('all_modules'))}. Spearman rho of the screen's mean |estimate| vs "
+                     f"the exact mean |TIE_bar|: {r(ag.get('spearman_screen_vs_exact_mean_abs'))}. Full sweep time "
+                     f"from `{os.path.basename(str(scr.get('full_sweep_source')))}`.")
+        L += [""] + _status(scr) + [""]
+
+    va = figs.get("validate")
+    if va:
+        L += ["## `timerome validate` at the 8B shape (random weights, official LLaDA code)", ""]
+        if "cases" in va:
+            from timerome_jax.backbone.validate import summary_lines
+
+            L += [f"    {x}" for x in summary_lines(va)]
+            L += ["", f"Checkpoint write {s(va.get('checkpoint_write_s'))}, validate {s(va.get('validate_s'))}."]
+        L += [""] + _status(va) + [""]
+
     ra = os.path.join(folder, "run_all.json")
     if os.path.exists(ra):
         with open(ra) as f:
@@ -281,6 +331,8 @@ def write_summary(folder: str) -> str:
         L += ["## Run", "", f"run_all wall time {s(log.get('wall_s'))} (budget {s(log.get('budget_s'))}); jobs: "
               + ", ".join(f"{j['job']} {s(j['wall_s'])}" + (" KILLED" if j["killed"] else "")
                           + (f" rc={j['rc']}" if j["rc"] else "") for j in log.get("jobs", []))]
+        for p in log.get("plan", []):
+            L.append(f"- GPU {p['device']}: " + ", ".join(f"{k} (expected {v} s)" for k, v in p.get("est_each_s", {}).items()))
         if log.get("skipped"):
             L.append("Skipped: " + ", ".join(f"{x['job']} ({x['why']})" for x in log["skipped"]))
         L.append("")

@@ -449,6 +449,23 @@ def test_model_fingerprint(params):
     assert CAP.model_fingerprint(params, CFG.replace(rope_theta=5e5)) != fp
 
 
+def test_model_fingerprint_is_cached_per_params_object(params, monkeypatch):
+    fp = CAP.model_fingerprint(params, CFG, cache=False)
+    assert CAP.model_fingerprint(params, CFG) == fp  # fills the cache
+    reads = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or real(x))
+    assert CAP.model_fingerprint(dict(params), CFG) == fp and not reads  # same leaf objects: no weight read
+    assert CAP.model_fingerprint(params, CFG.replace(rope_theta=5e5)) != fp  # another config is recomputed
+    other = dict(params, layers=dict(params["layers"], wq=params["layers"]["wq"].at[0, 0, :].add(0.5)))
+    assert CAP.model_fingerprint(other, CFG) != fp
+    # NumPy leaves can change in place: never cached
+    npp = jax.tree.map(np.array, params)
+    before = CAP.model_fingerprint(npp, CFG)
+    npp["layers"]["wq"][0, 0, :] += 0.5
+    assert CAP.model_fingerprint(npp, CFG) != before
+
+
 # --------------------------------------------------------------------------------------------
 # PyTorch reference (hooks) vs JAX
 # --------------------------------------------------------------------------------------------

@@ -65,12 +65,34 @@ class LLaDAModelLM(PreTrainedModel):
 '''
 
 
-def with_remote_code(src, dst, theta_scale=1.0):
+# The same model written the way the official LLaDA files are (for transformers 4.x): no
+# post_init (so no all_tied_weights_keys under transformers 5), tie_weights(self) without keyword
+# arguments, forward reading config.use_cache, and the inner model built with init_device "cuda".
+LEGACY_PY = MODELING_PY.replace("from timerome_jax.torch_ref.llada import LLaDAArgs, LLaDAModel",
+                                "from timerome_jax.torch_ref.llada import LLaDAArgs, LLaDAModel as RefModel")
+LEGACY_PY = LEGACY_PY.replace('''        self.model = LLaDAModel(a)
+        self.post_init()''', '''        config.init_device = "cuda"
+        self.model = LLaDAModel(config, a)
+
+    def tie_weights(self):
+        pass''').replace("    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kw):\n",
+                        "    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kw):\n"
+                        "        assert self.config.use_cache is False\n")
+LEGACY_PY += '''
+
+class LLaDAModel(RefModel):
+    def __init__(self, config, a):
+        torch.empty(1, device=config.init_device)  # the official code allocates on init_device
+        super().__init__(a)
+'''
+
+
+def with_remote_code(src, dst, theta_scale=1.0, legacy=False):
     shutil.copytree(src, dst)
     with open(os.path.join(dst, "configuration_llada.py"), "w") as f:
         f.write(CONFIG_PY)
     with open(os.path.join(dst, "modeling_llada.py"), "w") as f:
-        f.write(MODELING_PY.format(theta_scale=theta_scale))
+        f.write((LEGACY_PY if legacy else MODELING_PY).format(theta_scale=theta_scale))
     return str(dst)
 
 
@@ -86,6 +108,20 @@ def test_llada_remote_code_passes(tiny_llada_dir, tmp_path):
     check(r, True)
     assert r["torch"].startswith("remote code modeling_llada.LLaDAModelLM") and r["max_rel_err"] < 1e-5
     assert set(V.validate(folder, cases=("unpadded",))["cases"]) == {"unpadded"}
+
+
+def test_official_style_code_for_transformers_4_is_shimmed(tiny_llada_dir, tmp_path):
+    import torch
+    from transformers import PretrainedConfig
+
+    r = V.validate(with_remote_code(tiny_llada_dir, tmp_path / "legacy", legacy=True), cases=("unpadded",))
+    assert r["passed"] and r["max_rel_err"] < 1e-5, "\n".join(V.summary_lines(r))
+    want = {"tie_weights(**kw)", "all_tied_weights_keys={}"}
+    if not hasattr(PretrainedConfig(), "use_cache"):
+        want.add("use_cache=False")
+    if not torch.cuda.is_available():
+        want.add("init_device cuda->cpu")
+    assert set(r["torch"].split("shims: ")[1].split(", ")) == want
 
 
 @pytest.mark.slow

@@ -20,8 +20,11 @@ samplers do (the library's logits [:, i] predict token i).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 import jax
@@ -56,6 +59,67 @@ def _remote_files(path: str, d: dict) -> list[str]:
     return [f for f in files if os.path.isfile(os.path.join(path, f))]
 
 
+def shim_remote_code(model_cls, device: str = "cpu") -> list[str]:
+    """Let a checkpoint's remote-code model class written for transformers 4.x load under 5.x, in place,
+    without editing its files. Each patch applies only where the attribute is absent, so nothing
+    changes under a transformers that still provides it. Returns the names of the patches applied.
+
+    - `all_tied_weights_keys`: transformers 5 sets it in `PreTrainedModel.post_init` and reads it
+      while loading; LLaDA's `LLaDAModelLM` never calls `post_init`. `{}` = transformers ties nothing
+      (LLaDA ties its own output layer when `weight_tying` is set).
+    - `tie_weights`: transformers 5 calls it with keyword arguments (`missing_keys`, ...) that
+      LLaDA's `tie_weights(self)` does not take; they are dropped (its own tying is kept).
+    - `init_device`: LLaDA's `LLaDAModelLM.__init__` builds its `LLaDAModel` with `init_device =
+      "cuda"`; on a machine without CUDA (device "cpu") the inner model is built on the CPU instead.
+
+    A config without `use_cache` (transformers 5 dropped it from `PretrainedConfig`) is handled per
+    instance by `shim_remote_config`."""
+    import torch
+
+    applied = []
+    # a class default (unused by transformers 4.x); a model whose post_init runs sets its own
+    # instance attribute over it
+    if not hasattr(model_cls, "all_tied_weights_keys"):
+        model_cls.all_tied_weights_keys = {}
+        applied.append("all_tied_weights_keys={}")
+    tie = model_cls.__dict__.get("tie_weights")
+    if tie is not None and "missing_keys" not in inspect.signature(tie).parameters \
+            and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(tie).parameters.values()):
+        @functools.wraps(tie)
+        def tie_weights(self, *a, **kw):  # transformers 5 passes missing_keys=, recompute_mapping=
+            return tie(self)
+
+        model_cls.tie_weights = tie_weights
+        applied.append("tie_weights(**kw)")
+    mod = sys.modules.get(model_cls.__module__)
+    inner = getattr(mod, "LLaDAModel", None)
+    if inner is not None and inner.__module__ == model_cls.__module__ and device == "cpu" and not torch.cuda.is_available() \
+            and not getattr(inner.__init__, "_timerome_cpu_shim", False):
+        orig = inner.__init__
+
+        @functools.wraps(orig)
+        def init(self, config, *a, **kw):
+            if getattr(config, "init_device", None) == "cuda":
+                config.init_device = "cpu"
+            orig(self, config, *a, **kw)
+
+        init._timerome_cpu_shim = True
+        inner.__init__ = init
+        applied.append("init_device cuda->cpu")
+    return applied
+
+
+def shim_remote_config(config) -> list[str]:
+    """Give a remote-code config the attributes transformers 4.x configs had and its modeling code
+    reads (`use_cache`, default False: LLaDA has no KV cache), only where absent. Returns the
+    names set."""
+    applied = []
+    if not hasattr(config, "use_cache"):
+        config.use_cache = False
+        applied.append("use_cache=False")
+    return applied
+
+
 def torch_model(path: str, dtype: str = "float32", device: str = "cpu", impl: str = "auto"):
     """(torch model in eval mode, description, family) for the folder's own PyTorch code.
 
@@ -76,9 +140,13 @@ def torch_model(path: str, dtype: str = "float32", device: str = "cpu", impl: st
                                   f"(auto_map: {d.get('auto_map')}); copy the checkpoint's modeling files there")
         amap = d["auto_map"]
         auto = "AutoModelForCausalLM" if "AutoModelForCausalLM" in amap else "AutoModel"
-        cls = getattr(transformers, auto)
-        m = cls.from_pretrained(path, trust_remote_code=True, dtype=tdt)
-        desc = f"remote code {amap[auto]} ({', '.join(files)})"
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        cls = get_class_from_dynamic_module(amap[auto], path)
+        shims = shim_remote_code(cls, device)
+        m = cls.from_pretrained(path, dtype=tdt)
+        shims += shim_remote_config(m.config)
+        desc = f"remote code {amap[auto]} ({', '.join(files)})" + (f"; shims: {', '.join(shims)}" if shims else "")
     elif impl == "builtin":
         builtin = {"dream": ("Qwen2Config", "Qwen2ForCausalLM"), "diffullama": ("LlamaConfig", "LlamaForCausalLM")}
         if family not in builtin:

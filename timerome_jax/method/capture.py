@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import weakref
 from typing import Optional, Sequence, Union
 
 import jax
@@ -271,13 +272,40 @@ def capture_residuals(params, cfg: ModelConfig, tokens, pad, layer: int, module:
 _FP_SKIP = ("dtype", "attn_impl", "layer_unroll", "max_seq_len")
 
 
-def model_fingerprint(params, cfg: ModelConfig) -> str:
+# id(first leaf) -> ([weakref to every leaf], config key, fingerprint): jax arrays are immutable, so
+# the same leaf objects are the same weights; an entry goes when its first leaf is collected
+_FINGERPRINTS: dict = {}
+
+
+def model_fingerprint(params, cfg: ModelConfig, cache: bool = True) -> str:
     """A short id of (architecture, weights): the config (minus dtype/attn_impl/layer_unroll/max_seq_len) and,
     for every param leaf, its path, shape and its first, middle and last rows rounded to bf16 (so
     the same weights loaded in f32 or bf16 agree). A fingerprint, not a full hash: two models that
-    differ only away from those rows would collide."""
-    h = hashlib.sha256()
+    differ only away from those rows would collide.
+
+    cache: computed once per params object whose leaves are all (concrete) jax arrays, which are
+    immutable; later calls with the same leaf objects return it without reading the weights.
+    NumPy leaves (mutable) are read every time."""
     cfg_d = {k: v for k, v in cfg.to_dict().items() if k not in _FP_SKIP}
+    leaves = jax.tree.leaves(params)
+    cacheable = cache and leaves and all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                                         for x in leaves)
+    if cacheable:
+        ck = json.dumps(cfg_d, sort_keys=True)
+        hit = _FINGERPRINTS.get(id(leaves[0]))
+        if hit is not None and hit[1] == ck and len(hit[0]) == len(leaves) \
+                and all(r() is x for r, x in zip(hit[0], leaves)):
+            return hit[2]
+    fp = _fingerprint(params, cfg, cfg_d)
+    if cacheable:
+        key = id(leaves[0])
+        _FINGERPRINTS[key] = ([weakref.ref(x) for x in leaves], ck, fp)
+        weakref.finalize(leaves[0], _FINGERPRINTS.pop, key, None)
+    return fp
+
+
+def _fingerprint(params, cfg: ModelConfig, cfg_d: dict) -> str:
+    h = hashlib.sha256()
     h.update(json.dumps(cfg_d, sort_keys=True).encode())
     layers = params["layers"]
     flat = [(jax.tree_util.keystr(p), tuple(leaf.shape), leaf) for p, leaf in

@@ -268,12 +268,12 @@ def from_arrays(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprin
                              or gate.P.shape[1] != U.shape[1] or gate.K.shape[1] != gate.P.shape[0]):
         raise ValueError(f"gate: K {gate.K.shape}, mu {gate.mu.shape}, P {gate.P.shape} do not fit a "
                          f"memory of capacity {U.shape[0]} and hidden size {U.shape[1]}")
-    return EditMemory(
-        U=jnp.asarray(U), Dm=jnp.asarray(Dm, jnp.float32), G=jnp.asarray(G), W=jnp.asarray(W),
-        active=jnp.asarray(active, jnp.bool_), alpha=jnp.asarray(alpha, jnp.float32),
-        q=jnp.asarray(q, jnp.int32), lam=jnp.asarray(lam, jnp.float32),
-        step=jnp.asarray(step, jnp.int32), layer=_layer_id(layer),
-        module=module_id(module), fingerprint=str(fingerprint), gate=gate)
+    # one transfer for every array (one by one, the dispatches cost milliseconds at |F| = 1)
+    U, Dm, G, W, active, alpha, q, lam, step = jax.device_put((
+        U, np.asarray(Dm, np.float32), G, W, np.asarray(active, np.bool_), np.asarray(alpha, np.float32),
+        np.asarray(q, np.int32), np.asarray(lam, np.float32), np.asarray(step, np.int32)))
+    return EditMemory(U=U, Dm=Dm, G=G, W=W, active=active, alpha=alpha, q=q, lam=lam, step=step,
+                      layer=_layer_id(layer), module=module_id(module), fingerprint=str(fingerprint), gate=gate)
 
 
 def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:
