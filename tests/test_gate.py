@@ -50,6 +50,7 @@ def _eq(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # compiles gated and ungated forwards
 def test_gate_off_is_eq12_bit_for_bit():
     """Gate switched off: delta and the model's logits equal the ungated Eq. 12 memory's exactly."""
     u, vo, vt, k = _facts(6)
