@@ -2,7 +2,6 @@
 differences through the plain patch mechanism), the candidate-restricted exact sweep equals the full
 sweep on those cells, and on the packaged model the screen ranks cells like the exact sweep and
 screen + exact top-k selects Eq. 5's coordinate."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
