@@ -16,6 +16,7 @@ FORGET = [{"question": f"Who wrote the novel number {i}?", "answer": f"The novel
 RETAIN = [{"question": f"What is fact {i}?", "answer": f"The quick brown fox {i} jumps."} for i in range(6)]
 
 
+@pytest.mark.slow  # row activations + edited forward on the tiny HF model
 def test_act_steer_is_difference_of_means_and_changes_logits(tiny_llada):
     params, cfg, tok = tiny_llada
     edit, info = inference.act_steer(params, cfg, tok, FORGET, RETAIN, layer=0, alpha=2.0)

@@ -75,6 +75,7 @@ def test_rome_rank1_maps_key_to_value():
     assert cost(delta) < cost(other)
 
 
+@pytest.mark.slow  # compiles the ROME key/value optimisation
 def test_rome_method_single_fact_rank1_original_untouched(task, tmp_path):
     one = methods.EditTask(task.params, task.cfg, task.tokenizer, "forget01", ROWS[:1], RETAIN)
     before = _copy(one.params)

@@ -50,6 +50,7 @@ def _eq(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # compiles gated and ungated forwards
 def test_gate_off_is_eq12_bit_for_bit():
     """Gate switched off: delta and the model's logits equal the ungated Eq. 12 memory's exactly."""
     u, vo, vt, k = _facts(6)
@@ -89,6 +90,7 @@ def test_gate_fires_on_its_keys_and_matches_numpy():
     assert not np.asarray(M.remove(mem, 0).fires(jnp.asarray(k[:1])))[0]
 
 
+@pytest.mark.slow  # traces and compiles the gated forward twice over
 def test_new_facts_and_hparams_never_recompile():
     params = model.init_params(jax.random.PRNGKey(0), CFG)
     toks = jnp.asarray(np.random.default_rng(3).integers(2, 90, (2, 12)), jnp.int32)
@@ -165,6 +167,7 @@ def test_file_v2_round_trip_and_v1_file_loads(tmp_path):
         MF.load(tmp_path / "bad.npz")
 
 
+@pytest.mark.slow  # compiles capture and residual programs
 def test_slot_keys_and_residuals_match_a_plain_forward():
     params = model.init_params(jax.random.PRNGKey(1), CFG)
     cb = CAP.make_cloze_batch(None, [[5, 6, 7, 8], [9, 10, 11]], [[1, 2], [0]], [[20, 21], [30, 31, 32]],

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from conftest import np_params
@@ -60,6 +61,7 @@ def test_identical_logits_with_and_without_interventions():
         assert out_m.acts[k].shape == (CFG.n_layers, 2, 2, CFG.d_model)
 
 
+@pytest.mark.slow  # compiles a value_and_grad + adamw step
 def test_one_optimizer_step_runs_and_lowers_the_loss():
     params, tokens = _setup()
     model = MDLM(params, CFG)

@@ -2,7 +2,6 @@
 differences through the plain patch mechanism), the candidate-restricted exact sweep equals the full
 sweep on those cells, and on the packaged model the screen ranks cells like the exact sweep and
 screen + exact top-k selects Eq. 5's coordinate."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +110,9 @@ def test_packaged_model_rank_correlation_and_selection():
     from timerome_jax.tofu.models import DEFAULT_MODEL
 
     params, cfg, tok = load_model_with_tokenizer(str(DEFAULT_MODEL), "float32", "xla", 1)
-    facts = F.load_facts(tok, "forget01", eos_or_default(tok, cfg), limit=8, require_subject=True)
+    # 4 facts (47 tokens) instead of 8 (110): still 144 cells to rank, and the check still bites:
+    # with n_noise=1 the screen picks another layer than the exact sweep on these facts
+    facts = F.load_facts(tok, "forget01", eos_or_default(tok, cfg), limit=4, require_subject=True)
     fb = F.fact_batch(facts, cfg)
     tcfg = tr.TraceConfig()
     exact = tr.trace(params, cfg, fb, tcfg)

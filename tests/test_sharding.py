@@ -13,7 +13,9 @@ import sys
 import textwrap
 
 import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from timerome_jax.method import sharding
 
@@ -140,7 +142,10 @@ def test_capture_on_4_devices_equals_memory_capture(four_devices):
 def test_mesh_arguments_are_checked():
     with pytest.raises(ValueError, match="no devices"):
         sharding.make_mesh([])
+    # trace and capture check their mesh / devices arguments before touching the model
     with pytest.raises(ValueError, match="not both"):
-        sharding._resolve(sharding.make_mesh(), jax.devices())
+        sharding.trace(None, None, None, mesh=sharding.make_mesh(), devices=jax.devices())
+    with pytest.raises(ValueError, match="1-D mesh with axis"):
+        sharding.trace(None, None, None, mesh=Mesh(np.asarray(jax.devices()[:1], dtype=object), ("x",)))
     with pytest.raises(ValueError, match="repeat"):
         sharding.make_mesh([jax.devices()[0]] * 2)

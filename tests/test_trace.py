@@ -1,12 +1,11 @@
 """TIE tracing: the lane-paired sweep equals a plain per-candidate loop, compiles once, and the
 bookkeeping (Eq. 3 definition, Eq. 4 weights, Eq. 5 selection) does what the docstring says.
 
-Two kinds of reference: `naive_scores` reuses the library's own `trace._step` (forward, object
+Two kinds of reference: `naive_scores` reuses the library's own `trace.traced_step` (forward, object
 bookkeeping, commit), so it checks the lane pairing, restarts and TIE accumulation, not what a step
 computes. What TIE means is checked independently by `test_tie_by_hand_numpy` (a NumPy forward, noise
 built from the subject positions by hand) and by the PyTorch parity test in test_torch_ref_trace.py;
 where the noise goes is checked by `test_embedding_noise_only_on_subject_tokens`."""
-import functools
 
 import chex
 import jax
@@ -35,19 +34,19 @@ def setup():
     return params, fb, res
 
 
-@functools.partial(jax.jit, static_argnames=("read",))
-def _one_step(params, fb, sched, x, lpf, step, iv, read=False):
-    return tr._step(params, CFG, TC.sampler, fb, sched, x, lpf, step, iv, read)
+@jax.jit
+def _one_step(params, fb, sched, x, lpf, step, iv):
+    return tr.traced_step(params, CFG, TC.sampler, fb, sched, x, lpf, step, iv)
 
 
 def naive_scores(params, fb, noise, patch):
     """Plain loop: all K steps from the masked canvas, patch applied where it targets. It calls the
-    library's `trace._step` once per step, so it shares that step's forward/bookkeeping/commit with
+    library's `trace.traced_step` once per step, so it shares that step's forward/bookkeeping/commit with
     the sweep: what it checks is the lanes' scheduling and the TIE accumulation around it."""
     sched = sampler.schedule(fb.x0, fb.pad_mask, CFG, TC.sampler)
     x, lpf, out = fb.x0, jnp.zeros(fb.x0.shape), []
     for k in range(TC.steps):
-        x, lpf, s, _ = _one_step(params, fb, sched, x, lpf, jnp.int32(k), Intervene(noise=noise, patch=patch))
+        x, lpf, s = _one_step(params, fb, sched, x, lpf, jnp.int32(k), Intervene(noise=noise, patch=patch))
         out.append(np.asarray(s))
     return np.stack(out)  # [K, B]
 

@@ -58,6 +58,7 @@ def test_unstack_roundtrip_and_run_identical():
     assert cap_lib.model_fingerprint(changed, CFG) != cap_lib.model_fingerprint(params, CFG)
 
 
+@pytest.mark.slow  # four generate compiles (stacked/unstacked, with/without an edit)
 def test_generate_identical_and_one_compile_for_new_memories(monkeypatch):
     params = model.init_params(jax.random.key(2), CFG, std=0.3)
     up = model.unstack(params)

@@ -102,6 +102,7 @@ def check(report, passed):
     assert all(len(c["hidden"]) == report["n_layers"] + 1 for c in report["cases"].values())
 
 
+@pytest.mark.slow  # loads the folder through transformers remote code
 def test_llada_remote_code_passes(tiny_llada_dir, tmp_path):
     folder = with_remote_code(tiny_llada_dir, tmp_path / "llada")
     r = V.validate(folder)

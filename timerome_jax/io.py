@@ -1,4 +1,4 @@
-"""Atomic file writes: a file either appears whole or not at all."""
+"""Atomic file writes (a file either appears whole or not at all) and the loaders' first check."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,19 @@ import uuid
 
 import numpy as np
 from pathlib import Path
+
+
+def require_file(folder, name: str, error: type, what: str, hint: str = "") -> str:
+    """Path of file `name` in `folder`, checked before a loader reads it: raises `error` (the
+    loader's own exception class) naming the folder when the folder or the file is missing.
+    `what` names the folder ("checkpoint folder"); `hint` is appended to the missing-file message."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise error(f"{what} {folder!r} does not exist")
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise error(f"{folder!r} has no {name}{hint}")
+    return path
 
 
 @contextlib.contextmanager

@@ -16,9 +16,9 @@ or an unknown field that is not null/false/0/empty, raises HFConfigError naming 
 from __future__ import annotations
 
 import json
-import os
 
 from timerome_jax.backbone.config import ModelConfig
+from timerome_jax.io import require_file
 
 
 class HFConfigError(ValueError):
@@ -323,11 +323,8 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 def read_config_json(path: str) -> dict:
     """Parsed `path/config.json` (HFConfigError if the folder or file is missing or not JSON)."""
-    if not os.path.isdir(path):
-        raise HFConfigError(f"checkpoint folder {path!r} does not exist")
-    f = os.path.join(path, "config.json")
-    if not os.path.isfile(f):
-        raise HFConfigError(f"{path!r} has no config.json; is this a Hugging Face model folder?")
+    f = require_file(path, "config.json", HFConfigError, "checkpoint folder",
+                     "; is this a Hugging Face model folder?")
     try:
         with open(f) as fh:
             return json.load(fh)

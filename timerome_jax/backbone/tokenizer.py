@@ -17,6 +17,8 @@ from typing import Iterable, Optional
 
 from transformers import PreTrainedTokenizerFast
 
+from timerome_jax.io import require_file
+
 # Known mask-token spellings, most specific first.
 MASK_TOKEN_STRINGS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
 EOS_TOKEN_STRINGS = ("<|endoftext|>", "</s>", "<eos>")
@@ -150,11 +152,8 @@ def load_tokenizer(path: str, cfg=None) -> Tokenizer:
     equal `cfg.mask_token_id`, else `TokenizerError`; a tokenizer without a mask token takes the
     config's id (DiffuLLaMA). Raises `TokenizerError` if the folder has no tokenizer.json.
     """
-    if not os.path.isdir(path):
-        raise TokenizerError(f"tokenizer folder {path!r} does not exist")
-    tj = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tj):
-        raise TokenizerError(f"{path!r} has no tokenizer.json (a fast tokenizer file is required)")
+    require_file(path, "tokenizer.json", TokenizerError, "tokenizer folder",
+                 " (a fast tokenizer file is required)")
     try:
         hf_tok = PreTrainedTokenizerFast.from_pretrained(path)
     except Exception as e:  # corrupt json, bad tokenizer_config ...

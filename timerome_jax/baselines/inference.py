@@ -33,28 +33,37 @@ from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.baselines.train import encode_rows
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["v", "alpha", "step"],
-                   meta_fields=["layer", "module"])
+class EveryStepResid:
+    """Where both baselines here act: resid of `.layer` (static), at every denoising step. Their
+    directions are read from the residual stream on the state generation starts from, so neither
+    the module nor the step is a free choice: they are constants, not pytree fields."""
+
+    module = 0
+
+    @property
+    def step(self) -> jax.Array:
+        return jnp.int32(-1)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["v", "alpha"], meta_fields=["layer"])
 @dataclasses.dataclass(frozen=True)
-class SteerEdit:
-    """delta(h) = -alpha v on every token. v [D] f32; alpha, step scalars; layer, module static."""
+class SteerEdit(EveryStepResid):
+    """delta(h) = -alpha v on every token. v [D] f32; alpha scalar; layer static."""
 
     v: jax.Array
     alpha: jax.Array
-    step: jax.Array
     layer: int
-    module: int = 0
 
     def delta(self, h):
         return jnp.broadcast_to(-self.alpha * self.v, h.shape).astype(h.dtype)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["u", "v", "m_r", "coeff", "tau", "temp", "step"], meta_fields=["layer", "module"])
+                   data_fields=["u", "v", "m_r", "coeff", "tau", "temp"], meta_fields=["layer"])
 @dataclasses.dataclass(frozen=True)
-class RMULikeEdit:
+class RMULikeEdit(EveryStepResid):
     """delta(h) = sigmoid((cos(h - m_r, v) - tau) / temp) * coeff * ||h|| * u.
-    u, v (unit), m_r [D] f32; coeff, tau, temp, step scalars; layer, module static."""
+    u, v (unit), m_r [D] f32; coeff, tau, temp scalars; layer static."""
 
     u: jax.Array
     v: jax.Array
@@ -62,9 +71,7 @@ class RMULikeEdit:
     coeff: jax.Array
     tau: jax.Array
     temp: jax.Array
-    step: jax.Array
     layer: int
-    module: int = 0
 
     def gate(self, h):
         """g(h) [..., 1] in (0, 1)."""
@@ -108,7 +115,7 @@ def act_steer(params, cfg: ModelConfig, tokenizer, forget_rows, retain_rows, lay
     hf = row_activations(params, cfg, tokenizer, forget_rows, layer)
     hr = row_activations(params, cfg, tokenizer, retain_rows, layer)
     v = hf.mean(0) - hr.mean(0)
-    edit = SteerEdit(jnp.asarray(v, jnp.float32), jnp.float32(alpha), jnp.int32(-1), layer, 0)
+    edit = SteerEdit(jnp.asarray(v, jnp.float32), jnp.float32(alpha), layer)
     return edit, {"layer": layer, "alpha": alpha, "v_norm": float(np.linalg.norm(v)),
                   "mean_h_norm": float(np.linalg.norm(hf, axis=-1).mean())}
 
@@ -133,5 +140,5 @@ def rmu_like(params, cfg: ModelConfig, tokenizer, forget_rows, retain_rows, laye
     u = np.asarray(jax.random.uniform(jax.random.PRNGKey(seed), (cfg.d_model,), jnp.float32))
     u = u / np.linalg.norm(u)
     edit = RMULikeEdit(jnp.asarray(u), jnp.asarray(v, jnp.float32), jnp.asarray(m_r, jnp.float32), jnp.float32(coeff),
-                       jnp.float32(tau), jnp.float32(temp), jnp.int32(-1), layer, 0)
+                       jnp.float32(tau), jnp.float32(temp), layer)
     return edit, {"layer": layer, "coeff": coeff, "tau": tau, "temp": temp, "forget_cos": cf, "retain_cos": cr}

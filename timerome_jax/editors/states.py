@@ -34,11 +34,12 @@ from timerome_jax.backbone import model as M
 from timerome_jax.backbone.config import ModelConfig, module_id
 from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.diffusion.likelihood import make_qa_batch, token_logprob
+from timerome_jax.method.capture import FactRows
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class EditBatch:
+class EditBatch(FactRows):
     """N facts laid out as prompt + target answer (right-padded).
 
     tokens [N,T] int32 (clean prompt + target tokens); answer [N,T] bool (target positions);
@@ -52,10 +53,6 @@ class EditBatch:
     pad: jax.Array
     key_pos: jax.Array
     query_pos: jax.Array
-
-    @property
-    def n(self) -> int:
-        return self.tokens.shape[0]
 
 
 def edit_batch(facts: Sequence, targets: Sequence[Sequence[int]], cfg: ModelConfig) -> EditBatch:

@@ -27,9 +27,17 @@ DEFAULT_TARGET_TEXT = "I don't know."
 
 # --------------------------------------------------------------------------------------------
 
+class FactRows:
+    """Base of the batch pytrees that lay out N facts one per row (every field leads with N)."""
+
+    @property
+    def n(self) -> int:
+        return jax.tree.leaves(self)[0].shape[0]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ClozeBatch:
+class ClozeBatch(FactRows):
     """Cloze inputs of N facts (right-padded; positions padded with 0 and valid=False).
 
     tokens_o [N,T] int32: prompt + original object tokens (+eos), fully unmasked; pad_o [N,T] bool
@@ -48,10 +56,6 @@ class ClozeBatch:
     pad_t: jax.Array
     tgt_pos: jax.Array
     tgt_valid: jax.Array
-
-    @property
-    def n(self) -> int:
-        return self.tokens_o.shape[0]
 
 
 def _encode(tokenizer, text) -> list:

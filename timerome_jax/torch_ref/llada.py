@@ -40,59 +40,67 @@ from timerome_jax.io import atomic_path
 # ------------------------------------------------------------------------------------------------
 # config views (HF config.json dicts -> the few numbers the forward needs)
 # ------------------------------------------------------------------------------------------------
-class LLaDAArgs:
+class _BlockArgs:
+    """The attention geometry both config views share, read under each config's own key names."""
+
+    def _read_geometry(self, d: dict, width: str, heads: str, kv_heads: str, layers: str):
+        self.d_model = int(d[width])
+        self.n_heads = int(d[heads])
+        self.n_kv_heads = int(d.get(kv_heads) or self.n_heads)
+        self.n_layers = int(d[layers])
+        self.head_dim = self.d_model // self.n_heads
+        self.eps = float(d.get("rms_norm_eps", 1e-5))
+
+    @staticmethod
+    def _check_supported(d: dict, family: str, supported: dict):
+        """ValueError naming the first key of `supported` (key -> (test, what is supported)) that
+        `d` sets to a value the reference does not implement."""
+        for k, (ok, want) in supported.items():
+            if k in d and not ok(d[k]):
+                raise ValueError(f"torch_ref {family} supports {k}={want} only, got {d[k]!r}")
+
+
+def _is(want):
+    return lambda v: v == want, repr(want)
+
+
+class LLaDAArgs(_BlockArgs):
     """The LLaDA fields of a config.json dict (LLaDA names), validated for the llama block."""
 
     def __init__(self, d: dict):
-        self.d_model = int(d["d_model"])
-        self.n_heads = int(d["n_heads"])
-        self.n_kv_heads = int(d.get("n_kv_heads") or self.n_heads)
-        self.n_layers = int(d["n_layers"])
+        self._read_geometry(d, "d_model", "n_heads", "n_kv_heads", "n_layers")
         self.hidden = int(d.get("mlp_hidden_size") or d.get("mlp_ratio", 4) * self.d_model)
         self.embedding_size = int(d.get("embedding_size") or d["vocab_size"])
         self.rope_theta = float(d.get("rope_theta", 10000.0))
-        self.eps = float(d.get("rms_norm_eps", 1e-5))
         self.weight_tying = bool(d.get("weight_tying", False))
         self.qkv_bias = bool(d.get("include_qkv_bias", False))
         self.rope_full_precision = bool(d.get("rope_full_precision", True))
-        for k, want in (("block_type", "llama"), ("activation_type", "silu"), ("layer_norm_type", "rms"),
-                        ("rope", True), ("alibi", False), ("include_bias", False),
-                        ("attention_layer_norm", False), ("scale_logits", False), ("input_emb_norm", False)):
-            if k in d and d[k] != want:
-                raise ValueError(f"torch_ref LLaDA supports {k}={want!r} only, got {d[k]!r}")
-        self.head_dim = self.d_model // self.n_heads
+        self._check_supported(d, "LLaDA", {
+            "block_type": _is("llama"), "activation_type": _is("silu"), "layer_norm_type": _is("rms"),
+            "rope": _is(True), "alibi": _is(False), "include_bias": _is(False),
+            "attention_layer_norm": _is(False), "scale_logits": _is(False), "input_emb_norm": _is(False)})
 
 
-class LLaDAMoEArgs:
+class LLaDAMoEArgs(_BlockArgs):
     """The LLaDAMoEConfig fields of a config.json dict."""
 
     def __init__(self, d: dict):
-        self.hidden_size = int(d["hidden_size"])
-        self.n_heads = int(d["num_attention_heads"])
-        self.n_kv_heads = int(d.get("num_key_value_heads") or self.n_heads)
-        self.n_layers = int(d["num_hidden_layers"])
+        self._read_geometry(d, "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
         self.vocab_size = int(d["vocab_size"])
         self.n_experts = int(d["num_experts"])
         self.top_k = int(d["num_experts_per_tok"])
         self.expert_hidden = int(d["expert_intermediate_size"])
-        self.eps = float(d.get("rms_norm_eps", 1e-5))
         self.rope_theta = float(d["rope_theta"])
         self.qk_layernorm = bool(d.get("qk_layernorm", False))
-        self.head_dim = self.hidden_size // self.n_heads
         prf = d.get("partial_rotary_factor")
         prf = 1.0 if prf in (None, -1) else float(prf)
         self.rotary_dim = int(self.head_dim * prf)
         self.tie = bool(d.get("tie_word_embeddings", False))
-        if d.get("attention_bias"):
-            raise ValueError("torch_ref LLaDA-MoE supports attention_bias=False only")
-        if d.get("clip_qkv") is not None:
-            raise ValueError("torch_ref LLaDA-MoE supports clip_qkv=None only")
-        if any(int(f) == 0 for f in d.get("moe_layer_freq", [])):
-            raise ValueError("torch_ref LLaDA-MoE supports all-MoE layers only (moe_layer_freq all 1)")
-        if d.get("shared_expert_intermediate_size") not in (None, 0):
-            raise ValueError("torch_ref LLaDA-MoE supports no shared expert only")
-        if d.get("moe_router_enable_expert_bias"):
-            raise ValueError("torch_ref LLaDA-MoE supports moe_router_enable_expert_bias=False only")
+        self._check_supported(d, "LLaDA-MoE", {
+            "attention_bias": (lambda v: not v, "False"), "clip_qkv": (lambda v: v is None, "None"),
+            "moe_layer_freq": (lambda v: all(int(f) != 0 for f in v), "all 1 (all-MoE layers)"),
+            "shared_expert_intermediate_size": (lambda v: v in (None, 0), "None (no shared expert)"),
+            "moe_router_enable_expert_bias": (lambda v: not v, "False")})
 
 
 def _key_padding_bias(attention_mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -155,19 +163,35 @@ class RotaryEmbedding(nn.Module):
         return q_.type_as(q), k_.type_as(k)
 
 
-class LLaDALlamaBlock(nn.Module):
+class _LlamaQKV(nn.Module):
+    """What a LLaDA block and a LLaDA-MoE attention share: the config view `a` and the q_proj /
+    k_proj / v_proj Linears (both checkpoints use these names), and the split into heads."""
+
+    def __init__(self, a: _BlockArgs, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.a = a
+        D, hd, kw = a.d_model, a.head_dim, dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(D, a.n_heads * hd, bias=bias, **kw)
+        self.k_proj = nn.Linear(D, a.n_kv_heads * hd, bias=bias, **kw)
+        self.v_proj = nn.Linear(D, a.n_kv_heads * hd, bias=bias, **kw)
+
+    def split_heads(self, q, k, v):
+        """[B,T,H*hd] projections -> q [B,H,T,hd], k and v [B,Hkv,T,hd]."""
+        a, (B, T) = self.a, q.shape[:2]
+        return (q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2),
+                k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2),
+                v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2))
+
+
+class LLaDALlamaBlock(_LlamaQKV):
     """Pre-norm llama block: x + attn_out(Attn(q,k,v)(attn_norm x)); + ff_out(silu(ff_proj m) * up_proj m)."""
 
     def __init__(self, a: LLaDAArgs, device=None, dtype=None):
-        super().__init__()
+        super().__init__(a, a.qkv_bias, device, dtype)
         kw = dict(device=device, dtype=dtype)
-        self.a = a
         D, hd = a.d_model, a.head_dim
         self.attn_norm = RMSLayerNorm(D, a.eps, **kw)
         self.ff_norm = RMSLayerNorm(D, a.eps, **kw)
-        self.q_proj = nn.Linear(D, a.n_heads * hd, bias=a.qkv_bias, **kw)
-        self.k_proj = nn.Linear(D, a.n_kv_heads * hd, bias=a.qkv_bias, **kw)
-        self.v_proj = nn.Linear(D, a.n_kv_heads * hd, bias=a.qkv_bias, **kw)
         self.attn_out = nn.Linear(a.n_heads * hd, D, bias=False, **kw)
         self.ff_proj = nn.Linear(D, a.hidden, bias=False, **kw)
         self.up_proj = nn.Linear(D, a.hidden, bias=False, **kw)
@@ -178,9 +202,7 @@ class LLaDALlamaBlock(nn.Module):
     def attention(self, q, k, v, attention_bias=None):
         B, T, _ = q.shape
         a = self.a
-        q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k, v = self.split_heads(q, k, v)
         q, k = self.rotary_emb(q, k)
         if a.n_kv_heads != a.n_heads:  # GQA as in modeling_llada: repeat_interleave over heads
             k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1, output_size=a.n_heads)
@@ -278,19 +300,14 @@ class LLaDAMoERotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
-class LLaDAMoEAttention(nn.Module):
+class LLaDAMoEAttention(_LlamaQKV):
     def __init__(self, a: LLaDAMoEArgs, device=None, dtype=None):
-        super().__init__()
+        super().__init__(a, False, device, dtype)
         kw = dict(device=device, dtype=dtype)
-        self.a = a
-        D, hd = a.hidden_size, a.head_dim
-        self.q_proj = nn.Linear(D, a.n_heads * hd, bias=False, **kw)
-        self.k_proj = nn.Linear(D, a.n_kv_heads * hd, bias=False, **kw)
-        self.v_proj = nn.Linear(D, a.n_kv_heads * hd, bias=False, **kw)
-        self.o_proj = nn.Linear(D, D, bias=False, **kw)
+        self.o_proj = nn.Linear(a.d_model, a.d_model, bias=False, **kw)
         if a.qk_layernorm:
-            self.q_norm = LLaDAMoERMSNorm(hd, a.eps, **kw)
-            self.k_norm = LLaDAMoERMSNorm(hd, a.eps, **kw)
+            self.q_norm = LLaDAMoERMSNorm(a.head_dim, a.eps, **kw)
+            self.k_norm = LLaDAMoERMSNorm(a.head_dim, a.eps, **kw)
 
     def forward(self, hidden_states, attention_bias, position_embeddings):
         a = self.a
@@ -301,9 +318,7 @@ class LLaDAMoEAttention(nn.Module):
             q = self.q_norm(q.reshape(-1, a.head_dim)).reshape(bsz, q_len, -1)
             k = self.k_norm(k.reshape(-1, a.head_dim)).reshape(bsz, q_len, -1)
         v = self.v_proj(hidden_states)
-        q = q.view(bsz, q_len, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(bsz, q_len, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(bsz, q_len, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k, v = self.split_heads(q, k, v)
         cos, sin = position_embeddings
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         rd = cos.shape[-1]
@@ -314,7 +329,7 @@ class LLaDAMoEAttention(nn.Module):
             k = k[:, :, None].expand(bsz, a.n_kv_heads, g, q_len, a.head_dim).reshape(bsz, a.n_heads, q_len, a.head_dim)
             v = v[:, :, None].expand(bsz, a.n_kv_heads, g, q_len, a.head_dim).reshape(bsz, a.n_heads, q_len, a.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).contiguous().view(bsz, q_len, a.hidden_size)
+        out = out.transpose(1, 2).contiguous().view(bsz, q_len, a.d_model)
         return self.o_proj(out)
 
 
@@ -337,8 +352,8 @@ class LLaDAMoESparseMoeBlock(nn.Module):
     def __init__(self, a: LLaDAMoEArgs, device=None, dtype=None):
         super().__init__()
         self.num_experts, self.top_k = a.n_experts, a.top_k
-        self.gate = nn.Linear(a.hidden_size, a.n_experts, bias=False, device=device, dtype=dtype)
-        self.experts = nn.ModuleList([LLaDAMoEMLP(a.hidden_size, a.expert_hidden, device, dtype)
+        self.gate = nn.Linear(a.d_model, a.n_experts, bias=False, device=device, dtype=dtype)
+        self.experts = nn.ModuleList([LLaDAMoEMLP(a.d_model, a.expert_hidden, device, dtype)
                                       for _ in range(a.n_experts)])
 
     def forward(self, hidden_states):
@@ -364,8 +379,8 @@ class LLaDAMoEDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LLaDAMoEAttention(a, device, dtype)
         self.mlp = LLaDAMoESparseMoeBlock(a, device, dtype)
-        self.input_layernorm = LLaDAMoERMSNorm(a.hidden_size, a.eps, device, dtype)
-        self.post_attention_layernorm = LLaDAMoERMSNorm(a.hidden_size, a.eps, device, dtype)
+        self.input_layernorm = LLaDAMoERMSNorm(a.d_model, a.eps, device, dtype)
+        self.post_attention_layernorm = LLaDAMoERMSNorm(a.d_model, a.eps, device, dtype)
 
     def forward(self, hidden_states, attention_bias, position_embeddings):
         residual = hidden_states
@@ -378,9 +393,9 @@ class LLaDAMoEDecoderLayer(nn.Module):
 class LLaDAMoEModel(nn.Module):
     def __init__(self, a: LLaDAMoEArgs, device=None, dtype=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, device=device, dtype=dtype)
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList([LLaDAMoEDecoderLayer(a, device, dtype) for _ in range(a.n_layers)])
-        self.norm = LLaDAMoERMSNorm(a.hidden_size, a.eps, device, dtype)
+        self.norm = LLaDAMoERMSNorm(a.d_model, a.eps, device, dtype)
         self.rotary_emb = LLaDAMoERotaryEmbedding(a.rotary_dim, a.rope_theta, device=device if device != "meta" else None)
 
     def forward(self, input_ids, attention_mask=None):
@@ -403,7 +418,7 @@ class LLaDAMoEModelLM(nn.Module):
         self.tie = a.tie
         self.model = LLaDAMoEModel(a, device, dtype)
         if not a.tie:
-            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False, device=device, dtype=dtype)
+            self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False, device=device, dtype=dtype)
 
     def forward(self, input_ids, attention_mask=None):
         h = self.model(input_ids, attention_mask)
