@@ -17,8 +17,10 @@ from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene
 from timerome_jax.diffusion import likelihood as LK
 from timerome_jax.diffusion import sampler as S
+from timerome_jax.method import gate as GL
 from timerome_jax.method import memory as M
 from timerome_jax.method import memory_file as MF
+from timerome_jax.tofu import data as tofu
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_ff=64, rope_theta=10000.0, mask_token_id=96, pad_token_id=0, eos_token_id=1,
@@ -244,3 +246,17 @@ def test_calibrate_tau_seq_leaves_no_held_out_row_latched(params):
     assert ts == pytest.approx(M.sequence_scores(mem, h, slots).max() + 0.02)
     with pytest.raises(ValueError, match="percentile"):
         M.calibrate_tau_seq(mem, h, slots, 0)
+
+
+def test_probe_inputs_mask_exactly_the_answer_and_eos(tiny_llada):
+    _, cfg, tok = tiny_llada
+    rows = tofu.calibration_rows(subjects=False)[:3]
+    toks, pad, slots = GL.probe_inputs(tok, cfg, rows)
+    for i, r in enumerate(rows):
+        p = list(tok.encode(tofu.format_prompt(r["question"])))
+        n = len(tok.encode(r["answer"])) + 1
+        assert slots[i].sum() == n and pad[i].sum() == len(p) + n
+        np.testing.assert_array_equal(toks[i][: len(p)], p)
+        assert np.all(toks[i][slots[i]] == cfg.mask_token_id) and np.flatnonzero(slots[i])[0] == len(p)
+    with pytest.raises(ValueError, match="no rows"):
+        GL.probe_inputs(tok, cfg, [])
