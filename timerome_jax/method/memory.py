@@ -2,6 +2,9 @@
 
     build    (Eq. 11)     G = (U U^T + lam I)^{-1}  over the active facts
     delta    (Eq. 12)     h <- h + alpha * D^T TopQ_q(G U h)  at every token
+    Gate                  the selective memory: the update only where a token's whitened answer-slot
+                          score passes tau, or on the answer positions of a sequence whose probe
+                          (answer fully masked) passes tau_seq (the latch, primed by `model.prime_edit`)
     GatedEdit (Eq. 10)    h <- h + alpha * sum_f clip(<u_f,h>/(|u_f|^2+eps), 0, g_max) d_f
 
 The keys and values come from `capture` (Eqs. 6-9, `timerome_jax.method.capture`); files are
@@ -130,7 +133,8 @@ class Gate:
         return jnp.max(jnp.where(ok, cos, -jnp.inf), axis=-1)
 
     def fires(self, h: jax.Array, active: jax.Array) -> jax.Array:
-        """g(h) as bool: h [..., D] -> [...] (all True when the gate is off)."""
+        """g as bool: h [..., D] -> [...] (token gate OR latch; all True when the gate is off). With a
+        latch, h must be the [B,T,D] batch the latch was primed for."""
         g = self.score(h, active) > self.tau
         if self.latch is not None:
             g = jnp.logical_or(g, self.latch)
@@ -217,12 +221,6 @@ class EditMemory:
         slots = jnp.asarray(slots, jnp.bool_)
         row = self.gate.sequence_score(h, slots, self.active) > self.gate.tau_seq
         return dataclasses.replace(self, gate=dataclasses.replace(self.gate, latch=row[:, None] & slots))
-
-    def without_latch(self) -> "EditMemory":
-        """This memory with no sequence latch (the token gate alone)."""
-        if self.gate is None or self.gate.latch is None:
-            return self
-        return dataclasses.replace(self, gate=dataclasses.replace(self.gate, latch=None))
 
     def tile_latch(self, m: int) -> "EditMemory":
         """The latch [B,T] repeated m times along the batch (row j * B + b), for batched MC samples."""
