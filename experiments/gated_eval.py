@@ -67,13 +67,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--layer", type=int, default=1)
     ap.add_argument("--alpha", type=float, default=2.0)
     ap.add_argument("--q", type=int, default=4)
-    ap.add_argument("--percentile", type=float, default=gate_lib.DEFAULT_PERCENTILE)
+    ap.add_argument("--percentile", type=float, default=gate_lib.DEFAULT_PERCENTILE,
+                    help="token-gate percentile (default: token gate off, the sequence latch alone)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-mc", type=int, default=8)
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=40)
     ap.add_argument("--methods", nargs="+", default=["no_edit", "eq12", "gated"])
     ap.add_argument("--skip-subjectless", action="store_true", help="leave facts without a subject out of the memory")
+    ap.add_argument("--tau", type=float, default=None, help="token-gate threshold (overrides --percentile; "
+                    "1 = the token gate never fires, the sequence latch alone)")
+    ap.add_argument("--no-latch", action="store_true", help="token gate alone (no sequence latch: tau_seq = +inf)")
     ap.add_argument("--rouge", action="store_true")
     ap.add_argument("--no-edit-json", default=None, help="reuse a no_edit result written by an earlier run with the "
                     "same split/seeds/n_mc/limit (its <name>_no_edit.json) instead of recomputing it")
@@ -92,7 +96,11 @@ def main(argv=None) -> dict:
     if a.skip_subjectless:
         facts = [f for f in facts if f.key_source == "subject"]
     coord = Coordinate(a.layer, -1, 0)
-    mem, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, gate=True, percentile=a.percentile)
+    mem, info = pl.install(params, cfg, tok, facts, coord, a.alpha, a.q, gate=True, percentile=a.percentile,
+                           latch=not a.no_latch)
+    if a.tau is not None:
+        mem = mem_lib.with_gate(mem, tau=a.tau)
+        info["tau"], info["percentile"] = a.tau, None
     methods = {"no_edit": None, "eq12": Intervene(edit=mem_lib.with_gate(mem, on=False)),
                "gated": Intervene(edit=mem)}
     methods = {k: v for k, v in methods.items() if k in a.methods}
@@ -112,7 +120,7 @@ def main(argv=None) -> dict:
             continue
         deltas[m] = {k: paired_row_ci(row_values(results[m], k), row_values(results["no_edit"], k)) for k in LP}
     summary = {"split": a.split, "coordinate": info["coordinate"], "install": info, "alpha": a.alpha, "q": a.q,
-               "percentile": a.percentile, "seeds": a.seeds, "n_mc": a.n_mc, "limit": a.limit,
+               "percentile": a.percentile, "latch": not a.no_latch, "seeds": a.seeds, "n_mc": a.n_mc, "limit": a.limit,
                "n_facts": len(facts), "skip_subjectless": a.skip_subjectless,
                "n_rows": {k: len(results["no_edit"]["per_seed"][str(a.seeds[0])][k]["value_by_index"])
                           if "no_edit" in results else 0 for k in LP},

@@ -1,5 +1,5 @@
 """Tests for the gated edit memory: memory.Gate, fit_whitening/whiten_keys/calibrate_tau, gated
-build/insert/remove, capture.capture_slot_keys/capture_residuals, memory_file v2 (and v1 files),
+build/insert/remove, capture.capture_slot_keys/capture_residuals, memory_file v3 (and v1 files),
 and method.gate's calibration rows (disjoint from every evaluated row)."""
 from __future__ import annotations
 
@@ -144,11 +144,12 @@ def test_calibrate_tau_is_the_percentile():
         M.calibrate_tau(mem, h, 0.0)
 
 
-def test_file_v2_round_trip_and_v1_file_loads(tmp_path):
+def test_file_round_trip_and_v1_file_loads(tmp_path):
     mem = _gated(n=3, cap=4, tau=0.37)
     MF.save(mem, tmp_path / "g.npz", {"note": "x"})
     back, meta = MF.load(tmp_path / "g.npz")
-    assert meta["format_version"] == 2 == MF.FORMAT_VERSION and meta["gate"] == {"tau": pytest.approx(0.37), "on": True}
+    assert meta["format_version"] == 3 == MF.FORMAT_VERSION
+    assert meta["gate"] == {"tau": pytest.approx(0.37), "on": True, "tau_seq": None}  # no latch: null
     _eq(back, mem)
     # the committed fixture was written by the version-1 writer (before the gate existed)
     old, meta1 = MF.load(FIXTURE_V1)

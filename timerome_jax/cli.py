@@ -253,8 +253,9 @@ def add_edit(sub):
     p.add_argument("--q", type=int, default=4, help="TopQ sparsity, facts per query (0 = dense)")
     p.add_argument("--no-gate", action="store_true",
                    help="the paper's ungated Eq. 12 instead of the gated memory (default: gated)")
-    p.add_argument("--gate-percentile", type=float, default=99.9,
-                   help="gate threshold: this percentile of held-out retain tokens' gate scores, percent")
+    p.add_argument("--gate-percentile", type=float, default=None,
+                   help="also open the gate per token above this percentile of held-out retain tokens' gate "
+                        "scores, percent (default: off; the sequence latch alone decides)")
     p.add_argument("--lam", type=float, default=None, help="ridge lambda (default: 0.1 * mean ||u||^2 of the keys)")
     p.add_argument("--limit", type=int, default=None, help="first N facts of the split (default: all)")
     p.add_argument("--target-text", default=DEFAULT_TARGET_TEXT, help="what the edited model should say instead")

@@ -83,14 +83,18 @@ def default_lam(u: np.ndarray, rel: float = 0.1) -> float:
 def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinate, alpha: float, q: int,
             lam: Optional[float] = None, target_text: str = DEFAULT_TARGET, capacity: Optional[int] = None,
             chunk: int = 16, gate: bool = False, calibration: Optional[gate_lib.GateCalibration] = None,
-            percentile: float = gate_lib.DEFAULT_PERCENTILE):
+            percentile: Optional[float] = gate_lib.DEFAULT_PERCENTILE, latch: bool = True):
     """Stage 3: capture (Eqs. 6-9) and solve (Eq. 11) -> (EditMemory, info).
 
     lam None = `default_lam` of the captured keys. target_text: one string, or one per fact (e.g.
     TOFU idontknow lines). gate: also capture slot keys and build the gated memory
-    (`memory.Gate`), whitened and thresholded (at `percentile` of held-out retain tokens) with
-    `calibration` (None: `gate.calibrate` on TOFU calibration rows at this coordinate).
-    info: capture_s, solve_s, n_facts, lam, coordinate (+ gate_s, tau, percentile when gated)."""
+    (`memory.Gate`), whitened and thresholded (token gate at `percentile` of held-out retain tokens,
+    None = token gate off, tau = `gate.TAU_OFF`) with
+    `calibration` (None: `gate.calibrate` on TOFU calibration rows at this coordinate); latch: also
+    set the sequence latch's threshold (`memory.calibrate_tau_seq`; False: tau_seq = +inf, the
+    token gate alone).
+    info: capture_s, solve_s, n_facts, lam, coordinate (+ gate_s, tau, tau_seq (None: no latch),
+    percentile when gated)."""
     if not facts:
         raise ValueError("install: the forget set is empty")
     if lam is not None and not lam > 0:
@@ -109,15 +113,24 @@ def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinat
             raise ValueError(f"install: the gate calibration is at (layer, module) "
                              f"({calibration.layer}, {calibration.module}), the edit at ({coord.layer}, {coord.module})")
         keys = np.asarray(cap_lib.capture_slot_keys(params, cfg, cb, coord.layer, coord.module, chunk=chunk))
-        gate_kw = {"gate_keys": keys, "whitening": calibration.whitening}
+        n_slots = np.asarray(cb.obj_valid).sum(1).astype(np.int32)
+        gate_kw = {"gate_keys": keys, "whitening": calibration.whitening, "gate_n_slots": n_slots}
     t2 = time.perf_counter()
     memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
                            step=coord.step, capacity=capacity, fingerprint=cap_lib.model_fingerprint(params, cfg),
                            **gate_kw)
     if gate:
-        tau = mem_lib.calibrate_tau(memory, calibration.h_thresh, percentile)
-        memory = mem_lib.with_gate(memory, tau=tau)
-        extra = {"gate_s": t2 - t1, "tau": tau, "percentile": percentile,
+        if percentile is None and not latch:
+            raise ValueError("install: percentile=None (token gate off) needs latch=True, or nothing is edited")
+        tau = gate_lib.TAU_OFF if percentile is None else mem_lib.calibrate_tau(memory, calibration.h_thresh, percentile)
+        tau_seq = float("inf")
+        if latch:
+            if calibration.h_probe is None:
+                raise ValueError("install: latch=True needs a calibration with probe residuals (gate.calibrate)")
+            tau_seq = mem_lib.calibrate_tau_seq(memory, calibration.h_probe, calibration.probe_slots)
+        memory = mem_lib.with_gate(memory, tau=tau, tau_seq=tau_seq)
+        extra = {"gate_s": t2 - t1, "tau": tau, "tau_seq": tau_seq if np.isfinite(tau_seq) else None,
+                 "percentile": percentile,
                  "calibration_rows": {"whiten": len(calibration.whiten_rows), "thresh": len(calibration.thresh_rows)}}
     jax.block_until_ready(memory.G)
     t3 = time.perf_counter()
@@ -154,7 +167,7 @@ class DemoConfig:
     trace: tr.TraceConfig = tr.TraceConfig()
     # (name, alpha, q, gated): the gated memory and the paper's Eq. 12 at the same (alpha, q)
     settings: tuple = (("gated", 4.0, 4, True), ("paper_eq12", 4.0, 4, False))
-    gate_percentile: float = gate_lib.DEFAULT_PERCENTILE
+    gate_percentile: Optional[float] = gate_lib.DEFAULT_PERCENTILE
     gate_rows: tuple = (400, 400)  # calibration rows for the gate's whitening and threshold
     lam: Optional[float] = None
     target_text: str = DEFAULT_TARGET

@@ -22,6 +22,7 @@ MoE router and the logits in float32.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional
 
 import jax
@@ -231,6 +232,27 @@ def head(params, h, cfg: ModelConfig):
     h = rms_norm(h, params["final_norm"], cfg.norm_eps).astype(dt)
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     return jnp.einsum("btd,dv->btv", h, w.astype(dt), preferred_element_type=jnp.float32)
+
+
+def prime_edit(params, tokens, cfg: ModelConfig, pad_mask, slots, intervene: Optional[Intervene]):
+    """Set the sequence latch of a gated edit from a probe of the same rows (jit-able).
+
+    tokens [B,T] int32, pad_mask [B,T] bool, slots [B,T] bool: the answer (generation) positions.
+    The probe masks every slot, runs layers 0..edit.layer with no intervention and hands the
+    residuals at the edit's module to `edit.with_latch(h, slots)`. Edits without a latch (no
+    `latches` attribute, or False) come back unchanged, without a probe.
+    Returns the `Intervene` with the primed edit.
+    """
+    e = None if intervene is None else intervene.edit
+    if e is None or not getattr(e, "latches", False):
+        return intervene
+    slots = jnp.asarray(slots, bool)
+    probe = jnp.where(slots, cfg.mask_token_id, tokens)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    layer, module = int(e.layer), int(e.module)
+    acts = run(params, probe, cfg, pad_mask, Intervene(read_pos=pos), step=0, stop_layer=layer).acts
+    h = acts[("resid", "attn", "mlp")[module]][layer]
+    return dataclasses.replace(intervene, edit=e.with_latch(h, slots))
 
 
 def forward(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional[Intervene] = None, step=0):

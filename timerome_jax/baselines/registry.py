@@ -151,7 +151,7 @@ def prepare_timerome(task: EditTask, alpha: float = 2.0, q: int = 4, lam: Option
 @register("gated")
 def prepare_gated(task: EditTask, alpha: float = 4.0, q: int = 4, lam: Optional[float] = None,
                   layer: Optional[int] = None, step: int = -1, module: str = "resid", n_trace: int = 8,
-                  percentile: float = gate_lib.DEFAULT_PERCENTILE,
+                  percentile: Optional[float] = gate_lib.DEFAULT_PERCENTILE,
                   target_text: str = pipeline.DEFAULT_TARGET) -> Prepared:
     """The gated edit memory (docs/gated_memory.md) at the traced coordinate: Eq. 12 applied only
     where a whitened answer-slot key matches, threshold calibrated on `calibration_rows()`."""

@@ -186,7 +186,8 @@ def token_logprob(logits, tokens):
 def tile_intervene(iv: Optional[Intervene], B: int, m: int) -> Optional[Intervene]:
     """Repeat the batch-shaped fields of an `Intervene` (noise, read_pos, patch pos/valid/value with
     leading dim B) m times along the batch, matching a batch laid out as row j * B + b. Leading-dim-1
-    fields (broadcast) and the edit memory (not batch-shaped) are kept as they are."""
+    fields (broadcast) and the edit memory (not batch-shaped) are kept as they are, except a gated
+    memory's primed sequence latch [B,T] (`EditMemory.tile_latch`)."""
     if iv is None or m == 1:
         return iv
 
@@ -198,7 +199,10 @@ def tile_intervene(iv: Optional[Intervene], B: int, m: int) -> Optional[Interven
     patch = iv.patch
     if patch is not None:
         patch = dataclasses.replace(patch, pos=tile(patch.pos), valid=tile(patch.valid), value=tile(patch.value))
-    return dataclasses.replace(iv, noise=tile(iv.noise), read_pos=tile(iv.read_pos), patch=patch)
+    edit = iv.edit
+    if edit is not None and hasattr(edit, "tile_latch"):  # a primed sequence latch is batch-shaped
+        edit = edit.tile_latch(m)
+    return dataclasses.replace(iv, noise=tile(iv.noise), read_pos=tile(iv.read_pos), patch=patch, edit=edit)
 
 
 def _elbo_impl(params, tokens, answer_mask, pad_mask, key, example_ids, intervene, cfg, n_mc, estimator,
@@ -207,6 +211,9 @@ def _elbo_impl(params, tokens, answer_mask, pad_mask, key, example_ids, interven
     m = mc_batch
     # the samples go into the batch axis (row j * B + b), not through vmap: the cuDNN attention
     # batching rule does not batch its padding mask, so a vmapped forward is not safe there
+    # a gated memory's sequence latch: decided from the prompt with the whole answer masked (as
+    # generation starts), the same for every MC sample of a row
+    intervene = model.prime_edit(params, tokens, cfg, pad_mask, answer_mask, intervene)
     pad_m, iv_m = jnp.tile(pad_mask, (m, 1)), tile_intervene(intervene, B, m)  # loop-invariant
 
     def chunk(acc, c):
@@ -281,6 +288,7 @@ def elbo(params, cfg: ModelConfig, tokens, answer_mask, pad_mask, key, n_mc: int
 
 
 def _all_masked_impl(params, tokens, answer_mask, pad_mask, intervene, cfg):
+    intervene = model.prime_edit(params, tokens, cfg, pad_mask, answer_mask, intervene)
     noisy = jnp.where(answer_mask, cfg.mask_token_id, tokens)
     ce = -token_logprob(model.forward(params, noisy, cfg, pad_mask, intervene), tokens)
     return -jnp.sum(jnp.where(answer_mask, ce, 0.0), axis=-1)

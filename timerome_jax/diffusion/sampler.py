@@ -391,6 +391,8 @@ def denoise_step(params, cfg: ModelConfig, scfg: SamplerConfig, x, pad_mask, pro
 
 
 def _generate_impl(params, x, pad_mask, prompt_mask, sched, key, intervene, cfg, scfg, return_history):
+    # a gated memory's sequence latch is decided once, from the canvas with every generation slot masked
+    intervene = model.prime_edit(params, x, cfg, pad_mask, sched.gen_mask, intervene)
     def body(carry, step):
         xc, k = carry
         k, sub = jax.random.split(k)

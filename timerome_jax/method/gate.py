@@ -8,7 +8,9 @@ forget split, retain_perturbed, real_authors and world_facts):
     whiten rows    n_whiten rows drawn from the calibration rows -> (mu, P) (`memory.fit_whitening`)
     thresh rows    n_thresh other calibration rows -> tau = percentile of the gate score over their
                    tokens (`memory.calibrate_tau`), so about (100 - percentile) % of held-out
-                   retain tokens fire
+                   retain tokens fire; and the same rows with the whole answer masked (probes) ->
+                   tau_seq, the sequence latch's threshold (`memory.calibrate_tau_seq`: above the
+                   highest held-out row's sequence score, so no held-out retain row latches)
 
 Each row is laid out as the likelihood evaluation sees it: prompt + answer + eos, with the answer
 tokens masked at a ratio t ~ U(0, 1) drawn per row (a share of rows fully masked, as generation
@@ -26,13 +28,18 @@ from timerome_jax.method import capture as cap_lib
 from timerome_jax.method import memory as mem_lib
 from timerome_jax.tofu import data as tofu
 
-DEFAULT_PERCENTILE = 99.9
+# The default gate is the sequence latch alone: the token gate's threshold is TAU_OFF (above any
+# cosine), so it never fires; a percentile (e.g. 99.9) switches the token gate on beside the latch.
+DEFAULT_PERCENTILE = None
+TAU_OFF = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
 class GateCalibration:
     """mu [D], P [R,D]: whitening; h_thresh [N,D]: residuals of the threshold rows (f32);
-    whiten_rows / thresh_rows: the global full.json indices used (for disjointness checks)."""
+    h_probe [M,T,D] f32 / probe_slots [M,T] bool: the threshold rows with the whole answer (+ eos)
+    masked and those slots (for the sequence latch's threshold); whiten_rows / thresh_rows: the
+    global full.json indices used (for disjointness checks)."""
 
     mu: np.ndarray
     P: np.ndarray
@@ -41,6 +48,8 @@ class GateCalibration:
     thresh_rows: tuple
     layer: int
     module: int
+    h_probe: Optional[np.ndarray] = None
+    probe_slots: Optional[np.ndarray] = None
 
     @property
     def whitening(self) -> tuple:
@@ -81,6 +90,28 @@ def masked_inputs(tokenizer, cfg: ModelConfig, rows: Sequence[dict], seed: int =
     return tokens, pad
 
 
+def probe_inputs(tokenizer, cfg: ModelConfig, rows: Sequence[dict], pad_multiple: int = 16
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """prompt + answer + eos per row with every answer token masked (what the sequence latch probes)
+    -> tokens [N,T] int32, pad [N,T] bool (True = real), slots [N,T] bool (the masked answer)."""
+    if not rows:
+        raise ValueError("probe_inputs: no rows")
+    seqs, n_ans = [], []
+    for r in rows:
+        p = list(tokenizer.encode(tofu.format_prompt(r["question"])))
+        a = len(tokenizer.encode(r["answer"])) + 1
+        s = (p + [cfg.mask_token_id] * a)[: cfg.max_seq_len]
+        seqs.append(s)
+        n_ans.append((min(len(p), len(s)), len(s)))
+    width = min(-(-max(len(s) for s in seqs) // pad_multiple) * pad_multiple, cfg.max_seq_len)
+    tokens = np.full((len(seqs), width), cfg.pad_token_id, np.int32)
+    pad = np.zeros((len(seqs), width), bool)
+    slots = np.zeros((len(seqs), width), bool)
+    for i, (s, (a, b)) in enumerate(zip(seqs, n_ans)):
+        tokens[i, : len(s)], pad[i, : len(s)], slots[i, a:b] = s, True, True
+    return tokens, pad, slots
+
+
 def calibrate(params, cfg: ModelConfig, tokenizer, layer: int, module, n_whiten: int = 400,
               n_thresh: int = 400, seed: int = 0, shrink: float = 0.01, rank: Optional[int] = None,
               data_root=None) -> GateCalibration:
@@ -95,8 +126,13 @@ def calibrate(params, cfg: ModelConfig, tokenizer, layer: int, module, n_whiten:
         tok, pad = masked_inputs(tokenizer, cfg, [full[i] for i in ids], seed=s)
         h[name] = cap_lib.capture_residuals(params, cfg, tok, pad, layer, module)
     mu, P = mem_lib.fit_whitening(h["w"], shrink=shrink, rank=rank)
+    ptok, ppad, pslots = probe_inputs(tokenizer, cfg, [full[i] for i in t_ids])
+    flat = cap_lib.capture_residuals(params, cfg, ptok, ppad, layer, module)
+    h_probe = np.zeros(ptok.shape + (flat.shape[1],), np.float32)
+    h_probe[ppad] = flat
     return GateCalibration(mu, P, h["t"], tuple(w_ids), tuple(t_ids), int(layer),
-                           int(module_id(module)))
+                           int(module_id(module)), h_probe, pslots)
 
 
-__all__ = ["GateCalibration", "DEFAULT_PERCENTILE", "calibration_row_ids", "masked_inputs", "calibrate"]
+__all__ = ["GateCalibration", "DEFAULT_PERCENTILE", "TAU_OFF", "calibration_row_ids", "masked_inputs", "probe_inputs",
+           "calibrate"]

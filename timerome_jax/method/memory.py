@@ -2,6 +2,9 @@
 
     build    (Eq. 11)     G = (U U^T + lam I)^{-1}  over the active facts
     delta    (Eq. 12)     h <- h + alpha * D^T TopQ_q(G U h)  at every token
+    Gate                  the selective memory: the update only where a token's whitened answer-slot
+                          score passes tau, or on the answer positions of a sequence whose probe
+                          (answer fully masked) passes tau_seq (the latch, primed by `model.prime_edit`)
     GatedEdit (Eq. 10)    h <- h + alpha * sum_f clip(<u_f,h>/(|u_f|^2+eps), 0, g_max) d_f
 
 The keys and values come from `capture` (Eqs. 6-9, `timerome_jax.method.capture`); files are
@@ -75,18 +78,25 @@ def top_q(c: jax.Array, q) -> jax.Array:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["K", "mu", "P", "tau", "on"], meta_fields=[])
+                   data_fields=["K", "mu", "P", "tau", "on", "n_slots", "tau_seq", "latch"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class Gate:
-    """Per-token gate g(h) in {0, 1} of a gated memory: h <- h + g(h) alpha TopQ_q(D^T G U h).
+    """Gate g in {0, 1} of a gated memory: h <- h + g alpha TopQ_q(D^T G U h), per token.
 
-    g(h) = 1 when max_f cos_W(h, k_f) > tau over the active facts f, where cos_W is the cosine
-    after whitening z = P (h - mu): the keys k_f are residuals at the fact's answer slots with the
-    answer fully masked (`capture.capture_slot_keys`), and (mu, P) whiten with the residuals of
+    Token gate: g(h) = 1 when max_f cos_W(h, k_f) > tau over the active facts f, where cos_W is the
+    cosine after whitening z = P (h - mu): the keys k_f are residuals at the fact's answer slots with
+    the answer fully masked (`capture.capture_slot_keys`), and (mu, P) whiten with the residuals of
     held-out retain rows (`fit_whitening`), so directions every question shares count little.
+    Sequence latch: a forward may carry `latch` [B,T] bool (set by `EditMemory.with_latch` from a
+    probe of the same prompt with its answer fully masked): g = 1 wherever latch is True as well, so
+    a sequence recognised as a forget question stays edited on its answer positions whatever has
+    been committed there (`sequence_score`).
     K [C,R] f32: whitened, unit-norm keys P (k_f - mu) / |.| (zero rows for inactive slots);
     mu [D] f32; P [R,D] f32 (R <= D; R = D is full whitening); tau f32 scalar threshold on the
-    whitened cosine; on bool scalar (False: g = 1 everywhere, i.e. Eq. 12 exactly). All data.
+    whitened cosine; on bool scalar (False: g = 1 everywhere, i.e. Eq. 12 exactly); n_slots [C]
+    int32: answer slots (answer + eos) each key was averaged over (0: the fact never latches);
+    tau_seq f32 scalar threshold of the sequence latch (+inf: never latches); latch [B,T] bool or
+    None (no probe: token gate alone). All data; whether latch is None is structure.
     """
 
     K: jax.Array
@@ -94,6 +104,9 @@ class Gate:
     P: jax.Array
     tau: jax.Array
     on: jax.Array
+    n_slots: Optional[jax.Array] = None
+    tau_seq: Optional[jax.Array] = None
+    latch: Optional[jax.Array] = None
 
     def score(self, h: jax.Array, active: jax.Array) -> jax.Array:
         """max over active facts of the whitened cosine: h [..., D] -> [...] f32 (-inf: no fact)."""
@@ -102,9 +115,30 @@ class Gate:
         s = jnp.einsum("...r,cr->...c", z / jnp.maximum(n, 1e-30), self.K, precision=_HI)
         return jnp.max(jnp.where(active, s, -jnp.inf), axis=-1)
 
+    def sequence_score(self, h: jax.Array, slots: jax.Array, active: jax.Array) -> jax.Array:
+        """Sequence score of a probe: h [B,T,D] residuals of prompts whose answer slots (slots
+        [B,T] bool, contiguous per row) are all masked -> [B] f32. For each fact f, the residual
+        averaged over the row's first n_slots[f] slots (the span its key was averaged over),
+        whitened, cosine with k_f; max over active facts with n_slots > 0 (-inf: none)."""
+        slots = jnp.asarray(slots, jnp.bool_)
+        z = jnp.einsum("btd,rd->btr", h.astype(jnp.float32) - self.mu, self.P, precision=_HI)
+        cs = jnp.cumsum(jnp.where(slots[..., None], z, 0.0), axis=1)  # [B,T,R]
+        first = jnp.argmax(slots, axis=1).astype(jnp.int32)  # [B]
+        count = jnp.sum(slots, axis=1, dtype=jnp.int32)  # [B]
+        n = jnp.clip(jnp.minimum(self.n_slots[None, :], count[:, None]), 1, None)  # [B,C]
+        end = jnp.clip(first[:, None] + n - 1, 0, h.shape[1] - 1)
+        m = jnp.take_along_axis(cs, end[..., None], axis=1)  # [B,C,R]; the mean's direction
+        cos = jnp.sum(m * self.K[None], axis=-1) / jnp.maximum(jnp.linalg.norm(m, axis=-1), 1e-30)
+        ok = active[None, :] & (self.n_slots[None, :] > 0) & (count[:, None] > 0)
+        return jnp.max(jnp.where(ok, cos, -jnp.inf), axis=-1)
+
     def fires(self, h: jax.Array, active: jax.Array) -> jax.Array:
-        """g(h) as bool: h [..., D] -> [...] (all True when the gate is off)."""
-        return jnp.logical_or(jnp.logical_not(self.on), self.score(h, active) > self.tau)
+        """g as bool: h [..., D] -> [...] (token gate OR latch; all True when the gate is off). With a
+        latch, h must be the [B,T,D] batch the latch was primed for."""
+        g = self.score(h, active) > self.tau
+        if self.latch is not None:
+            g = jnp.logical_or(g, self.latch)
+        return jnp.logical_or(jnp.logical_not(self.on), g)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -171,6 +205,28 @@ class EditMemory:
         if self.gate is None:
             return jnp.ones(h.shape[:-1], jnp.bool_)
         return self.gate.fires(h, self.active)
+
+    @property
+    def latches(self) -> bool:
+        """Whether this memory has a sequence latch to prime (a gate with n_slots; structure)."""
+        return self.gate is not None and self.gate.n_slots is not None
+
+    def with_latch(self, h: jax.Array, slots: jax.Array) -> "EditMemory":
+        """This memory with the sequence latch of a probe set (see `Gate`): h [B,T,D] residuals at
+        the edit's coordinate of the prompts with every answer slot masked, slots [B,T] bool (those
+        slots) -> a memory whose gate also fires on the slots of every row whose sequence score
+        exceeds tau_seq. Ungated memories come back unchanged. Called by `model.prime_edit`."""
+        if self.gate is None or self.gate.n_slots is None:
+            return self
+        slots = jnp.asarray(slots, jnp.bool_)
+        row = self.gate.sequence_score(h, slots, self.active) > self.gate.tau_seq
+        return dataclasses.replace(self, gate=dataclasses.replace(self.gate, latch=row[:, None] & slots))
+
+    def tile_latch(self, m: int) -> "EditMemory":
+        """The latch [B,T] repeated m times along the batch (row j * B + b), for batched MC samples."""
+        if self.gate is None or self.gate.latch is None or m == 1:
+            return self
+        return dataclasses.replace(self, gate=dataclasses.replace(self.gate, latch=jnp.tile(self.gate.latch, (m, 1))))
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -324,21 +380,34 @@ def whiten_keys(keys, mu, P) -> np.ndarray:
     return (z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-30)).astype(np.float32)
 
 
-def make_gate(K, mu, P, tau: float, on: bool = True) -> Gate:
-    """A `Gate` from whitened keys K [C,R] (`whiten_keys`, zero rows for free slots), mu, P."""
+def make_gate(K, mu, P, tau: float, on: bool = True, n_slots=None, tau_seq: float = np.inf) -> Gate:
+    """A `Gate` from whitened keys K [C,R] (`whiten_keys`, zero rows for free slots), mu, P;
+    n_slots [C] int (None: zeros, i.e. no fact latches) and tau_seq (+inf: the latch never fires)."""
     if not np.isfinite(tau):
         raise ValueError(f"gate threshold tau must be finite, got {tau}")
+    if np.isnan(tau_seq):
+        raise ValueError("gate sequence threshold tau_seq must not be NaN")
+    C = np.shape(K)[0]
+    ns = np.zeros(C, np.int32) if n_slots is None else np.asarray(n_slots)
+    if ns.shape != (C,) or (ns.size and (ns.min() < 0 or np.any(ns != np.round(ns)))):
+        raise ValueError(f"gate n_slots must be {C} integers >= 0, got shape {ns.shape}")
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    return Gate(f32(K), f32(mu), f32(P), f32(tau), jnp.asarray(bool(on)))
+    return Gate(f32(K), f32(mu), f32(P), f32(tau), jnp.asarray(bool(on)), jnp.asarray(ns, jnp.int32),
+                f32(tau_seq))
 
 
-def with_gate(mem: EditMemory, tau: Optional[float] = None, on: Optional[bool] = None) -> EditMemory:
-    """The same memory with another threshold and/or the gate switched on/off (data: no recompile)."""
+def with_gate(mem: EditMemory, tau: Optional[float] = None, on: Optional[bool] = None,
+              tau_seq: Optional[float] = None) -> EditMemory:
+    """The same memory with another threshold, sequence threshold (+inf: no latch) and/or the gate
+    switched on/off (data: no recompile)."""
     if mem.gate is None:
         raise ValueError("with_gate: this memory has no gate (build it with gate_keys=...)")
     g = mem.gate
+    if tau_seq is not None and g.n_slots is None:
+        raise ValueError("with_gate: this gate has no n_slots, so no sequence latch")
     g = dataclasses.replace(g, tau=g.tau if tau is None else jnp.asarray(tau, jnp.float32),
-                            on=g.on if on is None else jnp.asarray(bool(on)))
+                            on=g.on if on is None else jnp.asarray(bool(on)),
+                            tau_seq=g.tau_seq if tau_seq is None else jnp.asarray(tau_seq, jnp.float32))
     return dataclasses.replace(mem, gate=g)
 
 
@@ -356,6 +425,35 @@ def gate_scores(mem: EditMemory, h, chunk: int = 8192) -> np.ndarray:
                            for i in range(0, h.shape[0], chunk)]) if h.shape[0] else np.zeros(0, np.float32)
 
 
+@jax.jit
+def _seq_scores(gate: Gate, active, h, slots):
+    return gate.sequence_score(h, slots, active)
+
+
+def sequence_scores(mem: EditMemory, h, slots, chunk: int = 64) -> np.ndarray:
+    """Sequence-latch score of probe rows: h [N,T,D] residuals of prompts with the answer fully
+    masked, slots [N,T] bool (the masked answer slots) -> [N] f32 (`Gate.sequence_score`)."""
+    if mem.gate is None or mem.gate.n_slots is None:
+        raise ValueError("sequence_scores: this memory has no gate with n_slots")
+    h, slots = np.asarray(h, np.float32), np.asarray(slots, bool)
+    if h.ndim != 3 or slots.shape != h.shape[:2] or h.shape[2] != mem.d_model:
+        raise ValueError(f"sequence_scores: h must be [N,T,{mem.d_model}] and slots [N,T]; got "
+                         f"{h.shape} and {slots.shape}")
+    return np.concatenate([np.asarray(_seq_scores(mem.gate, mem.active, jnp.asarray(h[i:i + chunk]),
+                                                  jnp.asarray(slots[i:i + chunk])))
+                           for i in range(0, h.shape[0], chunk)]) if h.shape[0] else np.zeros(0, np.float32)
+
+
+def calibrate_tau_seq(mem: EditMemory, h, slots, percentile: float = 100.0, margin: float = 0.02) -> float:
+    """Sequence threshold: the `percentile` of held-out retain probe rows' sequence scores (h [N,T,D],
+    slots [N,T], as `sequence_scores`) plus `margin`, so (at 100) no held-out row latches."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"calibrate_tau_seq: percentile must be in (0, 100], got {percentile}")
+    s = sequence_scores(mem, h, slots)
+    s = s[np.isfinite(s)]
+    return float(np.percentile(s, percentile) + margin) if s.size else float(np.inf)
+
+
 def calibrate_tau(mem: EditMemory, h, percentile: float = 99.9) -> float:
     """The threshold that `percentile` % of held-out retain residuals h [N,D] score at or below."""
     if not 0 < percentile <= 100:
@@ -367,14 +465,15 @@ def calibrate_tau(mem: EditMemory, h, percentile: float = 99.9) -> float:
 # build / empty / insert / remove
 # --------------------------------------------------------------------------------------------
 
-def _gate_for(K, whitening, tau, gate_on) -> Gate:
+def _gate_for(K, whitening, tau, gate_on, n_slots=None) -> Gate:
     mu, P = whitening
-    return make_gate(K, mu, P, tau, gate_on)
+    return make_gate(K, mu, P, tau, gate_on, n_slots=n_slots)
 
 
 def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Union[int, str],
           step: int = -1, capacity: Optional[int] = None, fingerprint: str = "", gate_keys=None,
-          whitening: Optional[tuple] = None, tau: float = 0.5, gate_on: bool = True) -> EditMemory:
+          whitening: Optional[tuple] = None, tau: float = 0.5, gate_on: bool = True,
+          gate_n_slots=None) -> EditMemory:
     """Eq. 11: an `EditMemory` from captured keys and values.
 
     u, v_o, v_t [N,D] (Eqs. 6-8); D = v_t - v_o (Eq. 9). Facts fill slots 0..N-1 of a memory of
@@ -382,6 +481,8 @@ def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Uni
     q the TopQ sparsity (0 = dense), (layer, module, step) the coordinate (step -1 = every step).
     gate_keys [N,D] (raw slot keys, `capture.capture_slot_keys`) with whitening = (mu [D], P [R,D])
     (`fit_whitening`) give a gated memory with threshold tau (`calibrate_tau`); None: Eq. 12.
+    gate_n_slots [N] int: the answer slots each gate key was averaged over (the sequence latch's
+    span; None: no fact latches); the latch threshold starts at +inf (`calibrate_tau_seq`).
     """
     _check_hparams(lam, alpha, q)
     u = _as_rows(u, "u")
@@ -410,7 +511,13 @@ def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Uni
         Kw = whiten_keys(k, *whitening)
         K = np.zeros((cap, Kw.shape[1]), np.float32)
         K[:n] = Kw
-        gate = _gate_for(K, whitening, tau, gate_on)
+        ns = np.zeros(cap, np.int32)
+        if gate_n_slots is not None:
+            g_ns = np.asarray(gate_n_slots).reshape(-1)
+            if g_ns.shape != (n,):
+                raise ValueError(f"build: {g_ns.shape[0]} gate_n_slots for {n} facts")
+            ns[:n] = g_ns
+        gate = _gate_for(K, whitening, tau, gate_on, ns)
     return _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint, gate)
 
 
@@ -431,23 +538,35 @@ def empty(d_model: int, capacity: int, lam: float, alpha: float, q: int, layer: 
 
 def _host(mem: EditMemory):
     K = None if mem.gate is None else np.array(mem.gate.K, np.float32)
-    return (np.array(mem.U, np.float32), np.array(mem.Dm, np.float32), np.array(mem.active, bool), K)
+    ns = None
+    if mem.gate is not None:
+        ns = (np.zeros(K.shape[0], np.int32) if mem.gate.n_slots is None
+              else np.array(mem.gate.n_slots, np.int32))
+    return (np.array(mem.U, np.float32), np.array(mem.Dm, np.float32), np.array(mem.active, bool), K, ns)
 
 
-def _rebuild(mem: EditMemory, U, Dm, active, K) -> EditMemory:
-    gate = None if mem.gate is None else dataclasses.replace(mem.gate, K=jnp.asarray(K))
+def _rebuild(mem: EditMemory, U, Dm, active, K, ns=None) -> EditMemory:
+    gate = None
+    if mem.gate is not None:
+        tau_seq = mem.gate.tau_seq if mem.gate.tau_seq is not None else jnp.asarray(np.inf, jnp.float32)
+        gate = dataclasses.replace(mem.gate, K=jnp.asarray(K), n_slots=jnp.asarray(ns, jnp.int32),
+                                   tau_seq=tau_seq, latch=None)
     return _assemble(U, Dm, active, float(mem.lam), float(mem.alpha), int(mem.q), int(mem.layer),
                      mem.module, int(mem.step), mem.fingerprint, gate)
 
 
-def insert(mem: EditMemory, u, d, gate_key=None) -> EditMemory:
+def insert(mem: EditMemory, u, d, gate_key=None, n_slots=None) -> EditMemory:
     """Stream facts in: u, d [D] (one fact) or [k,D]; gate_key (same shape, raw slot keys) is
-    required for a gated memory and whitened with the memory's own (mu, P). Each fact goes to the
+    required for a gated memory and whitened with the memory's own (mu, P); n_slots (int or [k])
+    the answer slots each key was averaged over (None: these facts never latch). Each fact goes to the
     lowest free slot; when the memory is full its capacity doubles (a new shape, so the next
     forward compiles again). G is recomputed from all active rows, so the result equals `build`
     on the same slots."""
-    U, Dm, active, K = _host(mem)
+    U, Dm, active, K, ns = _host(mem)
     u, d = _as_rows(u, "u", mem.d_model), _as_rows(d, "d", mem.d_model)
+    new_ns = np.zeros(u.shape[0], np.int32) if n_slots is None else np.asarray(n_slots, np.int32).reshape(-1)
+    if new_ns.shape != (u.shape[0],) or np.any(new_ns < 0):
+        raise ValueError(f"insert: n_slots must be {u.shape[0]} integers >= 0, got {n_slots!r}")
     if u.shape != d.shape:
         raise ValueError(f"insert: u {u.shape} and d {d.shape} must have one shape")
     if (mem.gate is None) != (gate_key is None):
@@ -468,17 +587,18 @@ def insert(mem: EditMemory, u, d, gate_key=None) -> EditMemory:
         active = np.concatenate([active, np.zeros(grow, bool)])
         if K is not None:
             K = np.concatenate([K, np.zeros((grow, K.shape[1]), np.float32)])
+            ns = np.concatenate([ns, np.zeros(grow, np.int32)])
     slots = np.flatnonzero(~active)[: u.shape[0]]
     U[slots], Dm[slots], active[slots] = u, d, True
     if K is not None:
-        K[slots] = kw
-    return _rebuild(mem, U, Dm, active, K)
+        K[slots], ns[slots] = kw, new_ns
+    return _rebuild(mem, U, Dm, active, K, ns)
 
 
 def remove(mem: EditMemory, index: Union[int, Sequence[int]]) -> EditMemory:
     """Remove the fact(s) in slot(s) `index` exactly: rows (and gate keys) zeroed, marked
     inactive, G recomputed from the remaining active rows (capacity unchanged)."""
-    U, Dm, active, K = _host(mem)
+    U, Dm, active, K, ns = _host(mem)
     idx = np.atleast_1d(np.asarray(index))
     if idx.dtype.kind not in "iu":
         raise ValueError(f"remove: slot indices must be integers, got {index!r}")
@@ -488,8 +608,8 @@ def remove(mem: EditMemory, index: Union[int, Sequence[int]]) -> EditMemory:
                          f"(capacity {U.shape[0]}, active slots {np.flatnonzero(active).tolist()})")
     U[idx], Dm[idx], active[idx] = 0.0, 0.0, False
     if K is not None:
-        K[idx] = 0.0
-    return _rebuild(mem, U, Dm, active, K)
+        K[idx], ns[idx] = 0.0, 0
+    return _rebuild(mem, U, Dm, active, K, ns)
 
 
 def n_facts(mem: EditMemory) -> int:

@@ -19,8 +19,10 @@ from timerome_jax.io import atomic_path
 from timerome_jax.method.memory import EditMemory, from_arrays, make_gate, n_facts
 
 FORMAT_NAME = "timerome-edit-memory"
-FORMAT_VERSION = 2  # 2: optional gate (arrays gate_K, gate_mu, gate_P; header "gate")
-READ_VERSIONS = (1, 2)  # version-1 files (no gate) still load, as ungated memories
+# 2: optional gate (arrays gate_K, gate_mu, gate_P; header "gate");
+# 3: the gate's sequence latch (array gate_n_slots; header gate.tau_seq, null = never latches)
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)  # version-1 files load as ungated memories, version-2 gates without a latch
 
 
 class MemoryFileError(ValueError):
@@ -36,7 +38,8 @@ class CoordinateMismatchError(ValueError):
 
 
 _ARRAYS = ("U", "Dm", "G", "active")
-_GATE_ARRAYS = ("gate_K", "gate_mu", "gate_P")
+_GATE_ARRAYS_V2 = ("gate_K", "gate_mu", "gate_P")
+_GATE_ARRAYS = _GATE_ARRAYS_V2 + ("gate_n_slots",)
 _RESERVED = ("format", "format_version", "fingerprint", "layer", "module", "step", "alpha", "q",
              "lam", "capacity", "d_model", "n_facts", "sha256")
 _RESERVED_V2 = _RESERVED + ("gate",)
@@ -54,9 +57,10 @@ def _digest(arrays: dict) -> str:
 def save(mem: EditMemory, path: Union[str, os.PathLike], meta: Optional[dict] = None) -> None:
     """Write `mem` to one .npz file, atomically (temp file in the same folder, then os.replace).
 
-    The file holds U, Dm, G, active (and gate_K, gate_mu, gate_P for a gated memory) and a JSON
-    header (entry "meta"): format name and version, fingerprint, layer, module name, step, alpha,
-    q, lam, capacity, d_model, n_facts, gate ({"tau", "on"} or null), a sha256 of the arrays, and
+    The file holds U, Dm, G, active (and gate_K, gate_mu, gate_P, gate_n_slots for a gated memory)
+    and a JSON header (entry "meta"): format name and version, fingerprint, layer, module name, step,
+    alpha, q, lam, capacity, d_model, n_facts, gate ({"tau", "on", "tau_seq"} or null; tau_seq null
+    = the latch never fires), a sha256 of the arrays, and
     the caller's `meta` (e.g. target_text, fact_ids; JSON-serialisable, keys must
     not clash with the reserved ones above).
     """
@@ -65,8 +69,14 @@ def save(mem: EditMemory, path: Union[str, os.PathLike], meta: Optional[dict] = 
               "G": np.asarray(mem.G, np.float32), "active": np.asarray(mem.active, bool)}
     if mem.gate is not None:
         arrays.update(gate_K=np.asarray(mem.gate.K, np.float32), gate_mu=np.asarray(mem.gate.mu, np.float32),
-                      gate_P=np.asarray(mem.gate.P, np.float32))
-    gate = None if mem.gate is None else {"tau": float(mem.gate.tau), "on": bool(mem.gate.on)}
+                      gate_P=np.asarray(mem.gate.P, np.float32),
+                      gate_n_slots=(np.zeros(mem.capacity, np.int32) if mem.gate.n_slots is None
+                                    else np.asarray(mem.gate.n_slots, np.int32)))
+    gate = None
+    if mem.gate is not None:
+        ts = np.inf if mem.gate.tau_seq is None else float(mem.gate.tau_seq)
+        gate = {"tau": float(mem.gate.tau), "on": bool(mem.gate.on),
+                "tau_seq": None if not np.isfinite(ts) else ts}
     user = dict(meta or {})
     clash = sorted(set(user) & set(_RESERVED_V2))
     if clash:
@@ -135,7 +145,8 @@ def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None
     C, D = header["capacity"], header["d_model"]
     gate_h = header.get("gate")
     has_gate = [k for k in _GATE_ARRAYS if k in arrays]
-    if (gate_h is None and has_gate) or (gate_h is not None and len(has_gate) != len(_GATE_ARRAYS)):
+    need = _GATE_ARRAYS if version >= 3 else _GATE_ARRAYS_V2
+    if (gate_h is None and has_gate) or (gate_h is not None and sorted(has_gate) != sorted(need)):
         raise MemoryFileError(f"{path}: header gate {gate_h!r} and gate arrays {has_gate} disagree")
     if gate_h is not None and not (isinstance(gate_h, dict) and {"tau", "on"} <= set(gate_h)):
         raise MemoryFileError(f"{path}: header field gate must be {{'tau', 'on'}} or null, got {gate_h!r}")
@@ -143,6 +154,8 @@ def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None
     if gate_h is not None:
         R = arrays["gate_P"].shape[0] if arrays["gate_P"].ndim == 2 else -1
         want.update(gate_K=(C, R), gate_mu=(D,), gate_P=(R, D))
+        if version >= 3:
+            want["gate_n_slots"] = (C,)
     for k, shp in want.items():
         if arrays[k].shape != shp:
             raise MemoryFileError(f"{path}: entry {k} has shape {arrays[k].shape}, header says {shp}")
@@ -158,7 +171,12 @@ def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None
                                           f"{fmt(have)}, expected {fmt(want_c)}")
     gate = None
     if gate_h is not None:
-        gate = make_gate(arrays["gate_K"], arrays["gate_mu"], arrays["gate_P"], gate_h["tau"], gate_h["on"])
+        ts = gate_h.get("tau_seq")
+        try:
+            gate = make_gate(arrays["gate_K"], arrays["gate_mu"], arrays["gate_P"], gate_h["tau"], gate_h["on"],
+                             n_slots=arrays.get("gate_n_slots"), tau_seq=np.inf if ts is None else float(ts))
+        except (ValueError, TypeError) as e:
+            raise MemoryFileError(f"{path}: bad gate fields ({e})") from None
     mem = from_arrays(arrays["U"], arrays["Dm"], arrays["G"], arrays["active"], header["lam"],
                       header["alpha"], header["q"], header["layer"], module_id(header["module"]),
                       header["step"], header["fingerprint"], gate)
