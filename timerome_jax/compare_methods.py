@@ -233,7 +233,7 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
         slowest = max(slowest, time.perf_counter() - t_method)
     if rows is None:  # everything came from the resumed file or was skipped
         rows = _write(out, specs, results, info, full, ccfg, time.perf_counter() - t_all)
-    if skipped and progress:
+    if skipped:
         print(f"[compare] budget {budget_s:.0f} s reached; not run: {', '.join(skipped)} (rerun to resume)", flush=True)
     return {"rows": rows, "info": info, "files": _files(out), "total_s": time.perf_counter() - t_all,
             "skipped": skipped}
