@@ -175,8 +175,9 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
     retain_tr: the retain model's forget TRs for Forget Quality (see `evaluate`; None = no FQ).
     resume: reuse the methods already in <out_dir>/compare.json when it was written with the same
     evaluation protocol (split, seeds, n_mc, limit, batch size, metrics, MU settings, anchors).
-    budget_s: start no method when the time so far plus 1.2x the slowest method so far would pass
-    it; the methods left are listed under "skipped" in the result (a rerun with resume continues).
+    budget_s: start no method (after the first one this call runs) when the time so far plus 1.2x
+    the slowest method so far would pass it; the methods left are listed under "skipped" in the
+    result (a rerun with resume continues).
     Returns {"rows": compare rows, "info": {method: costs}, "files": {...}}."""
     specs = list(dict.fromkeys(method_specs))
     if "no_edit" not in specs:
@@ -199,7 +200,7 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
             if "mu" in full[spec]:
                 results[spec].update(_per_seed(full[spec]["mu"]))
             continue
-        if budget_s is not None and time.perf_counter() - t_all + 1.2 * slowest > budget_s:
+        if budget_s is not None and slowest > 0 and time.perf_counter() - t_all + 1.2 * slowest > budget_s:
             skipped.append(spec)
             continue
         t_method = time.perf_counter()
