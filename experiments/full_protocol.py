@@ -4,7 +4,10 @@ forget01 / forget05 / forget10, in one command (sized for one GPU; docs/tofu_pro
     python experiments/full_protocol.py --out results/full_protocol
 
 Per split: the reference trained on the split's retain set (`tofu.models.retain_model_for`:
-forget01 -> retain99, forget05 -> retain95, forget10 -> retain90) is evaluated first, with every
+forget01 -> retain99, forget05 -> retain95, forget10 -> retain90; or the folder given with
+`--reference forget05=PATH`, checked against the retain set recorded in its
+`timerome_reference.json`: a mismatch is an error unless --reference-override, which the summary
+records) is evaluated first, with every
 metric; its per-row forget truth ratios are the FQ reference of the target, evaluated next. A
 split without a packaged reference is still evaluated, with FQ None and the reason recorded.
 Protocol (`tofu.protocol.FULL`): every row, n_mc 16, seeds 0-4, greedy generation of TOFU's 200
@@ -18,7 +21,9 @@ Writes into --out:
                                   folder into timerome_jax/assets/<folder>/ to ship them)
   summary.json / summary.md       every number of the run, and the settings
 and prints summary.json (also rewritten after every split). --budget-s: an evaluation is not
-started when the time so far plus 1.3x the previous evaluation's would pass it (recorded as skipped).
+started when the time so far plus 1.3x the previous evaluation's would pass it (recorded as skipped);
+a SIGINT or SIGTERM (e.g. `timeout -s INT 560 python ...`) stops the evaluation in flight and still
+writes the summary of what finished.
 --limit/--n-mc/--seeds/--gen-length shrink it for a smoke test (recorded as overrides).
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +47,7 @@ from timerome_jax.tofu import data as tofu  # noqa: E402
 from timerome_jax.tofu import evaluate as ev  # noqa: E402
 from timerome_jax.tofu.models import DEFAULT_MODEL  # noqa: E402
 from timerome_jax.tofu.protocol import FULL, protocol_notes, resolve_gen_length, sampler_for  # noqa: E402
+from timerome_jax.tofu.models import ReferenceMismatchError  # noqa: E402
 from timerome_jax.tofu.reference import resolve_reference, retain_tr_cache_path  # noqa: E402
 from timerome_jax.tofu.report import compare, format_number, write_report  # noqa: E402
 from timerome_jax.tofu.truth_ratios import forget_tr_by_index  # noqa: E402
@@ -101,12 +108,42 @@ def write_summary(out: Path, summary: dict, t_start: float) -> None:
                "geometric-mean TR over seeds) and the per-seed p-values\n\n" + markdown_summary(summary))
 
 
+def parse_references(items) -> dict:
+    """["forget05=PATH", ...] -> {split: PATH}; a clear error for a bad split, a repeated split or a
+    folder that does not exist."""
+    refs = {}
+    for item in items or []:
+        split, sep, path = item.partition("=")
+        if not sep or split not in tofu.FORGET_SPLITS:
+            raise SystemExit(f"--reference {item!r}: expected SPLIT=FOLDER with SPLIT one of {tofu.FORGET_SPLITS}")
+        if split in refs:
+            raise SystemExit(f"--reference: {split} given twice")
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"--reference {item!r}: {path} is not a model folder (no config.json)")
+        refs[split] = path
+    return refs
+
+
+class Stop(Exception):
+    """SIGTERM (or SIGINT) received: stop the evaluation in flight, keep what finished."""
+
+
+def _stop(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/full_protocol")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="the evaluated target (default: packaged)")
     ap.add_argument("--splits", nargs="+", default=list(tofu.FORGET_SPLITS), choices=tofu.FORGET_SPLITS)
     ap.add_argument("--no-references", action="store_true", help="evaluate the target only (FQ None)")
+    ap.add_argument("--reference", action="append", default=[], metavar="SPLIT=FOLDER",
+                    help="the FQ reference of SPLIT (repeatable; default: the packaged one); its recorded "
+                         "retain set (timerome_reference.json) must match SPLIT's unless --reference-override")
+    ap.add_argument("--reference-override", action="store_true",
+                    help="accept a --reference not recorded as trained on the split's retain set (the summary "
+                         "records reference_override: true)")
     ap.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
     ap.add_argument("--attn-impl", default="xla", choices=("xla", "cudnn"))
     ap.add_argument("--batch-size", type=int, default=64, help="ELBO batch (x n_mc sequences per forward)")
@@ -119,6 +156,16 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
+    explicit = parse_references(a.reference)
+    if explicit and a.no_references:
+        raise SystemExit("--reference and --no-references exclude each other")
+    try:  # check every explicit reference before any work
+        chosen = {s: resolve_reference(s, explicit.get(s, "auto"), a.reference_override) for s in a.splits}
+    except ReferenceMismatchError as e:
+        raise SystemExit(f"error: {e}") from None
+    for s in explicit:
+        if s not in a.splits:
+            raise SystemExit(f"--reference {s}=...: {s} is not among --splits {a.splits}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = [k for k in ("limit", "n_mc", "seeds", "gen_length") if getattr(a, k) is not None]
@@ -159,40 +206,47 @@ def main(argv=None):
         last[0] = time.perf_counter() - t0
         return res, last[0]
 
-    for split in a.splits:
-        entry = summary["splits"][split] = {}
-        ref = resolve_reference(split) if not a.no_references else \
-            {"model": None, "message": "--no-references", "reference_override": False}
-        entry["reference_choice"] = ref
-        results, retain_tr = {}, None
-        if ref["model"] is not None:
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        for split in a.splits:
+            entry = summary["splits"][split] = {}
+            ref = chosen[split] if not a.no_references else \
+                {"model": None, "message": "--no-references", "reference_override": False}
+            ref["explicit"] = split in explicit
+            entry["reference_choice"] = ref
+            results, retain_tr = {}, None
+            if ref["model"] is not None:
+                if over_budget():
+                    entry["reference"] = {"model": ref["model"], "skipped": "budget"}
+                else:
+                    rres, secs = run(ref["model"], split, None, f"{split}_reference",
+                                     {"reference_of": split, "trained_on": ref["retain_split"]})
+                    retain_tr = forget_tr_by_index(rres)
+                    folder = Path(ref["model"]).name
+                    tr_path = out / "references" / folder / "reference" / retain_tr_cache_path(".", split, n_mc).name
+                    write_json(tr_path, {"kind": "timerome_retain_forget_tr", "model": ref["model"] if ref["explicit"] else f"packaged:{folder}",
+                                         "split": split, "n_mc": n_mc, "estimator": "auto", "limit": limit,
+                                         "row_selection": rres["row_selection"], "retain_split": ref["retain_split"],
+                                         "by_seed": retain_tr})
+                    entry["reference"] = {"model": ref["model"], "trained_on": ref["retain_split"], "seconds": secs,
+                                          "metrics": summarise(rres), "tr_file": str(tr_path)}
+                    results[f"reference ({ref['retain_split']})"] = rres
             if over_budget():
-                entry["reference"] = {"model": ref["model"], "skipped": "budget"}
-            else:
-                rres, secs = run(ref["model"], split, None, f"{split}_reference",
-                                 {"reference_of": split, "trained_on": ref["retain_split"]})
-                retain_tr = forget_tr_by_index(rres)
-                folder = Path(ref["model"]).name
-                tr_path = out / "references" / folder / "reference" / retain_tr_cache_path(".", split, n_mc).name
-                write_json(tr_path, {"kind": "timerome_retain_forget_tr", "model": f"packaged:{folder}",
-                                     "split": split, "n_mc": n_mc, "estimator": "auto", "limit": limit,
-                                     "row_selection": rres["row_selection"], "retain_split": ref["retain_split"],
-                                     "by_seed": retain_tr})
-                entry["reference"] = {"model": ref["model"], "trained_on": ref["retain_split"], "seconds": secs,
-                                      "metrics": summarise(rres), "tr_file": str(tr_path)}
-                results[f"reference ({ref['retain_split']})"] = rres
-        if over_budget():
-            entry["target"] = {"model": a.model, "skipped": "budget"}
-            continue
-        tres, secs = run(a.model, split, retain_tr, f"{split}_target",
-                         {"reference": ref, "reference_override": False})
-        entry["target"] = {"model": a.model, "trained_on": "full", "seconds": secs, "metrics": summarise(tres)}
-        results = {"target": tres, **results}
-        write_report(compare(results, reference="target"), out, split, reference="target",
-                     notes=protocol_notes(tres))
-        write_summary(out, summary, t_start)  # after every split: a run stopped later keeps these
-        print(f"[full_protocol] {split}: target {secs:.0f} s, FQ pooled "
-              f"{format_number(entry['target']['metrics'].get('forget_quality_pooled'))}", flush=True)
+                entry["target"] = {"model": a.model, "skipped": "budget"}
+                continue
+            tres, secs = run(a.model, split, retain_tr, f"{split}_target",
+                             {"reference": ref, "reference_override": bool(ref.get("reference_override"))})
+            entry["target"] = {"model": a.model, "trained_on": "full", "seconds": secs, "metrics": summarise(tres)}
+            results = {"target": tres, **results}
+            write_report(compare(results, reference="target"), out, split, reference="target",
+                         notes=protocol_notes(tres))
+            write_summary(out, summary, t_start)  # after every split: a run stopped later keeps these
+            print(f"[full_protocol] {split}: target {secs:.0f} s, FQ pooled "
+                  f"{format_number(entry['target']['metrics'].get('forget_quality_pooled'))}", flush=True)
+    except Stop as e:  # whatever finished is on disk; say where it stopped
+        summary["stopped"] = {"signal": str(e), "at_s": round(time.perf_counter() - t_start, 1)}
+        print(f"[full_protocol] stopped by {e}; writing the summary of what finished", flush=True)
     write_summary(out, summary, t_start)
     print(json.dumps(summary, indent=1, default=str))
     return summary

@@ -77,7 +77,12 @@ def main(argv=None):
         dest = Path(a.out) / FOLDER[name]
         hf.save_pretrained(params, cfg, str(dest), tokenizer=tok, dtype=a.dtype)
         if name.startswith("retain"):
-            write_reference_info(dest, name, recipe="experiments/train_suite.py", run=str(run))
+            rep = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else {}
+            args, m = rep.get("args", {}), rep.get("models", {}).get(name, {})
+            write_reference_info(dest, name, recipe="experiments/train_suite.py", run=str(run),
+                                 train_recipe=args.get("recipe"), init=args.get("init"), steps=m.get("steps"),
+                                 n_aug=args.get("n_aug"), retain_paraphrases=not args.get("no_retain_paraphrases"),
+                                 device=rep.get("device"))
         back, cfg2, _ = hf.load_pretrained(str(dest), dtype="float32")
         np_dt = np.float32 if a.dtype == "float32" else ml_dtypes.bfloat16
         stored = jax.tree.map(lambda x: np.asarray(x).astype(np_dt).astype(np.float32), params)

@@ -43,6 +43,7 @@ from tokenizers import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
+from timerome_jax.backbone import hf_weights as hf  # noqa: E402
 from timerome_jax.backbone.config import ModelConfig  # noqa: E402
 from timerome_jax.backbone.model import init_params  # noqa: E402
 from timerome_jax.io import atomic_path, write_json  # noqa: E402
@@ -50,8 +51,18 @@ from train_default import encode_split, make_train_chunk, mc_answer_logprob, rea
 
 GROUPS = {  # group -> [(model name, training split)]
     "llada": [("target", "full"), ("retain99", "retain99"), ("retain95", "retain95"), ("retain90", "retain90")],
+    "refs": [("retain95", "retain95"), ("retain90", "retain90")],
     "dream": [("target_dream", "full")],
     "moe": [("target_moe", "full")],
+}
+FAMILY = {"llada": "llada", "refs": "llada", "dream": "dream", "moe": "moe"}  # group -> model layout
+# train_default.py's recipe, stage by stage (docs/packaged_models.md; experiments/runs/default_v*/report.json):
+# no augmentation, no paraphrases, warm-up + cosine to 1 %, chunks of 250 steps. `--recipe default-sN`
+# sets these (and --n-aug 0 --no-retain-paraphrases) so that references match the packaged target.
+RECIPES = {
+    "default-s1": dict(steps=6750, batch=128, lr=2e-3, warmup=300, seed=0, chunk=250, compute_dtype="float32"),
+    "default-s2": dict(steps=5750, batch=256, lr=1.5e-3, warmup=200, seed=1, chunk=250, compute_dtype="bfloat16"),
+    "default-s3": dict(steps=4500, batch=256, lr=6e-4, warmup=200, seed=2, chunk=250, compute_dtype="bfloat16"),
 }
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -130,6 +141,7 @@ def model_config(family: str, vocab: int, mask_id: int, eos_id: int, tiny: bool)
     base = dict(vocab_size=vocab, d_model=D, n_layers=L, n_heads=H, n_kv_heads=H, head_dim=D // H, d_ff=ff,
                 rope_theta=10000.0, mask_token_id=mask_id, pad_token_id=eos_id, eos_token_id=eos_id,
                 max_seq_len=256)
+    family = FAMILY.get(family, family)
     if family == "llada":
         return ModelConfig(family="llada", **base)
     if family == "dream":  # Qwen2 block: qkv bias, GQA (2 query heads per kv head), shifted logits
@@ -174,19 +186,61 @@ def npz_config(z) -> ModelConfig:
     return ModelConfig(**json.loads(str(z["__config__"])))
 
 
-def load_stacked(init_dir: Path, names, cfg, like):
-    """Stack <init_dir>/<name>.npz (raw params of an earlier run) on a model axis, shaped like `like`."""
+def parse_init(spec: str) -> dict:
+    """--init value -> {model name or "*": folder}. Comma list of `NAME=FOLDER` or one bare FOLDER
+    (used for every model of the group)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, folder = item.partition("=")
+        out[name if sep else "*"] = folder if sep else name
+    return out
+
+
+def _norm_cfg(c: ModelConfig) -> ModelConfig:
+    """Fields that do not change the weights (storage/compute dtype, attention kernel, context cap)."""
+    return c.replace(max_seq_len=0, dtype="float32", attn_impl="xla", layer_unroll=1)
+
+
+def load_init_model(folder: Path, name: str, cfg: ModelConfig) -> dict:
+    """{keystr(path): float32 array} of model `name` from `folder`: its <name>.npz (a train_suite
+    --out folder) or, failing that, a packaged HF folder (config.json + *.safetensors, any storage
+    dtype, e.g. timerome_jax/assets/tofu_target_dream), whose config must match `cfg`."""
+    f = folder / f"{name}.npz"
+    if f.exists():
+        z = np.load(f)
+        if _norm_cfg(npz_config(z)) != _norm_cfg(cfg):
+            raise SystemExit(f"--init: the config stored in {f} differs from this run's config for {name!r}")
+        return {k: np.asarray(z[k], np.float32) for k in z.files if k != "__config__"}
+    if (folder / "config.json").is_file():
+        params, cfg2, _ = hf.load_pretrained(str(folder), dtype="float32")
+        if _norm_cfg(cfg2) != _norm_cfg(cfg):
+            raise SystemExit(f"--init: the HF config of {folder} differs from this run's config for {name!r}:\n"
+                             f"  {cfg2}\n  {cfg}")
+        return {jax.tree_util.keystr(p): np.asarray(v, np.float32)
+                for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    raise SystemExit(f"--init: {folder} has neither {name}.npz (a train_suite run) nor config.json (an HF folder)")
+
+
+def load_stacked(init: dict, names, cfg, like):
+    """Stack the init params of `names` (`parse_init` mapping; see `load_init_model`) on a model
+    axis, shaped like `like` ([M, ...] leaves)."""
     zs = []
     for n in names:
-        f = init_dir / f"{n}.npz"
-        if not f.exists():
-            raise SystemExit(f"--init: {f} does not exist (an earlier train_suite run of group with {n!r} is needed)")
-        z = np.load(f)
-        if npz_config(z) != cfg:
-            raise SystemExit(f"--init: the config stored in {f} differs from this run's config for {n!r}")
-        zs.append(z)
-    return jax.tree_util.tree_map_with_path(
-        lambda p, v: jnp.stack([jnp.asarray(z[jax.tree_util.keystr(p)]) for z in zs]).astype(v.dtype), like)
+        folder = init.get(n, init.get("*"))
+        if folder is None:
+            raise SystemExit(f"--init gives no folder for {n!r} (use NAME=FOLDER or one bare FOLDER)")
+        zs.append(load_init_model(Path(folder), n, cfg))
+
+    def leaf(p, v):
+        k = jax.tree_util.keystr(p)
+        arrs = []
+        for n, z in zip(names, zs):
+            if k not in z or z[k].shape != v.shape[1:]:
+                raise SystemExit(f"--init: {n!r} has no leaf {k} of shape {v.shape[1:]}")
+            arrs.append(z[k])
+        return jnp.asarray(np.stack(arrs)).astype(v.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, like)
 
 
 def train_group(group, cfg, data, a, key, t_end, log_f):
@@ -195,7 +249,7 @@ def train_group(group, cfg, data, a, key, t_end, log_f):
     k_init, key = jax.random.split(key)
     params = jax.vmap(lambda k: init_params(k, cfg))(jax.random.split(k_init, M))
     if a.init:  # continue an earlier stage: same trees, a fresh optimizer state and schedule
-        params = load_stacked(Path(a.init), [n for n, _ in GROUPS[group]], cfg, params)
+        params = load_stacked(parse_init(a.init), [n for n, _ in GROUPS[group]], cfg, params)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.inject_hyperparams(optax.adamw)(learning_rate=a.lr, b2=0.98, weight_decay=0.0))
     opt_state = jax.vmap(tx.init)(params)
@@ -210,11 +264,13 @@ def train_group(group, cfg, data, a, key, t_end, log_f):
 
     t0, step = time.time(), 0
     while step < steps:
-        if a.steps_fixed is None and step == 2 * a.chunk:  # chunk 1 compiled, chunk 2 timed
+        if step == 2 * a.chunk:  # chunk 1 compiled, chunk 2 timed; the budget caps --steps too
             per_chunk = time.time() - t_chunk
             fit = int((t_end - time.time()) / per_chunk) * a.chunk + step
-            steps = max(step, min(steps, fit))
-            print(f"[{group}] {per_chunk / a.chunk * 1e3:.1f} ms/step for {M} model(s) -> steps = {steps}", flush=True)
+            asked, steps = steps, max(step, min(steps, fit))
+            capped = a.steps_fixed is not None and steps < asked
+            print(f"[{group}] {per_chunk / a.chunk * 1e3:.1f} ms/step for {M} model(s) -> steps = {steps}"
+                  + (f" (--steps {asked} capped by --budget-s)" if capped else ""), flush=True)
         t_chunk = time.time()
         lr = lr_at(step)
         opt_state[1].hyperparams["learning_rate"] = jnp.full((M,), lr, jnp.float32)
@@ -264,10 +320,19 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("float32", "bfloat16"),
                     help="activation dtype during training (params and optimizer stay float32)")
-    ap.add_argument("--init", default=None, help="an earlier train_suite --out folder to continue from "
-                    "(its <model>.npz; a fresh optimizer state and LR schedule: one more stage)")
+    ap.add_argument("--init", default=None, help="continue from earlier weights (a fresh optimizer state and LR "
+                    "schedule: one more stage): an earlier train_suite --out folder (its <model>.npz) or a "
+                    "packaged HF folder (e.g. timerome_jax/assets/tofu_target_dream); one FOLDER for every "
+                    "model of the group, or a comma list NAME=FOLDER")
+    ap.add_argument("--recipe", default=None, choices=tuple(RECIPES),
+                    help="train_default.py's stage N settings (steps, batch, lr, warm-up, seed, chunk, compute "
+                         "dtype; no augmentation, no paraphrases), so that references match the packaged target; "
+                         "flags given explicitly still win (e.g. --steps for a smoke run)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and a few rows per split, for a CPU smoke run")
     a = ap.parse_args(argv)
+    if a.recipe:  # the recipe's values become the defaults; flags given explicitly still win
+        ap.set_defaults(**RECIPES[a.recipe], n_aug=0, no_retain_paraphrases=True)
+        a = ap.parse_args(argv)
     a.steps_fixed = a.steps
     if a.steps is None:
         a.steps = 10 ** 9
@@ -300,7 +365,7 @@ def main(argv=None):
     log_f = open(out / "train_log.jsonl", "w")
     key = jax.random.key(a.seed)
     for gi, g in enumerate(groups):
-        cfg = model_config(g, tok.get_vocab_size(), mask, eos, a.tiny)
+        cfg = model_config(FAMILY[g], tok.get_vocab_size(), mask, eos, a.tiny)
         data, counts = build_data(tok, data_dir, GROUPS[g], a.n_aug, a.T, eos, a.seed, not a.no_retain_paraphrases)
         remaining = a.budget_s - (time.time() - t_start)
         share = remaining * weights[g] / sum(weights[h] for h in groups[gi:])

@@ -98,3 +98,15 @@ def test_run_compare_end_to_end_on_tiny_model(tiny_llada, tmp_path):
     for f in res["files"].values():
         assert (tmp_path / f.split("/")[-1]).stat().st_size > 0
     assert res["info"]["gd:steps=2,monitor_rows=2,batch_size=2"]["train"]["steps_run"] == 2
+
+
+def test_run_compare_budget_skips_then_resume_finishes(tiny_llada, tmp_path):
+    from timerome_jax.compare_methods import CompareConfig, run_compare
+
+    params, cfg, tok = tiny_llada
+    ccfg = CompareConfig(seeds=(0,), n_mc=1, limit=2, batch_size=4, metrics=("forget_lp",), mu=False, n_retain=8)
+    res = run_compare(params, cfg, tok, ["act_steer", "random_layer"], tmp_path, ccfg, progress=False, budget_s=1e-3)
+    assert res["skipped"] == ["act_steer", "random_layer"]  # no_edit always runs
+    assert "Pending: act_steer, random_layer" in (tmp_path / "table1.md").read_text()
+    res = run_compare(params, cfg, tok, ["act_steer", "random_layer"], tmp_path, ccfg, progress=False)
+    assert res["skipped"] == [] and {r["method"] for r in res["rows"]} == {"no_edit", "act_steer", "random_layer"}

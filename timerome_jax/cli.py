@@ -434,6 +434,9 @@ def add_compare(sub):
     p.add_argument("--mu-gen-length", type=int, default=64, help="generated tokens for Model Utility's ROUGE")
     p.add_argument("--full-protocol", action="store_true",
                    help="all rows, n_mc 16, seeds 0-4, Model Utility on all rows (default: the reduced budget)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no method when the time so far plus 1.2x the slowest method would pass this many "
+                        "seconds (the rest are listed as skipped; rerunning with the same --out resumes)")
     p.set_defaults(func=run_compare)
 
 
@@ -454,7 +457,8 @@ def run_compare(a):
     retain_tr = cached_retain_tr(a.out, a.split, ccfg.seeds, ccfg.n_mc, retain_model=a.retain_model,
                                  limit=ccfg.limit, batch_size=ccfg.batch_size, progress=not a.no_progress,
                                  override=a.reference_override)
-    res = cmp.run_compare(params, cfg, tok, specs, a.out, ccfg, retain_tr, progress=not a.no_progress)
+    res = cmp.run_compare(params, cfg, tok, specs, a.out, ccfg, retain_tr, progress=not a.no_progress,
+                          budget_s=a.budget_s)
     print(Path(res["files"]["table_md"]).read_text())
     return res
 

@@ -169,12 +169,15 @@ def costs_markdown(info: dict) -> str:
 
 def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_METHODS, out_dir="results/compare",
                 ccfg: CompareConfig = CompareConfig(), retain_tr=None, progress: bool = True,
-                resume: bool = True) -> dict:
+                resume: bool = True, budget_s: Optional[float] = None) -> dict:
     """Prepare and evaluate every method; write the files listed in the module docstring.
 
     retain_tr: the retain model's forget TRs for Forget Quality (see `evaluate`; None = no FQ).
     resume: reuse the methods already in <out_dir>/compare.json when it was written with the same
     evaluation protocol (split, seeds, n_mc, limit, batch size, metrics, MU settings, anchors).
+    budget_s: start no method (after the first one this call runs) when the time so far plus 1.2x
+    the slowest method so far would pass it; the methods left are listed under "skipped" in the
+    result (a rerun with resume continues).
     Returns {"rows": compare rows, "info": {method: costs}, "files": {...}}."""
     specs = list(dict.fromkeys(method_specs))
     if "no_edit" not in specs:
@@ -188,6 +191,7 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
     results, full, info = {}, {}, {}
     old = _resumable(out, ccfg) if resume else {}
     t_all = time.perf_counter()
+    slowest, skipped, rows = 0.0, [], None
     for spec in specs:
         name, hp = parsed[spec]
         if spec in old.get("done", []):
@@ -196,6 +200,10 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
             if "mu" in full[spec]:
                 results[spec].update(_per_seed(full[spec]["mu"]))
             continue
+        if budget_s is not None and slowest > 0 and time.perf_counter() - t_all + 1.2 * slowest > budget_s:
+            skipped.append(spec)
+            continue
+        t_method = time.perf_counter()
         if progress:
             print(f"[compare] {spec}: prepare", flush=True)
         prep = M.prepare(name, task, **hp)
@@ -223,7 +231,13 @@ def run_compare(params, cfg, tokenizer, method_specs: Sequence[str] = DEFAULT_ME
                   f"forget_lp {np.mean(list(fl.values())) if fl else float('nan'):.2f}", flush=True)
         del prep, p_eval
         rows = _write(out, specs, results, info, full, ccfg, time.perf_counter() - t_all)  # after every method
-    return {"rows": rows, "info": info, "files": _files(out), "total_s": time.perf_counter() - t_all}
+        slowest = max(slowest, time.perf_counter() - t_method)
+    if rows is None:  # everything came from the resumed file or was skipped
+        rows = _write(out, specs, results, info, full, ccfg, time.perf_counter() - t_all)
+    if skipped:
+        print(f"[compare] budget {budget_s:.0f} s reached; not run: {', '.join(skipped)} (rerun to resume)", flush=True)
+    return {"rows": rows, "info": info, "files": _files(out), "total_s": time.perf_counter() - t_all,
+            "skipped": skipped}
 
 
 _PROTOCOL = ("split", "seeds", "n_mc", "limit", "batch_size", "metrics", "n_retain", "prep_seed")
