@@ -5,7 +5,7 @@ Both are trained in one jitted program (params stacked on a leading model axis a
 LLaDA's SFT objective: the prompt is never masked; each answer-region token (answer + EOS padding)
 is masked with probability p = (1-eps) t + eps, t ~ U(0,1) per example, and the loss is
 sum(CE / p) over masked tokens / answer-region length, averaged over the batch
-(ML-GSAI/LLaDA GUIDELINES.md, see docs/backbones.md §1.7 Training objective).
+(ML-GSAI/LLaDA GUIDELINES.md, see docs/backbone_facts.md §1.7 Training objective).
 
 Sequences are `Question: {q}\\nAnswer: ` + answer + EOS, padded with EOS (in the loss, as LLaDA
 SFT does) up to a per-example random length in [len, T]; positions past it are key-padding, so the

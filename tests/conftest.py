@@ -63,7 +63,7 @@ def make_tiny_tokenizer(path: str, mask_as_special: bool = True, mask_token: str
 # config.json dicts in each family's real field set (sizes shrunk)
 # ------------------------------------------------------------------------------------------------
 def llada_config_dict(**over) -> dict:
-    """The LLaDA-8B config.json field set (docs/backbones.md §1.1 Config) with tiny sizes."""
+    """The LLaDA-8B config.json field set (docs/backbone_facts.md §1.1 Config) with tiny sizes."""
     d = {
         "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
         "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
@@ -86,7 +86,7 @@ def llada_config_dict(**over) -> dict:
 
 
 def moe_config_dict(**over) -> dict:
-    """LLaDA-MoE-7B-A1B config.json fields (LLaDAMoEConfig; docs/backbones.md §4 LLaDA-MoE-7B-A1B) with tiny sizes."""
+    """LLaDA-MoE-7B-A1B config.json fields (LLaDAMoEConfig; docs/backbone_facts.md §4 LLaDA-MoE-7B-A1B) with tiny sizes."""
     d = {
         "architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "attention_bias": False,
         "attention_dropout": 0.0, "clip_qkv": None, "dense_intermediate_size": 256, "eos_token_id": 0,
@@ -106,7 +106,7 @@ def moe_config_dict(**over) -> dict:
 
 
 def dream_config_dict(**over) -> dict:
-    """Dream-v0 config.json fields (DreamConfig; docs/backbones.md §2 Dream-7B) with tiny sizes."""
+    """Dream-v0 config.json fields (DreamConfig; docs/backbone_facts.md §2 Dream-7B) with tiny sizes."""
     d = {
         "architectures": ["DreamModel"], "attention_dropout": 0.0,
         "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},

@@ -175,7 +175,7 @@ def test_padded_rows_equal_unpadded(loaded, name, side):
         g, rp = got[r, sl], ref_pad[r, sl]
         if cfg.logits_shift and side == "left" and n < T:
             # the first real token's shifted logit comes from a pad position; it predicts position
-            # 0 of the prompt, which these families never mask (docs/backbones.md §8 Implications for a Flax port)
+            # 0 of the prompt, which these families never mask (docs/backbone_facts.md §8 Implications for a Flax port)
             g, rp, alone = g[1:], rp[1:], alone[1:]
         assert rel_err(g, alone) <= TOL
         assert rel_err(g, rp) <= TOL

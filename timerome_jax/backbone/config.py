@@ -97,5 +97,5 @@ class ModelConfig:
 
 
 def llada_8b() -> ModelConfig:
-    """LLaDA-8B-Base/Instruct shape (docs/backbones.md §1.1 Config)."""
+    """LLaDA-8B-Base/Instruct shape (docs/backbone_facts.md §1.1 Config)."""
     return ModelConfig()

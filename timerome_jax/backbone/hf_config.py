@@ -1,6 +1,6 @@
 """Hugging Face `config.json` <-> ModelConfig. With `hf_weights`, the only place HF names live.
 
-Supported families (docs/backbones.md §1-§5), dispatched on `architectures` and fields, never
+Supported families (docs/backbone_facts.md §1-§5), dispatched on `architectures` and fields, never
 on model_type (LLaDA-MoE's config says model_type "llada"):
 
   architectures            family       key layout      notes
@@ -33,7 +33,7 @@ ARCHITECTURES = {
 }
 LAYOUT = {"llada": "llada", "mmada": "llada", "llada_moe": "lladamoe", "dream": "qwen2", "diffullama": "llama"}
 LOGITS_SHIFT = {"llada": False, "mmada": False, "llada_moe": False, "dream": True, "diffullama": True}
-# Mask ids used when config.json does not name one (docs/backbones.md §1.4 Special tokens,
+# Mask ids used when config.json does not name one (docs/backbone_facts.md §1.4 Special tokens,
 # §2 Dream-7B, §3 DiffuLLaMA-7B, §4 LLaDA-MoE-7B-A1B).
 DEFAULT_MASK_ID = {"llada": 126336, "mmada": 126336, "llada_moe": 156895, "dream": 151666, "diffullama": 811}
 

@@ -4,7 +4,7 @@ The folder must hold `tokenizer.json` (and usually `tokenizer_config.json` /
 `special_tokens_map.json`, which name the special tokens). Loading goes through transformers'
 `PreTrainedTokenizerFast`, so no remote code is ever run.
 
-Token-id conventions (docs/backbones.md §1.4 Special tokens, §2 Dream-7B, §3 DiffuLLaMA-7B): LLaDA's mask token is "<|mdm_mask|>" (126336), Dream's is
+Token-id conventions (docs/backbone_facts.md §1.4 Special tokens, §2 Dream-7B, §3 DiffuLLaMA-7B): LLaDA's mask token is "<|mdm_mask|>" (126336), Dream's is
 "<|mask|>" (151666); LLaMA tokenizers (DiffuLLaMA) have none and the model config supplies one
 (fallback 811). `Tokenizer.mask_id` is the tokenizer's own mask token if it names one (through
 `mask_token` or one of the known mask strings), else the id given by the model config.

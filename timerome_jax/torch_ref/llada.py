@@ -1,4 +1,4 @@
-"""A small, faithful PyTorch LLaDA / LLaDA-MoE, written from the facts in docs/backbones.md (§1 LLaDA, §4 LLaDA-MoE).
+"""A small, faithful PyTorch LLaDA / LLaDA-MoE, written from the facts in docs/backbone_facts.md (§1 LLaDA, §4 LLaDA-MoE).
 
 Module and parameter names are the real ones, so `state_dict()` keys equal the HF checkpoints':
 
