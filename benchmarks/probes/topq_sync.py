@@ -1,0 +1,123 @@
+"""Probe: does the edit memory's `lax.cond` in `top_q` cost a host sync per forward on the GPU?
+
+Unstacked layout (one array per layer, unrolled layer loop), LLaDA-8B width with --layers layers,
+batch 1, prompt 64 + 64 generated tokens, --steps denoising steps, edit |F| = 400, q = 4 at the
+middle layer. Variants of `memory.top_q` swapped in before tracing:
+  cond    the library's (a `lax.cond` between top_k and a full sort when C > TOPQ_FAST)
+  select  both thresholds computed, `jnp.where` picks (no conditional)
+  sort    the full sort only
+Prints per-variant step time, the edit's overhead over no edit (paired runs) and how many
+`conditional` ops each compiled program holds; writes the same as JSON to --out.
+
+    python benchmarks/probes/topq_sync.py --out /tmp/topq.json            # GPU
+    python benchmarks/probes/topq_sync.py --out /tmp/topq.json --tiny     # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.backbone.intervene import Intervene  # noqa: E402
+from timerome_jax.diffusion import sampler  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
+
+LIBRARY_TOP_Q = mem_lib.top_q
+
+
+def top_q_select(c, q):
+    q = jnp.asarray(q, jnp.int32)
+    a = jnp.abs(c)
+    n = c.shape[-1]
+    k = min(n, mem_lib.TOPQ_FAST)
+    fast = jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(q - 1, 0, k - 1), axis=-1)
+    srt = jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
+    thr = jnp.where(q <= k, fast, srt)
+    keep = (q <= 0) | (a >= thr[..., None])
+    return jnp.where(keep, c, jnp.zeros_like(c))
+
+
+def top_q_sort(c, q):
+    q = jnp.asarray(q, jnp.int32)
+    a = jnp.abs(c)
+    n = c.shape[-1]
+    thr = jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
+    keep = (q <= 0) | (a >= thr[..., None])
+    return jnp.where(keep, c, jnp.zeros_like(c))
+
+
+VARIANTS = {"cond": LIBRARY_TOP_Q, "select": top_q_select, "sort": top_q_sort}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--facts", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = C.model_config(args.tiny).replace(n_layers=2 if args.tiny else args.layers)
+    params = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)))
+    layer = cfg.n_layers // 2
+    mem = mem_lib.build(*(np.random.default_rng(1).standard_normal((3, args.facts, cfg.d_model)).astype(np.float32)),
+                        lam=float(cfg.d_model), alpha=1.0, q=4, layer=layer, module="resid", step=-1,
+                        fingerprint="probe")
+    rng = np.random.default_rng(2)
+    prompt = C.random_tokens(rng, (1, 64), cfg)
+    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
+    scfg = sampler.SamplerConfig(steps=args.steps)
+    sched = sampler.schedule(x, pad, cfg, scfg)
+    key = jax.random.key(3)
+
+    def compiled(iv):
+        return sampler.generate_scan.lower(params, x, pad, pm, sched, key, iv, cfg=cfg, scfg=scfg,
+                                           return_history=False).compile()
+
+    t0 = time.perf_counter()
+    base = compiled(None)
+    rec = {"device": jax.devices()[0].device_kind, "layers": cfg.n_layers, "steps": args.steps, "facts": args.facts,
+           "no_edit_compile_s": time.perf_counter() - t0, "variants": {}}
+    iv = Intervene(edit=mem)
+    for name, fn in VARIANTS.items():
+        mem_lib.top_q = fn
+        jax.clear_caches()  # the traced program is cached per function, not per the top_q it inlined
+        try:
+            t0 = time.perf_counter()
+            prog = compiled(iv)
+            comp_s = time.perf_counter() - t0
+        finally:
+            mem_lib.top_q = LIBRARY_TOP_Q
+        n_cond = prog.as_text().count(" conditional(")
+        C.block(base(params, x, pad, pm, sched, key, None))
+        C.block(prog(params, x, pad, pm, sched, key, iv))
+        mn, me, ratios = C.measure_pair(lambda: base(params, x, pad, pm, sched, key, None),
+                                        lambda: prog(params, x, pad, pm, sched, key, iv), want=args.repeats)
+        rec["variants"][name] = {"compile_s": comp_s, "conditionals_in_hlo": n_cond,
+                                 "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
+                                 "step_ms_edit": 1e3 * me["steady_s"] / args.steps,
+                                 "overhead_pct_median_ratio": 100 * (float(np.median(ratios)) - 1),
+                                 "tokens": np.asarray(me["out"]).tolist()}
+        v = rec["variants"][name]
+        print(f"[topq] {name}: conditionals {n_cond}, step {v['step_ms_no_edit']:.3f} -> {v['step_ms_edit']:.3f} ms, "
+              f"overhead {v['overhead_pct_median_ratio']:.2f}% (compile {comp_s:.1f} s)", flush=True)
+    toks = {k: v.pop("tokens") for k, v in rec["variants"].items()}
+    rec["tokens_equal_to_cond"] = {k: toks[k] == toks["cond"] for k in toks}
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+    print(json.dumps(rec, indent=1))
+
+
+if __name__ == "__main__":
+    main()
