@@ -230,12 +230,16 @@ def add_validate(sub):
                    "or remote when the files exist (default: auto)")
     p.add_argument("--cases", nargs="+", default=["unpadded", "padded"], choices=("unpadded", "padded"),
                    help="inputs to compare: unpadded (no padding mask) and/or padded (left padding + mask); default both")
+    p.add_argument("--layout", default="auto", choices=LAYOUTS,
+                   help="params layout of the library side: stacked, unstacked, or auto (default) = unstacked "
+                        "on a GPU, stacked elsewhere, as the other commands load it")
     p.add_argument("--out", default=None, help="also write the JSON report here (default: none)")
     p.set_defaults(func=run_validate)
 
 
 def run_validate(a):
-    report = V.validate(a.model, a.compute_dtype, tol=a.tol, impl=a.torch_impl, cases=tuple(a.cases))
+    report = V.validate(a.model, a.compute_dtype, tol=a.tol, impl=a.torch_impl, cases=tuple(a.cases),
+                        layout=a.layout)
     print("\n".join(V.summary_lines(report)))
     if a.out:
         V.write_report(report, a.out)
