@@ -181,14 +181,16 @@ def test_elbo_and_nnx_same_with_unstacked(both):
 
 
 def _primitives(jaxpr) -> set:
+    """Names of every primitive in a jaxpr and in the (closed) jaxprs its equations carry."""
     out = set()
     for eq in jaxpr.eqns:
         out.add(eq.primitive.name)
         for v in eq.params.values():
             for j in (v if isinstance(v, (list, tuple)) else [v]):
-                inner = getattr(j, "jaxpr", None)
-                if inner is not None:
-                    out |= _primitives(inner if hasattr(inner, "eqns") else inner.jaxpr)
+                if hasattr(j, "eqns"):
+                    out |= _primitives(j)
+                elif hasattr(getattr(j, "jaxpr", None), "eqns"):
+                    out |= _primitives(j.jaxpr)
     return out
 
 
@@ -200,13 +202,17 @@ def test_edit_forward_has_no_conditional_or_loop(both):
     u, vo, vt = (rng.standard_normal((3, CFG.d_model)).astype(np.float32) for _ in range(3))
     mem = mem_lib.build(u, vo, vt, lam=1.0, alpha=0.5, q=2, layer=1, module="mlp", step=-1,
                         capacity=mem_lib.TOPQ_FAST + 8)
+    white = mem_lib.fit_whitening(rng.standard_normal((100, CFG.d_model)))
+    gated = mem_lib.build(u, vo, vt, lam=1.0, alpha=0.5, q=2, layer=1, module="mlp", step=-1,
+                          capacity=mem_lib.TOPQ_FAST + 8, gate_keys=u, whitening=white, tau=0.3)
     x = jnp.asarray([[5, 6, 63, 63]], jnp.int32)
     fwd = lambda p, m: model.forward(p, x, CFG, None, Intervene(edit=m), 0)
-    prims_u = _primitives(jax.make_jaxpr(fwd)(up, mem).jaxpr)
-    prims_s = _primitives(jax.make_jaxpr(fwd)(st, mem).jaxpr)
     loops = {"cond", "while", "scan", "pure_callback", "io_callback", "debug_callback"}
-    assert "sort" in prims_u and not prims_u & loops, prims_u & loops
-    assert not prims_s & (loops - {"scan"})
+    for m in (mem, gated):
+        prims_u = _primitives(jax.make_jaxpr(fwd)(up, m).jaxpr)
+        prims_s = _primitives(jax.make_jaxpr(fwd)(st, m).jaxpr)
+        assert "sort" in prims_u and not prims_u & loops, prims_u & loops
+        assert not prims_s & (loops - {"scan"})
     # q stays data: other q values reuse the compiled forward
     f = jax.jit(fwd)
     for q in (0, 1, 5, mem_lib.TOPQ_FAST + 3):
