@@ -38,6 +38,8 @@ def test_layer_helpers_agree_across_layouts(both):
     st, up = both
     assert model.layout_of(st) == "stacked" and model.layout_of(up) == "unstacked"
     assert model.n_layers(st) == model.n_layers(up) == CFG.n_layers
+    assert model.layer_shapes(st) == model.layer_shapes(up) == \
+        {k: v[1:] for k, v in model.param_shapes(CFG)["layers"].items()}
     for l in range(CFG.n_layers):
         chex.assert_trees_all_equal(model.layer_params(st, l), model.layer_params(up, l))
         np.testing.assert_array_equal(model.layer_weight(st, "w_down", l), up["layers"][l]["w_down"])

@@ -16,9 +16,10 @@ Unstacked layout (`unstack`): the same tree with `layers` a Python list of L per
 (separate arrays, no leading axis). `run` accepts either; the unstacked one runs an unrolled layer
 loop that reads each layer's own arrays, with no per-iteration copy of a layer out of the stack
 (the batch-1 generation path; benchmarks/bench_generate.py times both layouts). Code that reads or
-writes layer weights goes through `n_layers`, `layer_params`, `layer_weight`, `stacked_weight`,
-`with_layer_weight`, `with_stacked_weights`, so it works with either layout; `to_layout` converts
-(`checkpoint.load_model(layout="auto")` gives unstacked params on GPU, stacked elsewhere).
+writes layer weights goes through `n_layers`, `layer_shapes`, `layer_params`, `layer_weight`,
+`stacked_weight`, `with_layer_weight`, `with_stacked_weights`, so it works with either layout;
+`to_layout` converts (`checkpoint.load_model(layout="auto")` gives unstacked params on GPU,
+stacked elsewhere).
 
 Precision policy: matmuls in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softmax, the
 MoE router and the logits in float32.
@@ -347,22 +348,33 @@ def layer_params(params, l: int) -> dict:
     return layers[l] if is_unstacked(params) else jax.tree.map(lambda a: a[l], layers)
 
 
+def layer_shapes(params) -> dict:
+    """{weight name: shape of one layer's array (no layer axis)}, either layout; reads no data."""
+    if is_unstacked(params):
+        return {k: tuple(v.shape) for k, v in params["layers"][0].items()}
+    return {k: tuple(v.shape[1:]) for k, v in params["layers"].items()}
+
+
+def _check_name(params, name: str) -> None:
+    if name not in layer_shapes(params):
+        raise KeyError(f"layer weight {name!r} not in the model (has {sorted(layer_shapes(params))})")
+
+
 def layer_weight(params, name: str, l: int) -> jax.Array:
-    """One weight `name` (a key of the layer dict, e.g. "w_down" [F, D]) of layer l, either layout."""
-    lp = layer_params(params, l)
-    if name not in lp:
-        raise KeyError(f"layer weight {name!r} not in the model (has {sorted(lp)})")
-    return lp[name]
+    """One weight `name` (a key of the layer dict, e.g. "w_down" [F, D]) of layer l, either layout
+    (stacked: only that leaf is sliced)."""
+    l = _check_layer(params, l)
+    _check_name(params, name)
+    return params["layers"][l][name] if is_unstacked(params) else params["layers"][name][l]
 
 
 def stacked_weight(params, name: str) -> jax.Array:
     """Weight `name` of every layer as one [L, ...] array: the stored array when stacked, a new
     stacked copy when unstacked."""
+    _check_name(params, name)
     if not is_unstacked(params):
-        if name not in params["layers"]:
-            raise KeyError(f"layer weight {name!r} not in the model (has {sorted(params['layers'])})")
         return params["layers"][name]
-    return jnp.stack([layer_weight(params, name, l) for l in range(n_layers(params))])
+    return jnp.stack([lp[name] for lp in params["layers"]])
 
 
 def with_layer_weight(params, name: str, l: int, value) -> dict:
@@ -385,11 +397,11 @@ def with_layer_weight(params, name: str, l: int, value) -> dict:
 def with_stacked_weights(params, weights: dict) -> dict:
     """A new params tree (same layout) with each weight `name` of every layer taken from
     weights[name] [L, ...] (unstacked params get its per-layer slices); other arrays are shared."""
-    L = n_layers(params)
+    L, shapes = n_layers(params), layer_shapes(params)
     for name, w in weights.items():
-        ref = layer_weight(params, name, 0)
-        if tuple(w.shape) != (L,) + tuple(ref.shape):
-            raise ValueError(f"with_stacked_weights: {name} must have shape {(L,) + tuple(ref.shape)}, "
+        _check_name(params, name)
+        if tuple(w.shape) != (L,) + shapes[name]:
+            raise ValueError(f"with_stacked_weights: {name} must have shape {(L,) + shapes[name]}, "
                              f"got {tuple(w.shape)}")
     out = dict(params)
     if is_unstacked(params):

@@ -38,14 +38,14 @@ def init(key, params, rank: int, targets: Sequence[str] = DEFAULT_TARGETS, alpha
     (alpha None = rank, i.e. scale 1)."""
     if rank < 1:
         raise ValueError(f"lora.init: rank must be >= 1, got {rank}")
-    layer0, L = model.layer_params(params, 0), model.n_layers(params)  # either params layout
-    bad = [t for t in targets if t not in MATRICES or t not in layer0 or layer0[t].ndim != 2]
+    shapes, L = model.layer_shapes(params), model.n_layers(params)  # either params layout
+    bad = [t for t in targets if t not in MATRICES or t not in shapes or len(shapes[t]) != 2]
     if bad or not targets:
         raise ValueError(f"lora.init: targets {list(bad) or list(targets)} are not dense layer matrices; "
-                         f"choose from {[m for m in MATRICES if m in layer0 and layer0[m].ndim == 2]}")
+                         f"choose from {[m for m in MATRICES if m in shapes and len(shapes[m]) == 2]}")
     A, B = {}, {}
     for i, name in enumerate(sorted(targets)):
-        din, dout = layer0[name].shape
+        din, dout = shapes[name]
         A[name] = (jax.random.normal(jax.random.fold_in(key, i), (L, din, rank), jnp.float32)
                    / np.sqrt(din)).astype(dtype)
         B[name] = jnp.zeros((L, rank, dout), dtype)

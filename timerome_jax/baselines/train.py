@@ -144,8 +144,7 @@ def split_trainable(params, key, tcfg: TrainConfig):
     """(trainable pytree, frozen base). LoRA: a fresh adapter; full: copies of the target matrices."""
     if tcfg.mode == "lora":
         return lora.init(key, params, tcfg.lora_rank, tcfg.targets, tcfg.lora_alpha), params
-    layer0 = model.layer_params(params, 0)
-    missing = [t for t in tcfg.targets if t not in layer0]
+    missing = [t for t in tcfg.targets if t not in model.layer_shapes(params)]
     if missing:
         raise ValueError(f"full fine-tuning targets {missing} are not in the model's layer params")
     # [L, ...] copies in either params layout (unstacked: one jnp.stack per target), so optax and
