@@ -5,6 +5,12 @@
     python benchmarks/bench_tie.py --out R --what scaling                        # 1 vs all local devices
     python benchmarks/bench_tie.py --out R --what screen                         # screen + exact top 5% vs full
     python benchmarks/bench_tie.py --out R --tiny --what sweep,stages,scaling    # CPU, seconds
+    python benchmarks/bench_tie.py --out R --layout unstacked                    # per-layer arrays
+
+--layout (every part): "stacked" (default; params["layers"] one [L, ...] array per weight, a layer
+`lax.scan` at --layer-unroll) or "unstacked" (`model.unstack`: a list of per-layer arrays, an
+unrolled layer loop, what `load_model(layout="auto")` gives on a GPU). The records keep it under
+knobs.layout; the PyTorch side shares the same arrays either way.
 
 sweep (fig_a_tie.json): 8 unpadded facts of prompt 112 + answer 16 = 128 tokens (subject 6 tokens),
 K = 8 denoising steps, n_noise = 1, LLaDA-8B shape with random bf16 weights made on the device.
@@ -209,6 +215,9 @@ def parse(argv=None):
     ap.add_argument("--stages", default=",".join(STAGES), help=f"stage variants to time ({','.join(STAGES)})")
     ap.add_argument("--stage-lanes", type=int, default=None, help="lanes in the stage runs (2 x chunk)")
     ap.add_argument("--stage-repeats", type=int, default=5)
+    ap.add_argument("--layout", choices=("stacked", "unstacked"), default="stacked",
+                    help="params layout: stacked (default; one [L, ...] array per weight, layer lax.scan) or "
+                         "unstacked (per-layer arrays, unrolled layer loop; load_model's GPU default)")
     ap.add_argument("--scaling-devices", default="1,2,all",
                     help="device counts for --what scaling (those above the local count are dropped)")
     args = ap.parse_args(argv)
@@ -499,6 +508,8 @@ def main(argv=None):
     cfg, std, deadline, ceiling = C.start(args)
     t0 = time.perf_counter()
     params = C.init_params(jax.random.key(args.seed), cfg, std)
+    if args.layout == "unstacked":  # one copy per layer; each stacked leaf is freed once sliced
+        params = model_lib.unstack(params, consume=True)
     init_s = time.perf_counter() - t0
     fb = make_facts(cfg, args.facts, args.prompt_len, args.answer_len, args.subj_len, args.seed + 1)
     tcfg = tr.TraceConfig(steps=args.steps, noise_scale=args.noise_scale, n_noise=args.n_noise, tau=args.tau,

@@ -153,15 +153,18 @@ def torch_model(params, cfg: ModelConfig):
 
 
 def shared_state_dict(params, cfg: ModelConfig, dev):
-    """The HF-layout state dict of `params` as torch views of the JAX arrays (DLPack; host copy
-    when DLPack cannot): (state dict, how the weights were moved)."""
+    """The HF-layout state dict of `params` (either layout) as torch views of the JAX arrays (DLPack;
+    host copy when DLPack cannot): (state dict, how the weights were moved)."""
     leaves, how = {}, set()
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        key = tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
+        key = tuple(getattr(p, "key", getattr(p, "name", getattr(p, "idx", None))) for p in path)
         leaves[key], h = _to_torch(x, dev)
         how.add(h)
+    unstacked = model_lib.is_unstacked(params)
     sd = {}
     for name, (path, idx, transpose) in hf_weights.key_map(cfg).items():
+        if unstacked and path[0] == "layers":  # layer idx[0]'s own array, then the rest of idx
+            path, idx = ("layers", idx[0]) + tuple(path[1:]), idx[1:]
         t = leaves[tuple(path)]
         for i in idx:
             t = t[i]

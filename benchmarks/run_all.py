@@ -184,6 +184,8 @@ def _command(job: dict, args, ceiling_json: str, budget: float) -> list:
         cmd.append("--tiny")
     if fig.get("needs_official"):
         cmd += ["--official-dir", args.official_dir]
+    if fig["script"] == "bench_tie.py":
+        cmd += ["--layout", args.tie_layout]
     if fig.get("plain"):
         return cmd
     cmd += ["--budget-s", f"{budget:.0f}"]
@@ -332,6 +334,10 @@ def main(argv=None):
                          "--out); OUT/profile.tar.gz packs DIR at the end")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tie-layout", choices=("stacked", "unstacked"), default="stacked",
+                    help="params layout of the TIE figures (a, screen, stages, scaling; bench_tie --layout): "
+                         "stacked (default, one [L, ...] array per weight) or unstacked (per-layer arrays, "
+                         "the GPU default of load_model)")
     ap.add_argument("--figure-args", action="append", default=[], metavar="FIG=ARGS",
                     help='extra arguments for one figure\'s script, e.g. "a=--chunk 4 --torch-chunk 4" or '
                          '"cd=--repeats 2" (FIG: ceiling, a, b, cd, screen, validate, stages, scaling); repeatable')

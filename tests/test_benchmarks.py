@@ -24,7 +24,7 @@ def results(tmp_path_factory):
     # JSON (test_gate_rows_...); --repeats 1 still leaves >= 1 steady run after the compile run,
     # which is all the assertions use
     p = subprocess.run([sys.executable, os.path.join(BENCH, "run_all.py"), "--tiny", "--out", out, "--repeats", "1",
-                        "--figure-args", "b=--gate", "--figure-args", "cd=--gate"],
+                        "--figure-args", "b=--gate", "--figure-args", "cd=--gate", "--tie-layout", "unstacked"],
                        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     figs = {}

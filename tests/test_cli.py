@@ -111,6 +111,29 @@ def test_every_option_has_help_with_its_default():
             assert "checkpoint" in a.help
 
 
+def test_layout_option_on_every_loading_command_reaches_the_loader(monkeypatch, capsys, tmp_path):
+    loading = {name for name, _, a in _options(cli.build_parser()) if a.dest == "model"}
+    assert {"demo", "trace", "edit", "eval", "compare"} <= loading
+    for name, _, a in _options(cli.build_parser()):
+        if name in loading and a.dest == "layout":
+            assert tuple(a.choices) == ("stacked", "unstacked", "auto") and a.default == "auto", name
+            loading.discard(name)
+    assert not loading, f"no --layout on {sorted(loading)}"
+    seen = []
+
+    def loader(path, dtype=None, attn_impl="xla", layer_unroll=1, layout="auto"):
+        seen.append(layout)
+        raise FileNotFoundError(f"model folder {path} does not exist")
+
+    monkeypatch.setattr(cli, "load_model_with_tokenizer", loader)
+    for cmd in (["trace"], ["edit", "--layer", "1"], ["eval"], ["demo"]):
+        rc, _, err = run(cmd + ["--layout", "unstacked", "--out", str(tmp_path)], capsys)
+        assert_one_line_error(rc, err, "does not exist")
+    assert seen == ["unstacked"] * 4
+    rc, _, err = run(["trace", "--layout", "rolled"], capsys)
+    assert_one_line_error(rc, err, "argument --layout: invalid choice: 'rolled'")
+
+
 @pytest.mark.slow
 def test_edit_then_eval_with_memory_and_a_mismatched_model(tiny_llada_dir, tiny_llada_var_dir, tmp_path, capsys):
     rc, out, err = run(["edit", "--model", tiny_llada_dir, "--layer", "1", "--limit", "3", "--out", str(tmp_path),

@@ -616,7 +616,8 @@ def test_hf_layout_locators(pair, tiny_torch):
 
 
 def test_top_q_fast_and_sort_paths_agree_with_numpy():
-    """q <= TOPQ_FAST takes lax.top_k, larger q a full sort: both keep exactly the q largest |c|."""
+    """C > TOPQ_FAST thresholds by a full sort for every q (no branch on q): small and large q both
+    keep exactly the q largest |c|."""
     from timerome_jax.method.memory import TOPQ_FAST, top_q
 
     rng = np.random.default_rng(3)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import jax
 import pytest
 
 from timerome_jax.backbone import validate as V
@@ -135,6 +136,9 @@ def test_qwen2_llama_families_pass_with_builtin_classes(fixture, request):
     r = V.validate(request.getfixturevalue(fixture))
     check(r, True)
     assert r["torch"].startswith("transformers ") and r["max_rel_err"] < 1e-5
+    assert r["layout"] == ("unstacked" if jax.default_backend() == "gpu" else "stacked")  # auto
+    u = V.validate(request.getfixturevalue(fixture), cases=("padded",), layout="unstacked")
+    assert u["passed"] and u["layout"] == "unstacked" and u["max_rel_err"] < 1e-5
 
 
 def test_code_that_disagrees_fails_and_cli_exits_nonzero(tiny_llada_dir, tmp_path, capsys):

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.hf_weights import load_pretrained
 from timerome_jax.io import atomic_dir
-from timerome_jax.backbone.model import param_shapes
+from timerome_jax.backbone.model import param_shapes, resolve_layout, stack, unstack
 from timerome_jax.backbone.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 FORMAT = "timerome-orbax-v1"
@@ -50,7 +50,10 @@ def _leaf_dtype(params) -> str:
 
 def save(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None) -> None:
     """Write params + config (+ tokenizer files) as a converted Orbax folder at `path`, atomically
-    (built in a temp folder next to `path`, then renamed; an existing `path` is replaced)."""
+    (built in a temp folder next to `path`, then renamed; an existing `path` is replaced).
+    params in either layout; unstacked ones are stacked first (a copy of the layer weights while
+    saving), since the folder always stores the stacked tree."""
+    params = stack(params)
     want = param_shapes(cfg)
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     if jax.tree.structure(want, is_leaf=_is_shape) != jax.tree.structure(got, is_leaf=_is_shape) or \
@@ -148,13 +151,20 @@ def restore(path: str, sharding: Any = None, dtype: Optional[str] = None):
     return params, cfg.replace(dtype=dt), tok
 
 
-def load_model(path: str, dtype: Optional[str] = None, attn_impl: Optional[str] = None, sharding: Any = None):
+def load_model(path: str, dtype: Optional[str] = None, attn_impl: Optional[str] = None, sharding: Any = None,
+               layout: str = "auto"):
     """(params, cfg, tokenizer|None) from either a converted Orbax folder or an HF folder.
 
     A folder with `timerome_config.json` is restored with `restore(path, sharding, dtype)`; a
     folder with `config.json` is read with `hf_weights.load_pretrained(path, dtype)` (then placed with
     `sharding` if one is given). attn_impl overrides cfg.attn_impl when given.
+    layout: "stacked" (params["layers"] one dict of [L, ...] arrays, a rolled layer scan),
+            "unstacked" (a list of L per-layer dicts, an unrolled layer loop: the fast generation
+            path on GPU) or "auto" (= unstacked when `jax.default_backend()` is "gpu", else
+            stacked); see `model.resolve_layout` and docs/performance.md. `sharding` describes the
+            stacked tree; unstacking slices each leaf on its devices and frees it right away.
     """
+    want_layout = resolve_layout(layout)  # a bad value fails before anything is read
     if is_converted(path):
         params, cfg, tok = restore(path, sharding=sharding, dtype=dtype)
     elif os.path.isfile(os.path.join(path, "config.json")):
@@ -166,6 +176,8 @@ def load_model(path: str, dtype: Optional[str] = None, attn_impl: Optional[str] 
                                    "folder (config.json)")
     if attn_impl is not None:
         cfg = cfg.replace(attn_impl=attn_impl)
+    if want_layout == "unstacked":
+        params = unstack(params, consume=True)  # the loader's own arrays: nobody else holds them
     return params, cfg, tok
 
 
@@ -173,12 +185,15 @@ class NoTokenizerError(ValueError):
     """A model folder without tokenizer files (evaluation, tracing and editing need one)."""
 
 
-def load_model_with_tokenizer(path, dtype: Optional[str] = None, attn_impl: str = "xla", layer_unroll: int = 1):
+def load_model_with_tokenizer(path, dtype: Optional[str] = None, attn_impl: str = "xla", layer_unroll: int = 1,
+                              layout: str = "auto"):
     """(params, cfg, tokenizer) of a local HF or converted model folder (`load_model`) that must have a
-    tokenizer; `layer_unroll` is set on the returned config."""
+    tokenizer; `layer_unroll` is set on the returned config (it only matters for stacked params);
+    layout: "stacked" | "unstacked" | "auto" as in `load_model`."""
+    resolve_layout(layout)
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl)
+    params, cfg, tok = load_model(str(path), dtype=dtype, attn_impl=attn_impl, layout=layout)
     cfg = cfg.replace(layer_unroll=layer_unroll)
     if tok is None:
         raise NoTokenizerError(f"model folder {path} has no tokenizer files (tokenizer.json); evaluation, "

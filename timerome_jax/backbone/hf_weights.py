@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.hf_config import LAYOUT, config_from_hf, hf_config_dict, read_config_json
-from timerome_jax.backbone.model import param_shapes
+from timerome_jax.backbone.model import param_shapes, stack as stack_layers
 from timerome_jax.backbone.tokenizer import Tokenizer, TokenizerError, has_tokenizer, load_tokenizer, own_mask_id
 from timerome_jax.io import atomic_dir
 
@@ -330,9 +330,12 @@ def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tok
     is filled, then renamed. `load_pretrained(path)` gives back identical params.
 
     dtype: "float32" | "bfloat16" storage dtype of the tensors.
+    params in either layout; unstacked ones are stacked first (a copy of the layer weights while
+    saving).
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    params = stack_layers(params)
     d = hf_config_dict(cfg, dtype)
     leaves = _leaf_shapes(cfg)
     for leaf, shape in leaves.items():

@@ -15,7 +15,11 @@ Params layout (plain dicts; layers stacked on a leading axis L and run with `lax
 Unstacked layout (`unstack`): the same tree with `layers` a Python list of L per-layer dicts
 (separate arrays, no leading axis). `run` accepts either; the unstacked one runs an unrolled layer
 loop that reads each layer's own arrays, with no per-iteration copy of a layer out of the stack
-(the batch-1 generation path; benchmarks/bench_generate.py times both layouts).
+(the batch-1 generation path; benchmarks/bench_generate.py times both layouts). Code that reads or
+writes layer weights goes through `n_layers`, `layer_shapes`, `layer_params`, `layer_weight`,
+`stacked_weight`, `with_layer_weight`, `with_stacked_weights`, so it works with either layout;
+`to_layout` converts (`checkpoint.load_model(layout="auto")` gives unstacked params on GPU,
+stacked elsewhere).
 
 Precision policy: matmuls in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softmax, the
 MoE router and the logits in float32.
@@ -260,17 +264,27 @@ def forward(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional
     return run(params, tokens, cfg, pad_mask, intervene, step).logits
 
 
-def unstack(params) -> dict:
+def unstack(params, consume: bool = False) -> dict:
     """The same params with `layers` as a list of L per-layer dicts ([D, F] etc., no leading axis).
 
     The arrays are new (sliced copies): drop the stacked tree afterwards to keep one copy in
-    memory. Already unstacked params are returned as they are."""
+    memory. consume=True deletes each stacked [L, ...] leaf as soon as it is sliced, so the peak is
+    the model plus its largest leaf instead of twice the layers (the caller must not use `params`
+    again; `checkpoint.load_model` does this). Already unstacked params are returned as they are."""
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
         return params
     n = jax.tree.leaves(layers)[0].shape[0]
+    if not consume:
+        per = {k: [a[l] for l in range(n)] for k, a in layers.items()}
+    else:
+        per = {}
+        for k, a in layers.items():
+            per[k] = jax.block_until_ready([a[l] for l in range(n)])
+            if isinstance(a, jax.Array):
+                a.delete()
     out = dict(params)
-    out["layers"] = [jax.tree.map(lambda a: a[l], layers) for l in range(n)]
+    out["layers"] = [{k: v[l] for k, v in per.items()} for l in range(n)]
     return out
 
 
@@ -281,6 +295,119 @@ def stack(params) -> dict:
         return params
     out = dict(params)
     out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return out
+
+
+LAYOUTS = ("stacked", "unstacked", "auto")
+
+
+def resolve_layout(layout: str) -> str:
+    """"stacked" | "unstacked" for a layout choice in LAYOUTS; "auto" = "unstacked" when
+    `jax.default_backend()` is "gpu" (per-layer arrays, no copy of a layer out of the stack in each
+    step; docs/performance.md), else "stacked" (a rolled layer scan compiles fastest on CPU/TPU)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "auto":
+        return "unstacked" if jax.default_backend() == "gpu" else "stacked"
+    return layout
+
+
+def is_unstacked(params) -> bool:
+    """True when params["layers"] is a list of per-layer dicts (`unstack`), False when stacked."""
+    return isinstance(params["layers"], (list, tuple))
+
+
+def layout_of(params) -> str:
+    """"stacked" or "unstacked": the layout of a params tree."""
+    return "unstacked" if is_unstacked(params) else "stacked"
+
+
+def to_layout(params, layout: str) -> dict:
+    """params in `layout` ("stacked" | "unstacked" | "auto", see `resolve_layout`); params already in
+    it pass through unchanged, otherwise the layer arrays are copied once (`stack` / `unstack`)."""
+    return unstack(params) if resolve_layout(layout) == "unstacked" else stack(params)
+
+
+def n_layers(params) -> int:
+    """Number of layers L of a params tree in either layout."""
+    layers = params["layers"]
+    return len(layers) if is_unstacked(params) else int(jax.tree.leaves(layers)[0].shape[0])
+
+
+def _check_layer(params, l) -> int:
+    L = n_layers(params)
+    if int(l) != l or not 0 <= int(l) < L:
+        raise ValueError(f"layer {l!r} out of range for a {L}-layer model")
+    return int(l)
+
+
+def layer_params(params, l: int) -> dict:
+    """Layer l's weights as a dict of arrays without the layer axis (e.g. wq [D, H*hd]), either layout."""
+    l = _check_layer(params, l)
+    layers = params["layers"]
+    return layers[l] if is_unstacked(params) else jax.tree.map(lambda a: a[l], layers)
+
+
+def layer_shapes(params) -> dict:
+    """{weight name: shape of one layer's array (no layer axis)}, either layout; reads no data."""
+    if is_unstacked(params):
+        return {k: tuple(v.shape) for k, v in params["layers"][0].items()}
+    return {k: tuple(v.shape[1:]) for k, v in params["layers"].items()}
+
+
+def _check_name(params, name: str) -> None:
+    if name not in layer_shapes(params):
+        raise KeyError(f"layer weight {name!r} not in the model (has {sorted(layer_shapes(params))})")
+
+
+def layer_weight(params, name: str, l: int) -> jax.Array:
+    """One weight `name` (a key of the layer dict, e.g. "w_down" [F, D]) of layer l, either layout
+    (stacked: only that leaf is sliced)."""
+    l = _check_layer(params, l)
+    _check_name(params, name)
+    return params["layers"][l][name] if is_unstacked(params) else params["layers"][name][l]
+
+
+def stacked_weight(params, name: str) -> jax.Array:
+    """Weight `name` of every layer as one [L, ...] array: the stored array when stacked, a new
+    stacked copy when unstacked."""
+    _check_name(params, name)
+    if not is_unstacked(params):
+        return params["layers"][name]
+    return jnp.stack([lp[name] for lp in params["layers"]])
+
+
+def with_layer_weight(params, name: str, l: int, value) -> dict:
+    """A new params tree (same layout) with layer l's `name` set to value (its shape and dtype);
+    every other array is shared with `params` (stacked: the one [L, ...] leaf is rebuilt)."""
+    old = layer_weight(params, name, l)
+    l = int(l)
+    if tuple(value.shape) != tuple(old.shape):
+        raise ValueError(f"with_layer_weight: {name}[{l}] has shape {tuple(old.shape)}, got {tuple(value.shape)}")
+    value = jnp.asarray(value, old.dtype)
+    out = dict(params)
+    if is_unstacked(params):
+        out["layers"] = list(params["layers"])
+        out["layers"][l] = dict(params["layers"][l], **{name: value})
+    else:
+        out["layers"] = dict(params["layers"], **{name: params["layers"][name].at[l].set(value)})
+    return out
+
+
+def with_stacked_weights(params, weights: dict) -> dict:
+    """A new params tree (same layout) with each weight `name` of every layer taken from
+    weights[name] [L, ...] (unstacked params get its per-layer slices); other arrays are shared."""
+    L, shapes = n_layers(params), layer_shapes(params)
+    for name, w in weights.items():
+        _check_name(params, name)
+        if tuple(w.shape) != (L,) + shapes[name]:
+            raise ValueError(f"with_stacked_weights: {name} must have shape {(L,) + shapes[name]}, "
+                             f"got {tuple(w.shape)}")
+    out = dict(params)
+    if is_unstacked(params):
+        out["layers"] = [dict(lp, **{n: w[l] for n, w in weights.items()}) for l, lp in enumerate(params["layers"])]
+    else:
+        out["layers"] = dict(params["layers"], **weights)
     return out
 
 

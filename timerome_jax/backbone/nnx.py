@@ -30,8 +30,8 @@ def _is_var(x) -> bool:
 class MDLM(nnx.Module):
     """The masked-diffusion LM backbone as an `nnx.Module`.
 
-    params: a tree in the `model.param_shapes(cfg)` layout (e.g. from `load_model`); its arrays are
-            wrapped, not copied. cfg: the ModelConfig (static).
+    params: a tree in the `model.param_shapes(cfg)` layout or its unstacked form (`model.unstack`;
+            e.g. from `load_model`); its arrays are wrapped, not copied. cfg: the ModelConfig (static).
     """
 
     def __init__(self, params: dict, cfg: ModelConfig):

@@ -216,7 +216,7 @@ CASES = ("unpadded", "padded")
 
 def validate(path: str, dtype: Optional[str] = None, prompts: Sequence[str] = DEFAULT_PROMPTS,
              tol: Optional[float] = None, impl: str = "auto", device: Optional[str] = None,
-             cases: Sequence[str] = CASES) -> dict:
+             cases: Sequence[str] = CASES, layout: str = "auto") -> dict:
     """Compare the library with the folder's own PyTorch code; returns a report dict.
 
     dtype: "float32" | "bfloat16" | None (float32 on CPU, bfloat16 when JAX runs on a GPU).
@@ -224,8 +224,11 @@ def validate(path: str, dtype: Optional[str] = None, prompts: Sequence[str] = DE
     Report: {"passed", "max_rel_err", "tol", "dtype", "torch", "family", "cases": {case: {"logits":
     err, "hidden": [err per hidden state]}}}; cases "unpadded" (prompts filled with mask tokens to one
     length, no padding) and "padded" (left-padded with a padding mask), errors over real positions.
-    cases: which of them to run. Some copies of LLaDA's modeling_llada.py ignore the padding mask
+    layout: params layout of the library side ("stacked" | "unstacked" | "auto" = unstacked on a
+    GPU, as `checkpoint.load_model`), so the layout a user will run is the one checked; the report
+    records it. cases: which of them to run. Some copies of LLaDA's modeling_llada.py ignore the padding mask
     or make it causal (docs/validate.md), so "padded" fails against them while "unpadded" agrees."""
+    layout = model.resolve_layout(layout)
     bad = set(cases) - set(CASES)
     if bad or not cases:
         raise ValueError(f"validate: cases must be a non-empty subset of {CASES}, got {list(cases)}")
@@ -236,6 +239,8 @@ def validate(path: str, dtype: Optional[str] = None, prompts: Sequence[str] = DE
     device = device or ("cuda" if gpu else "cpu")
     tol = DEFAULT_TOL[dtype] if tol is None else float(tol)
     params, cfg, tok = hf_weights.load_pretrained(path, dtype, attn_impl="xla")
+    if layout == "unstacked":
+        params = model.unstack(params, consume=True)  # the loader's own arrays
     tm, desc, family = torch_model(path, dtype, device, impl)
     builtin = desc.startswith("transformers ")
     seqs = prompt_ids(tok, cfg, prompts)
@@ -268,7 +273,7 @@ def validate(path: str, dtype: Optional[str] = None, prompts: Sequence[str] = DE
     if "padded" in cases:
         compare("padded", ids, km)
     worst = max(max([c["logits"]] + c["hidden"]) for c in results.values())
-    return {"model": str(path), "family": family, "torch": desc, "dtype": dtype, "device": device,
+    return {"model": str(path), "family": family, "layout": layout, "torch": desc, "dtype": dtype, "device": device,
             "n_layers": cfg.n_layers, "tol": tol, "max_rel_err": worst, "passed": bool(worst <= tol),
             "cases": results}
 

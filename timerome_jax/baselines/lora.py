@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timerome_jax.backbone import model
 from timerome_jax.io import atomic_path
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -37,14 +38,14 @@ def init(key, params, rank: int, targets: Sequence[str] = DEFAULT_TARGETS, alpha
     (alpha None = rank, i.e. scale 1)."""
     if rank < 1:
         raise ValueError(f"lora.init: rank must be >= 1, got {rank}")
-    layers = params["layers"]
-    bad = [t for t in targets if t not in MATRICES or t not in layers or layers[t].ndim != 3]
+    shapes, L = model.layer_shapes(params), model.n_layers(params)  # either params layout
+    bad = [t for t in targets if t not in MATRICES or t not in shapes or len(shapes[t]) != 2]
     if bad or not targets:
         raise ValueError(f"lora.init: targets {list(bad) or list(targets)} are not dense layer matrices; "
-                         f"choose from {[m for m in MATRICES if m in layers and layers[m].ndim == 3]}")
+                         f"choose from {[m for m in MATRICES if m in shapes and len(shapes[m]) == 2]}")
     A, B = {}, {}
     for i, name in enumerate(sorted(targets)):
-        L, din, dout = layers[name].shape
+        din, dout = shapes[name]
         A[name] = (jax.random.normal(jax.random.fold_in(key, i), (L, din, rank), jnp.float32)
                    / np.sqrt(din)).astype(dtype)
         B[name] = jnp.zeros((L, rank, dout), dtype)
@@ -53,7 +54,16 @@ def init(key, params, rank: int, targets: Sequence[str] = DEFAULT_TARGETS, alpha
 
 
 def merge(params, adapter: dict):
-    """New params with W + scale * A @ B on the adapter's matrices (the input tree is not modified)."""
+    """New params (same layout) with W + scale * A @ B on the adapter's matrices (A [L,Din,r],
+    B [L,r,Dout]; the input tree is not modified)."""
+    if model.is_unstacked(params):  # per layer: no [L, ...] stack of the weights is built
+        layers = [dict(lp) for lp in params["layers"]]
+        for name, a in adapter["A"].items():
+            for l, lp in enumerate(layers):
+                w = lp[name]
+                d = a[l].astype(jnp.float32) @ adapter["B"][name][l].astype(jnp.float32)
+                lp[name] = (w.astype(jnp.float32) + adapter["scale"] * d).astype(w.dtype)
+        return dict(params, layers=layers)
     layers = dict(params["layers"])
     for name, a in adapter["A"].items():
         w = layers[name]

@@ -144,21 +144,19 @@ def split_trainable(params, key, tcfg: TrainConfig):
     """(trainable pytree, frozen base). LoRA: a fresh adapter; full: copies of the target matrices."""
     if tcfg.mode == "lora":
         return lora.init(key, params, tcfg.lora_rank, tcfg.targets, tcfg.lora_alpha), params
-    missing = [t for t in tcfg.targets if t not in params["layers"]]
+    missing = [t for t in tcfg.targets if t not in model.layer_shapes(params)]
     if missing:
         raise ValueError(f"full fine-tuning targets {missing} are not in the model's layer params")
-    return {t: jnp.array(params["layers"][t], copy=True) for t in tcfg.targets}, params
+    # [L, ...] copies in either params layout (unstacked: one jnp.stack per target), so optax and
+    # the per-layer update mask see one array per target
+    return {t: jnp.array(model.stacked_weight(params, t), copy=True) for t in tcfg.targets}, params
 
 
 def combine(trainable, base, tcfg: TrainConfig):
     """The params a forward uses: base + merged adapter (lora) or base with the trained matrices."""
     if tcfg.mode == "lora":
         return lora.merge(base, trainable)
-    layers = dict(base["layers"])
-    layers.update(trainable)
-    out = dict(base)
-    out["layers"] = layers
-    return out
+    return model.with_stacked_weights(base, trainable)
 
 
 def layer_mask_for(trainable, n_layers: int, tcfg: TrainConfig):

@@ -31,7 +31,7 @@ MLP = 2
 def _effects(params, tokens, answer, pad, subj, key_pos, key, sigma, cfg: ModelConfig):
     x = jnp.where(answer, cfg.mask_token_id, tokens)
     B, T = x.shape
-    L = params["layers"]["w_down"].shape[0]
+    L = M.n_layers(params)
     w = answer.astype(jnp.float32)
 
     def score(logits):

@@ -146,7 +146,7 @@ def mlp_keys(params, cfg: ModelConfig, x, pad, layer: int) -> jax.Array:
     else:
         read = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         h = M.run(params, x, cfg, pad, Intervene(read_pos=read), stop_layer=layer - 1).acts["resid"][layer - 1]
-    lp = jax.tree.map(lambda a: a[layer], params["layers"])
+    lp = M.layer_params(params, layer)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     cos, sin = M.rope_tables(positions, cfg.rot_dim, cfg.rope_theta)
     h = h + M.attn_block(lp, h, cos, sin, pad, cfg)

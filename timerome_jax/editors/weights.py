@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timerome_jax.backbone import model
 from timerome_jax.backbone.tokenizer import eos_or_default
 from timerome_jax.editors.states import EditBatch, edit_batch
 from timerome_jax.io import atomic_path
@@ -34,17 +35,16 @@ def task_batch(task, target_text: Union[str, Sequence[str]] = DEFAULT_TARGET_TEX
 
 def w_down(params, layer: int) -> np.ndarray:
     """W [F,D] float64: layer `layer`'s MLP down projection (out = k @ W)."""
-    return np.asarray(params["layers"]["w_down"][layer], np.float64)
+    return np.asarray(model.layer_weight(params, "w_down", layer), np.float64)
 
 
 def add_to_w_down(params, layer: int, delta: np.ndarray):
-    """A new params tree with layers.w_down[layer] += delta [F,D]; every other leaf is shared."""
-    W = params["layers"]["w_down"]
-    if tuple(delta.shape) != tuple(W.shape[1:]):
-        raise ValueError(f"add_to_w_down: delta {delta.shape} does not match w_down[{layer}] {W.shape[1:]}")
-    new_w = W.at[layer].add(jnp.asarray(delta, W.dtype))
-    layers = dict(params["layers"], w_down=new_w)
-    return dict(params, layers=layers)
+    """A new params tree (same layout) with layers.w_down[layer] += delta [F,D]; every other leaf is
+    shared."""
+    W = model.layer_weight(params, "w_down", layer)
+    if tuple(delta.shape) != tuple(W.shape):
+        raise ValueError(f"add_to_w_down: delta {delta.shape} does not match w_down[{layer}] {tuple(W.shape)}")
+    return model.with_layer_weight(params, "w_down", layer, W + jnp.asarray(delta, W.dtype))
 
 
 def _flat(params) -> dict:

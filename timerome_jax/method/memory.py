@@ -48,7 +48,7 @@ def _layer_id(layer) -> int:
 # TopQ and the two edit pytrees
 # --------------------------------------------------------------------------------------------
 
-TOPQ_FAST = 16  # q up to this: threshold from lax.top_k with a static k (GPU's fast top-k path)
+TOPQ_FAST = 16  # C up to this: threshold from lax.top_k of the whole row (GPU's fast top-k path)
 
 
 def _by_sort(a, q):
@@ -60,8 +60,9 @@ def top_q(c: jax.Array, q) -> jax.Array:
     """Keep the q largest-|c| entries along the last axis, zero the rest (q <= 0: keep all).
 
     c [..., C] float; q an int32 scalar (data, so changing q never recompiles). Implemented by
-    thresholding at the q-th largest magnitude, found with `lax.top_k` of a static k =
-    min(C, TOPQ_FAST); only when C > TOPQ_FAST is there a `lax.cond` to a full sort for q > k.
+    thresholding at the q-th largest magnitude: read from `lax.top_k` of the whole row when
+    C <= TOPQ_FAST, else from a full sort of the row. Which one is fixed by the shape, so there is
+    no branch on q (a `lax.cond` would copy its predicate to the host on GPU in every forward).
     Ties: every entry whose magnitude equals the q-th largest is kept, so more than q entries
     survive only on exact ties (zeros, e.g. inactive slots, may be "kept" but add nothing).
     q >= C keeps everything.
@@ -69,10 +70,11 @@ def top_q(c: jax.Array, q) -> jax.Array:
     q = jnp.asarray(q, jnp.int32)
     a = jnp.abs(c)
     n = c.shape[-1]
-    k = min(n, TOPQ_FAST)
-    fast = lambda a, q: jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(q - 1, 0, k - 1), axis=-1)
-    thr = fast(a, q) if k == n else jax.lax.cond(q <= k, fast, _by_sort, a, q)
-    # q <= 0 (dense) is a select, not a branch: the top-k is cheap next to a conditional
+    if n <= TOPQ_FAST:
+        thr = jnp.take(jax.lax.top_k(a, n)[0], jnp.clip(q - 1, 0, n - 1), axis=-1)
+    else:
+        thr = _by_sort(a, q)
+    # q <= 0 (dense) is a select, not a branch
     keep = (q <= 0) | (a >= thr[..., None])
     return jnp.where(keep, c, jnp.zeros_like(c))
 
