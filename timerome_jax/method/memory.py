@@ -48,7 +48,7 @@ def _layer_id(layer) -> int:
 # TopQ and the two edit pytrees
 # --------------------------------------------------------------------------------------------
 
-TOPQ_FAST = 16  # C up to this: threshold from lax.top_k of the whole row (GPU's fast top-k path)
+TOPQ_FAST = 16  # q up to this: threshold from lax.top_k with a static k (the fast top-k path)
 
 
 def _by_sort(a, q):
@@ -56,24 +56,40 @@ def _by_sort(a, q):
     return jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
 
 
+def _by_top_k(a, q):
+    k = min(a.shape[-1], TOPQ_FAST)
+    return jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(q - 1, 0, k - 1), axis=-1)
+
+
+def _threshold_cpu(a, q):
+    # a row sort costs several times a top_k on the CPU, and a conditional costs nothing there
+    if a.shape[-1] <= TOPQ_FAST:
+        return _by_top_k(a, q)
+    return jax.lax.cond(q <= TOPQ_FAST, _by_top_k, _by_sort, a, q)
+
+
+def _threshold_accelerator(a, q):
+    # on GPU a conditional copies its predicate to the host and waits, inside every forward;
+    # a row sort is a few microseconds, so the method is fixed by the shape instead
+    return _by_top_k(a, q) if a.shape[-1] <= TOPQ_FAST else _by_sort(a, q)
+
+
 def top_q(c: jax.Array, q) -> jax.Array:
     """Keep the q largest-|c| entries along the last axis, zero the rest (q <= 0: keep all).
 
     c [..., C] float; q an int32 scalar (data, so changing q never recompiles). Implemented by
-    thresholding at the q-th largest magnitude: read from `lax.top_k` of the whole row when
-    C <= TOPQ_FAST, else from a full sort of the row. Which one is fixed by the shape, so there is
-    no branch on q (a `lax.cond` would copy its predicate to the host on GPU in every forward).
+    thresholding at the q-th largest magnitude, read from `lax.top_k` (static k = min(C,
+    TOPQ_FAST)) or from a full sort of the row. Which one is chosen per platform when the program
+    is lowered (`lax.platform_dependent`): on CPU a `lax.cond` on q picks top_k for q <= TOPQ_FAST;
+    elsewhere the shape alone decides (C <= TOPQ_FAST: top_k, else the sort), with no branch on q.
+    Both give the same q-th largest value, so results do not depend on the platform's choice.
     Ties: every entry whose magnitude equals the q-th largest is kept, so more than q entries
     survive only on exact ties (zeros, e.g. inactive slots, may be "kept" but add nothing).
     q >= C keeps everything.
     """
     q = jnp.asarray(q, jnp.int32)
     a = jnp.abs(c)
-    n = c.shape[-1]
-    if n <= TOPQ_FAST:
-        thr = jnp.take(jax.lax.top_k(a, n)[0], jnp.clip(q - 1, 0, n - 1), axis=-1)
-    else:
-        thr = _by_sort(a, q)
+    thr = jax.lax.platform_dependent(a, q, cpu=_threshold_cpu, default=_threshold_accelerator)
     # q <= 0 (dense) is a select, not a branch
     keep = (q <= 0) | (a >= thr[..., None])
     return jnp.where(keep, c, jnp.zeros_like(c))
