@@ -110,7 +110,9 @@ def _plot(points, path, s):
                        for p in ps]).T
         ye = np.array([[p["forget_lp"]["hi"] - p["forget_lp"]["delta"], p["forget_lp"]["delta"] - p["forget_lp"]["lo"]]
                        for p in ps]).T
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o-", color=color, capsize=3, label=method)
+        label = method if method == "paper_eq12" else ("gated (latch + token gate)" if s["token_gate"]
+                                                      else "gated (latch default)")
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o-", color=color, capsize=3, label=label)
         ax.fill_between(x, y - ye[0], y + ye[1], color=color, alpha=0.15)
         for p, xi, yi in zip(ps, x, y):
             ax.annotate(f"α={p['alpha']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
