@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from timerome_jax.backbone import model as model_lib  # noqa: E402
@@ -56,18 +57,29 @@ def make_memory(cfg, n_facts: int, q: int, alpha: float, layer: int, module: str
                          fingerprint="random-benchmark-memory")
 
 
-def with_random_gate(mem: mem_lib.EditMemory, seed: int, fire_share: float = 0.01) -> mem_lib.EditMemory:
-    """The same memory with a gate of random keys (rank-D whitening of random residuals), tau set
-    so that about `fire_share` of random residuals fire (speed only: the gate's work is the same
-    whether or not it fires)."""
+def with_latch_gate(mem: mem_lib.EditMemory, seed: int, n_probe: int = 16, probe_len: int = 128,
+                    max_slots: int = 16) -> mem_lib.EditMemory:
+    """The same facts as a gated memory built as `pipeline.install` builds the default (speed only):
+    random slot keys whitened with a rank-D whitening of random residuals (`fit_whitening`,
+    `whiten_keys` inside `memory.build`), n_slots per fact, no per-token gate (tau = TAU_OFF,
+    `Gate.token` False) and tau_seq from `memory.calibrate_tau_seq` on random probe residuals
+    (n_probe rows of probe_len, the last max_slots masked). Whether rows latch does not change the
+    work: the probe runs and the select is taken either way."""
     rng = np.random.default_rng(seed)
     D = mem.d_model
+    n = mem_lib.n_facts(mem)
     whitening = mem_lib.fit_whitening(rng.standard_normal((2 * D, D)).astype(np.float32))
-    keys = rng.standard_normal((mem.capacity, D)).astype(np.float32)
-    g = mem_lib.make_gate(mem_lib.whiten_keys(keys, *whitening), *whitening, tau=0.0)
-    gated = dataclasses.replace(mem, gate=g)
-    h = rng.standard_normal((4096, D)).astype(np.float32)
-    return mem_lib.with_gate(gated, tau=mem_lib.calibrate_tau(gated, h, 100 * (1 - fire_share)))
+    keys = rng.standard_normal((n, D)).astype(np.float32)
+    n_slots = rng.integers(2, max_slots + 1, n).astype(np.int32)
+    U, Dm = np.asarray(mem.U)[:n], np.asarray(mem.Dm)[:n]
+    gated = mem_lib.build(U, np.zeros_like(Dm), Dm, lam=float(mem.lam), alpha=float(mem.alpha), q=int(mem.q),
+                          layer=mem.layer, module=mem.module, step=int(mem.step), capacity=mem.capacity,
+                          fingerprint=mem.fingerprint, gate_keys=keys, whitening=whitening, gate_n_slots=n_slots)
+    h = rng.standard_normal((n_probe, probe_len, D)).astype(np.float32)
+    slots = np.zeros((n_probe, probe_len), bool)
+    slots[:, -max_slots:] = True
+    tau_seq = mem_lib.calibrate_tau_seq(gated, h, slots)
+    return mem_lib.with_gate(gated, tau=mem_lib.TAU_OFF, tau_seq=tau_seq, token=False)
 
 
 def edit_flops(cfg, mem, tokens: int) -> int:
@@ -164,8 +176,9 @@ def parse(argv=None):
                          "and generation step beside the library, weights shared (default: not run)")
     ap.add_argument("--unstacked", type=int, default=1, choices=(0, 1),
                     help="also time the unstacked layer layout (model.unstack; 1 = yes, the default)")
-    ap.add_argument("--gate", action="store_true", help="also time the gated memory (same facts + a gate of "
-                    "random whitened keys): its overhead over the ungated edit and over no edit")
+    ap.add_argument("--gate", action="store_true", help="also time the gated memory (same facts, the latch default "
+                    "as pipeline.install builds it, random whitened keys): its per-step overhead over the ungated "
+                    "edit, the per-generation probe (model.prime_edit) and that probe amortised over the steps")
     args = ap.parse_args(argv)
     C.fill_sizes(args, (("batches", "1,32", "1,4"), ("prompt_len", 64, 8), ("gen_len", 64, 8),
                         ("steps", 64, 8), ("edit_facts", 400, 16), ("layer", 19, 1)))
@@ -334,18 +347,47 @@ def main(argv=None):
             rc.save()
             res.update(overhead(res, ratios))
             if args.gate:
-                giv = Intervene(edit=with_random_gate(mem, args.seed + 6))
+                gmem = with_latch_gate(mem, args.seed + 6, probe_len=x.shape[1], max_slots=args.gen_len)
+                giv = Intervene(edit=gmem)
                 comps["gated"] = sampler.generate_scan.lower(params, x, pad, pm, sched, key, giv, cfg=cfg_used,
                                                              scfg=scfg, return_history=False).compile()
                 C.block(comps["gated"](params, x, pad, pm, sched, key, giv))
                 me2, mg, g_ratios = C.measure_pair(lambda: comps["edit"](params, x, pad, pm, sched, key, ivs["edit"]),
                                                    lambda: comps["gated"](params, x, pad, pm, sched, key, giv),
                                                    want=args.repeats, deadline=j_deadline)
+                no_step_s = res["no_edit"]["steady_s"] / args.steps
+                # (a) one denoising step: the plain edit vs the gated memory with its latch primed
+                # (the per-step work of the latch default: the select on the latch)
+                prime = jax.jit(lambda p, t, e: model_lib.prime_edit(p, t, cfg_used, pad, sched.gen_mask, e))
+                piv = C.block(prime(params, x, giv))
+                step_fn = jax.jit(lambda p, t, e: sampler.denoise_step(p, cfg_used, scfg, t, pad, pm, sched,
+                                                                       jnp.int32(0), key, e)[0])
+                C.block(step_fn(params, x, ivs["edit"]))
+                C.block(step_fn(params, x, piv))
+                se, sg, s_ratios = C.measure_pair(lambda: step_fn(params, x, ivs["edit"]), lambda: step_fn(params, x, piv),
+                                                  want=max(args.repeats, 5), deadline=j_deadline)
+                # (b) the probe (`model.prime_edit`: layers 0..l on the canvas + the sequence score), once
+                # per generation, and amortised over its steps
+                pr = C.measure(lambda: prime(params, x, giv), want=max(args.repeats, 5), deadline=j_deadline)
                 res["gated"] = {**C.strip(mg), "step_ms": 1e3 * mg["steady_s"] / args.steps,
-                                "memory_analysis": C.memory_analysis(comps["gated"])}
+                                "memory_analysis": C.memory_analysis(comps["gated"]),
+                                "memory": {"kind": "latch default (pipeline.install): sequence latch, no per-token gate",
+                                           "token_gate": bool(gmem.gate.token), "tau_seq": float(gmem.gate.tau_seq),
+                                           "whitening_rank": int(gmem.gate.P.shape[0])},
+                                "one_step": {"edit": C.strip(se), "gated_primed": C.strip(sg)},
+                                "probe": {**C.strip(pr), "probe_ms": 1e3 * pr["steady_s"]}}
+                # whole generations (probe included)
                 res["gate_overhead_pct_over_edit"] = 100 * (mg["steady_s"] / me2["steady_s"] - 1)
                 res["gate_overhead_pct_over_edit_paired_median"] = 100 * (float(np.median(g_ratios)) - 1) if g_ratios else None
                 res["gate_overhead_pct_of_step"] = 100 * (mg["steady_s"] - me2["steady_s"]) / res["no_edit"]["steady_s"]
+                # (a) per step, probe excluded
+                res["gate_step_overhead_pct_over_edit"] = 100 * (sg["steady_s"] / se["steady_s"] - 1)
+                res["gate_step_overhead_pct_over_edit_paired_median"] = (
+                    100 * (float(np.median(s_ratios)) - 1) if s_ratios else None)
+                res["gate_step_overhead_pct_of_step"] = 100 * (sg["steady_s"] - se["steady_s"]) / no_step_s
+                # (b) the probe, in % of one no-edit step and amortised over the generation's steps
+                res["probe_pct_of_step"] = 100 * pr["steady_s"] / no_step_s
+                res["probe_amortised_pct_of_step"] = res["probe_pct_of_step"] / args.steps
             res["peak_bytes_so_far"] = C.jax_peak_bytes()
             per_b[str(B)]["jax"] = res
 
@@ -409,8 +451,11 @@ def main(argv=None):
                 u = r["jax_unstacked"]
                 met[str(B)]["unstacked_step_within_1p5x_floor"] = (u["no_edit"]["ratio_to_floor"] or 1e9) <= 1.5
                 met[str(B)]["unstacked_edit_overhead_at_most_1pct"] = u["edit_overhead_pct"] <= 1.0
-            if "gate_overhead_pct_of_step" in r["jax"]:
-                met[str(B)]["gate_overhead_at_most_1pct"] = r["jax"]["gate_overhead_pct_of_step"] <= 1.0
+            if "gate_step_overhead_pct_of_step" in r["jax"]:
+                j = r["jax"]
+                met[str(B)]["gate_overhead_at_most_1pct"] = j["gate_step_overhead_pct_of_step"] <= 1.0
+                met[str(B)]["gate_with_amortised_probe_at_most_1pct"] = (
+                    j["gate_step_overhead_pct_of_step"] + j["probe_amortised_pct_of_step"] <= 1.0)
     rc["met"] = met
     rc["targets"] = {"edit_overhead_pct_max": 1.0, "jax_over_torch_throughput_min": 1.0}
     out_c = rc.finish()

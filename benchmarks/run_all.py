@@ -66,9 +66,10 @@ FIGURES = {
     "a": dict(script="bench_tie.py", args=["--what", "sweep", "--facts", "4"],
               full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json"], share=30, least=130,
               est=150),
-    # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default)
-    "b": dict(script="bench_install.py", args=[], full_args=["--sizes", "1,40,400"], files=["fig_b_install.json"],
-              share=60, least=50, repeats=True, profile="install", est=75),
+    # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default); --gate: the
+    # default gated install (slot keys + tau_seq) beside it, and the gate calibration once
+    "b": dict(script="bench_install.py", args=["--gate"], full_args=["--sizes", "1,40,400"],
+              files=["fig_b_install.json"], share=60, least=50, repeats=True, profile="install", est=90),
     "cd": dict(script="bench_generate.py", args=["--gate"], files=["fig_c_generate.json", "fig_d_memory.json"],
                share=200, least=150, repeats=True, profile="generate", official=True, est=420,
                split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),

@@ -186,6 +186,22 @@ def write_summary(folder: str) -> str:
                       f"solve {s(u.get('solve', {}).get('steady_s'))}, install {s(u.get('install_s'))} = "
                       f"{r(u.get('ratio_to_floor'))}x floor (<= 2: {yes(b.get('met', {}).get(n, {}).get('unstacked_within_2x_floor'))}); "
                       f"keys equal to the stacked layout's: {u.get('u_equal_to_stacked')}."]
+        gate_rows = [(n, row["jax"]["gate"]) for n, row in b.get("sizes", {}).items() if "gate" in row.get("jax", {})]
+        if gate_rows:
+            L += ["", "Gated install, the latch default as `pipeline.install` builds it with a given calibration "
+                  "(capture + slot-key capture + gated build + tau_seq on "
+                  f"{gate_rows[0][1].get('probe_rows')} probe rows); the calibration itself (`gate.calibrate`: residual "
+                  f"captures + whitening fit, once per model and coordinate) took {s(b.get('gate_calibration_s'))}:", "",
+                  "| F | slot keys | gated build + tau_seq | gated install | target | + calibration | target |",
+                  "|---|---|---|---|---|---|---|"]
+            for n, g in gate_rows:
+                met = b.get("met", {}).get(n, {})
+                tgt = b["sizes"][n].get("target_install_s")
+                L.append(f"| {n} | {s(g.get('slot_keys', {}).get('steady_s'))} | "
+                         f"{s(g.get('solve_with_gate', {}).get('steady_s'))} | {s(g.get('install_s'))} | "
+                         f"<= {s(tgt)}: {yes(met.get('gated_within_target_s'))} | "
+                         f"{s(g.get('install_s_with_calibration'))} | "
+                         f"<= {s(tgt)}: {yes(met.get('gated_with_calibration_within_target_s'))} |")
         L += [""] + _status(b) + [""]
 
     c = figs.get("c")
@@ -233,13 +249,23 @@ def write_summary(folder: str) -> str:
             L += [f"Official code not run: {c['official']['message']}", ""]
         grows = [(b, row["jax"]) for b, row in c.get("batches", {}).items() if "gated" in row.get("jax", {})]
         if grows:
-            L += ["Gated memory (the same facts + a gate of random whitened keys), stacked layout:", "",
-                  "| batch | edit step | gated step | gate overhead over the edit [paired] | as % of the no-edit step |",
-                  "|---|---|---|---|---|"]
+            L += ["Gated memory, the latch default as `pipeline.install` builds it (the same facts, random whitened "
+                  "slot keys, sequence latch, no per-token gate), stacked layout. Per step: one denoising step with "
+                  "the latch primed vs the plain edit; probe: `model.prime_edit` once per generation:", "",
+                  "| batch | edit step | gated step (primed) | per-step overhead over the edit [paired] | "
+                  "as % of the no-edit step | probe | probe as % of a step / amortised over the steps | "
+                  "whole generation: gated over edit, % of a step |",
+                  "|---|---|---|---|---|---|---|---|"]
             for bsz, j in grows:
-                L.append(f"| {bsz} | {r(j.get('edit', {}).get('step_ms'))} ms | {r(j['gated'].get('step_ms'))} ms | "
-                         f"{r(j.get('gate_overhead_pct_over_edit'), 2)}% "
-                         f"[{r(j.get('gate_overhead_pct_over_edit_paired_median'), 2)}%] | "
+                one = j["gated"].get("one_step", {})
+                ms = lambda x: r(None if x is None else 1e3 * x)
+                L.append(f"| {bsz} | {ms(one.get('edit', {}).get('steady_s'))} ms | "
+                         f"{ms(one.get('gated_primed', {}).get('steady_s'))} ms | "
+                         f"{r(j.get('gate_step_overhead_pct_over_edit'), 2)}% "
+                         f"[{r(j.get('gate_step_overhead_pct_over_edit_paired_median'), 2)}%] | "
+                         f"{r(j.get('gate_step_overhead_pct_of_step'), 2)}% | "
+                         f"{r(j['gated'].get('probe', {}).get('probe_ms'))} ms | "
+                         f"{r(j.get('probe_pct_of_step'), 2)}% / {r(j.get('probe_amortised_pct_of_step'), 3)}% | "
                          f"{r(j.get('gate_overhead_pct_of_step'), 2)}% |")
             L.append("")
         for bsz, m in c.get("met", {}).items():

@@ -148,8 +148,9 @@ def test_file_round_trip_and_v1_file_loads(tmp_path):
     mem = _gated(n=3, cap=4, tau=0.37)
     MF.save(mem, tmp_path / "g.npz", {"note": "x"})
     back, meta = MF.load(tmp_path / "g.npz")
-    assert meta["format_version"] == 3 == MF.FORMAT_VERSION
-    assert meta["gate"] == {"tau": pytest.approx(0.37), "on": True, "tau_seq": None}  # no latch: null
+    assert meta["format_version"] == 4 == MF.FORMAT_VERSION
+    assert meta["gate"] == {"tau": pytest.approx(0.37), "on": True, "tau_seq": None, "token": True}  # no latch: null
+    assert back.gate.token
     _eq(back, mem)
     # the committed fixture was written by the version-1 writer (before the gate existed)
     old, meta1 = MF.load(FIXTURE_V1)

@@ -27,6 +27,7 @@ CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
                   max_seq_len=64)
 D = CFG.d_model
 FIXTURE_V2 = Path(__file__).parent / "data" / "memory_v2.npz"
+FIXTURE_V3 = Path(__file__).parent / "data" / "memory_v3.npz"
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33, 34]]
 N_ANS = [3, 4, 2, 3]  # answer slots (answer + eos) of each prompt's fact
 GEN = 8
@@ -187,18 +188,29 @@ def test_new_facts_and_thresholds_never_recompile_generation(params, monkeypatch
     x, pad, pm = S.make_canvas(PROMPTS, GEN, CFG)
     scfg = S.SamplerConfig(steps=4, block_length=4)
     base = _latching(params, n_facts=2, cap=4)
+    assert not base.gate.token  # tau 2: the latch default, no per-token gate
     toks, _, slots, h = _probe(params, PROMPTS[2:3], N_ANS[2:3])
     rng = np.random.default_rng(3)
-    variants = [base, M.with_gate(base, tau_seq=0.2), M.with_gate(base, tau=0.1, tau_seq=np.inf),
+    variants = [base, M.with_gate(base, tau_seq=0.2),
                 M.insert(base, rng.standard_normal(D), rng.standard_normal(D), gate_key=h[0][slots[0]].mean(0),
                          n_slots=N_ANS[2]),
-                M.remove(base, 1), dataclasses.replace(base, alpha=jnp.float32(5.0))]
+                M.remove(base, 1), dataclasses.replace(base, alpha=jnp.float32(5.0), q=jnp.int32(1),
+                                                       lam=jnp.float32(0.7))]
     outs = [np.asarray(S.generate(params, CFG, scfg, x, pad, pm, 0, Intervene(edit=v))) for v in variants]
     assert len(traces) == 1
     assert len({o.tobytes() for o in outs}) > 1
+    # adding the per-token gate is structure (one more program); then its tau and the rest are data
+    tok = M.with_gate(base, tau=0.1, tau_seq=np.inf)
+    assert tok.gate.token
+    tok_variants = [tok, M.with_gate(tok, tau=0.5), M.with_gate(tok, tau=M.TAU_OFF, tau_seq=0.3),
+                    M.with_gate(tok, on=False), dataclasses.replace(tok, alpha=jnp.float32(0.5))]
+    for v in tok_variants:
+        S.generate(params, CFG, scfg, x, pad, pm, 0, Intervene(edit=v))
+    assert len(traces) == 2
+    variants = variants + tok_variants
 
     @jax.jit
-    @chex.assert_max_traces(n=1)
+    @chex.assert_max_traces(n=2)  # one program without the token gate, one with it
     def score(p, t, a, pd, e):
         return LK._elbo_impl(p, t, a, pd, jax.random.PRNGKey(0), jnp.arange(4, dtype=jnp.int32), Intervene(edit=e),
                              CFG, 2, "llada", 2, 1e-3)
@@ -208,7 +220,7 @@ def test_new_facts_and_thresholds_never_recompile_generation(params, monkeypatch
         score(params, t, a, pd, v)
 
 
-def test_insert_remove_keep_n_slots_and_file_v3_round_trip(params, tmp_path):
+def test_insert_remove_keep_n_slots_and_file_v4_round_trip(params, tmp_path):
     full = _latching(params, n_facts=2, cap=4)
     mem = M.empty(D, 1, lam=0.3, alpha=2.0, q=0, layer=1, module="resid", whitening=_whitening(), tau=2.0)
     for i in range(2):
@@ -219,8 +231,11 @@ def test_insert_remove_keep_n_slots_and_file_v3_round_trip(params, tmp_path):
     np.testing.assert_allclose(np.asarray(mem.gate.K), np.asarray(full.gate.K)[:2], atol=1e-6)
     MF.save(full, tmp_path / "g.npz")
     back, meta = MF.load(tmp_path / "g.npz")
-    assert meta["format_version"] == 3 == MF.FORMAT_VERSION
-    assert meta["gate"]["tau_seq"] == pytest.approx(0.7)
+    assert meta["format_version"] == 4 == MF.FORMAT_VERSION
+    assert meta["gate"]["tau_seq"] == pytest.approx(0.7) and meta["gate"]["token"] is False
+    assert not back.gate.token and not mem.gate.token
+    MF.save(M.with_gate(full, token=True), tmp_path / "tok.npz")  # tau 2 with a token gate kept: v4 says so
+    assert MF.load(tmp_path / "tok.npz")[0].gate.token
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(full)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     MF.save(M.with_gate(full, tau_seq=np.inf), tmp_path / "inf.npz")
@@ -230,7 +245,20 @@ def test_insert_remove_keep_n_slots_and_file_v3_round_trip(params, tmp_path):
     old, meta2 = MF.load(FIXTURE_V2)
     assert meta2["format_version"] == 2 and old.gate is not None
     assert np.all(np.asarray(old.gate.n_slots) == 0) and np.isinf(float(old.gate.tau_seq))
-    assert float(old.gate.tau) == pytest.approx(0.37)
+    assert float(old.gate.tau) == pytest.approx(0.37) and old.gate.token
+    # the committed fixture written by the version-3 writer (latch default, tau 2): loads without a
+    # token gate, and its update equals the same gate with a token gate kept, bit for bit
+    v3, meta3 = MF.load(FIXTURE_V3)
+    assert meta3["format_version"] == 3 and meta3["gate"]["tau"] == 2.0 and "token" not in meta3["gate"]
+    assert not v3.gate.token
+    np.testing.assert_array_equal(np.asarray(v3.gate.n_slots), [3, 4, 5, 0])
+    assert float(v3.gate.tau_seq) == pytest.approx(0.7)
+    hv = jnp.asarray(np.random.default_rng(8).standard_normal((2, 5, 32)).astype(np.float32))
+    latch = jnp.asarray(np.random.default_rng(9).random((2, 5)) < 0.5)
+    lat = lambda m: dataclasses.replace(m, gate=dataclasses.replace(m.gate, latch=latch))
+    d = jax.jit(lambda m, h: m.delta(h))
+    np.testing.assert_array_equal(np.asarray(d(lat(v3), hv)), np.asarray(d(lat(M.with_gate(v3, token=True)), hv)))
+    assert np.any(np.asarray(d(lat(v3), hv)) != 0)
 
 
 def _keys(params):
@@ -260,3 +288,44 @@ def test_probe_inputs_mask_exactly_the_answer_and_eos(tiny_llada):
         assert np.all(toks[i][slots[i]] == cfg.mask_token_id) and np.flatnonzero(slots[i])[0] == len(p)
     with pytest.raises(ValueError, match="no rows"):
         GL.probe_inputs(tok, cfg, [])
+
+
+def test_latch_only_gate_does_no_per_token_work():
+    """Without a token gate the update's program is Eq. 12 plus the select on the latch: no product
+    with the whitening P (and no cosines), so its dot products are the two of Eq. 12."""
+    rng = np.random.default_rng(0)
+    u, vo, vt, k = (rng.standard_normal((3, D)).astype(np.float32) for _ in range(4))
+    w = M.fit_whitening(rng.standard_normal((200, D)))
+    mem = M.with_gate(M.build(u, vo, vt, 0.3, 1.0, 0, 1, "resid", gate_keys=k, whitening=w, gate_n_slots=[2, 3, 4]),
+                      tau=M.TAU_OFF, tau_seq=0.5, token=False)
+    h = jnp.zeros((2, 5, D), jnp.float32)
+    latch = jnp.zeros((2, 5), bool)
+    dots = lambda m: str(jax.make_jaxpr(lambda m, h: m.delta(h))(m, h)).count("dot_general")
+    primed = lambda m: dataclasses.replace(m, gate=dataclasses.replace(m.gate, latch=latch))
+    assert dots(primed(mem)) == 2 == dots(M.with_gate(mem, on=False))
+    assert dots(primed(M.with_gate(mem, token=True))) == 4
+    np.testing.assert_array_equal(np.asarray(mem.fires(h)), np.zeros((2, 5), bool))  # unprimed: nothing
+    np.testing.assert_array_equal(np.asarray(M.with_gate(mem, on=False).fires(h)), np.ones((2, 5), bool))
+    assert M.make_gate(np.zeros((3, D)), *w, tau=M.TAU_OFF).token is False
+    assert M.make_gate(np.zeros((3, D)), *w, tau=0.9).token is True
+    assert M.with_gate(mem, tau=0.9).gate.token  # a real tau on a latch-only gate adds the token gate
+
+
+@pytest.mark.slow  # compiles generation and ELBO programs with and without the token gate
+def test_latch_only_equals_the_token_gate_at_tau_off_bit_for_bit(params):
+    """The latch default without a per-token gate gives the same generations and ELBOs, bit for bit, as
+    the same memory with a token gate kept at tau = TAU_OFF (the previous default's program)."""
+    mem = _latching(params)
+    keep = M.with_gate(mem, token=True)
+    assert not mem.gate.token and keep.gate.token and float(keep.gate.tau) == M.TAU_OFF
+    x, pad, pm = S.make_canvas(PROMPTS, GEN, CFG)
+    scfg = S.SamplerConfig(steps=4, block_length=4)
+    gen = lambda e: np.asarray(S.generate(params, CFG, scfg, x, pad, pm, 0, Intervene(edit=e)))
+    a, b = gen(mem), gen(keep)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, gen(None))
+    answers = [[40, 41, 1], [42, 43, 44, 1], [45, 1], [46, 47, 1]]
+    toks, amask, pad2 = LK.make_qa_batch(PROMPTS, answers, CFG)
+    elbo = lambda e: np.asarray(LK.elbo(params, CFG, toks, amask, pad2, 3, n_mc=2, mc_batch=2,
+                                        intervene=Intervene(edit=e)))
+    np.testing.assert_array_equal(elbo(mem), elbo(keep))

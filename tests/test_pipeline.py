@@ -38,6 +38,7 @@ def test_demo_end_to_end(tiny, tmp_path):
     mem, meta = memory_file.load(tmp_path / "memory.npz", expect_fingerprint=cap_lib.model_fingerprint(params, cfg))
     assert mem_lib.n_facts(mem) == 40 and meta["split"] == "forget01" and mem.gate is not None
     assert meta["gate"]["on"] and s["install"]["gated"]
+    assert meta["gate"]["token"] is False and not mem.gate.token  # the latch default: no per-token gate
 
 
 @pytest.mark.slow

@@ -89,7 +89,7 @@ def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinat
     lam None = `default_lam` of the captured keys. target_text: one string, or one per fact (e.g.
     TOFU idontknow lines). gate: also capture slot keys and build the gated memory
     (`memory.Gate`), whitened and thresholded (token gate at `percentile` of held-out retain tokens,
-    None = token gate off, tau = `gate.TAU_OFF`) with
+    None = no token gate: `Gate.token` False, tau stored as `gate.TAU_OFF`) with
     `calibration` (None: `gate.calibrate` on TOFU calibration rows at this coordinate); latch: also
     set the sequence latch's threshold (`memory.calibrate_tau_seq`; False: tau_seq = +inf, the
     token gate alone).
@@ -128,7 +128,8 @@ def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinat
             if calibration.h_probe is None:
                 raise ValueError("install: latch=True needs a calibration with probe residuals (gate.calibrate)")
             tau_seq = mem_lib.calibrate_tau_seq(memory, calibration.h_probe, calibration.probe_slots)
-        memory = mem_lib.with_gate(memory, tau=tau, tau_seq=tau_seq)
+        # percentile None: no per-token gate at all (structure), so a step does only the latch's select
+        memory = mem_lib.with_gate(memory, tau=tau, tau_seq=tau_seq, token=percentile is not None)
         extra = {"gate_s": t2 - t1, "tau": tau, "tau_seq": tau_seq if np.isfinite(tau_seq) else None,
                  "percentile": percentile,
                  "calibration_rows": {"whiten": len(calibration.whiten_rows), "thresh": len(calibration.thresh_rows)}}

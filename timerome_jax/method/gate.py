@@ -28,10 +28,10 @@ from timerome_jax.method import capture as cap_lib
 from timerome_jax.method import memory as mem_lib
 from timerome_jax.tofu import data as tofu
 
-# The default gate is the sequence latch alone: the token gate's threshold is TAU_OFF (above any
-# cosine), so it never fires; a percentile (e.g. 99.9) switches the token gate on beside the latch.
+# The default gate is the sequence latch alone: no per-token gate (`memory.Gate.token` False, tau
+# stored as TAU_OFF, above any cosine); a percentile (e.g. 99.9) adds the token gate beside the latch.
 DEFAULT_PERCENTILE = None
-TAU_OFF = 2.0
+TAU_OFF = mem_lib.TAU_OFF
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,8 +95,13 @@ def top_q(c: jax.Array, q) -> jax.Array:
     return jnp.where(keep, c, jnp.zeros_like(c))
 
 
+# A token-gate threshold at or above this switches the per-token gate off (every whitened cosine is
+# <= 1): `make_gate` then builds a gate without one (`Gate.token` False), so a forward skips its work.
+TAU_OFF = 2.0
+
+
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["K", "mu", "P", "tau", "on", "n_slots", "tau_seq", "latch"], meta_fields=[])
+                   data_fields=["K", "mu", "P", "tau", "on", "n_slots", "tau_seq", "latch"], meta_fields=["token"])
 @dataclasses.dataclass(frozen=True)
 class Gate:
     """Gate g in {0, 1} of a gated memory: h <- h + g alpha TopQ_q(D^T G U h), per token.
@@ -115,6 +120,10 @@ class Gate:
     int32: answer slots (answer + eos) each key was averaged over (0: the fact never latches);
     tau_seq f32 scalar threshold of the sequence latch (+inf: never latches); latch [B,T] bool or
     None (no probe: token gate alone). All data; whether latch is None is structure.
+    token (static bool): whether the gate has a per-token gate. False (the latch default, tau >=
+    `TAU_OFF`): g = latch alone, so a forward does no whitening or cosines, only the select on the
+    latch; tau is then kept (files, `gate_scores`) but unused. Switching it on or off compiles a new
+    program; with it on, tau is data like everything else.
     """
 
     K: jax.Array
@@ -125,6 +134,7 @@ class Gate:
     n_slots: Optional[jax.Array] = None
     tau_seq: Optional[jax.Array] = None
     latch: Optional[jax.Array] = None
+    token: bool = True
 
     def score(self, h: jax.Array, active: jax.Array) -> jax.Array:
         """max over active facts of the whitened cosine: h [..., D] -> [...] f32 (-inf: no fact)."""
@@ -152,10 +162,13 @@ class Gate:
 
     def fires(self, h: jax.Array, active: jax.Array) -> jax.Array:
         """g as bool: h [..., D] -> [...] (token gate OR latch; all True when the gate is off). With a
-        latch, h must be the [B,T,D] batch the latch was primed for."""
-        g = self.score(h, active) > self.tau
+        latch, h must be the [B,T,D] batch the latch was primed for. Without a token gate (`token`
+        False) h is read for its shape only."""
+        g = self.score(h, active) > self.tau if self.token else None
         if self.latch is not None:
-            g = jnp.logical_or(g, self.latch)
+            g = self.latch if g is None else jnp.logical_or(g, self.latch)
+        if g is None:  # no token gate and no primed latch: nothing fires
+            g = jnp.zeros(h.shape[:-1], jnp.bool_)
         return jnp.logical_or(jnp.logical_not(self.on), g)
 
 
@@ -398,9 +411,11 @@ def whiten_keys(keys, mu, P) -> np.ndarray:
     return (z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-30)).astype(np.float32)
 
 
-def make_gate(K, mu, P, tau: float, on: bool = True, n_slots=None, tau_seq: float = np.inf) -> Gate:
+def make_gate(K, mu, P, tau: float, on: bool = True, n_slots=None, tau_seq: float = np.inf,
+              token: Optional[bool] = None) -> Gate:
     """A `Gate` from whitened keys K [C,R] (`whiten_keys`, zero rows for free slots), mu, P;
-    n_slots [C] int (None: zeros, i.e. no fact latches) and tau_seq (+inf: the latch never fires)."""
+    n_slots [C] int (None: zeros, i.e. no fact latches) and tau_seq (+inf: the latch never fires).
+    token: whether it has a per-token gate (None: tau < `TAU_OFF`)."""
     if not np.isfinite(tau):
         raise ValueError(f"gate threshold tau must be finite, got {tau}")
     if np.isnan(tau_seq):
@@ -410,20 +425,27 @@ def make_gate(K, mu, P, tau: float, on: bool = True, n_slots=None, tau_seq: floa
     if ns.shape != (C,) or (ns.size and (ns.min() < 0 or np.any(ns != np.round(ns)))):
         raise ValueError(f"gate n_slots must be {C} integers >= 0, got shape {ns.shape}")
     f32 = lambda x: jnp.asarray(x, jnp.float32)
+    token = bool(tau < TAU_OFF) if token is None else bool(token)
     return Gate(f32(K), f32(mu), f32(P), f32(tau), jnp.asarray(bool(on)), jnp.asarray(ns, jnp.int32),
-                f32(tau_seq))
+                f32(tau_seq), token=token)
 
 
 def with_gate(mem: EditMemory, tau: Optional[float] = None, on: Optional[bool] = None,
-              tau_seq: Optional[float] = None) -> EditMemory:
+              tau_seq: Optional[float] = None, token: Optional[bool] = None) -> EditMemory:
     """The same memory with another threshold, sequence threshold (+inf: no latch) and/or the gate
-    switched on/off (data: no recompile)."""
+    switched on/off (data: no recompile). token: add (True) or drop (False) the per-token gate
+    (`Gate.token`; structure, so the next forward compiles once more); None keeps it, except that a
+    tau < `TAU_OFF` given to a gate without one adds it. On a gate that has one, every tau is data."""
     if mem.gate is None:
         raise ValueError("with_gate: this memory has no gate (build it with gate_keys=...)")
     g = mem.gate
     if tau_seq is not None and g.n_slots is None:
         raise ValueError("with_gate: this gate has no n_slots, so no sequence latch")
-    g = dataclasses.replace(g, tau=g.tau if tau is None else jnp.asarray(tau, jnp.float32),
+    if tau is not None and not np.isfinite(tau):
+        raise ValueError(f"with_gate: tau must be finite, got {tau}")
+    if token is None:
+        token = g.token or (tau is not None and tau < TAU_OFF)
+    g = dataclasses.replace(g, token=bool(token), tau=g.tau if tau is None else jnp.asarray(tau, jnp.float32),
                             on=g.on if on is None else jnp.asarray(bool(on)),
                             tau_seq=g.tau_seq if tau_seq is None else jnp.asarray(tau_seq, jnp.float32))
     return dataclasses.replace(mem, gate=g)

@@ -20,9 +20,12 @@ from timerome_jax.method.memory import EditMemory, from_arrays, make_gate, n_fac
 
 FORMAT_NAME = "timerome-edit-memory"
 # 2: optional gate (arrays gate_K, gate_mu, gate_P; header "gate");
-# 3: the gate's sequence latch (array gate_n_slots; header gate.tau_seq, null = never latches)
-FORMAT_VERSION = 3
-READ_VERSIONS = (1, 2, 3)  # version-1 files load as ungated memories, version-2 gates without a latch
+# 3: the gate's sequence latch (array gate_n_slots; header gate.tau_seq, null = never latches);
+# 4: header gate.token, whether the gate has a per-token gate (`Gate.token`)
+FORMAT_VERSION = 4
+# version-1 files load as ungated memories, version-2 gates without a latch; in version-2/3 files
+# the token gate is present when tau < TAU_OFF (a higher tau never fires: same outputs without it)
+READ_VERSIONS = (1, 2, 3, 4)
 
 
 class MemoryFileError(ValueError):
@@ -59,8 +62,8 @@ def save(mem: EditMemory, path: Union[str, os.PathLike], meta: Optional[dict] = 
 
     The file holds U, Dm, G, active (and gate_K, gate_mu, gate_P, gate_n_slots for a gated memory)
     and a JSON header (entry "meta"): format name and version, fingerprint, layer, module name, step,
-    alpha, q, lam, capacity, d_model, n_facts, gate ({"tau", "on", "tau_seq"} or null; tau_seq null
-    = the latch never fires), a sha256 of the arrays, and
+    alpha, q, lam, capacity, d_model, n_facts, gate ({"tau", "on", "tau_seq", "token"} or null;
+    tau_seq null = the latch never fires; token: has a per-token gate), a sha256 of the arrays, and
     the caller's `meta` (e.g. target_text, fact_ids; JSON-serialisable, keys must
     not clash with the reserved ones above).
     """
@@ -76,7 +79,7 @@ def save(mem: EditMemory, path: Union[str, os.PathLike], meta: Optional[dict] = 
     if mem.gate is not None:
         ts = np.inf if mem.gate.tau_seq is None else float(mem.gate.tau_seq)
         gate = {"tau": float(mem.gate.tau), "on": bool(mem.gate.on),
-                "tau_seq": None if not np.isfinite(ts) else ts}
+                "tau_seq": None if not np.isfinite(ts) else ts, "token": bool(mem.gate.token)}
     user = dict(meta or {})
     clash = sorted(set(user) & set(_RESERVED_V2))
     if clash:
@@ -148,8 +151,10 @@ def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None
     need = _GATE_ARRAYS if version >= 3 else _GATE_ARRAYS_V2
     if (gate_h is None and has_gate) or (gate_h is not None and sorted(has_gate) != sorted(need)):
         raise MemoryFileError(f"{path}: header gate {gate_h!r} and gate arrays {has_gate} disagree")
-    if gate_h is not None and not (isinstance(gate_h, dict) and {"tau", "on"} <= set(gate_h)):
-        raise MemoryFileError(f"{path}: header field gate must be {{'tau', 'on'}} or null, got {gate_h!r}")
+    need_h = {"tau", "on", "token"} if version >= 4 else {"tau", "on"}
+    if gate_h is not None and not (isinstance(gate_h, dict) and need_h <= set(gate_h)
+                                   and isinstance(gate_h.get("token", True), bool)):
+        raise MemoryFileError(f"{path}: header field gate must have {sorted(need_h)} or be null, got {gate_h!r}")
     want = {"U": (C, D), "Dm": (C, D), "G": (C, C), "active": (C,)}
     if gate_h is not None:
         R = arrays["gate_P"].shape[0] if arrays["gate_P"].ndim == 2 else -1
@@ -174,7 +179,8 @@ def load(path: Union[str, os.PathLike], expect_fingerprint: Optional[str] = None
         ts = gate_h.get("tau_seq")
         try:
             gate = make_gate(arrays["gate_K"], arrays["gate_mu"], arrays["gate_P"], gate_h["tau"], gate_h["on"],
-                             n_slots=arrays.get("gate_n_slots"), tau_seq=np.inf if ts is None else float(ts))
+                             n_slots=arrays.get("gate_n_slots"), tau_seq=np.inf if ts is None else float(ts),
+                             token=gate_h.get("token"))
         except (ValueError, TypeError) as e:
             raise MemoryFileError(f"{path}: bad gate fields ({e})") from None
     mem = from_arrays(arrays["U"], arrays["Dm"], arrays["G"], arrays["active"], header["lam"],
