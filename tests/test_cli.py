@@ -111,9 +111,9 @@ def test_every_option_has_help_with_its_default():
             assert "checkpoint" in a.help
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # optimized_compile: running the gate's 800 calibration rows dominates, not compiling
 def test_edit_then_eval_with_memory_and_a_mismatched_model(tiny_llada_dir, tiny_llada_var_dir, tmp_path, capsys,
-                                                          optimized_compile):  # the gate's 800 calibration rows dominate
+                                                          optimized_compile):
     rc, out, err = run(["edit", "--model", tiny_llada_dir, "--layer", "1", "--limit", "3", "--out", str(tmp_path),
                         "--no-progress"], capsys)
     assert rc == 0, err
