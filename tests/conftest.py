@@ -11,6 +11,11 @@ Reusable fixture names (session-scoped, built once, offline):
   tiny_torch           dict name -> (torch module, folder) for "llada", "llada_var", "moe", "dream",
                        "diffullama", for parity tests (weights equal the saved files)
   tiny_llada_var_dir   LLaDA layout with GQA (4/2), q/k/v biases and tied embeddings (no ff_out key)
+  optimized_compile    XLA's default optimisation inside one test (the suite compiles with LLVM at -O0)
+
+EarlyProcess: a subprocess a module fixture needs (the tiny benchmark run, the 4-device run), started
+right after collection when a selected test uses that fixture, so it runs on the second core while
+the in-process tests run; the fixture waits for it.
 
 Transformers 5.x Llama/Qwen2 become bidirectional when given a ready 4D attention mask: the mask
 code returns a 4D mask unchanged (masking_utils._preprocess_mask_arguments), and SDPA then runs
@@ -20,12 +25,26 @@ on padded keys); test_hf checks that a later token really changes earlier logits
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
+import time
 
 import numpy as np
 import pytest
 
 # torch is imported lazily (inside the helpers/fixtures) so test modules that never build a
 # torch model do not pay for the import.
+
+# Most of the suite's time is XLA compiling tiny programs, and on a CPU most of a compile is LLVM
+# optimising the generated code, which these tiny models never repay. JAX's own switch for that case,
+# jax_disable_most_optimizations, compiles with LLVM at -O0 and without its expensive passes (XLA's
+# HLO passes, fusion included, still run). Set through the environment before any test module imports
+# JAX, so the benchmark / sharding / CLI subprocesses inherit it; JAX_DISABLE_MOST_OPTIMIZATIONS=0
+# runs the suite with the default optimisation. Tests whose time is running a larger model rather
+# than compiling a tiny one turn it off with the `optimized_compile` fixture (and `optimized_env`
+# for their subprocesses).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 VOCAB = 320
 
@@ -350,3 +369,93 @@ def tiny_tofu_llada():
                       head_dim=16, d_ff=64, rope_theta=10000.0, mask_token_id=tok.mask_id,
                       pad_token_id=tok.eos_id, eos_token_id=tok.eos_id, max_seq_len=512)
     return init_params(jax.random.PRNGKey(0), cfg), cfg, tok
+
+
+@pytest.fixture
+def optimized_compile():
+    """XLA's default optimisation for the compiles inside this test: for tests whose time is running
+    a larger model (the packaged one), not compiling a tiny one (see JAX_DISABLE_MOST_OPTIMIZATIONS
+    at the top of this file). Programs already compiled keep the level they were compiled with."""
+    import jax
+
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def optimized_env(env: dict | None = None) -> dict:
+    """`env` (default os.environ) for a subprocess that runs a larger model: XLA's default optimisation."""
+    return {**(os.environ if env is None else env), "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
+
+
+# ------------------------------------------------------------------------------------------------
+# subprocesses started right after collection
+# ------------------------------------------------------------------------------------------------
+class EarlyProcess:
+    """A subprocess behind a module-scoped fixture (`fixture` of test module `module`): started by
+    `pytest_collection_modifyitems` when a selected test uses that fixture, so it runs on the second
+    core while the in-process tests (mostly single-threaded XLA compiles) run; `result()` starts it if
+    that has not happened and waits. stdout/stderr go to files in `self.dir` (a pipe nobody reads
+    could fill and stall the process); `argv(dir)` may write its outputs there too."""
+
+    registry: dict = {}
+
+    def __init__(self, module: str, fixture: str, argv, env: dict, timeout: float = 600.0):
+        self.module, self.fixture, self.argv, self.env, self.timeout = module, fixture, argv, env, timeout
+        self.proc = self.dir = self.t0 = None
+        EarlyProcess.registry[(module, fixture)] = self
+
+    def start(self):
+        if self.proc is None:
+            self.dir = tempfile.mkdtemp(prefix=f"early_{self.fixture}_")
+            cmd = self.argv(self.dir)
+            self._out = open(os.path.join(self.dir, "stdout.txt"), "w")
+            self._err = open(os.path.join(self.dir, "stderr.txt"), "w")
+            self.t0 = time.monotonic()
+            self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, text=True, env=self.env,
+                                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Wait for the process (within `timeout` of its start): CompletedProcess with its stdout/stderr."""
+        self.start()
+        try:
+            self.proc.wait(timeout=max(self.timeout - (time.monotonic() - self.t0), 1.0))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            self._out.close()
+            self._err.close()
+        with open(os.path.join(self.dir, "stdout.txt")) as f, open(os.path.join(self.dir, "stderr.txt")) as g:
+            return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, f.read(), g.read())
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _early_keys(item) -> set:
+    mod = getattr(getattr(item, "module", None), "__name__", None)
+    return {(mod, f) for f in getattr(item, "fixturenames", ())} & set(EarlyProcess.registry)
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection
+def pytest_collection_modifyitems(config, items):
+    """Start the early processes the selected tests need, and run those tests last (in their order),
+    so the processes have the rest of the suite's time to finish."""
+    early = [item for item in items if _early_keys(item)]
+    if not config.option.collectonly:
+        for key in set().union(*map(_early_keys, early)):
+            EarlyProcess.registry[key].start()
+    ids = {id(item) for item in early}
+    items[:] = [item for item in items if id(item) not in ids] + early
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc in EarlyProcess.registry.values():
+        proc.stop()

@@ -4,28 +4,32 @@ JAX runs compiled nothing, and where JAX and PyTorch compute the same thing (sam
 they agree: TIE arrays, captured keys/values and the ridge solve, generated tokens."""
 import json
 import os
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import EarlyProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 
 
+# one run serves every test here: --gate adds the gated rows of figures b and c to the same JSON
+# (test_gate_rows_...); --repeats 1 still leaves >= 1 steady run after the compile run, which is all
+# the assertions use. It starts right after collection (conftest.EarlyProcess) and runs beside the
+# in-process tests.
+RUN_ALL = EarlyProcess(__name__, "results", lambda out: [
+    sys.executable, os.path.join(BENCH, "run_all.py"), "--tiny", "--out", out, "--repeats", "1",
+    "--figure-args", "b=--gate", "--figure-args", "cd=--gate", "--tie-layout", "unstacked"],
+    env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("bench"))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    # one run serves every test here: --gate adds the gated rows of figures b and c to the same
-    # JSON (test_gate_rows_...); --repeats 1 still leaves >= 1 steady run after the compile run,
-    # which is all the assertions use
-    p = subprocess.run([sys.executable, os.path.join(BENCH, "run_all.py"), "--tiny", "--out", out, "--repeats", "1",
-                        "--figure-args", "b=--gate", "--figure-args", "cd=--gate", "--tie-layout", "unstacked"],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+def results():
+    p = RUN_ALL.result()
+    out = RUN_ALL.dir
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     figs = {}
     for name in ("ceiling", "fig_a_tie", "fig_b_install", "fig_c_generate", "fig_d_memory", "tie_screen", "run_all"):

@@ -5,11 +5,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
 import pytest
+from conftest import EarlyProcess
 
 
 from timerome_jax import cli
@@ -134,8 +134,9 @@ def test_layout_option_on_every_loading_command_reaches_the_loader(monkeypatch, 
     assert_one_line_error(rc, err, "argument --layout: invalid choice: 'rolled'")
 
 
-@pytest.mark.slow
-def test_edit_then_eval_with_memory_and_a_mismatched_model(tiny_llada_dir, tiny_llada_var_dir, tmp_path, capsys):
+@pytest.mark.slow  # optimized_compile: running the gate's 800 calibration rows dominates, not compiling
+def test_edit_then_eval_with_memory_and_a_mismatched_model(tiny_llada_dir, tiny_llada_var_dir, tmp_path, capsys,
+                                                          optimized_compile):
     rc, out, err = run(["edit", "--model", tiny_llada_dir, "--layer", "1", "--limit", "3", "--out", str(tmp_path),
                         "--no-progress"], capsys)
     assert rc == 0, err
@@ -213,14 +214,30 @@ def test_eval_with_retain_cache(tiny, tmp_path, capsys):
     assert "reference_override: true" in (out / "eval_forget05_summary.md").read_text()
 
 
+# the real command, without and with --debug, on a missing folder inside each process's own folder;
+# started right after collection (conftest.EarlyProcess), beside the in-process tests
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+CLI_PLAIN = EarlyProcess(__name__, "cli_plain", lambda d: [sys.executable, "-m", "timerome_jax.cli", "eval", "--model",
+                                                           os.path.join(d, "nope")], env=_ENV, timeout=300)
+CLI_DEBUG = EarlyProcess(__name__, "cli_debug", lambda d: [sys.executable, "-m", "timerome_jax.cli", "--debug", "eval",
+                                                           "--model", os.path.join(d, "nope")], env=_ENV, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cli_plain():
+    return CLI_PLAIN.result(), os.path.join(CLI_PLAIN.dir, "nope")
+
+
+@pytest.fixture(scope="module")
+def cli_debug():
+    return CLI_DEBUG.result()
+
+
 @pytest.mark.slow
-def test_installed_command_exit_status_and_stderr(tmp_path):
-    nope = str(tmp_path / "nope")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "timerome_jax.cli", "eval", "--model", nope], capture_output=True,
-                       text=True, env=env, timeout=300)
+def test_installed_command_exit_status_and_stderr(cli_plain, cli_debug):
+    r, nope = cli_plain
     assert r.returncode == 1
     assert r.stderr == f"error: model folder {nope} does not exist\n"
-    r = subprocess.run([sys.executable, "-m", "timerome_jax.cli", "--debug", "eval", "--model", nope],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = cli_debug
     assert r.returncode != 0 and "Traceback" in r.stderr and "FileNotFoundError" in r.stderr

@@ -3,11 +3,17 @@ differences through the plain patch mechanism), the candidate-restricted exact s
 sweep on those cells, and on the packaged model the screen ranks cells like the exact sweep and
 screen + exact top-k selects Eq. 5's coordinate."""
 
+import json
+import os
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from conftest import EarlyProcess, optimized_env
 
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene, Patch
@@ -20,6 +26,7 @@ _forward = jax.jit(forward, static_argnames=("cfg",))
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_ff=64,
                   mask_token_id=63, pad_token_id=0, eos_token_id=0, max_seq_len=64)
 TC = tr.TraceConfig(steps=3, n_noise=1, chunk=5, tau=0.7)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +109,48 @@ def test_top_candidates_and_select_screened():
         sc.top_candidates(est, 0.0)
 
 
-@pytest.mark.slow
-def test_packaged_model_rank_correlation_and_selection():
+# The packaged 6-layer model: 4 facts (47 tokens) instead of 8 (110): still 144 cells to rank, and
+# the check still bites: with n_noise=1 the screen picks another layer than the exact sweep on these
+# facts. Running the model (not compiling) dominates, so it runs with XLA's default optimisation, in a
+# process started right after collection (conftest.EarlyProcess) beside the in-process tests; the
+# assertions are made here.
+PACKAGED = textwrap.dedent(r"""
+    import json
+    import numpy as np
     from timerome_jax.backbone.checkpoint import load_model_with_tokenizer
     from timerome_jax.backbone.tokenizer import eos_or_default
     from timerome_jax.method import facts as F
+    from timerome_jax.method import screen as sc
+    from timerome_jax.method import trace as tr
     from timerome_jax.tofu.models import DEFAULT_MODEL
 
     params, cfg, tok = load_model_with_tokenizer(str(DEFAULT_MODEL), "float32", "xla", 1)
-    # 4 facts (47 tokens) instead of 8 (110): still 144 cells to rank, and the check still bites:
-    # with n_noise=1 the screen picks another layer than the exact sweep on these facts
     facts = F.load_facts(tok, "forget01", eos_or_default(tok, cfg), limit=4, require_subject=True)
     fb = F.fact_batch(facts, cfg)
     tcfg = tr.TraceConfig()
     exact = tr.trace(params, cfg, fb, tcfg)
     st = sc.screen_and_trace(params, cfg, fb, tcfg, top_frac=0.05)
-    rho = spearmanr(np.abs(st.estimate).mean(0).ravel(), np.abs(exact.tie_bar).mean(0).ravel()).correlation
+    print("RESULT " + json.dumps({
+        "estimate": np.abs(st.estimate).mean(0).tolist(), "tie_bar": np.abs(exact.tie_bar).mean(0).tolist(),
+        "screened_coord": list(sc.select_screened(st)[0]), "exact_coord": list(tr.select(exact.tie_bar)[0])}))
+""")
+PACKAGED_RUN = EarlyProcess(__name__, "packaged", lambda _: [sys.executable, "-c", PACKAGED], env=optimized_env({
+    **os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}))
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    p = PACKAGED_RUN.result()
+    assert p.returncode == 0, p.stderr[-6000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_packaged_model_rank_correlation_and_selection(packaged):
+    est, exact = np.asarray(packaged["estimate"]), np.asarray(packaged["tie_bar"])
+    assert est.shape == exact.shape == (3, 6, tr.TraceConfig().steps)  # every cell of the model ranked
+    rho = spearmanr(est.ravel(), exact.ravel()).correlation
     assert rho >= 0.9, rho
-    assert sc.select_screened(st)[0] == tr.select(exact.tie_bar)[0]
+    assert packaged["screened_coord"] == packaged["exact_coord"]

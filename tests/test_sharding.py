@@ -8,7 +8,6 @@ and reports its numbers as JSON; the assertions are made here.
 """
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -16,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from conftest import EarlyProcess
 
 from timerome_jax.method import sharding
 
@@ -92,11 +92,16 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
+# started right after collection (conftest.EarlyProcess): it runs beside the in-process tests;
+# the suite's other XLA settings (JAX_DISABLE_MOST_OPTIMIZATIONS) come with os.environ
+FOUR_DEVICES = EarlyProcess(__name__, "four_devices", lambda _: [sys.executable, "-c", SCRIPT], env={
+    **os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
+
+
 @pytest.fixture(scope="module")
 def four_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    p = FOUR_DEVICES.result()
     assert p.returncode == 0, p.stderr[-6000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, p.stdout[-3000:] + p.stderr[-3000:]

@@ -9,6 +9,9 @@ and the top kernels with their total time and count. The raw traces stay in --tr
 
     python benchmarks/probes/profile_summary.py --out /tmp/prof.json --trace-dir /tmp/prof   # GPU
     python benchmarks/probes/profile_summary.py --out /tmp/prof.json --trace-dir /tmp/prof --tiny
+
+--what edit: instead, a batch-1 generation in the unstacked layout without and with an |F| = 400,
+q = 4 edit at --layer (resid, every step), and the kernels whose summed time the edit changes most.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.backbone.intervene import Intervene  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.method import capture as cap_lib  # noqa: E402
 
@@ -81,11 +86,15 @@ def main(argv=None):
     ap.add_argument("--trace-dir", required=True)
     ap.add_argument("--layer", type=int, default=19)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--what", default="floors", choices=("floors", "edit"))
+    ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args(argv)
     cfg = C.model_config(args.tiny)
     layer = min(args.layer, cfg.n_layers - 1)
     params = C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny))
     rng = np.random.default_rng(1)
+    if args.what == "edit":
+        return edit_profile(args, cfg, layer, params, rng)
     T = 128
     toks = C.random_tokens(rng, (2, T), cfg)
     pos = np.tile(np.arange(8, dtype=np.int32), (2, 1))
@@ -104,6 +113,38 @@ def main(argv=None):
     up = model_lib.unstack(params, consume=True)
     del params
     profiled("capture_f1_unstacked", lambda: cap_lib.capture(up, cfg, b, layer, "resid"), args.trace_dir, rec)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+def edit_profile(args, cfg, layer, params, rng):
+    up = model_lib.unstack(params, consume=True)
+    u, v_o, v_t = (rng.standard_normal((400, cfg.d_model)).astype(np.float32) for _ in range(3))
+    mem = mem_lib.build(u, 0.1 * v_o, 0.1 * v_t, lam=0.1 * cfg.d_model, alpha=1.0, q=4, layer=layer, module="resid",
+                        step=-1, fingerprint="probe")
+    prompt = C.random_tokens(rng, (1, 64), cfg)
+    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
+    scfg = sampler.SamplerConfig(steps=args.steps)
+    rec = {"device": jax.devices()[0].device_kind, "shape": C.shape_info(cfg), "layer": layer, "steps": args.steps}
+    iv = Intervene(edit=mem)
+    profiled("generate_b1_unstacked_no_edit", lambda: sampler.generate(up, cfg, scfg, x, pad, pm, 0), args.trace_dir, rec)
+    profiled("generate_b1_unstacked_edit", lambda: sampler.generate(up, cfg, scfg, x, pad, pm, 0, iv), args.trace_dir,
+             rec)
+    a = {k["name"]: k for k in kernel_summary(os.path.join(args.trace_dir, "generate_b1_unstacked_no_edit"), 400)["top"]}
+    b = {k["name"]: k for k in kernel_summary(os.path.join(args.trace_dir, "generate_b1_unstacked_edit"), 400)["top"]}
+    diff = [{"name": n, "us_no_edit": a.get(n, {}).get("us", 0.0), "us_edit": b.get(n, {}).get("us", 0.0),
+             "count_no_edit": a.get(n, {}).get("count", 0), "count_edit": b.get(n, {}).get("count", 0)}
+            for n in set(a) | set(b)]
+    diff.sort(key=lambda d: -abs(d["us_edit"] - d["us_no_edit"]))
+    rec["kernel_diff_top"] = diff[:25]
+    e, n = rec["generate_b1_unstacked_edit"], rec["generate_b1_unstacked_no_edit"]
+    rec["per_step_us"] = {"wall_no_edit": n["wall_us"] / args.steps, "wall_edit": e["wall_us"] / args.steps,
+                          "kernels_no_edit": n["kernel_us_total"] / args.steps,
+                          "kernels_edit": e["kernel_us_total"] / args.steps}
+    print("[profile] per step (us):", json.dumps(rec["per_step_us"]), flush=True)
+    for d in diff[:12]:
+        print(f"[profile]   {d['name'][:70]}: {d['us_no_edit']:.0f} -> {d['us_edit']:.0f} us "
+              f"({d['count_no_edit']} -> {d['count_edit']})", flush=True)
     with open(args.out, "w") as f:
         json.dump(rec, f, indent=1)
 
