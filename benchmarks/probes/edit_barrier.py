@@ -1,0 +1,101 @@
+"""Probe: does fencing the edit off from XLA's fusion decisions cut its batch-1 overhead?
+
+Unstacked layout, LLaDA-8B shape (--layers layers), batch 1, prompt 64 + 64 new tokens, --steps
+steps, an |F| = 400, q = 4 edit at layer 19 resid. Variants of `intervene.apply_edit` swapped in
+before tracing: `plain` (the library's) and `barrier` (the edit's input and output pass through
+`lax.optimization_barrier`, so the layers around it compile as they do without an edit). Each is
+timed against no edit in interleaved pairs. Writes --out (JSON) and prints one line per variant.
+
+    python benchmarks/probes/edit_barrier.py --out /tmp/eb.json            # GPU
+    python benchmarks/probes/edit_barrier.py --out /tmp/eb.json --tiny     # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timerome_jax.backbone import intervene as iv_lib  # noqa: E402
+from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.backbone.intervene import Intervene  # noqa: E402
+from timerome_jax.diffusion import sampler  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
+
+LIBRARY = iv_lib.apply_edit
+
+
+def fenced(h, edit, step, module):
+    if edit is None or edit.module != module:
+        return h
+    return jax.lax.optimization_barrier(LIBRARY(jax.lax.optimization_barrier(h), edit, step, module))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = C.model_config(args.tiny)
+    if not args.tiny:
+        cfg = cfg.replace(n_layers=args.layers)
+    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
+    layer = min(19, cfg.n_layers - 1)
+    rng = np.random.default_rng(1)
+    u, v_o, v_t = (rng.standard_normal((400, cfg.d_model)).astype(np.float32) for _ in range(3))
+    mem = mem_lib.build(u, 0.1 * v_o, 0.1 * v_t, lam=0.1 * cfg.d_model, alpha=1.0, q=4, layer=layer,
+                        module="resid", step=-1, fingerprint="probe")
+    prompt = C.random_tokens(rng, (1, 64), cfg)
+    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
+    scfg = sampler.SamplerConfig(steps=args.steps)
+    sched = sampler.schedule(x, pad, cfg, scfg)
+    key = jax.random.key(3)
+
+    def compiled(iv):
+        return sampler.generate_scan.lower(up, x, pad, pm, sched, key, iv, cfg=cfg, scfg=scfg,
+                                           return_history=False).compile()
+
+    base = compiled(None)
+    iv = Intervene(edit=mem)
+    rec = {"device": jax.devices()[0].device_kind, "layers": cfg.n_layers, "steps": args.steps, "variants": {}}
+    toks = {}
+    for name, fn in (("plain", LIBRARY), ("barrier", fenced)):
+        model_lib.apply_edit = fn
+        jax.clear_caches()
+        try:
+            t0 = time.perf_counter()
+            prog = compiled(iv)
+            comp = time.perf_counter() - t0
+        finally:
+            model_lib.apply_edit = LIBRARY
+        C.block(base(up, x, pad, pm, sched, key, None))
+        C.block(prog(up, x, pad, pm, sched, key, iv))
+        mn, me, ratios = C.measure_pair(lambda: base(up, x, pad, pm, sched, key, None),
+                                        lambda: prog(up, x, pad, pm, sched, key, iv), want=args.repeats)
+        toks[name] = np.asarray(me["out"]).tolist()
+        v = {"compile_s": comp, "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
+             "step_ms_edit": 1e3 * me["steady_s"] / args.steps, "n_pairs": len(ratios),
+             "overhead_pct_median_pair": 100 * (float(np.median(ratios)) - 1),
+             "overhead_pct_of_medians": 100 * (me["steady_s"] / mn["steady_s"] - 1)}
+        rec["variants"][name] = v
+        print(f"[edit_barrier] {name}: {v['step_ms_no_edit']:.3f} -> {v['step_ms_edit']:.3f} ms, overhead "
+              f"{v['overhead_pct_median_pair']:.2f}% (pairs) / {v['overhead_pct_of_medians']:.2f}% (medians)", flush=True)
+    rec["tokens_equal"] = toks["plain"] == toks["barrier"]
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+    print(json.dumps(rec))
+
+
+if __name__ == "__main__":
+    main()
