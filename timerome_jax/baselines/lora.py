@@ -53,25 +53,23 @@ def init(key, params, rank: int, targets: Sequence[str] = DEFAULT_TARGETS, alpha
     return {"A": A, "B": B, "scale": jnp.float32(scale)}
 
 
+def _merged(w, a, b, scale):
+    """w + scale * a @ b in float32, cast back to w's dtype; a [..., Din, r], b [..., r, Dout] with
+    the same leading axes as w (one layer, or all L)."""
+    d = jnp.einsum("...dr,...rf->...df", a.astype(jnp.float32), b.astype(jnp.float32))
+    return (w.astype(jnp.float32) + scale * d).astype(w.dtype)
+
+
 def merge(params, adapter: dict):
     """New params (same layout) with W + scale * A @ B on the adapter's matrices (A [L,Din,r],
     B [L,r,Dout]; the input tree is not modified)."""
+    A, B, scale = adapter["A"], adapter["B"], adapter["scale"]
     if model.is_unstacked(params):  # per layer: no [L, ...] stack of the weights is built
-        layers = [dict(lp) for lp in params["layers"]]
-        for name, a in adapter["A"].items():
-            for l, lp in enumerate(layers):
-                w = lp[name]
-                d = a[l].astype(jnp.float32) @ adapter["B"][name][l].astype(jnp.float32)
-                lp[name] = (w.astype(jnp.float32) + adapter["scale"] * d).astype(w.dtype)
-        return dict(params, layers=layers)
-    layers = dict(params["layers"])
-    for name, a in adapter["A"].items():
-        w = layers[name]
-        d = jnp.einsum("ldr,lrf->ldf", a.astype(jnp.float32), adapter["B"][name].astype(jnp.float32))
-        layers[name] = (w.astype(jnp.float32) + adapter["scale"] * d).astype(w.dtype)
-    out = dict(params)
-    out["layers"] = layers
-    return out
+        layers = [dict(lp, **{n: _merged(lp[n], A[n][l], B[n][l], scale) for n in A})
+                  for l, lp in enumerate(params["layers"])]
+    else:
+        layers = dict(params["layers"], **{n: _merged(params["layers"][n], A[n], B[n], scale) for n in A})
+    return dict(params, layers=layers)
 
 
 def n_params(adapter: dict) -> int:
