@@ -24,6 +24,7 @@ on padded keys); test_hf checks that a later token really changes earlier logits
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -430,6 +431,15 @@ class EarlyProcess:
             self._err.close()
         with open(os.path.join(self.dir, "stdout.txt")) as f, open(os.path.join(self.dir, "stderr.txt")) as g:
             return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, f.read(), g.read())
+
+    def json_result(self) -> dict:
+        """For a script that prints its outcome as one line "RESULT <json>": wait, check that it
+        exited 0 and printed that line, and return the parsed JSON of its last such line."""
+        p = self.result()
+        assert p.returncode == 0, p.stderr[-6000:]
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert line, p.stdout[-3000:] + p.stderr[-3000:]
+        return json.loads(line[-1][len("RESULT "):])
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -3,7 +3,6 @@ differences through the plain patch mechanism), the candidate-restricted exact s
 sweep on those cells, and on the packaged model the screen ranks cells like the exact sweep and
 screen + exact top-k selects Eq. 5's coordinate."""
 
-import json
 import os
 import sys
 import textwrap
@@ -140,11 +139,7 @@ PACKAGED_RUN = EarlyProcess(__name__, "packaged", lambda _: [sys.executable, "-c
 
 @pytest.fixture(scope="module")
 def packaged():
-    p = PACKAGED_RUN.result()
-    assert p.returncode == 0, p.stderr[-6000:]
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert line, p.stdout[-3000:] + p.stderr[-3000:]
-    return json.loads(line[-1][len("RESULT "):])
+    return PACKAGED_RUN.json_result()
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ JAX fixes its device count when it starts, and other tests have started it alrea
 multi-device part runs in a fresh interpreter with XLA_FLAGS=--xla_force_host_platform_device_count=4
 and reports its numbers as JSON; the assertions are made here.
 """
-import json
 import os
 import sys
 import textwrap
@@ -101,11 +100,7 @@ FOUR_DEVICES = EarlyProcess(__name__, "four_devices", lambda _: [sys.executable,
 
 @pytest.fixture(scope="module")
 def four_devices():
-    p = FOUR_DEVICES.result()
-    assert p.returncode == 0, p.stderr[-6000:]
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert line, p.stdout[-3000:] + p.stderr[-3000:]
-    return json.loads(line[-1][len("RESULT "):])
+    return FOUR_DEVICES.json_result()
 
 
 @pytest.mark.slow
