@@ -15,19 +15,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from generation_ab import timed_variants  # noqa: E402
 from timerome_jax.backbone import intervene as iv_lib  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
-from timerome_jax.backbone.intervene import Intervene  # noqa: E402
-from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
 
 LIBRARY = iv_lib.apply_edit
@@ -56,35 +54,13 @@ def main(argv=None):
     u, v_o, v_t = (rng.standard_normal((400, cfg.d_model)).astype(np.float32) for _ in range(3))
     mem = mem_lib.build(u, 0.1 * v_o, 0.1 * v_t, lam=0.1 * cfg.d_model, alpha=1.0, q=4, layer=layer,
                         module="resid", step=-1, fingerprint="probe")
-    prompt = C.random_tokens(rng, (1, 64), cfg)
-    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
-    scfg = sampler.SamplerConfig(steps=args.steps)
-    sched = sampler.schedule(x, pad, cfg, scfg)
-    key = jax.random.key(3)
-
-    def compiled(iv):
-        return sampler.generate_scan.lower(up, x, pad, pm, sched, key, iv, cfg=cfg, scfg=scfg,
-                                           return_history=False).compile()
-
-    base = compiled(None)
-    iv = Intervene(edit=mem)
     rec = {"device": jax.devices()[0].device_kind, "layers": cfg.n_layers, "steps": args.steps, "variants": {}}
     toks = {}
-    for name, fn in (("plain", LIBRARY), ("barrier", fenced)):
-        model_lib.apply_edit = fn
-        jax.clear_caches()
-        try:
-            t0 = time.perf_counter()
-            prog = compiled(iv)
-            comp = time.perf_counter() - t0
-        finally:
-            model_lib.apply_edit = LIBRARY
-        C.block(base(up, x, pad, pm, sched, key, None))
-        C.block(prog(up, x, pad, pm, sched, key, iv))
-        mn, me, ratios = C.measure_pair(lambda: base(up, x, pad, pm, sched, key, None),
-                                        lambda: prog(up, x, pad, pm, sched, key, iv), want=args.repeats)
+    for r in timed_variants(up, cfg, mem, args.steps, model_lib, "apply_edit", {"plain": LIBRARY, "barrier": fenced},
+                            args.repeats, rng):
+        name, mn, me, ratios = r["name"], r["no_edit"], r["edit"], r["ratios"]
         toks[name] = np.asarray(me["out"]).tolist()
-        v = {"compile_s": comp, "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
+        v = {"compile_s": r["compile_s"], "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
              "step_ms_edit": 1e3 * me["steady_s"] / args.steps, "n_pairs": len(ratios),
              "overhead_pct_median_pair": 100 * (float(np.median(ratios)) - 1),
              "overhead_pct_of_medians": 100 * (me["steady_s"] / mn["steady_s"] - 1)}

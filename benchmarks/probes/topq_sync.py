@@ -18,18 +18,17 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from generation_ab import timed_variants  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
-from timerome_jax.backbone.intervene import Intervene  # noqa: E402
-from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
 
 LIBRARY_TOP_Q = mem_lib.top_q
@@ -74,44 +73,19 @@ def main(argv=None):
     mem = mem_lib.build(*(np.random.default_rng(1).standard_normal((3, args.facts, cfg.d_model)).astype(np.float32)),
                         lam=float(cfg.d_model), alpha=1.0, q=4, layer=layer, module="resid", step=-1,
                         fingerprint="probe")
-    rng = np.random.default_rng(2)
-    prompt = C.random_tokens(rng, (1, 64), cfg)
-    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
-    scfg = sampler.SamplerConfig(steps=args.steps)
-    sched = sampler.schedule(x, pad, cfg, scfg)
-    key = jax.random.key(3)
-
-    def compiled(iv):
-        return sampler.generate_scan.lower(params, x, pad, pm, sched, key, iv, cfg=cfg, scfg=scfg,
-                                           return_history=False).compile()
-
-    t0 = time.perf_counter()
-    base = compiled(None)
     rec = {"device": jax.devices()[0].device_kind, "layers": cfg.n_layers, "steps": args.steps, "facts": args.facts,
-           "no_edit_compile_s": time.perf_counter() - t0, "variants": {}}
-    iv = Intervene(edit=mem)
-    for name, fn in VARIANTS.items():
-        mem_lib.top_q = fn
-        jax.clear_caches()  # the traced program is cached per function, not per the top_q it inlined
-        try:
-            t0 = time.perf_counter()
-            prog = compiled(iv)
-            comp_s = time.perf_counter() - t0
-        finally:
-            mem_lib.top_q = LIBRARY_TOP_Q
-        n_cond = prog.as_text().count(" conditional(")
-        C.block(base(params, x, pad, pm, sched, key, None))
-        C.block(prog(params, x, pad, pm, sched, key, iv))
-        mn, me, ratios = C.measure_pair(lambda: base(params, x, pad, pm, sched, key, None),
-                                        lambda: prog(params, x, pad, pm, sched, key, iv), want=args.repeats)
-        rec["variants"][name] = {"compile_s": comp_s, "conditionals_in_hlo": n_cond,
+           "variants": {}}
+    for r in timed_variants(params, cfg, mem, args.steps, mem_lib, "top_q", VARIANTS, args.repeats,
+                            np.random.default_rng(2)):
+        name, mn, me, n_cond = r["name"], r["no_edit"], r["edit"], r["program"].as_text().count(" conditional(")
+        rec["variants"][name] = {"compile_s": r["compile_s"], "conditionals_in_hlo": n_cond,
                                  "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
                                  "step_ms_edit": 1e3 * me["steady_s"] / args.steps,
-                                 "overhead_pct_median_ratio": 100 * (float(np.median(ratios)) - 1),
+                                 "overhead_pct_median_ratio": 100 * (float(np.median(r["ratios"])) - 1),
                                  "tokens": np.asarray(me["out"]).tolist()}
         v = rec["variants"][name]
         print(f"[topq] {name}: conditionals {n_cond}, step {v['step_ms_no_edit']:.3f} -> {v['step_ms_edit']:.3f} ms, "
-              f"overhead {v['overhead_pct_median_ratio']:.2f}% (compile {comp_s:.1f} s)", flush=True)
+              f"overhead {v['overhead_pct_median_ratio']:.2f}% (compile {r['compile_s']:.1f} s)", flush=True)
     toks = {k: v.pop("tokens") for k, v in rec["variants"].items()}
     rec["tokens_equal_to_cond"] = {k: toks[k] == toks["cond"] for k in toks}
     with open(args.out, "w") as f:
