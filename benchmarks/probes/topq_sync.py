@@ -3,9 +3,11 @@
 Unstacked layout (one array per layer, unrolled layer loop), LLaDA-8B width with --layers layers,
 batch 1, prompt 64 + 64 generated tokens, --steps denoising steps, edit |F| = 400, q = 4 at the
 middle layer. Variants of `memory.top_q` swapped in before tracing:
-  cond    the library's (a `lax.cond` between top_k and a full sort when C > TOPQ_FAST)
-  select  both thresholds computed, `jnp.where` picks (no conditional)
-  sort    the full sort only
+  cond     a `lax.cond` between top_k and a full sort when C > TOPQ_FAST (the library's before
+           it chose per platform)
+  select   both thresholds computed, `jnp.where` picks (no conditional)
+  sort     the full sort only
+  library  `memory.top_q` as it is now (per platform: on GPU the sort for C > TOPQ_FAST)
 Prints per-variant step time, the edit's overhead over no edit (paired runs) and how many
 `conditional` ops each compiled program holds; writes the same as JSON to --out.
 
@@ -31,31 +33,33 @@ from generation_ab import timed_variants  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
 
-LIBRARY_TOP_Q = mem_lib.top_q
+def _thresholded(thr_fn):
+    """A top_q whose q-th largest |c| comes from thr_fn(a, q, n, k) (the keep rule is top_q's)."""
+    def top_q(c, q):
+        q = jnp.asarray(q, jnp.int32)
+        a = jnp.abs(c)
+        n = c.shape[-1]
+        thr = thr_fn(a, q, n, min(n, mem_lib.TOPQ_FAST))
+        keep = (q <= 0) | (a >= thr[..., None])
+        return jnp.where(keep, c, jnp.zeros_like(c))
+    return top_q
 
 
-def top_q_select(c, q):
-    q = jnp.asarray(q, jnp.int32)
-    a = jnp.abs(c)
-    n = c.shape[-1]
-    k = min(n, mem_lib.TOPQ_FAST)
-    fast = jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(q - 1, 0, k - 1), axis=-1)
-    srt = jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
-    thr = jnp.where(q <= k, fast, srt)
-    keep = (q <= 0) | (a >= thr[..., None])
-    return jnp.where(keep, c, jnp.zeros_like(c))
+def _fast(a, q, n, k):
+    return jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(q - 1, 0, k - 1), axis=-1)
 
 
-def top_q_sort(c, q):
-    q = jnp.asarray(q, jnp.int32)
-    a = jnp.abs(c)
-    n = c.shape[-1]
-    thr = jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
-    keep = (q <= 0) | (a >= thr[..., None])
-    return jnp.where(keep, c, jnp.zeros_like(c))
+def _sorted(a, q, n, k):
+    return jnp.take(jnp.sort(a, axis=-1), jnp.clip(n - q, 0, n - 1), axis=-1)
 
 
-VARIANTS = {"cond": LIBRARY_TOP_Q, "select": top_q_select, "sort": top_q_sort}
+top_q_cond = _thresholded(lambda a, q, n, k: _fast(a, q, n, k) if k == n else jax.lax.cond(
+    q <= k, lambda a, q: _fast(a, q, n, k), lambda a, q: _sorted(a, q, n, k), a, q))
+top_q_select = _thresholded(lambda a, q, n, k: jnp.where(q <= k, _fast(a, q, n, k), _sorted(a, q, n, k)))
+top_q_sort = _thresholded(_sorted)
+
+
+VARIANTS = {"cond": top_q_cond, "select": top_q_select, "sort": top_q_sort, "library": mem_lib.top_q}
 
 
 def main(argv=None):
