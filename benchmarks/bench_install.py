@@ -71,9 +71,8 @@ def cloze_batch(arrs: dict, n: int) -> cap_lib.ClozeBatch:
 
 
 def jax_capture(params, cfg, cb, layer, module, chunk):
-    """memory.capture, results on the host (as pipeline.install)."""
-    u, v_o, v_t = cap_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
-    return tuple(np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
+    """capture.capture (results on the host, as pipeline.install uses them)."""
+    return cap_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
 
 
 def jax_solve(u, v_o, v_t, layer, module, alpha, q, fingerprint):

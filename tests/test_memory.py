@@ -363,6 +363,33 @@ def test_capture_equals_full_run_read(params, layer, module):
     assert not np.allclose(want_vo, want_vt)
 
 
+@pytest.mark.parametrize("field,name", [("subj_valid", "subject"), ("obj_valid", "object"), ("tgt_valid", "target")])
+def test_capture_names_facts_without_positions(params, field, name):
+    # the check runs inside the jitted capture (no host sync before it): the error still names the
+    # facts and the field, for one chunk and for a padded multi-chunk run, and for the slot keys
+    b = cloze_batch()
+    bad = dataclasses.replace(b, **{field: getattr(b, field).at[jnp.asarray([1, 3])].set(False)})
+    for chunk in (16, 2):
+        with pytest.raises(ValueError, match=rf"facts \[1, 3\] have no valid {name} positions"):
+            CAP.capture(params, CFG, bad, 1, "resid", chunk=chunk)
+    with pytest.raises(ValueError, match=rf"facts \[1, 3\] have no valid {name} positions"):
+        CAP.capture_slot_keys(params, CFG, bad, 1, "resid")
+
+
+def test_memory_reaches_the_device_the_same_packed_or_not(monkeypatch):
+    # small memories go to the device as one packed buffer; larger ones array by array
+    rng = np.random.default_rng(7)
+    kw = dict(lam=0.7, alpha=-2.5, q=3, layer=1, module="mlp", step=5, capacity=6, fingerprint="x")
+    packed = M.build(*rng.normal(size=(3, 4, 32)), **kw)
+    monkeypatch.setattr(M, "PACK_MAX_FLOATS", 0)
+    direct = M.build(*np.stack([np.asarray(packed.U)[:4], np.zeros((4, 32)), np.asarray(packed.Dm)[:4]]), **kw)
+    for f in ("U", "Dm", "G", "W", "active", "alpha", "q", "lam", "step"):
+        a, b = getattr(packed, f), getattr(direct, f)
+        assert a.dtype == b.dtype and a.shape == b.shape, f
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f)
+    assert int(packed.q) == 3 and int(packed.step) == 5 and np.asarray(packed.active).tolist() == [True] * 4 + [False] * 2
+
+
 # --------------------------------------------------------------------------------------------
 # save / load
 # --------------------------------------------------------------------------------------------

@@ -101,8 +101,7 @@ def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinat
         raise ValueError(f"install: lambda must be > 0, got {lam}")
     t0 = time.perf_counter()
     cb = F.cloze_batch(facts, tokenizer, cfg, target_text)
-    u, v_o, v_t = cap_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)
-    u, v_o, v_t = (np.asarray(jax.block_until_ready(a)) for a in (u, v_o, v_t))
+    u, v_o, v_t = cap_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)  # on the host
     t1 = time.perf_counter()
     lam = default_lam(u) if lam is None else float(lam)
     gate_kw, extra = {}, {}

@@ -148,9 +148,15 @@ def _pad_to(a, width: int, fill):
     return jnp.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
 
 
+FIELDS = ("subject", "object", "target")
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "layer", "module"))
 def capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: int):
-    """Eqs. 6-8 for one chunk (jitted; module an int id): `b` of N facts -> (u, v_o, v_t) [N,D] f32."""
+    """Eqs. 6-8 for one chunk (jitted; module an int id): `b` of N facts -> (uvv [N,3,D] f32: u, v_o,
+    v_t per fact; empty [N,3] bool: the fact has no valid subject / object / target position).
+    One packed output (and the validity check computed here, not on the host before the call), so
+    a capture brings its results to the host in one transfer (`finish_capture`)."""
     # the original and target sequences go through ONE forward of 2N rows (padded to one length):
     # at small N the capture is bound by reading the weights, so one pass instead of two halves it
     name = MODULES[module]
@@ -167,36 +173,55 @@ def capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: i
     u = _masked_mean(acts_o[:, :n_s], b.subj_valid)
     v_o = _masked_mean(acts_o[:, n_s: pos_o.shape[1]], b.obj_valid)
     v_t = _masked_mean(acts_t, b.tgt_valid)
-    return u, v_o, v_t
+    empty = jnp.stack([~jnp.any(v, axis=1) for v in (b.subj_valid, b.obj_valid, b.tgt_valid)], axis=1)
+    return jnp.stack([u, v_o, v_t], axis=1), empty
 
 
-def check_capture(cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str]) -> int:
-    """Validate a capture request (shared with `sharding.capture`); returns the module id."""
+def check_capture(cfg: ModelConfig, layer: int, module: Union[int, str]) -> int:
+    """Validate a capture's coordinate (shared with `sharding.capture`); returns the module id.
+    Facts without valid positions are reported by `finish_capture` (the check runs in the capture)."""
     m = module_id(module)
     if not 0 <= layer < cfg.n_layers:
         raise ValueError(f"capture: layer {layer} out of range for a {cfg.n_layers}-layer model")
-    for name, valid in (("subject", batch.subj_valid), ("object", batch.obj_valid),
-                        ("target", batch.tgt_valid)):
-        empty_rows = np.flatnonzero(~np.asarray(valid).any(axis=1))
-        if empty_rows.size:
-            raise ValueError(f"capture: facts {empty_rows.tolist()} have no valid {name} positions")
     return m
+
+
+def finish_capture(uvv, empty) -> tuple:
+    """`capture_chunk`'s outputs (uvv [N,3,D], empty [N,3]) -> (u, v_o, v_t) [N,D] float32 NumPy,
+    in one transfer; raises if a fact had no valid subject, object or target positions."""
+    uvv, empty = jax.device_get((uvv, empty))
+    for j, name in enumerate(FIELDS):
+        rows = np.flatnonzero(empty[:, j])
+        if rows.size:
+            raise ValueError(f"capture: facts {rows.tolist()} have no valid {name} positions")
+    uvv = np.asarray(uvv, np.float32)
+    return uvv[:, 0], uvv[:, 1], uvv[:, 2]
+
+
+def check_positions(batch: ClozeBatch) -> None:
+    """Raise if a fact of `batch` has no valid subject, object or target position (reads the three
+    validity masks on the host; `capture` does this check inside its jitted call instead)."""
+    masks = jax.device_get((batch.subj_valid, batch.obj_valid, batch.tgt_valid))
+    for name, valid in zip(FIELDS, masks):
+        rows = np.flatnonzero(~np.asarray(valid).any(axis=1))
+        if rows.size:
+            raise ValueError(f"capture: facts {rows.tolist()} have no valid {name} positions")
 
 
 def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str],
             chunk: int = 16):
     """Eqs. 6-8 at (layer, module), denoising step 0, for every fact of `batch`.
 
-    Returns (u, v_o, v_t), each [N,D] float32. The forward stops at `layer`; facts run in chunks
-    of `chunk` (the last chunk is padded with copies of fact 0, so every chunk has one shape and
-    the capture compiles once per batch shape).
+    Returns (u, v_o, v_t), each [N,D] float32 NumPy (the Eq. 11 solve runs on the host in float64).
+    The forward stops at `layer`; facts run in chunks of `chunk` (the last chunk is padded with
+    copies of fact 0, so every chunk has one shape and the capture compiles once per batch shape).
     """
-    m = check_capture(cfg, batch, layer, module)
+    m = check_capture(cfg, layer, module)
     n = batch.n
     chunk = max(1, min(int(chunk), n))
     if chunk == n:  # one chunk: no gathers, slices or concatenation (they cost as much as a small capture)
-        return capture_chunk(params, batch, cfg, int(layer), m)
-    return chunked(batch, n, chunk, lambda sub: capture_chunk(params, sub, cfg, int(layer), m))
+        return finish_capture(*capture_chunk(params, batch, cfg, int(layer), m))
+    return finish_capture(*chunked(batch, n, chunk, lambda sub: capture_chunk(params, sub, cfg, int(layer), m)))
 
 
 def chunked(batch, n: int, step: int, run):
@@ -231,7 +256,8 @@ def capture_slot_keys(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, m
     """Gate keys at (layer, module), step 0: for every fact, the residual at its answer slots
     (object positions, answer + eos) averaged, with the whole answer masked, i.e. what the model
     holds where it is about to write this fact's answer. -> [N,D] float32."""
-    m = check_capture(cfg, batch, layer, module)
+    m = check_capture(cfg, layer, module)
+    check_positions(batch)
     n = batch.n
     chunk = max(1, min(int(chunk), n))
     if chunk == n:

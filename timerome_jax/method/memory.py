@@ -355,12 +355,41 @@ def from_arrays(U, Dm, G, active, lam, alpha, q, layer, module, step, fingerprin
                              or gate.P.shape[1] != U.shape[1] or gate.K.shape[1] != gate.P.shape[0]):
         raise ValueError(f"gate: K {gate.K.shape}, mu {gate.mu.shape}, P {gate.P.shape} do not fit a "
                          f"memory of capacity {U.shape[0]} and hidden size {U.shape[1]}")
-    # one transfer for every array (one by one, the dispatches cost milliseconds at |F| = 1)
-    U, Dm, G, W, active, alpha, q, lam, step = jax.device_put((
-        U, np.asarray(Dm, np.float32), G, W, np.asarray(active, np.bool_), np.asarray(alpha, np.float32),
-        np.asarray(q, np.int32), np.asarray(lam, np.float32), np.asarray(step, np.int32)))
+    U, Dm, G, W, active, alpha, q, lam, step = _to_device(U, np.asarray(Dm, np.float32), G, W, np.asarray(active, bool),
+                                                          alpha, q, lam, step)
     return EditMemory(U=U, Dm=Dm, G=G, W=W, active=active, alpha=alpha, q=q, lam=lam, step=step,
                       layer=_layer_id(layer), module=module_id(module), fingerprint=str(fingerprint), gate=gate)
+
+
+# a memory whose arrays hold fewer floats than this goes to the device as ONE packed buffer (a transfer
+# costs tens of microseconds whatever its size, and a small memory has nine arrays); larger ones go
+# array by array (bandwidth-bound, and packing would copy them once more on the host)
+PACK_MAX_FLOATS = 1 << 20
+
+
+@functools.partial(jax.jit, static_argnames=("c", "d"))
+def _unpack(buf, c: int, d: int):
+    cd = c * d
+    U, Dm, W = (buf[i * cd:(i + 1) * cd].reshape(c, d) for i in range(3))
+    o = 3 * cd
+    G = buf[o:o + c * c].reshape(c, c)
+    o += c * c
+    active = buf[o:o + c] != 0
+    o += c
+    alpha, q, lam, step = (buf[o + i] for i in range(4))
+    return U, Dm, G, W, active, alpha, q.astype(jnp.int32), lam, step.astype(jnp.int32)
+
+
+def _to_device(U, Dm, G, W, active, alpha, q, lam, step):
+    """Host arrays U, Dm, W [C,D] f32, G [C,C] f32, active [C] bool and the four scalars -> device
+    arrays (f32, int32 q and step), in one transfer when small (`PACK_MAX_FLOATS`)."""
+    c, d = U.shape
+    if 3 * c * d + c * c + c + 4 > PACK_MAX_FLOATS:
+        return jax.device_put((U, Dm, G, W, active, np.float32(alpha), np.int32(q), np.float32(lam), np.int32(step)))
+    # q and step are small integers (|x| < 2^24), exact in float32
+    buf = np.concatenate([U.reshape(-1), Dm.reshape(-1), W.reshape(-1), G.reshape(-1), active.astype(np.float32),
+                          np.asarray([alpha, q, lam, step], np.float32)])
+    return _unpack(jax.device_put(buf), c, d)
 
 
 def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:

@@ -148,9 +148,9 @@ def capture(params, cfg: ModelConfig, batch: cap_lib.ClozeBatch, layer: int, mod
 
     Each call runs `chunk` facts per device (fewer when there are fewer facts), i.e. chunk x n_dev
     facts at once; the last call is padded with copies of fact 0. Returns (u, v_o, v_t), each
-    [N, D] float32, equal to the one-device capture.
+    [N, D] float32 NumPy, equal to the one-device capture.
     """
-    m = cap_lib.check_capture(cfg, batch, layer, module)
+    m = cap_lib.check_capture(cfg, layer, module)
     mesh = _resolve(mesh, devices)
     n, n_dev = batch.n, mesh.size
     per_dev = max(1, min(int(chunk), -(-n // n_dev)))
@@ -158,4 +158,4 @@ def capture(params, cfg: ModelConfig, batch: cap_lib.ClozeBatch, layer: int, mod
     params = replicate(params, mesh)
     fn = _capture_fn(mesh, cfg, int(layer), m)
     host = jax.tree.map(np.asarray, batch)  # index on the host, then place each call's rows once
-    return cap_lib.chunked(host, n, step, lambda sub: fn(params, shard_rows(sub, mesh)))
+    return cap_lib.finish_capture(*cap_lib.chunked(host, n, step, lambda sub: fn(params, shard_rows(sub, mesh))))

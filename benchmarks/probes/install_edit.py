@@ -1,0 +1,212 @@
+"""Probe: the two batch-1 misses of issue 14, the |F| = 1 install and the unstacked edit overhead.
+
+LLaDA-8B shape, random bf16 weights, unstacked layout (the GPU default).
+
+--what install: the |F| = 1 install (capture to layer 19 of one 128 + 128-token cloze pair, then
+the Eq. 11 solve), each part timed (median of --repeats), and the same with the previous host
+handling written out here (`old_*`: three outputs fetched one by one after a host-side validity
+check, and the memory's nine arrays put on the device one by one). The new capture is profiled
+once (`profile_summary.kernel_summary`: kernel time, span and wall). Floor: the first 20 layers'
+weights read once at the copy bandwidth measured here.
+
+--what edit: a batch-1 generation (prompt 64 + 64 new tokens, --steps steps) with an |F| = 400,
+q = 4 edit at layer 19 resid, with variants of `EditMemory.delta` swapped in before tracing, each
+timed against no edit in interleaved pairs (`generation_ab.timed_variants`): `library`; `null`
+(reads h, adds zero: what splitting the layer's fusions costs with no edit work); `dense` (no TopQ);
+`topk16` (the TopQ threshold from `lax.top_k(16)`, which needs q <= 16 to be static);
+`rank` (keep an entry when fewer than q entries are larger: no sort); `bf16` (both products in
+one bf16 pass). The optimized HLO of no edit and of `library` is written gzipped beside --out.
+
+    python benchmarks/probes/install_edit.py --what install --out /tmp/pi.json       # GPU
+    python benchmarks/probes/install_edit.py --what edit --out /tmp/pe.json --tiny   # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from generation_ab import timed_variants  # noqa: E402
+from profile_summary import kernel_summary  # noqa: E402
+from timerome_jax.backbone import model as model_lib  # noqa: E402
+from timerome_jax.method import capture as cap_lib  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
+from timerome_jax.pipeline import default_lam  # noqa: E402
+
+HI = jax.lax.Precision.HIGH
+LIBRARY_DELTA = mem_lib.EditMemory.delta
+
+
+def _finish(self, c, h):
+    out = self.alpha * jnp.einsum("...c,cd->...d", c, self.Dm, precision=HI)
+    return out.astype(h.dtype)
+
+
+def _keys(self, h):
+    c = jnp.einsum("...d,cd->...c", h.astype(jnp.float32), self.W, precision=HI)
+    return jnp.where(self.active, c, jnp.zeros_like(c))
+
+
+def delta_null(self, h):
+    return h * jnp.zeros((), h.dtype)
+
+
+def delta_dense(self, h):
+    return _finish(self, _keys(self, h), h)
+
+
+def delta_topk16(self, h):
+    c = _keys(self, h)
+    a = jnp.abs(c)
+    k = min(16, a.shape[-1])
+    thr = jnp.take(jax.lax.top_k(a, k)[0], jnp.clip(self.q - 1, 0, k - 1), axis=-1)
+    return _finish(self, jnp.where((self.q <= 0) | (a >= thr[..., None]), c, 0.0), h)
+
+
+def delta_rank(self, h):
+    c = _keys(self, h)
+    a = jnp.abs(c)
+    larger = jnp.sum(a[..., None, :] > a[..., :, None], axis=-1, dtype=jnp.int32)
+    return _finish(self, jnp.where((self.q <= 0) | (larger < self.q), c, 0.0), h)
+
+
+def delta_bf16(self, h):
+    c = jnp.einsum("...d,cd->...c", h, self.W.astype(h.dtype), preferred_element_type=jnp.float32)
+    c = mem_lib.top_q(jnp.where(self.active, c, jnp.zeros_like(c)), self.q)
+    out = self.alpha * jnp.einsum("...c,cd->...d", c.astype(h.dtype), self.Dm.astype(h.dtype),
+                                  preferred_element_type=jnp.float32)
+    return out.astype(h.dtype)
+
+
+VARIANTS = {"library": LIBRARY_DELTA, "null": delta_null, "dense": delta_dense, "topk16": delta_topk16,
+            "rank": delta_rank, "bf16": delta_bf16}
+
+
+def old_capture(params, cfg, cb, layer):
+    """The previous host handling: validity masks read on the host first, three outputs fetched one by one."""
+    for v in (cb.subj_valid, cb.obj_valid, cb.tgt_valid):
+        assert np.asarray(v).any(axis=1).all()
+    uvv, _ = cap_lib.capture_chunk(params, cb, cfg, layer, 0)
+    return tuple(np.asarray(jax.block_until_ready(uvv[:, i])) for i in range(3))
+
+
+def solve(u, v_o, v_t, layer):
+    mem = mem_lib.build(u, v_o, v_t, lam=default_lam(u), alpha=1.0, q=4, layer=layer, module="resid",
+                        step=-1, fingerprint="probe")
+    jax.block_until_ready(mem.G)
+    return mem
+
+
+def install_probe(args, cfg, rec):
+    layer = min(19, cfg.n_layers - 1)
+    params = C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny))
+    up = model_lib.unstack(params, consume=True)
+    n_mm, _, copy_bytes = C.default_sizes(args.tiny)
+    ceil = C.measure_jax(n_mm, reps=4, copy_bytes=copy_bytes)
+    rec["ceiling"] = ceil
+    floor_s = C.weight_bytes(cfg, layer + 1, head=False) / ceil["copy_bytes_per_s"]
+    rng = np.random.default_rng(2)
+    T = 128 if not args.tiny else 16
+    s_len, o_len = (8, 16) if not args.tiny else (2, 4)
+    to, tt = C.random_tokens(rng, (1, T), cfg), C.random_tokens(rng, (1, T), cfg)
+    j = lambda a: jnp.asarray(np.asarray(a))  # noqa: E731
+    ar = lambda n, lo=0: np.arange(lo, lo + n, dtype=np.int32)[None]  # noqa: E731
+    cb = cap_lib.ClozeBatch(j(to), j(np.ones((1, T), bool)), j(ar(s_len, 3)), j(np.ones((1, s_len), bool)),
+                            j(ar(o_len, T - o_len)), j(np.ones((1, o_len), bool)), j(tt), j(np.ones((1, T), bool)),
+                            j(ar(o_len, T - o_len)), j(np.ones((1, o_len), bool)))
+    new_cap = lambda: cap_lib.capture(up, cfg, cb, layer, "resid")  # noqa: E731
+    rows = {}
+    u, v_o, v_t = new_cap()
+    old = old_capture(up, cfg, cb, layer)
+    rec["captures_equal"] = all(np.array_equal(a, b) for a, b in zip((u, v_o, v_t), old))
+    for name, fn in (("capture", new_cap), ("old_capture", lambda: old_capture(up, cfg, cb, layer)),
+                     ("solve", lambda: solve(u, v_o, v_t, layer))):
+        rows[name] = C.strip(C.measure(fn, want=args.repeats, sync=lambda _: None))
+    pack = mem_lib.PACK_MAX_FLOATS
+    mem_lib.PACK_MAX_FLOATS = 0
+    try:
+        rows["old_solve"] = C.strip(C.measure(lambda: solve(u, v_o, v_t, layer), want=args.repeats,
+                                              sync=lambda _: None))
+    finally:
+        mem_lib.PACK_MAX_FLOATS = pack
+    rows["install"] = {"steady_s": C.strip(C.measure(lambda: solve(*new_cap(), layer), want=args.repeats,
+                                                     sync=lambda _: None))["steady_s"]}
+    for k, v in rows.items():
+        v["ratio_to_floor"] = v["steady_s"] / floor_s
+        print(f"[install] {k}: {1e3 * v['steady_s']:.3f} ms = {v['ratio_to_floor']:.2f}x floor", flush=True)
+    rec["floor_s"] = floor_s
+    rec["rows"] = rows
+    d = os.path.join(args.trace_dir, "capture_new")
+    os.makedirs(d, exist_ok=True)
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        new_cap()
+    s = kernel_summary(d)
+    s.pop("trace", None)
+    rec["profile_capture"] = s
+    print(f"[install] capture profile: kernels {s['kernel_us_total'] / 1e3:.2f} ms over a {s['span_us'] / 1e3:.2f} ms "
+          f"span, {s['events']} events", flush=True)
+
+
+def edit_probe(args, cfg, rec):
+    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
+    layer = min(19, cfg.n_layers - 1)
+    rng = np.random.default_rng(1)
+    u, v_o, v_t = (rng.standard_normal((400, cfg.d_model)).astype(np.float32) for _ in range(3))
+    mem = mem_lib.build(u, 0.1 * v_o, 0.1 * v_t, lam=0.1 * cfg.d_model, alpha=1.0, q=4, layer=layer,
+                        module="resid", step=-1, fingerprint="probe")
+    names = [v for v in args.variants.split(",") if v]
+    rec["variants"] = {}
+    toks = {}
+    hlo_dir = os.path.dirname(os.path.abspath(args.out))
+    for r in timed_variants(up, cfg, mem, args.steps, mem_lib.EditMemory, "delta", {k: VARIANTS[k] for k in names},
+                            args.repeats, rng):
+        name, mn, me, ratios = r["name"], r["no_edit"], r["edit"], r["ratios"]
+        toks[name] = np.asarray(me["out"]).tolist()
+        v = {"compile_s": r["compile_s"], "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
+             "step_ms_edit": 1e3 * me["steady_s"] / args.steps, "n_pairs": len(ratios),
+             "overhead_pct_median_pair": 100 * (float(np.median(ratios)) - 1),
+             "overhead_pct_of_medians": 100 * (me["steady_s"] / mn["steady_s"] - 1),
+             "overhead_us_per_step": 1e6 * (me["steady_s"] - mn["steady_s"]) / args.steps}
+        rec["variants"][name] = v
+        if name == "library":
+            with gzip.open(os.path.join(hlo_dir, "hlo_edit_library.txt.gz"), "wt") as f:
+                f.write(r["program"].as_text())
+        print(f"[edit] {name}: {v['step_ms_no_edit']:.3f} -> {v['step_ms_edit']:.3f} ms, overhead "
+              f"{v['overhead_pct_median_pair']:.2f}% (pairs) / {v['overhead_pct_of_medians']:.2f}% (medians), "
+              f"{v['overhead_us_per_step']:.1f} us/step", flush=True)
+    if "library" in toks:
+        rec["tokens_equal_library"] = {k: t == toks["library"] for k, t in toks.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--what", choices=("install", "edit"), required=True)
+    ap.add_argument("--trace-dir", default="/tmp/probe_trace")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = C.model_config(args.tiny)
+    rec = {"device": jax.devices()[0].device_kind, "what": args.what, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (install_probe if args.what == "install" else edit_probe)(args, cfg, rec)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+    print("RESULT " + json.dumps({k: v for k, v in rec.items() if k in ("rows", "variants")}))
+
+
+if __name__ == "__main__":
+    main()
