@@ -324,14 +324,23 @@ def main(argv=None):
                              sync=lambda _: None)
             n = min(args.sizes)
             cb = cloze_batch(arrs, n)
+            reps = max(args.repeats, 21)  # a few milliseconds each: many runs cost nothing and steady the medians
             cap = C.measure(lambda: jax_capture(up, cfg_used, cb, args.layer, m_id, args.chunk),
-                            want=args.repeats, deadline=j_deadline)
+                            want=reps, deadline=j_deadline)
             u_u = cap["out"]
             sol = C.measure(lambda: jax_solve(*u_u, args.layer, m_id, args.alpha, args.q, fpu["out"]),
-                            want=args.repeats, deadline=j_deadline)
+                            want=reps, deadline=j_deadline)
+            # the whole install again, capture then solve back to back as a user runs it (the sum of
+            # the parts' medians above is the figure's install_s, as in every other row)
+            whole = C.measure(lambda: jax_solve(*jax_capture(up, cfg_used, cb, args.layer, m_id, args.chunk),
+                                                args.layer, m_id, args.alpha, args.q,
+                                                cap_lib.model_fingerprint(up, cfg_used)),
+                              want=reps, deadline=j_deadline)
             r = rows[str(n)]
             inst = cap["steady_s"] + sol["steady_s"] + fpuc["steady_s"]
             r["jax_unstacked"] = {"capture": C.strip(cap), "solve": C.strip(sol), "fingerprint": C.strip(fpu),
+                                  "back_to_back": C.strip(whole), "install_s_back_to_back": whole["steady_s"],
+                                  "ratio_to_floor_back_to_back": C.ratio(whole["steady_s"], r["floor"]["floor_s"]),
                                   "fingerprint_cached": C.strip(fpuc),
                                   "install_s_first_for_this_model": inst - fpuc["steady_s"] + fpu["steady_s"],
                                   "fingerprint_equal_to_stacked": fpu["out"] == fp, "install_s": inst,
@@ -366,6 +375,8 @@ def main(argv=None):
                            "within_2x_floor": (r["jax"]["ratio_to_floor"] or 1e9) <= 2.0}
             if "jax_unstacked" in r:
                 met[str(n)]["unstacked_within_2x_floor"] = (r["jax_unstacked"]["ratio_to_floor"] or 1e9) <= 2.0
+                met[str(n)]["unstacked_back_to_back_within_2x_floor"] = (
+                    r["jax_unstacked"]["ratio_to_floor_back_to_back"] or 1e9) <= 2.0
             if "gate" in r["jax"]:
                 g = r["jax"]["gate"]
                 met[str(n)]["gated_within_target_s"] = None if tgt is None else g["install_s"] <= tgt

@@ -376,6 +376,21 @@ def test_capture_names_facts_without_positions(params, field, name):
         CAP.capture_slot_keys(params, CFG, bad, 1, "resid")
 
 
+def test_capture_names_facts_with_non_finite_activations(params):
+    b = cloze_batch()
+    nan_params = {**params, "embed": params["embed"].at[int(b.tokens_o[2, 0])].set(jnp.nan)}
+    with pytest.raises(ValueError, match=r"facts \[2\] have non-finite activations"):
+        CAP.capture(nan_params, CFG, b, 1, "resid")
+
+
+def test_capture_of_unstacked_params_runs_only_the_layers_it_needs(params):
+    up = model.unstack(params)
+    assert len(CAP.layers_up_to(up, 0)["layers"]) == 1 and CAP.layers_up_to(params, 0) is params
+    b = cloze_batch()
+    for got, want in zip(CAP.capture(up, CFG, b, 0, "mlp"), CAP.capture(params, CFG, b, 0, "mlp")):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_memory_reaches_the_device_the_same_packed_or_not(monkeypatch):
     # small memories go to the device as one packed buffer; larger ones array by array
     rng = np.random.default_rng(7)

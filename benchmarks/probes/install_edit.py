@@ -108,7 +108,7 @@ def solve(u, v_o, v_t, layer):
     return mem
 
 
-def install_probe(args, cfg, rec):
+def _setup_install(args, cfg, rec):
     layer = min(19, cfg.n_layers - 1)
     params = C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny))
     up = model_lib.unstack(params, consume=True)
@@ -125,6 +125,91 @@ def install_probe(args, cfg, rec):
     cb = cap_lib.ClozeBatch(j(to), j(np.ones((1, T), bool)), j(ar(s_len, 3)), j(np.ones((1, s_len), bool)),
                             j(ar(o_len, T - o_len)), j(np.ones((1, o_len), bool)), j(tt), j(np.ones((1, T), bool)),
                             j(ar(o_len, T - o_len)), j(np.ones((1, o_len), bool)))
+    return layer, up, floor_s, cb
+
+
+def install_parts(args, cfg, rec):
+    """--what install_parts: the install's parts on their own, and two candidate changes, each timed
+    against the library in interleaved pairs (`graph1`: the capture compiled with
+    xla_gpu_graph_min_graph_size=1; `unpack_numpy`: the packed host buffer handed to the jitted unpack
+    directly instead of `device_put` first)."""
+    layer, up, floor_s, cb = _setup_install(args, cfg, rec)
+    m = 0
+    upl = cap_lib.layers_up_to(up, layer)
+    prog = cap_lib.capture_chunk.lower(upl, cb, cfg, layer, m).compile()
+    lib = lambda: cap_lib.capture(up, cfg, cb, layer, "resid")  # noqa: E731
+    rows = {}
+    for name, opts in (("graph1", {"xla_gpu_graph_min_graph_size": 1}),
+                       ("cbtypes", {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"})):
+        try:
+            p1 = cap_lib.capture_chunk.lower(upl, cb, cfg, layer, m).compile(compiler_options=opts)
+        except Exception as e:  # noqa: BLE001 - an option this XLA rejects is a result too
+            rows[name] = {"error": str(e)[:300], "steady_s": float("nan")}
+            continue
+        a, b, r = C.measure_pair(lib, lambda: cap_lib.finish_capture(*p1(upl, cb)), want=args.repeats,
+                                 sync=lambda _: None)
+        rows["capture"], rows[f"capture_{name}"] = C.strip(a), C.strip(b)
+        rows[f"capture_{name}"]["median_pair_ratio"] = float(np.median(r))
+    res = prog(upl, cb)
+    jax.block_until_ready(res)
+    rows["capture_device_only"] = C.strip(C.measure(lambda: prog(upl, cb), want=args.repeats))
+    rows["finish_only"] = C.strip(C.measure(lambda: cap_lib.finish_capture(*res), want=args.repeats, sync=lambda _: None))
+    u, v_o, v_t = lib()
+    to_dev = mem_lib._to_device
+    mem_lib._to_device = lambda *xs: xs
+    try:
+        rows["solve_host_only"] = C.strip(C.measure(lambda: mem_lib.build(
+            u, v_o, v_t, lam=default_lam(u), alpha=1.0, q=4, layer=layer, module="resid", step=-1,
+            fingerprint="probe"), want=args.repeats, sync=lambda _: None))
+    finally:
+        mem_lib._to_device = to_dev
+    c, d = u.shape
+    buf = np.zeros(3 * c * d + c * c + c + 4, np.float32)
+    rows["device_put_unpack"] = C.strip(C.measure(lambda: mem_lib._unpack(jax.device_put(buf), c, d),
+                                                  want=args.repeats))
+    rows["unpack_numpy"] = C.strip(C.measure(lambda: mem_lib._unpack(buf, c, d), want=args.repeats))
+    rows["solve"] = C.strip(C.measure(lambda: solve(u, v_o, v_t, layer), want=args.repeats, sync=lambda _: None))
+    rows["install"] = C.strip(C.measure(lambda: solve(*lib(), layer), want=args.repeats, sync=lambda _: None))
+    for k, v in rows.items():
+        v["ratio_to_floor"] = v["steady_s"] / floor_s
+        print(f"[parts] {k}: {v.get('error', '')}" if "error" in v else f"[parts] {k}: {1e3 * v['steady_s']:.3f} ms = {v['ratio_to_floor']:.2f}x floor", flush=True)
+    rec["floor_s"] = floor_s
+    rec["rows"] = rows
+
+
+def install_joint(args, cfg, rec):
+    """--what install_joint: why a whole install (capture then solve, back to back) takes longer than
+    its parts timed apart. Interleaved pairs against the library install: `nocb` (the capture compiled
+    without command buffers, so nothing is re-recorded when buffers move), `host_solve` (the solve
+    without its device transfer, so nothing is allocated between two captures)."""
+    layer, up, floor_s, cb = _setup_install(args, cfg, rec)
+    upl = cap_lib.layers_up_to(up, layer)
+    lib = lambda: solve(*cap_lib.capture(up, cfg, cb, layer, "resid"), layer)  # noqa: E731
+    nocb = cap_lib.capture_chunk.lower(upl, cb, cfg, layer, 0).compile(
+        compiler_options={"xla_gpu_enable_command_buffer": ""})
+    to_dev = mem_lib._to_device
+
+    def host_solve():
+        mem_lib._to_device = lambda *xs: xs
+        try:
+            return mem_lib.build(*cap_lib.capture(up, cfg, cb, layer, "resid"), lam=1.0, alpha=1.0, q=4,
+                                 layer=layer, module="resid", step=-1, fingerprint="probe")
+        finally:
+            mem_lib._to_device = to_dev
+
+    rows = {}
+    for name, fn in (("nocb", lambda: solve(*cap_lib.finish_capture(*nocb(upl, cb)), layer)), ("host_solve", host_solve)):
+        a, b, r = C.measure_pair(lib, fn, want=args.repeats, sync=lambda _: None)
+        rows[f"install_vs_{name}"], rows[name] = C.strip(a), C.strip(b)
+    for k, v in rows.items():
+        v["ratio_to_floor"] = v["steady_s"] / floor_s
+        print(f"[joint] {k}: {1e3 * v['steady_s']:.3f} ms = {v['ratio_to_floor']:.2f}x floor", flush=True)
+    rec["floor_s"] = floor_s
+    rec["rows"] = rows
+
+
+def install_probe(args, cfg, rec):
+    layer, up, floor_s, cb = _setup_install(args, cfg, rec)
     new_cap = lambda: cap_lib.capture(up, cfg, cb, layer, "resid")  # noqa: E731
     rows = {}
     u, v_o, v_t = new_cap()
@@ -192,7 +277,7 @@ def edit_probe(args, cfg, rec):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--what", choices=("install", "edit"), required=True)
+    ap.add_argument("--what", choices=("install", "install_parts", "install_joint", "edit"), required=True)
     ap.add_argument("--trace-dir", default="/tmp/probe_trace")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
@@ -202,7 +287,8 @@ def main(argv=None):
     cfg = C.model_config(args.tiny)
     rec = {"device": jax.devices()[0].device_kind, "what": args.what, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (install_probe if args.what == "install" else edit_probe)(args, cfg, rec)
+    {"install": install_probe, "install_parts": install_parts, "install_joint": install_joint,
+     "edit": edit_probe}[args.what](args, cfg, rec)
     with open(args.out, "w") as f:
         json.dump(rec, f, indent=1)
     print("RESULT " + json.dumps({k: v for k, v in rec.items() if k in ("rows", "variants")}))

@@ -177,6 +177,15 @@ def capture_chunk(params, b: ClozeBatch, cfg: ModelConfig, layer: int, module: i
     return jnp.stack([u, v_o, v_t], axis=1), empty
 
 
+def layers_up_to(params, layer: int) -> dict:
+    """params with only layers 0..layer when they are held one array per layer (`model.unstack`):
+    a capture runs no further, and a jitted call pays per array it is handed. Stacked: unchanged."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)) and len(layers) > layer + 1:
+        return {**params, "layers": list(layers[:layer + 1])}
+    return params
+
+
 def check_capture(cfg: ModelConfig, layer: int, module: Union[int, str]) -> int:
     """Validate a capture's coordinate (shared with `sharding.capture`); returns the module id.
     Facts without valid positions are reported by `finish_capture` (the check runs in the capture)."""
@@ -187,14 +196,19 @@ def check_capture(cfg: ModelConfig, layer: int, module: Union[int, str]) -> int:
 
 
 def finish_capture(uvv, empty) -> tuple:
-    """`capture_chunk`'s outputs (uvv [N,3,D], empty [N,3]) -> (u, v_o, v_t) [N,D] float32 NumPy,
-    in one transfer; raises if a fact had no valid subject, object or target positions."""
-    uvv, empty = jax.device_get((uvv, empty))
-    for j, name in enumerate(FIELDS):
-        rows = np.flatnonzero(empty[:, j])
-        if rows.size:
-            raise ValueError(f"capture: facts {rows.tolist()} have no valid {name} positions")
-    uvv = np.asarray(uvv, np.float32)
+    """`capture_chunk`'s outputs (uvv [N,3,D], empty [N,3]) -> (u, v_o, v_t) [N,D] float32 NumPy.
+    One transfer (uvv); a fact without valid subject, object or target positions has a 0/0 mean,
+    so `empty` is read only when a row is not finite, to say which. Raises on either."""
+    uvv = np.asarray(jax.device_get(uvv), np.float32)
+    bad = ~np.isfinite(uvv).all(axis=2)  # [N,3]
+    if bad.any():
+        empty = np.asarray(jax.device_get(empty))
+        for j, name in enumerate(FIELDS):
+            rows = np.flatnonzero(empty[:, j])
+            if rows.size:
+                raise ValueError(f"capture: facts {rows.tolist()} have no valid {name} positions")
+        raise ValueError(f"capture: facts {np.flatnonzero(bad.any(axis=1)).tolist()} have non-finite activations "
+                         f"(check the weights and the inputs)")
     return uvv[:, 0], uvv[:, 1], uvv[:, 2]
 
 
@@ -217,6 +231,7 @@ def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Uni
     copies of fact 0, so every chunk has one shape and the capture compiles once per batch shape).
     """
     m = check_capture(cfg, layer, module)
+    params = layers_up_to(params, layer)
     n = batch.n
     chunk = max(1, min(int(chunk), n))
     if chunk == n:  # one chunk: no gathers, slices or concatenation (they cost as much as a small capture)
@@ -258,6 +273,7 @@ def capture_slot_keys(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, m
     holds where it is about to write this fact's answer. -> [N,D] float32."""
     m = check_capture(cfg, layer, module)
     check_positions(batch)
+    params = layers_up_to(params, layer)
     n = batch.n
     chunk = max(1, min(int(chunk), n))
     if chunk == n:
@@ -282,6 +298,7 @@ def capture_residuals(params, cfg: ModelConfig, tokens, pad, layer: int, module:
     tokens, pad = np.asarray(tokens, np.int32), np.asarray(pad, bool)
     if tokens.shape != pad.shape or tokens.ndim != 2:
         raise ValueError(f"capture_residuals: tokens {tokens.shape} and pad {pad.shape} must be one [N,T] shape")
+    params = layers_up_to(params, layer)
     out = []
     for i in range(0, tokens.shape[0], chunk):
         t, p = tokens[i:i + chunk], pad[i:i + chunk]

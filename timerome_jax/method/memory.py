@@ -389,7 +389,7 @@ def _to_device(U, Dm, G, W, active, alpha, q, lam, step):
     # q and step are small integers (|x| < 2^24), exact in float32
     buf = np.concatenate([U.reshape(-1), Dm.reshape(-1), W.reshape(-1), G.reshape(-1), active.astype(np.float32),
                           np.asarray([alpha, q, lam, step], np.float32)])
-    return _unpack(jax.device_put(buf), c, d)
+    return _unpack(buf, c, d)  # the call transfers the host buffer itself (a separate device_put costs more)
 
 
 def _as_rows(x, name: str, d_model: Optional[int] = None) -> np.ndarray:
