@@ -285,8 +285,13 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
 
     def jax_part(cfg_used):
         nonlocal jax_res
-        pre = None
+        pre, first = None, None
         if "screen" in args.what:  # the screen's programs compile in a thread beside the sweep's (untimed)
+            watch = C.CompileWatch.get()
+            mark, t0 = watch.mark(), time.perf_counter()
+            C.block(lane_inputs(params, cfg_used, fb, tcfg))  # the trajectories both use: compiled once, here
+            n, secs = watch.since(mark, this_thread=True)
+            first = {"wall_s": time.perf_counter() - t0, "compile_s": secs, "n_compilations": n}
             pre = threading.Thread(target=warm_screen, args=(args, cfg_used, params, fb, tcfg), daemon=True)
             pre.start()
         try:
@@ -294,8 +299,12 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
         finally:
             if pre is not None:
                 pre.join()
-        if pre is not None:
-            warm["in_parallel_with"] = "the screen's first call (warm_screen)"
+        if first is not None:  # the sweep's compile = the shared trajectories + its own programs
+            warm = {**warm, "wall_s": warm["wall_s"] + first["wall_s"],
+                    "compile_s": warm["compile_s"] + first["compile_s"],
+                    "n_compilations": warm["n_compilations"] + first["n_compilations"],
+                    "trajectories_first": first, "in_parallel_with": "the screen's first call (warm_screen)",
+                    "wall_s_with_screen_first_call": time.perf_counter() - t0}
         m = C.measure(lambda: tr.trace(params, cfg_used, fb, tcfg), want=args.repeats, deadline=deadline.at,
                       allow_estimate=True)
         jax_res = m["out"]
@@ -499,7 +508,7 @@ def run_screen(args, cfg, params, fb, tcfg, ceiling, deadline):
         rec["screen"] = C.strip(m)
         rec.save()
         m = C.measure(lambda: sc.screen_and_trace(params, cfg_used, fb_u, tcfg, top_frac=args.top_frac),
-                      want=args.repeats + 1, deadline=deadline.at, allow_estimate=True)
+                      want=args.repeats + (0 if warmed else 1), deadline=deadline.at, allow_estimate=True)
         st = m["out"]
         rec["screen_plus_topk"] = {**C.strip(m), "n_candidates": int(len(st.candidates)),
                                    "coordinate": sc.select_screened(st)[0]._asdict()}

@@ -360,16 +360,17 @@ def measure(fn: Callable, *, want: int = 5, deadline: Optional[float] = None, sy
 
 
 def measure_rounds(fns: dict, *, want: int = 5, deadline: Optional[float] = None,
-                   sync: Callable = block) -> tuple[dict, list]:
+                   sync: Callable = block, at_least: int = 1) -> tuple[dict, list]:
     """Time the callables of `fns` (name -> fn) in rounds, each round calling every one in turn
     (a, b, c, a, b, c, ...), so all get the same number of runs and drifts (clocks, temperature)
     hit all alike; for small differences such as an edit's overhead. Stops after `want` rounds in
-    which every call was steady (no XLA compilation inside), or past `deadline` once there is one.
+    which every call was steady (no XLA compilation inside), or past `deadline` once there are
+    `at_least` (capped at want).
     Returns ({name: result as `measure` gives, marked interleaved}, [{name: seconds} per steady round])."""
     rs = {k: {"times": [], "comp": [], "out": None} for k in fns}
     rounds = []
     watch = CompileWatch.get()
-    for _ in range(max(want, 1) + 2):
+    for _ in range(max(want, 1) + 2):  # + 2: room for calls that compiled
         this = {}
         for k, f in fns.items():
             r = rs[k]
@@ -382,7 +383,8 @@ def measure_rounds(fns: dict, *, want: int = 5, deadline: Optional[float] = None
         if len(this) == len(fns):
             rounds.append(this)
         done = min(len(r["times"]) for r in rs.values())
-        if done >= want or (deadline is not None and time.perf_counter() > deadline and done >= 1):
+        if done >= want or (deadline is not None and time.perf_counter() > deadline
+                            and done >= max(1, min(at_least, want))):
             break
 
     def pack(r):

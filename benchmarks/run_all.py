@@ -62,21 +62,29 @@ sys.path.insert(0, os.path.dirname(HERE))
 FIGURES = {
     "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=20),
     # figure a at a documented reduced size: 4 facts (the figure's own default is 8), 16 lanes per
-    # chunk so a forward still holds 64 rows; screen uses the same facts and reads a's JAX time
+    # chunk so a forward still holds 64 rows
     "a": dict(script="bench_tie.py", args=["--what", "sweep", "--facts", "4"],
               full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json"], share=30, least=130,
               est=150),
+    # a and screen asked for together: one process (one init; the screen's compiles beside a's, its
+    # timed calls after a's sweep, compared with a's JAX time and coordinate)
+    "a+screen": dict(script="bench_tie.py", args=["--what", "sweep,screen", "--facts", "4"],
+                     full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json", "tie_screen.json"],
+                     share=30, least=180, est=210, covers=("a", "screen")),
     # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default); --gate: the
     # default gated install (slot keys + tau_seq) beside it, and the gate calibration once
     "b": dict(script="bench_install.py", args=["--gate"], full_args=["--sizes", "1,40,400"],
-              files=["fig_b_install.json"], share=60, least=50, repeats=True, profile="install", est=90),
-    "cd": dict(script="bench_generate.py", args=["--gate"], files=["fig_c_generate.json", "fig_d_memory.json"],
-               share=200, least=150, repeats=True, profile="generate", official=True, est=420,
+              files=["fig_b_install.json"], share=60, least=50, repeats=True, profile="install", est=80),
+    # c/d: the verdict rows in the unstacked layout (the GPU default), the stacked rows left out
+    # (bench_generate --stacked 1 adds them)
+    "cd": dict(script="bench_generate.py", args=["--gate", "--stacked", "0"],
+               files=["fig_c_generate.json", "fig_d_memory.json"], share=240, least=170, repeats=True,
+               profile="generate", official=True, est=185,
                split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),
     "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
                    full_args=["--chunk", "16", "--torch-chunk", "16"], files=["tie_screen.json"], share=30,
                    least=60, est=80, after="a"),
-    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=150, est=200,
+    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=100, est=110,
                      needs_official=True, plain=True),
     "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
                    least=60, profile="tie_stages", est=120),
@@ -87,6 +95,7 @@ ALIASES = {"c": "cd", "d": "cd"}
 DEFAULT = "ceiling,a,b,c,d,screen,validate"
 ORDER = ("ceiling", "a", "b", "c", "d", "screen", "validate", "stages", "scaling")
 FILES = {k: v["files"] for k, v in FIGURES.items()}
+COVERS = {k: v["covers"] for k, v in FIGURES.items() if "covers" in v}
 SHARE = {k: v["share"] for k, v in FIGURES.items()}
 LEAST = {k: v["least"] for k, v in FIGURES.items()}
 LATEST = os.path.join(HERE, "results", "latest")
@@ -99,10 +108,14 @@ def _write_json(path, obj):
 
 
 def jobs_for(only) -> list:
-    """Figure names -> the figure jobs to run, in FIGURES order (c and d share one run), ceiling first."""
+    """Figure names -> the figure jobs to run, in FIGURES order (c and d share one run; a and screen
+    asked for together share one run, "a+screen"), ceiling first."""
     want = {ALIASES.get(f, f) for f in only}
     if want:
         want.add("ceiling")
+    for job, covers in COVERS.items():
+        if set(covers) <= want:
+            want = (want - set(covers)) | {job}
     return [job for job in FIGURES if job in want]
 
 
@@ -171,7 +184,8 @@ lane: the jobs in FIGURES order."""
 
 
 def command(job: dict, args, ceiling_json: str, budget: float) -> list:
-    return _command(job, args, ceiling_json, budget) + shlex.split(args.extra.get(job["fig"], ""))
+    extra = [args.extra.get(f, "") for f in COVERS.get(job["fig"], (job["fig"],))]
+    return _command(job, args, ceiling_json, budget) + shlex.split(" ".join(extra))
 
 
 def _command(job: dict, args, ceiling_json: str, budget: float) -> list:
@@ -194,7 +208,7 @@ def _command(job: dict, args, ceiling_json: str, budget: float) -> list:
         cmd += ["--ceiling-json", ceiling_json]
     if args.skip_torch:
         cmd.append("--skip-torch")
-    if name == "a":
+    if name in ("a", "a+screen"):
         cmd += ["--repeats", str(args.repeats_a)]
     if fig.get("repeats") and args.repeats:
         cmd += ["--repeats", str(args.repeats)]
@@ -335,10 +349,10 @@ def main(argv=None):
                          "--out); OUT/profile.tar.gz packs DIR at the end")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tie-layout", choices=("stacked", "unstacked"), default="stacked",
+    ap.add_argument("--tie-layout", choices=("stacked", "unstacked"), default="unstacked",
                     help="params layout of the TIE figures (a, screen, stages, scaling; bench_tie --layout): "
-                         "stacked (default, one [L, ...] array per weight) or unstacked (per-layer arrays, "
-                         "the GPU default of load_model)")
+                         "unstacked (default: per-layer arrays, the GPU default of load_model) or stacked (one "
+                         "[L, ...] array per weight; compiles faster)")
     ap.add_argument("--figure-args", action="append", default=[], metavar="FIG=ARGS",
                     help='extra arguments for one figure\'s script, e.g. "a=--chunk 4 --torch-chunk 4" or '
                          '"cd=--repeats 2" (FIG: ceiling, a, b, cd, screen, validate, stages, scaling); repeatable')
@@ -420,7 +434,7 @@ def main(argv=None):
                         "est_s": job["est"], "skipped": True})
                 continue
             soft = min(job["share"] * (0.2 if args.tiny else 1.0), max(left - min_left - later, 1.0))
-            if job["fig"] == "a" and args.repeats_a > 1:
+            if job["fig"] in ("a", "a+screen") and args.repeats_a > 1:
                 soft = max(left - min_left - later, 1.0)  # extra full sweeps were asked for: let them use the rest
             try:
                 res = run_job(job, command(job, args, ceiling_json, soft), left,

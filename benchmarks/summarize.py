@@ -352,7 +352,10 @@ def write_summary(folder: str) -> str:
             from timerome_jax.backbone.validate import summary_lines
 
             L += [f"    {x}" for x in summary_lines(va)]
-            L += ["", f"Checkpoint write {s(va.get('checkpoint_write_s'))}, validate {s(va.get('validate_s'))}."]
+            ph = va.get("phases_s") or {}
+            L += ["", f"Checkpoint write {s(va.get('checkpoint_write_s'))}, validate {s(va.get('validate_s'))}"
+                  + (" (" + ", ".join(f"{k.replace('_', ' ')} {s(v)}" for k, v in ph.items()) + ")" if ph else "")
+                  + (f"; checkpoint in {va['checkpoint_folder']}" if va.get("checkpoint_folder") else "") + "."]
         L += [""] + _status(va) + [""]
 
     ra = os.path.join(folder, "run_all.json")
