@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 
@@ -70,7 +72,7 @@ FIGURES = {
     # timed calls after a's sweep, compared with a's JAX time and coordinate)
     "a+screen": dict(script="bench_tie.py", args=["--what", "sweep,screen", "--facts", "4"],
                      full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json", "tie_screen.json"],
-                     share=30, least=180, est=210, covers=("a", "screen")),
+                     share=30, least=180, est=220, covers=("a", "screen"), overlap_s=75),
     # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default); --gate: the
     # default gated install (slot keys + tau_seq) beside it, and the gate calibration once
     "b": dict(script="bench_install.py", args=["--gate"], full_args=["--sizes", "1,40,400"],
@@ -84,8 +86,10 @@ FIGURES = {
     "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
                    full_args=["--chunk", "16", "--torch-chunk", "16"], files=["tie_screen.json"], share=30,
                    least=60, est=80, after="a"),
-    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=100, est=110,
-                     needs_official=True, plain=True),
+    # validate times nothing that is a verdict: with --overlap-validate (default) it runs beside
+    # a+screen's untimed compile phase when both share a GPU (`run_with_companion`)
+    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=100, est=100,
+                     needs_official=True, plain=True, host="a+screen"),
     "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
                    least=60, profile="tie_stages", est=120),
     "scaling": dict(script="bench_tie.py", args=["--what", "scaling"], files=["tie_scaling.json"], share=30,
@@ -272,15 +276,16 @@ def mark_killed(out: str, job: str, why: str, rc=None, tail: str = ""):
         _write_json(path, data)
 
 
-def run_job(job: dict, cmd, timeout, device=None) -> dict:
-    """Run one figure's process (on `device`: its CUDA_VISIBLE_DEVICES), streaming its output with
-    the job's name in front; kill it when `timeout` seconds have passed."""
+def run_job(job: dict, cmd, timeout, device=None, env_extra=None, prefix=False) -> dict:
+    """Run one figure's process (on `device`: its CUDA_VISIBLE_DEVICES; env_extra: more environment),
+    streaming its output with the job's name in front (when on a device or `prefix`); kill it when
+    `timeout` seconds have passed."""
     name = job["name"]
     t0 = time.perf_counter()
-    print(f"[run_all] {name}" + ("" if device is None else f" (GPU {device})") + f": {' '.join(cmd[2:])}",
-          flush=True)
+    print(f"[run_all] {name}" + ("" if device is None else f" (GPU {device})") + f": {' '.join(cmd[2:])}"
+          + (f" [env {' '.join(f'{k}={v}' for k, v in env_extra.items())}]" if env_extra else ""), flush=True)
     tail = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(device)
     os.makedirs(job["out"], exist_ok=True)
@@ -299,7 +304,7 @@ def run_job(job: dict, cmd, timeout, device=None) -> dict:
     timer.start()
     try:
         for line in proc.stdout:  # stream the child's output, keep a tail for the record
-            sys.stdout.write(line if device is None else f"[{name}] {line}")
+            sys.stdout.write(line if device is None and not prefix else f"[{name}] {line}")
             tail = (tail + [line])[-200:]
         rc = proc.wait()
     finally:
@@ -312,6 +317,74 @@ def run_job(job: dict, cmd, timeout, device=None) -> dict:
         mark_killed(job["out"], job["fig"], "crashed", rc, text)
     return {"job": name, "rc": rc, "killed": killed.is_set(), "wall_s": wall, "device": device,
             "est_s": job["est"]}
+
+
+def attach_companions(lanes) -> None:
+    """On a lane holding both a job whose figure has `host` (validate) and that host (a+screen),
+    take the first out of the lane's order and run it beside the host's untimed compile phase
+    (`run_with_companion`)."""
+    for lane in lanes:
+        for job in list(lane):
+            host = FIGURES[job["fig"]].get("host")
+            target = next((j for j in lane if j["name"] == host), None)
+            if target is not None and "companion" not in target:
+                lane.remove(job)
+                target["companion"] = job
+
+
+def lane_est(lane) -> float:
+    """Expected seconds of a lane: each job's est, a companion adding only what it outlasts the
+    host's untimed phase by (its `overlap_s`)."""
+    total = 0.0
+    for j in lane:
+        total += j["est"]
+        c = j.get("companion")
+        if c is not None:
+            total += max(c["est"] - FIGURES[j["fig"]].get("overlap_s", 0.0), 0.0)
+    return total
+
+
+def run_with_companion(job, comp, args, ceiling_json, soft, left, dev, t_start, record) -> dict:
+    """Run `job` (bench_tie) with --ready-file / --hold-file: it writes the ready file when its
+    untimed compile phase starts and, when the phase is over, waits until the hold file is gone
+    before it times anything. The companion (validate_8b, which times nothing that is a verdict)
+    starts at the ready file (or when the job ends without one) and the hold file is removed when
+    it ends, so no timed run of the job overlaps it. Memory on the shared GPU: the job's JAX pool is
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 of the card (unless set), the companion's JAX allocates on
+    demand (XLA_PYTHON_CLIENT_PREALLOCATE=false); the companion's result is recorded on its own."""
+    sync = tempfile.mkdtemp(prefix="run_all_sync_")
+    ready, hold = os.path.join(sync, "ready"), os.path.join(sync, "hold")
+    with open(hold, "w") as f:
+        f.write(comp["name"])
+    ended = threading.Event()
+
+    def companion():
+        try:
+            while not os.path.exists(ready) and not ended.is_set():
+                time.sleep(0.25)
+            c_left = args.budget_s - (time.perf_counter() - t_start)
+            env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+            res = run_job(comp, command(comp, args, ceiling_json, 0.0), c_left, dev, env_extra=env, prefix=True)
+            res["beside"] = job["name"] if not ended.is_set() else None
+            record(res)
+        finally:
+            try:
+                os.remove(hold)
+            except OSError:
+                pass
+
+    th = threading.Thread(target=companion, daemon=True)
+    th.start()
+    env = {} if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ else {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
+    cmd = command(job, args, ceiling_json, soft) + ["--ready-file", ready, "--hold-file", hold]
+    try:
+        res = run_job(job, cmd, left, dev, env_extra=env, prefix=True)
+    finally:
+        ended.set()
+        th.join()
+        shutil.rmtree(sync, ignore_errors=True)
+    res["companion"] = comp["name"]
+    return res
 
 
 def visible_gpus() -> list:
@@ -348,6 +421,10 @@ def main(argv=None):
                     help="profile one steady JAX run of stages, b and c into DIR/<figure> (keep DIR outside "
                          "--out); OUT/profile.tar.gz packs DIR at the end")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--overlap-validate", type=int, default=1, choices=(0, 1),
+                    help="1 (default): when validate and a+screen share a GPU, run validate beside a+screen's "
+                         "untimed compile phase (a+screen times nothing until validate has ended); 0: one after "
+                         "the other")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tie-layout", choices=("stacked", "unstacked"), default="unstacked",
                     help="params layout of the TIE figures (a, screen, stages, scaling; bench_tie --layout): "
@@ -391,11 +468,16 @@ def main(argv=None):
         log["skipped"].append({"job": "validate", "why": "no --official-dir"})
     jobs = expand(figs, args)
     lanes = plan(jobs, len(devices))
-    log["plan"] = [{"device": devices[i], "jobs": [j["name"] for j in lane], "est_s": sum(j["est"] for j in lane),
-                    "est_each_s": {j["name"]: round(j["est"]) for j in lane}} for i, lane in enumerate(lanes)]
+    if args.overlap_validate:
+        attach_companions(lanes)
+    log["plan"] = [{"device": devices[i], "jobs": [j["name"] for j in lane], "est_s": lane_est(lane),
+                    "est_each_s": {j["name"]: round(j["est"]) for j in lane},
+                    "beside": {j["name"]: j["companion"]["name"] for j in lane if j.get("companion")}}
+                   for i, lane in enumerate(lanes)]
     for p in log["plan"]:
-        print(f"[run_all] GPU {p['device']}: {', '.join(p['jobs'])} (expected {p['est_s']:.0f} s at full size)",
-              flush=True)
+        print(f"[run_all] GPU {p['device']}: {', '.join(p['jobs'])}"
+              + "".join(f" ({c} beside {j})" for j, c in p["beside"].items())
+              + f" (expected {p['est_s']:.0f} s at full size)", flush=True)
     lock = threading.Lock()
     ceiling_done = threading.Event()
     if not any(j["name"] == "ceiling" for j in jobs):
@@ -436,9 +518,13 @@ def main(argv=None):
             soft = min(job["share"] * (0.2 if args.tiny else 1.0), max(left - min_left - later, 1.0))
             if job["fig"] in ("a", "a+screen") and args.repeats_a > 1:
                 soft = max(left - min_left - later, 1.0)  # extra full sweeps were asked for: let them use the rest
+            dev = devices[i] if len(devices) > 1 else None
+            comp = job.get("companion")
             try:
-                res = run_job(job, command(job, args, ceiling_json, soft), left,
-                              devices[i] if len(devices) > 1 else None)
+                if comp is None:
+                    res = run_job(job, command(job, args, ceiling_json, soft), left, dev)
+                else:
+                    res = run_with_companion(job, comp, args, ceiling_json, soft, left, dev, t_start, record)
             finally:
                 if job["name"] == "ceiling":
                     ceiling_done.set()

@@ -87,6 +87,23 @@ def test_run_all_plan_two_gpus_fits_and_keeps_order_constraints():
         ["ceiling", "a+screen", "b", "cd"]
 
 
+def test_run_all_one_gpu_runs_validate_beside_the_tie_compile_and_fits_the_budget():
+    ra = _run_all_module()
+
+    class A:
+        gpus, tiny, out = 1, False, "/tmp/x"
+
+    lanes = ra.plan(ra.expand(ra.jobs_for(ra.DEFAULT.split(",")), A), 1)
+    ra.attach_companions(lanes)
+    assert [j["name"] for j in lanes[0]] == ["ceiling", "a+screen", "b", "cd"]
+    host = lanes[0][1]
+    assert host["companion"]["name"] == "validate"
+    # validate adds only what it outlasts a+screen's untimed phase by; the whole entry fits 540 s
+    assert ra.lane_est(lanes[0]) == sum(j["est"] for j in lanes[0]) + max(
+        host["companion"]["est"] - ra.FIGURES["a+screen"]["overlap_s"], 0)
+    assert ra.lane_est(lanes[0]) <= 540
+
+
 def test_run_all_merged_job_takes_both_figures_arguments():
     ra = _run_all_module()
     ns = type("NS", (), dict(tiny=True, seed=0, official_dir=None, tie_layout="unstacked", skip_torch=False,
