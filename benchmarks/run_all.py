@@ -1,36 +1,45 @@
 """Run every benchmark figure in one call and write benchmarks/results/latest/ (+ summary.md).
 
-    python3 benchmarks/run_all.py --gpus 2 --official-dir .official/llada --out $OUT/latest  # device, one call
+    python3 benchmarks/run_all.py --official-dir .official/llada --out $OUT/latest   # device: one H200, one call
     python3 benchmarks/run_all.py --out $OUT --only ceiling,a       # pick figures
-    python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, minutes
+    python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, about a minute
 
-One call, reduced sizes and repeat counts (the default fits the whole entry in one device call of at
-most 9 minutes on two H200s, --budget-s 540):
-- a: ONE timed full TIE sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is
-  8), 16 lanes per chunk so a forward still holds 64 rows; screen runs on the same 4 facts and
-  compares with a's sweep (time and Eq. 5's coordinate);
-- b: |F| = 1, 40, 400 (bench_install's default adds 4000);
-- b and c take 3 timed repeats per measurement (--repeats 3, the figures' own default is 5); every
-  figure stops taking optional repeats at its soft budget (SHARE, capped so that the jobs still to
-  come on its GPU keep their least time, LEAST). Medians are therefore of 1-3 runs; run a figure
-  alone with more --repeats for tighter numbers.
+One call on ONE GPU, reduced sizes and repeat counts: the default entry (ceiling, a, b, c, d, screen,
+validate) is expected to take about 515 s of one H200 (the `est` values below: ceiling 16, a+screen
+222, b 80, cd 185, validate 100 of which all but 12 s run beside a+screen's untimed compile phase),
+inside --budget-s 540:
+- a + screen: ONE process (`a+screen`: bench_tie --what sweep,screen, one init): ONE timed full TIE
+  sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is 8), 16 lanes per chunk
+  so a forward still holds 64 rows, in the unstacked layout (--tie-layout, the GPU default); the
+  screen's programs compile in a thread beside the sweep's, its timed calls follow the sweep and are
+  compared with it (time and Eq. 5's coordinate);
+- b: |F| = 1, 40, 400 (bench_install's default adds 4000), 3 timed repeats per measurement;
+- c/d: the verdict rows (no edit, edit, gated) in the unstacked layout, in interleaved rounds: 11 at
+  batch 1 (bench_generate --repeats-b1), 3 at batch 32 (--repeats 3); torch hooks 3 interleaved
+  pairs per batch size; the official LLaDA code one generation per batch size; the stacked rows are
+  left out (bench_generate --stacked 1 adds them);
+- validate: with --overlap-validate 1 (default) and one GPU, validate_8b starts with a+screen and
+  runs beside its init and compile phase; a+screen times nothing until validate has ended (its JSON
+  says how long it waited: held_after_compile), so no timed run shares the GPU.
+Every figure stops taking optional repeats at its soft budget (SHARE, capped so that the jobs still
+to come on its GPU keep their least time, LEAST); the JAX verdict rounds of c are not cut (at least
+9 at batch 1, 3 above). Run a figure alone with more --repeats for tighter numbers.
 
 --gpus N (default: every visible GPU) runs the figure processes in parallel, one per GPU
 (CUDA_VISIBLE_DEVICES per process), planned by expected seconds at full size (`est` below; `plan`):
 the ceiling first on GPU 0 (the others wait for it unless they start with `validate`, which needs
-none), then the longest job onto the least-loaded GPU; screen right after a on a's GPU. With N > 1,
-c/d (one bench_generate run) is split into one process per batch size (OUT/parts/cd@B, merged into
-OUT/fig_c_generate.json and fig_d_memory.json). The plan and each job's expected time are printed
-and kept in run_all.json.
+none), then the longest job onto the least-loaded GPU. With N > 1, c/d (one bench_generate run) is
+split into one process per batch size (OUT/parts/cd@B, merged into OUT/fig_c_generate.json and
+fig_d_memory.json). The plan and each job's expected time are printed and kept in run_all.json.
 
 Figures (FIGURES below; to add one, add an entry: its script, fixed arguments, output files, soft
 budget, least time, expected time and whether it takes --repeats / --profile): ceiling
-(bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (bench_generate: stacked and
-unstacked layer layouts with and without the edit, the gated edit, and the official LLaDA code with
---official-dir), screen (bench_tie --what screen), validate (validate_8b: `timerome validate` at the
-8B shape against the official code; needs --official-dir, else recorded as skipped), stages
-(bench_tie --what stages), scaling (bench_tie --what scaling). Every floor uses the ceiling measured
-in the same run.
+(bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (bench_generate: the unstacked
+layout with and without the edit, the gated edit, torch hooks, and the official LLaDA code with
+--official-dir), screen (bench_tie --what screen), a+screen (both in one process, used whenever both
+are asked for), validate (validate_8b: `timerome validate` at the 8B shape against the official
+code; needs --official-dir, else recorded as skipped), stages (bench_tie --what stages), scaling
+(bench_tie --what scaling). Every floor uses the ceiling measured in the same run.
 
 Each figure runs in its own Python process (a crash, an out-of-memory or a CUDA fault in one
 loses nothing measured by the others; each process's peak-memory statistics are its own). Every
@@ -59,10 +68,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 # name -> script, fixed arguments, output files, soft budget (s) for optional repeats at full size,
-# about the least it takes at full size on one H100 (compile and init included; a figure's soft
-# budget leaves this much for every figure still to come), whether it takes --repeats / --profile
+# about the least it takes at full size on one H200 (compile and init included; a figure's soft
+# budget leaves this much for every figure still to come), the expected seconds at full size on one
+# H200 (est), whether it takes --repeats / --profile
 FIGURES = {
-    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=20),
+    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=16),
     # figure a at a documented reduced size: 4 facts (the figure's own default is 8), 16 lanes per
     # chunk so a forward still holds 64 rows
     "a": dict(script="bench_tie.py", args=["--what", "sweep", "--facts", "4"],
@@ -72,7 +82,7 @@ FIGURES = {
     # timed calls after a's sweep, compared with a's JAX time and coordinate)
     "a+screen": dict(script="bench_tie.py", args=["--what", "sweep,screen", "--facts", "4"],
                      full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json", "tie_screen.json"],
-                     share=30, least=180, est=220, covers=("a", "screen"), overlap_s=75),
+                     share=30, least=180, est=222, covers=("a", "screen"), overlap_s=88),
     # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default); --gate: the
     # default gated install (slot keys + tau_seq) beside it, and the gate calibration once
     "b": dict(script="bench_install.py", args=["--gate"], full_args=["--sizes", "1,40,400"],
@@ -83,9 +93,10 @@ FIGURES = {
                files=["fig_c_generate.json", "fig_d_memory.json"], share=240, least=170, repeats=True,
                profile="generate", official=True, est=185,
                split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),
+    # screen alone (without a) times its own full sweep for the comparison
     "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
                    full_args=["--chunk", "16", "--torch-chunk", "16"], files=["tie_screen.json"], share=30,
-                   least=60, est=80, after="a"),
+                   least=100, est=170, after="a"),
     # validate times nothing that is a verdict: with --overlap-validate (default) it runs beside
     # a+screen's untimed compile phase when both share a GPU (`run_with_companion`)
     "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=100, est=100,
