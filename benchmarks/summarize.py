@@ -363,10 +363,13 @@ def write_summary(folder: str) -> str:
         with open(ra) as f:
             log = json.load(f)
         L += ["## Run", "", f"run_all wall time {s(log.get('wall_s'))} (budget {s(log.get('budget_s'))}); jobs: "
-              + ", ".join(f"{j['job']} {s(j['wall_s'])}" + (" KILLED" if j["killed"] else "")
+              + ", ".join(f"{j['job']} {s(j['wall_s'])}" + (f" (beside {j['beside']})" if j.get("beside") else "")
+                          + (" KILLED" if j["killed"] else "")
                           + (f" rc={j['rc']}" if j["rc"] else "") for j in log.get("jobs", []))]
         for p in log.get("plan", []):
-            L.append(f"- GPU {p['device']}: " + ", ".join(f"{k} (expected {v} s)" for k, v in p.get("est_each_s", {}).items()))
+            L.append(f"- GPU {p['device']}: " + ", ".join(f"{k} (expected {v} s)" for k, v in p.get("est_each_s", {}).items())
+                     + "".join(f"; {c} beside {h}'s untimed compile phase" for h, c in (p.get("beside") or {}).items())
+                     + (f"; expected {s(p['est_s'])} in all" if p.get("est_s") else ""))
         if log.get("skipped"):
             L.append("Skipped: " + ", ".join(f"{x['job']} ({x['why']})" for x in log["skipped"]))
         L.append("")
