@@ -20,8 +20,8 @@ layout (one [L, ...] array per weight, a layer `lax.scan`), --repeats interleave
 compared with the unstacked run.
 PyTorch: a Python loop of forward + `torch_ref.trace.commit` (the same low-confidence rule) with
 `hooks.EditHook(TorchEditMemory)`, same weights (DLPack views), no attention mask (no padding: SDPA
-may pick its flash kernel); no edit and edit in --repeats interleaved pairs (each run also records
-its peak memory, figure d).
+may pick its flash kernel); no edit and edit in --torch-repeats (default --repeats) interleaved
+pairs (each run also records its peak memory, figure d).
 Official (`official` rows, --official-dir PATH): the official LLaDA modeling code from PATH
 (modeling_llada.py + configuration_llada.py, as a checkpoint's auto_map names them), same weights
 (DLPack), its forward (--repeats runs) and the same sampler loop around it (--official-repeats
@@ -183,6 +183,8 @@ def parse(argv=None):
     ap.add_argument("--repeats", type=int, default=5,
                     help="timed rounds (interleaved no edit / edit [/ gated]) at batch sizes above 1, torch pairs "
                          "at every batch size, official forwards")
+    ap.add_argument("--torch-repeats", type=int, default=None,
+                    help="interleaved torch no edit / edit pairs per batch size (default: --repeats)")
     ap.add_argument("--repeats-b1", type=int, default=11,
                     help="timed interleaved JAX rounds at batch 1 (default 11: the edit-overhead bar is 1 %%)")
     ap.add_argument("--first-run-untimed", choices=("b1", "all"), default="b1",
@@ -203,6 +205,8 @@ def parse(argv=None):
     C.fill_sizes(args, (("batches", "1,32", "1,4"), ("prompt_len", 64, 8), ("gen_len", 64, 8),
                         ("steps", 64, 8), ("edit_facts", 400, 16), ("layer", 19, 1)))
     args.batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
+    if args.torch_repeats is None:
+        args.torch_repeats = args.repeats
     return args
 
 
@@ -304,7 +308,8 @@ def main(argv=None):
                 # timed alternately, so the overhead is not a drift between two blocks of runs
                 ms, rounds = C.measure_rounds({"no_edit": lambda: run("no_edit", None),
                                                "edit": lambda: run("edit", tedit)},
-                                              want=args.repeats, deadline=t_deadline, sync=lambda _: C.torch_sync())
+                                              want=args.torch_repeats, deadline=t_deadline,
+                                              sync=lambda _: C.torch_sync())
                 res = {}
                 for name in ("no_edit", "edit"):
                     m = ms[name]
