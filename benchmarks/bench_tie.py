@@ -4,6 +4,7 @@
     python benchmarks/bench_tie.py --out R --what stages --profile R/profile     # where the time goes
     python benchmarks/bench_tie.py --out R --what scaling                        # 1 vs all local devices
     python benchmarks/bench_tie.py --out R --what screen                         # screen + exact top 5% vs full
+    python benchmarks/bench_tie.py --out R --what sweep,screen                   # both, one init (run_all's a)
     python benchmarks/bench_tie.py --out R --tiny --what sweep,stages,scaling    # CPU, seconds
     python benchmarks/bench_tie.py --out R --layout unstacked                    # per-layer arrays
 
@@ -18,8 +19,10 @@ JAX: `timerome_jax.method.trace.trace` (lanes; an unpadded FactBatch runs with n
 cuDNN attention is vmapped without a mask). PyTorch: `torch_ref.trace.torch_trace` (forward hooks,
 candidates of one step batched, prefix steps shared) on the same canvases, the same noise draw and
 the same weights (DLPack views). Both run `chunk` candidates x 8 facts = 64 rows per forward, so the
-[rows, 128, 126464] float32 logits fit. JAX programs are compiled ahead (AOT, timed apart); the
-timed sweeps must compile nothing (checked). A full sweep takes minutes at 8B: `--repeats`
+[rows, 128, 126464] float32 logits fit. JAX programs are compiled ahead (AOT, timed apart), before
+the torch sweep; the timed sweeps must compile nothing (checked). With --ready-file / --hold-file
+(run_all) the compile phase may run beside another process (validate_8b), and nothing is timed
+until that one has ended (the JSON keeps `held_after_compile`). A full sweep takes minutes at 8B: `--repeats`
 (default 1) sets how many are timed; the JSON says how many were.
 
 stages (tie_stages.json): the lane loop on the first `--stage-lanes` lanes, with stages left out:
@@ -28,6 +31,13 @@ bookkeeping), forward_only (forward + LM head, logits reduced by a max), body_on
 Differences between variants say where the time goes. `--profile DIR` wraps one steady run of
 `full` on those lanes in jax.profiler.trace (with --what sweep alone too: a whole 8B sweep would make
 a trace of hundreds of MB).
+
+screen (tie_screen.json): `method.screen.screen` and `screen_and_trace` (screen + exact TIE on the
+top --top-frac of each module's cells) on the same facts, against the full exact sweep: figure a's
+JAX time and Eq. 5 coordinate when fig_a_tie.json of the same facts is in --out, else one sweep timed
+here. With `--what sweep,screen` (one process, one init) the screen's first call, which compiles
+its programs, runs in a thread beside figure a's ahead-of-time compile (nothing is timed then), and
+the screen's timed calls follow the sweep.
 
 scaling (tie_scaling.json): `timerome_jax.method.sharding.trace` (lanes sharded over a 1-D mesh, params
 replicated) on 1, 2 and all local devices (`--scaling-devices`), same code.
@@ -39,6 +49,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +64,7 @@ from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.method import sharding  # noqa: E402
 from timerome_jax.method import trace as tr  # noqa: E402
+from timerome_jax.io import write_text  # noqa: E402
 
 STAGES = ("full", "no_commit", "no_logprob", "forward_only", "body_only")
 
@@ -125,7 +137,7 @@ def warm_trace(params, cfg, fb, tcfg, runner=None) -> dict:
     else:
         compiled = runner.lower(params, fb, noise, corr, acts, lanes).compile()
     C.block((acts, corr))
-    n, secs = watch.since(mark)
+    n, secs = watch.since(mark, this_thread=True)
     return {"wall_s": time.perf_counter() - t0, "compile_s": secs, "n_compilations": n,
             "run_lanes_memory": C.memory_analysis(compiled)}
 
@@ -218,6 +230,11 @@ def parse(argv=None):
     ap.add_argument("--layout", choices=("stacked", "unstacked"), default="stacked",
                     help="params layout: stacked (default; one [L, ...] array per weight, layer lax.scan) or "
                          "unstacked (per-layer arrays, unrolled layer loop; load_model's GPU default)")
+    ap.add_argument("--ready-file", default=None, help="(run_all; with --what sweep) written at the start, before "
+                    "init and the sweep's untimed compile phase")
+    ap.add_argument("--hold-file", default=None, help="(run_all) after the compile phase, wait until this file is "
+                    "gone before timing anything (another process runs beside the compile phase meanwhile)")
+    ap.add_argument("--hold-timeout-s", type=float, default=600.0)
     ap.add_argument("--scaling-devices", default="1,2,all",
                     help="device counts for --what scaling (those above the local count are dropped)")
     args = ap.parse_args(argv)
@@ -251,6 +268,39 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
     rec["init_s"] = init_s
     rec["targets"] = {"jax_over_floor_max": 1.5, "torch_over_jax_min": 1.0}
     jax_res = torch_res = None
+    warmed = {}
+
+    def jax_warm(cfg_used):
+        """Every JAX program of the sweep (and with --what screen, the screen's) compiled, untimed."""
+        pre, first = None, None
+        if "screen" in args.what:  # the screen's programs compile in a thread beside the sweep's (untimed)
+            watch = C.CompileWatch.get()
+            mark, t0 = watch.mark(), time.perf_counter()
+            C.block(lane_inputs(params, cfg_used, fb, tcfg))  # the trajectories both use: compiled once, here
+            n, secs = watch.since(mark, this_thread=True)
+            first = {"wall_s": time.perf_counter() - t0, "compile_s": secs, "n_compilations": n}
+            pre = threading.Thread(target=warm_screen, args=(args, cfg_used, params, fb, tcfg), daemon=True)
+            pre.start()
+        try:
+            warm = warm_trace(params, cfg_used, fb, tcfg)
+        finally:
+            if pre is not None:
+                pre.join()
+        if first is not None:  # the sweep's compile = the shared trajectories + its own programs
+            warm = {**warm, "wall_s": warm["wall_s"] + first["wall_s"],
+                    "compile_s": warm["compile_s"] + first["compile_s"],
+                    "n_compilations": warm["n_compilations"] + first["n_compilations"],
+                    "trajectories_first": first, "in_parallel_with": "the screen's first call (warm_screen)",
+                    "wall_s_with_screen_first_call": time.perf_counter() - t0}
+        warmed[cfg_used.attn_impl] = warm
+
+    # JAX compiles first (untimed; run_all may run validate_8b beside it), then the timed sweeps
+    cfg_jax = cfg
+    with rec.section("jax_compile"):
+        cfg_jax = C.with_attn_fallback(rec, cfg, jax_warm)
+    held = wait_for_hold(args)
+    if held is not None:
+        rec["held_after_compile"] = held
 
     if not args.skip_torch:
         with rec.section("torch"):
@@ -276,7 +326,9 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
 
     def jax_part(cfg_used):
         nonlocal jax_res
-        warm = warm_trace(params, cfg_used, fb, tcfg)
+        if cfg_used.attn_impl not in warmed:
+            jax_warm(cfg_used)
+        warm = warmed[cfg_used.attn_impl]
         m = C.measure(lambda: tr.trace(params, cfg_used, fb, tcfg), want=args.repeats, deadline=deadline.at,
                       allow_estimate=True)
         jax_res = m["out"]
@@ -284,7 +336,7 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
                       "memory": C.jax_memory(), "ratio_to_floor": C.ratio(m["steady_s"], rec["floor"]["floor_s"])}
 
     with rec.section("jax"):
-        C.with_attn_fallback(rec, cfg, jax_part)
+        C.with_attn_fallback(rec, cfg_jax or cfg, jax_part)
 
     if jax_res is not None:
         # Eq. 5's choice from the full exact sweep, for the screen figure to compare with (same facts)
@@ -310,6 +362,19 @@ def run_sweep(args, cfg, params, fb, tcfg, ceiling, deadline, init_s):
           f"{j.get('compile', {}).get('compile_s')}s)  torch {t.get('steady_s')}s  torch/jax {out.get('torch_over_jax')}",
           flush=True)
     return out
+
+
+def wait_for_hold(args):
+    """With --hold-file: wait (at most --hold-timeout-s) until the file is gone, so that nothing timed
+    runs beside the process run_all started next to this compile phase. Returns what happened."""
+    if not args.hold_file:
+        return None
+    t0 = time.perf_counter()
+    while os.path.exists(args.hold_file) and time.perf_counter() - t0 < args.hold_timeout_s:
+        time.sleep(0.25)
+    gone = not os.path.exists(args.hold_file)
+    return {"waited_s": time.perf_counter() - t0, "released": gone,
+            "beside_compile": "run_all ran another job (validate_8b) beside this untimed compile phase"}
 
 
 def run_stages(args, cfg, params, fb, tcfg, ceiling, deadline):
@@ -436,6 +501,25 @@ def run_scaling(args, cfg, params, fb, tcfg, ceiling, deadline):
     return out
 
 
+SCREEN_WARM = {}
+
+
+def warm_screen(args, cfg, params, fb, tcfg) -> None:
+    """The screen + exact top-k's first call (it compiles every program `run_screen` times: the
+    screen's and the exact sweep's on the top cells), into SCREEN_WARM[cfg.attn_impl]; run beside
+    figure a's compile when both are asked for in one process, so the compiles overlap."""
+    from timerome_jax.method import screen as sc
+
+    watch = C.CompileWatch.get()
+    mark, t0 = watch.mark(), time.perf_counter()
+    try:
+        C.block(sc.screen_and_trace(params, cfg, _unpadded(fb), tcfg, top_frac=args.top_frac).tie_bar)
+        n, secs = watch.since(mark, this_thread=True)
+        SCREEN_WARM[cfg.attn_impl] = {"wall_s": time.perf_counter() - t0, "compile_s": secs, "n_compilations": n}
+    except Exception as e:  # noqa: BLE001 - run_screen then compiles in its own first call and records it
+        SCREEN_WARM[cfg.attn_impl] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+
 def run_screen(args, cfg, params, fb, tcfg, ceiling, deadline):
     """The first-order screen, and screen + exact TIE on the top --top-frac of each module's cells,
     against the full exact sweep (figure a's JAX time when its JSON is in --out, else timed here)."""
@@ -451,12 +535,18 @@ def run_screen(args, cfg, params, fb, tcfg, ceiling, deadline):
     fb_u = _unpadded(fb)
 
     def part(cfg_used):
-        m = C.measure(lambda: sc.screen(params, cfg_used, fb_u, tcfg).estimate, want=args.repeats + 1,
-                      deadline=deadline.at, allow_estimate=True)
+        warm = SCREEN_WARM.get(cfg_used.attn_impl)
+        warmed = warm is not None and "error" not in warm
+        if warm is not None:
+            rec["first_call"] = {**warm, "beside": "figure a's compile (same process)"
+                                 + (" and run_all's validate_8b (another process)" if args.hold_file else "")}
+        # without a first call made beforehand, each measurement's first call compiles (a compile run)
+        m = C.measure(lambda: sc.screen(params, cfg_used, fb_u, tcfg).estimate,
+                      want=args.repeats + (0 if warmed else 1), deadline=deadline.at, allow_estimate=True)
         rec["screen"] = C.strip(m)
         rec.save()
         m = C.measure(lambda: sc.screen_and_trace(params, cfg_used, fb_u, tcfg, top_frac=args.top_frac),
-                      want=args.repeats + 1, deadline=deadline.at, allow_estimate=True)
+                      want=args.repeats + (0 if warmed else 1), deadline=deadline.at, allow_estimate=True)
         st = m["out"]
         rec["screen_plus_topk"] = {**C.strip(m), "n_candidates": int(len(st.candidates)),
                                    "coordinate": sc.select_screened(st)[0]._asdict()}
@@ -506,6 +596,8 @@ def run_screen(args, cfg, params, fb, tcfg, ceiling, deadline):
 def main(argv=None):
     args = parse(argv)
     cfg, std, deadline, ceiling = C.start(args)
+    if args.ready_file and "sweep" in args.what:  # nothing is timed until the compile phase is over (--hold-file)
+        write_text(args.ready_file, "init and compile phase\n")
     t0 = time.perf_counter()
     params = C.init_params(jax.random.key(args.seed), cfg, std)
     if args.layout == "unstacked":  # one copy per layer; each stacked leaf is freed once sliced

@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import traceback
 from typing import Callable, Optional
@@ -288,14 +289,16 @@ class CompileWatch:
 
     def _hear(self, name, secs, **_):
         if name in self.KEYS:
-            self.events.append((name, float(secs)))
+            self.events.append((name, float(secs), threading.get_ident()))
 
     def mark(self) -> int:
         return len(self.events)
 
-    def since(self, mark: int) -> tuple[int, float]:
-        """(number of backend compilations, seconds spent tracing+lowering+compiling) since mark."""
-        ev = self.events[mark:]
+    def since(self, mark: int, this_thread: bool = False) -> tuple[int, float]:
+        """(number of backend compilations, seconds spent tracing+lowering+compiling) since mark;
+        this_thread: only those of the calling thread (when other threads compile meanwhile)."""
+        me = threading.get_ident()
+        ev = [(k, s) for k, s, t in self.events[mark:] if not this_thread or t == me]
         n = sum(1 for k, _ in ev if k == self.KEYS[0])
         return n, sum(s for _, s in ev)
 
@@ -356,28 +359,32 @@ def measure(fn: Callable, *, want: int = 5, deadline: Optional[float] = None, sy
     return res
 
 
-def measure_pair(fa: Callable, fb: Callable, *, want: int = 5, deadline: Optional[float] = None,
-                 sync: Callable = block) -> tuple[dict, dict, list]:
-    """Time fa and fb alternately (a, b, a, b, ...), so both get the same number of runs and drifts
-    (clocks, temperature) hit both alike; for small differences such as an edit's overhead.
-    Returns (result of fa, result of fb, per-pair ratios t_b / t_a over steady pairs)."""
-    ra = {"times": [], "comp": [], "out": None}
-    rb = {"times": [], "comp": [], "out": None}
-    ratios = []
+def measure_rounds(fns: dict, *, want: int = 5, deadline: Optional[float] = None,
+                   sync: Callable = block, at_least: int = 1) -> tuple[dict, list]:
+    """Time the callables of `fns` (name -> fn) in rounds, each round calling every one in turn
+    (a, b, c, a, b, c, ...), so all get the same number of runs and drifts (clocks, temperature)
+    hit all alike; for small differences such as an edit's overhead. Stops after `want` rounds in
+    which every call was steady (no XLA compilation inside), or past `deadline` once there are
+    `at_least` (capped at want).
+    Returns ({name: result as `measure` gives, marked interleaved}, [{name: seconds} per steady round])."""
+    rs = {k: {"times": [], "comp": [], "out": None} for k in fns}
+    rounds = []
     watch = CompileWatch.get()
-    for _ in range(max(want, 1) + 2):
-        pair = []
-        for f, r in ((fa, ra), (fb, rb)):
+    for _ in range(max(want, 1) + 2):  # + 2: room for calls that compiled
+        this = {}
+        for k, f in fns.items():
+            r = rs[k]
             r["out"], dt, n_comp, secs = _timed(f, sync, watch)
             if n_comp:
                 r["comp"].append({"wall_s": dt, "compile_s": secs, "n_compilations": n_comp})
             else:
                 r["times"].append(dt)
-                pair.append(dt)
-        if len(pair) == 2:
-            ratios.append(pair[1] / pair[0])
-        done = min(len(ra["times"]), len(rb["times"]))
-        if done >= want or (deadline is not None and time.perf_counter() > deadline and done >= 1):
+                this[k] = dt
+        if len(this) == len(fns):
+            rounds.append(this)
+        done = min(len(r["times"]) for r in rs.values())
+        if done >= want or (deadline is not None and time.perf_counter() > deadline
+                            and done >= max(1, min(at_least, want))):
             break
 
     def pack(r):
@@ -385,7 +392,27 @@ def measure_pair(fa: Callable, fb: Callable, *, want: int = 5, deadline: Optiona
         return {"n_steady": len(t), "times_s": t, "steady_s": statistics.median(t) if t else None, "want": want,
                 "compile_runs": r["comp"], "out": r["out"], "interleaved": True}
 
-    return pack(ra), pack(rb), ratios
+    return {k: pack(r) for k, r in rs.items()}, rounds
+
+
+def round_ratios(rounds: list, num: str, den: str) -> list:
+    """Per-round ratios t_num / t_den of `measure_rounds`' steady rounds."""
+    return [r[num] / r[den] for r in rounds]
+
+
+def overhead_pct(res_base: dict, res_other: dict, ratios: list) -> dict:
+    """How much slower `other` is than `base`, in %: from the medians ("of_medians") and the median
+    of the per-round ratios ("paired_median"; None without a steady round), with the round count."""
+    return {"of_medians": 100 * (res_other["steady_s"] / res_base["steady_s"] - 1),
+            "paired_median": 100 * (float(np.median(ratios)) - 1) if ratios else None, "n_pairs": len(ratios)}
+
+
+def measure_pair(fa: Callable, fb: Callable, *, want: int = 5, deadline: Optional[float] = None,
+                 sync: Callable = block) -> tuple[dict, dict, list]:
+    """`measure_rounds` of two: fa and fb alternately (a, b, a, b, ...).
+    Returns (result of fa, result of fb, per-pair ratios t_b / t_a over steady pairs)."""
+    res, rounds = measure_rounds({"a": fa, "b": fb}, want=want, deadline=deadline, sync=sync)
+    return res["a"], res["b"], round_ratios(rounds, "b", "a")
 
 
 def strip(res: dict) -> dict:

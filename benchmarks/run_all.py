@@ -1,36 +1,45 @@
 """Run every benchmark figure in one call and write benchmarks/results/latest/ (+ summary.md).
 
-    python3 benchmarks/run_all.py --gpus 2 --official-dir .official/llada --out $OUT/latest  # device, one call
+    python3 benchmarks/run_all.py --official-dir .official/llada --out $OUT/latest   # device: one H200, one call
     python3 benchmarks/run_all.py --out $OUT --only ceiling,a       # pick figures
-    python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, minutes
+    python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, about a minute
 
-One call, reduced sizes and repeat counts (the default fits the whole entry in one device call of at
-most 9 minutes on two H200s, --budget-s 540):
-- a: ONE timed full TIE sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is
-  8), 16 lanes per chunk so a forward still holds 64 rows; screen runs on the same 4 facts and
-  compares with a's sweep (time and Eq. 5's coordinate);
-- b: |F| = 1, 40, 400 (bench_install's default adds 4000);
-- b and c take 3 timed repeats per measurement (--repeats 3, the figures' own default is 5); every
-  figure stops taking optional repeats at its soft budget (SHARE, capped so that the jobs still to
-  come on its GPU keep their least time, LEAST). Medians are therefore of 1-3 runs; run a figure
-  alone with more --repeats for tighter numbers.
+One call on ONE GPU, reduced sizes and repeat counts: the default entry (ceiling, a, b, c, d, screen,
+validate) is expected to take about 515 s of one H200 (the `est` values below: ceiling 16, a+screen
+222, b 80, cd 185, validate 100 of which all but 12 s run beside a+screen's untimed compile phase),
+inside --budget-s 540:
+- a + screen: ONE process (`a+screen`: bench_tie --what sweep,screen, one init): ONE timed full TIE
+  sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is 8), 16 lanes per chunk
+  so a forward still holds 64 rows, in the unstacked layout (--tie-layout, the GPU default); the
+  screen's programs compile in a thread beside the sweep's, its timed calls follow the sweep and are
+  compared with it (time and Eq. 5's coordinate);
+- b: |F| = 1, 40, 400 (bench_install's default adds 4000), 3 timed repeats per measurement;
+- c/d: the verdict rows (no edit, edit, gated) in the unstacked layout, in interleaved rounds: 11 at
+  batch 1 (bench_generate --repeats-b1), 3 at batch 32 (--repeats 3); torch hooks 3 interleaved
+  pairs per batch size; the official LLaDA code one generation per batch size; the stacked rows are
+  left out (bench_generate --stacked 1 adds them);
+- validate: with --overlap-validate 1 (default) and one GPU, validate_8b starts with a+screen and
+  runs beside its init and compile phase; a+screen times nothing until validate has ended (its JSON
+  says how long it waited: held_after_compile), so no timed run shares the GPU.
+Every figure stops taking optional repeats at its soft budget (SHARE, capped so that the jobs still
+to come on its GPU keep their least time, LEAST); the JAX verdict rounds of c are not cut (at least
+9 at batch 1, 3 above). Run a figure alone with more --repeats for tighter numbers.
 
 --gpus N (default: every visible GPU) runs the figure processes in parallel, one per GPU
 (CUDA_VISIBLE_DEVICES per process), planned by expected seconds at full size (`est` below; `plan`):
 the ceiling first on GPU 0 (the others wait for it unless they start with `validate`, which needs
-none), then the longest job onto the least-loaded GPU; screen right after a on a's GPU. With N > 1,
-c/d (one bench_generate run) is split into one process per batch size (OUT/parts/cd@B, merged into
-OUT/fig_c_generate.json and fig_d_memory.json). The plan and each job's expected time are printed
-and kept in run_all.json.
+none), then the longest job onto the least-loaded GPU. With N > 1, c/d (one bench_generate run) is
+split into one process per batch size (OUT/parts/cd@B, merged into OUT/fig_c_generate.json and
+fig_d_memory.json). The plan and each job's expected time are printed and kept in run_all.json.
 
 Figures (FIGURES below; to add one, add an entry: its script, fixed arguments, output files, soft
 budget, least time, expected time and whether it takes --repeats / --profile): ceiling
-(bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (bench_generate: stacked and
-unstacked layer layouts with and without the edit, the gated edit, and the official LLaDA code with
---official-dir), screen (bench_tie --what screen), validate (validate_8b: `timerome validate` at the
-8B shape against the official code; needs --official-dir, else recorded as skipped), stages
-(bench_tie --what stages), scaling (bench_tie --what scaling). Every floor uses the ceiling measured
-in the same run.
+(bench_ceiling), a (bench_tie --what sweep), b (bench_install), c and d (bench_generate: the unstacked
+layout with and without the edit, the gated edit, torch hooks, and the official LLaDA code with
+--official-dir), screen (bench_tie --what screen), a+screen (both in one process, used whenever both
+are asked for), validate (validate_8b: `timerome validate` at the 8B shape against the official
+code; needs --official-dir, else recorded as skipped), stages (bench_tie --what stages), scaling
+(bench_tie --what scaling). Every floor uses the ceiling measured in the same run.
 
 Each figure runs in its own Python process (a crash, an out-of-memory or a CUDA fault in one
 loses nothing measured by the others; each process's peak-memory statistics are its own). Every
@@ -43,12 +52,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 
@@ -57,27 +68,39 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 # name -> script, fixed arguments, output files, soft budget (s) for optional repeats at full size,
-# about the least it takes at full size on one H100 (compile and init included; a figure's soft
-# budget leaves this much for every figure still to come), whether it takes --repeats / --profile
+# about the least it takes at full size on one H200 (compile and init included; a figure's soft
+# budget leaves this much for every figure still to come), the expected seconds at full size on one
+# H200 (est), whether it takes --repeats / --profile
 FIGURES = {
-    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=20),
+    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=16),
     # figure a at a documented reduced size: 4 facts (the figure's own default is 8), 16 lanes per
-    # chunk so a forward still holds 64 rows; screen uses the same facts and reads a's JAX time
+    # chunk so a forward still holds 64 rows
     "a": dict(script="bench_tie.py", args=["--what", "sweep", "--facts", "4"],
               full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json"], share=30, least=130,
               est=150),
+    # a and screen asked for together: one process (one init; the screen's compiles beside a's, its
+    # timed calls after a's sweep, compared with a's JAX time and coordinate)
+    "a+screen": dict(script="bench_tie.py", args=["--what", "sweep,screen", "--facts", "4"],
+                     full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json", "tie_screen.json"],
+                     share=30, least=180, est=222, covers=("a", "screen"), overlap_s=88),
     # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default); --gate: the
     # default gated install (slot keys + tau_seq) beside it, and the gate calibration once
     "b": dict(script="bench_install.py", args=["--gate"], full_args=["--sizes", "1,40,400"],
-              files=["fig_b_install.json"], share=60, least=50, repeats=True, profile="install", est=90),
-    "cd": dict(script="bench_generate.py", args=["--gate"], files=["fig_c_generate.json", "fig_d_memory.json"],
-               share=200, least=150, repeats=True, profile="generate", official=True, est=420,
+              files=["fig_b_install.json"], share=60, least=50, repeats=True, profile="install", est=80),
+    # c/d: the verdict rows in the unstacked layout (the GPU default), the stacked rows left out
+    # (bench_generate --stacked 1 adds them)
+    "cd": dict(script="bench_generate.py", args=["--gate", "--stacked", "0"],
+               files=["fig_c_generate.json", "fig_d_memory.json"], share=240, least=170, repeats=True,
+               profile="generate", official=True, est=185,
                split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),
+    # screen alone (without a) times its own full sweep for the comparison
     "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
                    full_args=["--chunk", "16", "--torch-chunk", "16"], files=["tie_screen.json"], share=30,
-                   least=60, est=80, after="a"),
-    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=150, est=200,
-                     needs_official=True, plain=True),
+                   least=100, est=170, after="a"),
+    # validate times nothing that is a verdict: with --overlap-validate (default) it runs beside
+    # a+screen's untimed compile phase when both share a GPU (`run_with_companion`)
+    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=100, est=100,
+                     needs_official=True, plain=True, host="a+screen"),
     "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
                    least=60, profile="tie_stages", est=120),
     "scaling": dict(script="bench_tie.py", args=["--what", "scaling"], files=["tie_scaling.json"], share=30,
@@ -87,6 +110,7 @@ ALIASES = {"c": "cd", "d": "cd"}
 DEFAULT = "ceiling,a,b,c,d,screen,validate"
 ORDER = ("ceiling", "a", "b", "c", "d", "screen", "validate", "stages", "scaling")
 FILES = {k: v["files"] for k, v in FIGURES.items()}
+COVERS = {k: v["covers"] for k, v in FIGURES.items() if "covers" in v}
 SHARE = {k: v["share"] for k, v in FIGURES.items()}
 LEAST = {k: v["least"] for k, v in FIGURES.items()}
 LATEST = os.path.join(HERE, "results", "latest")
@@ -99,10 +123,14 @@ def _write_json(path, obj):
 
 
 def jobs_for(only) -> list:
-    """Figure names -> the figure jobs to run, in FIGURES order (c and d share one run), ceiling first."""
+    """Figure names -> the figure jobs to run, in FIGURES order (c and d share one run; a and screen
+    asked for together share one run, "a+screen"), ceiling first."""
     want = {ALIASES.get(f, f) for f in only}
     if want:
         want.add("ceiling")
+    for job, covers in COVERS.items():
+        if set(covers) <= want:
+            want = (want - set(covers)) | {job}
     return [job for job in FIGURES if job in want]
 
 
@@ -171,7 +199,8 @@ lane: the jobs in FIGURES order."""
 
 
 def command(job: dict, args, ceiling_json: str, budget: float) -> list:
-    return _command(job, args, ceiling_json, budget) + shlex.split(args.extra.get(job["fig"], ""))
+    extra = [args.extra.get(f, "") for f in COVERS.get(job["fig"], (job["fig"],))]
+    return _command(job, args, ceiling_json, budget) + shlex.split(" ".join(extra))
 
 
 def _command(job: dict, args, ceiling_json: str, budget: float) -> list:
@@ -194,7 +223,7 @@ def _command(job: dict, args, ceiling_json: str, budget: float) -> list:
         cmd += ["--ceiling-json", ceiling_json]
     if args.skip_torch:
         cmd.append("--skip-torch")
-    if name == "a":
+    if name in ("a", "a+screen"):
         cmd += ["--repeats", str(args.repeats_a)]
     if fig.get("repeats") and args.repeats:
         cmd += ["--repeats", str(args.repeats)]
@@ -258,15 +287,16 @@ def mark_killed(out: str, job: str, why: str, rc=None, tail: str = ""):
         _write_json(path, data)
 
 
-def run_job(job: dict, cmd, timeout, device=None) -> dict:
-    """Run one figure's process (on `device`: its CUDA_VISIBLE_DEVICES), streaming its output with
-    the job's name in front; kill it when `timeout` seconds have passed."""
+def run_job(job: dict, cmd, timeout, device=None, env_extra=None, prefix=False) -> dict:
+    """Run one figure's process (on `device`: its CUDA_VISIBLE_DEVICES; env_extra: more environment),
+    streaming its output with the job's name in front (when on a device or `prefix`); kill it when
+    `timeout` seconds have passed."""
     name = job["name"]
     t0 = time.perf_counter()
-    print(f"[run_all] {name}" + ("" if device is None else f" (GPU {device})") + f": {' '.join(cmd[2:])}",
-          flush=True)
+    print(f"[run_all] {name}" + ("" if device is None else f" (GPU {device})") + f": {' '.join(cmd[2:])}"
+          + (f" [env {' '.join(f'{k}={v}' for k, v in env_extra.items())}]" if env_extra else ""), flush=True)
     tail = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(device)
     os.makedirs(job["out"], exist_ok=True)
@@ -285,7 +315,7 @@ def run_job(job: dict, cmd, timeout, device=None) -> dict:
     timer.start()
     try:
         for line in proc.stdout:  # stream the child's output, keep a tail for the record
-            sys.stdout.write(line if device is None else f"[{name}] {line}")
+            sys.stdout.write(line if device is None and not prefix else f"[{name}] {line}")
             tail = (tail + [line])[-200:]
         rc = proc.wait()
     finally:
@@ -298,6 +328,74 @@ def run_job(job: dict, cmd, timeout, device=None) -> dict:
         mark_killed(job["out"], job["fig"], "crashed", rc, text)
     return {"job": name, "rc": rc, "killed": killed.is_set(), "wall_s": wall, "device": device,
             "est_s": job["est"]}
+
+
+def attach_companions(lanes) -> None:
+    """On a lane holding both a job whose figure has `host` (validate) and that host (a+screen),
+    take the first out of the lane's order and run it beside the host's untimed compile phase
+    (`run_with_companion`)."""
+    for lane in lanes:
+        for job in list(lane):
+            host = FIGURES[job["fig"]].get("host")
+            target = next((j for j in lane if j["name"] == host), None)
+            if target is not None and "companion" not in target:
+                lane.remove(job)
+                target["companion"] = job
+
+
+def lane_est(lane) -> float:
+    """Expected seconds of a lane: each job's est, a companion adding only what it outlasts the
+    host's untimed phase by (its `overlap_s`)."""
+    total = 0.0
+    for j in lane:
+        total += j["est"]
+        c = j.get("companion")
+        if c is not None:
+            total += max(c["est"] - FIGURES[j["fig"]].get("overlap_s", 0.0), 0.0)
+    return total
+
+
+def run_with_companion(job, comp, args, ceiling_json, soft, left, dev, t_start, record) -> dict:
+    """Run `job` (bench_tie) with --ready-file / --hold-file: it writes the ready file when its
+    untimed compile phase starts and, when the phase is over, waits until the hold file is gone
+    before it times anything. The companion (validate_8b, which times nothing that is a verdict)
+    starts at the ready file (or when the job ends without one) and the hold file is removed when
+    it ends, so no timed run of the job overlaps it. Memory on the shared GPU: the job's JAX pool is
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 of the card (unless set), the companion's JAX allocates on
+    demand (XLA_PYTHON_CLIENT_PREALLOCATE=false); the companion's result is recorded on its own."""
+    sync = tempfile.mkdtemp(prefix="run_all_sync_")
+    ready, hold = os.path.join(sync, "ready"), os.path.join(sync, "hold")
+    with open(hold, "w") as f:
+        f.write(comp["name"])
+    ended = threading.Event()
+
+    def companion():
+        try:
+            while not os.path.exists(ready) and not ended.is_set():
+                time.sleep(0.25)
+            c_left = args.budget_s - (time.perf_counter() - t_start)
+            env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+            res = run_job(comp, command(comp, args, ceiling_json, 0.0), c_left, dev, env_extra=env, prefix=True)
+            res["beside"] = job["name"] if not ended.is_set() else None
+            record(res)
+        finally:
+            try:
+                os.remove(hold)
+            except OSError:
+                pass
+
+    th = threading.Thread(target=companion, daemon=True)
+    th.start()
+    env = {} if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ else {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
+    cmd = command(job, args, ceiling_json, soft) + ["--ready-file", ready, "--hold-file", hold]
+    try:
+        res = run_job(job, cmd, left, dev, env_extra=env, prefix=True)
+    finally:
+        ended.set()
+        th.join()
+        shutil.rmtree(sync, ignore_errors=True)
+    res["companion"] = comp["name"]
+    return res
 
 
 def visible_gpus() -> list:
@@ -334,11 +432,15 @@ def main(argv=None):
                     help="profile one steady JAX run of stages, b and c into DIR/<figure> (keep DIR outside "
                          "--out); OUT/profile.tar.gz packs DIR at the end")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--overlap-validate", type=int, default=1, choices=(0, 1),
+                    help="1 (default): when validate and a+screen share a GPU, run validate beside a+screen's "
+                         "untimed compile phase (a+screen times nothing until validate has ended); 0: one after "
+                         "the other")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tie-layout", choices=("stacked", "unstacked"), default="stacked",
+    ap.add_argument("--tie-layout", choices=("stacked", "unstacked"), default="unstacked",
                     help="params layout of the TIE figures (a, screen, stages, scaling; bench_tie --layout): "
-                         "stacked (default, one [L, ...] array per weight) or unstacked (per-layer arrays, "
-                         "the GPU default of load_model)")
+                         "unstacked (default: per-layer arrays, the GPU default of load_model) or stacked (one "
+                         "[L, ...] array per weight; compiles faster)")
     ap.add_argument("--figure-args", action="append", default=[], metavar="FIG=ARGS",
                     help='extra arguments for one figure\'s script, e.g. "a=--chunk 4 --torch-chunk 4" or '
                          '"cd=--repeats 2" (FIG: ceiling, a, b, cd, screen, validate, stages, scaling); repeatable')
@@ -377,11 +479,16 @@ def main(argv=None):
         log["skipped"].append({"job": "validate", "why": "no --official-dir"})
     jobs = expand(figs, args)
     lanes = plan(jobs, len(devices))
-    log["plan"] = [{"device": devices[i], "jobs": [j["name"] for j in lane], "est_s": sum(j["est"] for j in lane),
-                    "est_each_s": {j["name"]: round(j["est"]) for j in lane}} for i, lane in enumerate(lanes)]
+    if args.overlap_validate:
+        attach_companions(lanes)
+    log["plan"] = [{"device": devices[i], "jobs": [j["name"] for j in lane], "est_s": lane_est(lane),
+                    "est_each_s": {j["name"]: round(j["est"]) for j in lane},
+                    "beside": {j["name"]: j["companion"]["name"] for j in lane if j.get("companion")}}
+                   for i, lane in enumerate(lanes)]
     for p in log["plan"]:
-        print(f"[run_all] GPU {p['device']}: {', '.join(p['jobs'])} (expected {p['est_s']:.0f} s at full size)",
-              flush=True)
+        print(f"[run_all] GPU {p['device']}: {', '.join(p['jobs'])}"
+              + "".join(f" ({c} beside {j})" for j, c in p["beside"].items())
+              + f" (expected {p['est_s']:.0f} s at full size)", flush=True)
     lock = threading.Lock()
     ceiling_done = threading.Event()
     if not any(j["name"] == "ceiling" for j in jobs):
@@ -420,11 +527,15 @@ def main(argv=None):
                         "est_s": job["est"], "skipped": True})
                 continue
             soft = min(job["share"] * (0.2 if args.tiny else 1.0), max(left - min_left - later, 1.0))
-            if job["fig"] == "a" and args.repeats_a > 1:
+            if job["fig"] in ("a", "a+screen") and args.repeats_a > 1:
                 soft = max(left - min_left - later, 1.0)  # extra full sweeps were asked for: let them use the rest
+            dev = devices[i] if len(devices) > 1 else None
+            comp = job.get("companion")
             try:
-                res = run_job(job, command(job, args, ceiling_json, soft), left,
-                              devices[i] if len(devices) > 1 else None)
+                if comp is None:
+                    res = run_job(job, command(job, args, ceiling_json, soft), left, dev)
+                else:
+                    res = run_with_companion(job, comp, args, ceiling_json, soft, left, dev, t_start, record)
             finally:
                 if job["name"] == "ceiling":
                     ceiling_done.set()

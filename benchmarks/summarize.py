@@ -210,17 +210,21 @@ def write_summary(folder: str) -> str:
         e = sh.get("edit", {})
         L += [f"## c. Generation: prompt {sh.get('prompt_len')} + {sh.get('gen_len')} new tokens, {sh.get('steps')} "
               f"steps, edit |F| = {e.get('facts')}, q = {e.get('q')} at layer {e.get('layer')} {e.get('module')}", "",
-              "Edit overhead: from the medians, and [median of the per-pair ratios] (runs interleaved no edit / edit).",
+              f"JAX rows: the {c.get('jax_layout', 'stacked')} layer layout. Edit overhead: from the medians, and "
+              "[median of the per-round ratios] (runs interleaved no edit / edit / gated; JAX rounds "
+              f"{(sh.get('rounds') or {}).get('batch_1', '?')} at batch 1, "
+              f"{(sh.get('rounds') or {}).get('other_batches', '?')} above).",
               "",
-              "| batch | floor | JAX step no edit / edit | edit overhead | torch step no edit / edit | torch overhead | "
+              "| batch | floor | JAX step no edit / edit | / floor | edit overhead | torch step no edit / edit | torch overhead | "
               "JAX tok/s (edit) | torch tok/s (edit) | JAX/torch throughput | JAX compile | runs (JAX, torch) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for bsz, row in c.get("batches", {}).items():
             j, t = row.get("jax", {}), row.get("torch", {})
             jn, je, tn, te = j.get("no_edit", {}), j.get("edit", {}), t.get("no_edit", {}), t.get("edit", {})
             thr = row.get("jax_over_torch_throughput", {})
             L.append(f"| {bsz} | {s(row['floor']['floor_s'])} ({row['floor']['bound']}) | "
-                     f"{r(jn.get('step_ms'))} / {r(je.get('step_ms'))} ms | {r(j.get('edit_overhead_pct'), 2)}% "
+                     f"{r(jn.get('step_ms'))} / {r(je.get('step_ms'))} ms | {r(jn.get('ratio_to_floor'))} | "
+                     f"{r(j.get('edit_overhead_pct'), 2)}% "
                      f"[{r(j.get('edit_overhead_pct_paired_median'), 2)}%] | "
                      f"{r(tn.get('step_ms'))} / {r(te.get('step_ms'))} ms | {r(t.get('edit_overhead_pct'), 2)}% "
                      f"[{r(t.get('edit_overhead_pct_paired_median'), 2)}%] | "
@@ -228,21 +232,21 @@ def write_summary(folder: str) -> str:
                      f"{r(thr.get('no_edit'))} / {r(thr.get('edit'))} | {s(jn.get('compile_s'))} | "
                      f"{n_of(jn)}, {n_of(tn)} |")
         L.append("")
-        rows = [(b, row) for b, row in c.get("batches", {}).items() if "jax_unstacked" in row or "official" in row]
+        rows = [(b, row) for b, row in c.get("batches", {}).items() if "jax_stacked" in row or "official" in row]
         if rows:
-            L += ["Unstacked layer layout (`model.unstack`) and the official LLaDA code (`--official-dir`):", "",
-                  "| batch | JAX stacked step | JAX unstacked step no edit / edit | unstacked / floor | unstacked "
-                  "edit overhead | official forward | official step | tokens = JAX (unstacked, official) |",
+            L += ["Stacked layer layout (`--stacked 1`; not a verdict) and the official LLaDA code (`--official-dir`):", "",
+                  "| batch | JAX step | JAX stacked step no edit / edit | stacked / floor | stacked "
+                  "edit overhead | official forward | official step | tokens = JAX (stacked, official) |",
                   "|---|---|---|---|---|---|---|---|"]
             for bsz, row in rows:
-                u, o = row.get("jax_unstacked", {}), row.get("official", {})
+                u, o = row.get("jax_stacked", {}), row.get("official", {})
                 un, ue = u.get("no_edit", {}), u.get("edit", {})
                 ag = row.get("agreement", {})
                 L.append(f"| {bsz} | {r(row.get('jax', {}).get('no_edit', {}).get('step_ms'))} ms | "
                          f"{r(un.get('step_ms'))} / {r(ue.get('step_ms'))} ms | {r(un.get('ratio_to_floor'))} | "
                          f"{r(u.get('edit_overhead_pct'), 2)}% | {r(o.get('forward', {}).get('forward_ms'))} ms | "
                          f"{r(o.get('generate', {}).get('step_ms'))} ms | "
-                         f"{ag.get('unstacked_tokens_equal_fraction', {}).get('no_edit')}, "
+                         f"{ag.get('stacked_tokens_equal_fraction', {}).get('no_edit')}, "
                          f"{ag.get('official_tokens_equal_fraction', {}).get('no_edit')} |")
             L.append("")
         if c.get("official", {}).get("status") == "absent":
@@ -250,7 +254,7 @@ def write_summary(folder: str) -> str:
         grows = [(b, row["jax"]) for b, row in c.get("batches", {}).items() if "gated" in row.get("jax", {})]
         if grows:
             L += ["Gated memory, the latch default as `pipeline.install` builds it (the same facts, random whitened "
-                  "slot keys, sequence latch, no per-token gate), stacked layout. Per step: one denoising step with "
+                  "slot keys, sequence latch, no per-token gate), the JAX rows' layout. Per step: one denoising step with "
                   "the latch primed vs the plain edit; probe: `model.prime_edit` once per generation:", "",
                   "| batch | edit step | gated step (primed) | per-step overhead over the edit [paired] | "
                   "as % of the no-edit step | probe | probe as % of a step / amortised over the steps | "
@@ -269,11 +273,12 @@ def write_summary(folder: str) -> str:
                          f"{r(j.get('gate_overhead_pct_of_step'), 2)}% |")
             L.append("")
         for bsz, m in c.get("met", {}).items():
-            L.append(f"- batch {bsz}: overhead <= 1%: {yes(m.get('edit_overhead_at_most_1pct'))}; faster than torch: "
-                     f"{yes(m.get('faster_than_torch'))}"
-                     + (f"; unstacked step <= 1.5x floor: {yes(m.get('unstacked_step_within_1p5x_floor'))}, its edit "
-                        f"overhead <= 1%: {yes(m.get('unstacked_edit_overhead_at_most_1pct'))}"
-                        if "unstacked_step_within_1p5x_floor" in m else ""))
+            L.append(f"- batch {bsz}: overhead <= 1%: {yes(m.get('edit_overhead_at_most_1pct'))} (medians), "
+                     f"{yes(m.get('edit_overhead_paired_median_at_most_1pct'))} (paired); faster than torch: "
+                     f"{yes(m.get('faster_than_torch'))}; step <= 1.5x floor: {yes(m.get('step_within_1p5x_floor'))}"
+                     + (f"; gate per step <= 1%: {yes(m.get('gate_overhead_at_most_1pct'))}, with the amortised "
+                        f"probe: {yes(m.get('gate_with_amortised_probe_at_most_1pct'))}"
+                        if "gate_overhead_at_most_1pct" in m else ""))
         L += [""] + _status(c) + [""]
 
     d = figs.get("d")
@@ -347,7 +352,10 @@ def write_summary(folder: str) -> str:
             from timerome_jax.backbone.validate import summary_lines
 
             L += [f"    {x}" for x in summary_lines(va)]
-            L += ["", f"Checkpoint write {s(va.get('checkpoint_write_s'))}, validate {s(va.get('validate_s'))}."]
+            ph = va.get("phases_s") or {}
+            L += ["", f"Checkpoint write {s(va.get('checkpoint_write_s'))}, validate {s(va.get('validate_s'))}"
+                  + (" (" + ", ".join(f"{k.replace('_', ' ')} {s(v)}" for k, v in ph.items()) + ")" if ph else "")
+                  + (f"; checkpoint in {va['checkpoint_folder']}" if va.get("checkpoint_folder") else "") + "."]
         L += [""] + _status(va) + [""]
 
     ra = os.path.join(folder, "run_all.json")
@@ -355,10 +363,13 @@ def write_summary(folder: str) -> str:
         with open(ra) as f:
             log = json.load(f)
         L += ["## Run", "", f"run_all wall time {s(log.get('wall_s'))} (budget {s(log.get('budget_s'))}); jobs: "
-              + ", ".join(f"{j['job']} {s(j['wall_s'])}" + (" KILLED" if j["killed"] else "")
+              + ", ".join(f"{j['job']} {s(j['wall_s'])}" + (f" (beside {j['beside']})" if j.get("beside") else "")
+                          + (" KILLED" if j["killed"] else "")
                           + (f" rc={j['rc']}" if j["rc"] else "") for j in log.get("jobs", []))]
         for p in log.get("plan", []):
-            L.append(f"- GPU {p['device']}: " + ", ".join(f"{k} (expected {v} s)" for k, v in p.get("est_each_s", {}).items()))
+            L.append(f"- GPU {p['device']}: " + ", ".join(f"{k} (expected {v} s)" for k, v in p.get("est_each_s", {}).items())
+                     + "".join(f"; {c} beside {h}'s untimed compile phase" for h, c in (p.get("beside") or {}).items())
+                     + (f"; expected {s(p['est_s'])} in all" if p.get("est_s") else ""))
         if log.get("skipped"):
             L.append("Skipped: " + ", ".join(f"{x['job']} ({x['why']})" for x in log["skipped"]))
         L.append("")

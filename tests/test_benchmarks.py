@@ -17,12 +17,12 @@ BENCH = os.path.join(REPO, "benchmarks")
 
 
 # one run serves every test here: --gate adds the gated rows of figures b and c to the same JSON
-# (test_gate_rows_...); --repeats 1 still leaves >= 1 steady run after the compile run, which is all
-# the assertions use. It starts right after collection (conftest.EarlyProcess) and runs beside the
+# (test_gate_rows_...), --stacked 1 the stacked rows of c; --repeats 1 still leaves >= 1 steady run
+# after the compile run, which is all the assertions use. It starts right after collection (conftest.EarlyProcess) and runs beside the
 # in-process tests.
 RUN_ALL = EarlyProcess(__name__, "results", lambda out: [
     sys.executable, os.path.join(BENCH, "run_all.py"), "--tiny", "--out", out, "--repeats", "1",
-    "--figure-args", "b=--gate", "--figure-args", "cd=--gate", "--tie-layout", "unstacked"],
+    "--figure-args", "b=--gate", "--figure-args", "cd=--gate --stacked 1"],
     env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
@@ -69,18 +69,49 @@ def test_run_all_plan_two_gpus_fits_and_keeps_order_constraints():
 
     jobs = ra.expand(ra.jobs_for(ra.DEFAULT.split(",")), A)
     names = sorted(j["name"] for j in jobs)
-    assert names == sorted(["ceiling", "a", "b", "cd@1", "cd@32", "screen", "validate"])
+    # a and screen asked for together are one process writing both files
+    assert names == sorted(["ceiling", "a+screen", "b", "cd@1", "cd@32", "validate"])
+    assert ra.FILES["a+screen"] == ra.FILES["a"] + ra.FILES["screen"]
     lanes = ra.plan(jobs, 2)
     got = [[j["name"] for j in lane] for lane in lanes]
     assert sorted(n for lane in got for n in lane) == names  # every job once
     assert got[0][0] == "ceiling" and all("ceiling" not in lane for lane in got[1:])
-    lane_a = next(lane for lane in got if "a" in lane)
-    assert lane_a[lane_a.index("a") + 1] == "screen"  # screen reads a's sweep, right after it
     assert "validate" in got[1] and got[1][0] == "validate"  # needs no ceiling: starts at once
     assert max(sum(j["est"] for j in lane) for lane in lanes) <= 540
+    # screen alone (no a): its own job, which times a full sweep itself
+    assert ra.jobs_for(["screen"]) == ["ceiling", "screen"]
     A.gpus = 1  # one GPU: cd is one process, the jobs run in FIGURES order
+    one = ra.plan(ra.expand(ra.jobs_for(ra.DEFAULT.split(",")), A), 1)[0]
+    assert [j["name"] for j in one] == ["ceiling", "a+screen", "b", "cd", "validate"]
     assert [j["name"] for j in ra.plan(ra.expand(ra.jobs_for(["a", "b", "c", "screen"]), A), 1)[0]] == \
-        ["ceiling", "a", "b", "cd", "screen"]
+        ["ceiling", "a+screen", "b", "cd"]
+
+
+def test_run_all_one_gpu_runs_validate_beside_the_tie_compile_and_fits_the_budget():
+    ra = _run_all_module()
+
+    class A:
+        gpus, tiny, out = 1, False, "/tmp/x"
+
+    lanes = ra.plan(ra.expand(ra.jobs_for(ra.DEFAULT.split(",")), A), 1)
+    ra.attach_companions(lanes)
+    assert [j["name"] for j in lanes[0]] == ["ceiling", "a+screen", "b", "cd"]
+    host = lanes[0][1]
+    assert host["companion"]["name"] == "validate"
+    # validate adds only what it outlasts a+screen's untimed phase by; the whole entry fits 540 s
+    assert ra.lane_est(lanes[0]) == sum(j["est"] for j in lanes[0]) + max(
+        host["companion"]["est"] - ra.FIGURES["a+screen"]["overlap_s"], 0)
+    assert ra.lane_est(lanes[0]) <= 540
+
+
+def test_run_all_merged_job_takes_both_figures_arguments():
+    ra = _run_all_module()
+    ns = type("NS", (), dict(tiny=True, seed=0, official_dir=None, tie_layout="unstacked", skip_torch=False,
+                             repeats_a=1, repeats=3, profile=None,
+                             extra={"a": "--chunk 2", "screen": "--top-frac 0.1"}))()
+    job = ra.expand(ra.jobs_for(["a", "screen"]), type("A", (), dict(gpus=1, tiny=True, out="/tmp/x")))[1]
+    cmd = ra.command(job, ns, "/tmp/x/ceiling.json", 10.0)
+    assert cmd[cmd.index("--what") + 1] == "sweep,screen" and cmd[-4:] == ["--chunk", "2", "--top-frac", "0.1"]
 
 
 def test_run_all_merges_split_figure_parts(tmp_path):
@@ -119,7 +150,7 @@ def test_every_figure_records_card_versions_knobs_and_ceiling(results):
     for name in ("fig_a_tie", "fig_b_install", "fig_c_generate"):
         # the floors use the ceiling measured in this same run
         assert results[name]["ceiling"]["matmul_flops_per_s"] == ceil["ceiling"]["matmul_flops_per_s"]
-    assert [j["job"] for j in results["run_all"]["jobs"]] == ["ceiling", "a", "b", "cd", "screen"]
+    assert [j["job"] for j in results["run_all"]["jobs"]] == ["ceiling", "a+screen", "b", "cd"]
     assert cfig_official_absent(results)
     s = results["summary"]
     for head in ("## a.", "## b.", "## c.", "## d.", "JAX " + jax.__version__, "**cpu**"):
@@ -204,10 +235,15 @@ def test_fig_c_generation_and_fig_d_memory(results):
         for name in ("no_edit", "edit"):
             assert row["agreement"][name]["tokens_equal_fraction"] == 1.0, (bsz, name, row["agreement"])
         assert row["agreement"]["jax_masks_left"] == {"no_edit": 0, "edit": 0}
-        # the unstacked layer layout: same tokens as the stacked one, timed without compiling
-        assert row["agreement"]["unstacked_tokens_equal_fraction"] == {"no_edit": 1.0, "edit": 1.0}
-        u = row["jax_unstacked"]
+        # the verdict rows are the unstacked layout; the stacked one (--stacked 1) gives the same tokens
+        assert cfig["jax_layout"] == "unstacked" and sh["layout"] == "unstacked"
+        assert row["agreement"]["stacked_tokens_equal_fraction"] == {"no_edit": 1.0, "edit": 1.0}
+        u = row["jax_stacked"]
         assert u["no_edit"]["compile_runs"] == [] and u["no_edit"]["step_ms"] > 0 and "edit_overhead_pct" in u
+        # interleaved rounds: batch 1 takes --repeats-b1 (default 11) rounds, the others --repeats
+        want = sh["rounds"]["batch_1"] if B == 1 else sh["rounds"]["other_batches"]
+        assert row["jax"]["edit_overhead_pct_n_pairs"] == want == row["jax"]["no_edit"]["n_steady"]
+        assert row["jax"]["edit_overhead_pct_paired_median"] is not None
         d = dfig["batches"][bsz]
         assert d["edit_bytes"] == sh["edit"]["bytes"] > 0
         add = d["jax"]["added"]
