@@ -185,6 +185,9 @@ def write_summary(folder: str) -> str:
                 L += ["", f"Unstacked layout (`model.unstack`) at |F| = {n}: capture {s(u.get('capture', {}).get('steady_s'))}, "
                       f"solve {s(u.get('solve', {}).get('steady_s'))}, install {s(u.get('install_s'))} = "
                       f"{r(u.get('ratio_to_floor'))}x floor (<= 2: {yes(b.get('met', {}).get(n, {}).get('unstacked_within_2x_floor'))}); "
+                      f"back to back (capture then solve, timed together) {s(u.get('install_s_back_to_back'))} = "
+                      f"{r(u.get('ratio_to_floor_back_to_back'))}x floor (<= 2: "
+                      f"{yes(b.get('met', {}).get(n, {}).get('unstacked_back_to_back_within_2x_floor'))}); "
                       f"keys equal to the stacked layout's: {u.get('u_equal_to_stacked')}."]
         gate_rows = [(n, row["jax"]["gate"]) for n, row in b.get("sizes", {}).items() if "gate" in row.get("jax", {})]
         if gate_rows:
