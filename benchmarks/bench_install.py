@@ -320,22 +320,22 @@ def main(argv=None):
             fpu = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used, cache=False), want=3,
                             deadline=j_deadline, sync=lambda _: None)
             cap_lib.model_fingerprint(up, cfg_used)
-            fpuc = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used), want=5, deadline=j_deadline,
-                             sync=lambda _: None)
             n = min(args.sizes)
             cb = cloze_batch(arrs, n)
-            reps = max(args.repeats, 21)  # a few milliseconds each: many runs cost nothing and steady the medians
+            # a few milliseconds each: many runs, and no soft deadline, cost under a second and steady the medians
+            reps = max(args.repeats, 21)
+            fpuc = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used), want=reps, sync=lambda _: None)
             cap = C.measure(lambda: jax_capture(up, cfg_used, cb, args.layer, m_id, args.chunk),
-                            want=reps, deadline=j_deadline)
+                            want=reps)
             u_u = cap["out"]
             sol = C.measure(lambda: jax_solve(*u_u, args.layer, m_id, args.alpha, args.q, fpu["out"]),
-                            want=reps, deadline=j_deadline)
+                            want=reps)
             # the whole install again, capture then solve back to back as a user runs it (the sum of
             # the parts' medians above is the figure's install_s, as in every other row)
             whole = C.measure(lambda: jax_solve(*jax_capture(up, cfg_used, cb, args.layer, m_id, args.chunk),
                                                 args.layer, m_id, args.alpha, args.q,
                                                 cap_lib.model_fingerprint(up, cfg_used)),
-                              want=reps, deadline=j_deadline)
+                              want=reps)
             r = rows[str(n)]
             inst = cap["steady_s"] + sol["steady_s"] + fpuc["steady_s"]
             r["jax_unstacked"] = {"capture": C.strip(cap), "solve": C.strip(sol), "fingerprint": C.strip(fpu),
