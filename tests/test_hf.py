@@ -224,8 +224,8 @@ def test_bf16_checkpoint(tiny_torch, tmp_path):
 
 def test_load_never_holds_a_second_full_copy(tmp_path):
     """Host (numpy) memory traced during a sharded load stays below one model size: tensors are
-    written into preallocated stacked arrays one at a time (a load-all-then-stack loader peaks at
-    about twice the model size)."""
+    written into preallocated stacked device arrays one at a time (a load-all-then-stack loader peaks
+    at about twice the model size)."""
     d = llada_config_dict(d_model=256, n_layers=4, mlp_hidden_size=512)
     m = tref.LLaDAModelLM(d)
     p = str(tmp_path / "mem")

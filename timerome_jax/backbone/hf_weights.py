@@ -2,12 +2,14 @@
 
 Loading is strict: every expected HF tensor must be present exactly once with the right shape, and
 nothing unexpected may be left over (config.json is translated by `hf_config`). Stacked [L, ...]
-(and [L, E, ...]) arrays are preallocated once and filled tensor by tensor from
-`safetensors.safe_open`, then moved to the device leaf by leaf, so a sharded 8B checkpoint never
-needs two full copies in host memory.
+(and [L, E, ...]) arrays are preallocated once on the device and filled tensor by tensor from
+`safetensors.safe_open` (each tensor transposed and cast on the device), so host memory holds one
+tensor at a time and a sharded 8B checkpoint never needs a second full copy. Saving transposes each
+leaf on the device and streams its tensors out.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,6 +17,7 @@ from contextlib import ExitStack
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -237,25 +240,35 @@ def load_params(path: str, cfg: ModelConfig, dtype: Optional[str] = None):
             by_leaf.setdefault(leaf, []).append((key, idx, t))
         params: dict = {}
         for leaf, shape in leaves.items():
-            arr = np.empty(shape, np_dt)  # one preallocated host buffer per stacked leaf
             entries = by_leaf.get(leaf, [])
             n_idx = len(entries[0][1]) if entries else 0
             filled = np.zeros(shape[:n_idx], bool)
+            buf = jnp.zeros(shape, np_dt)  # one preallocated device buffer per stacked leaf
             for key, idx, t in entries:
                 if filled[idx]:
                     raise CheckpointError(f"{leaf} index {idx} is filled twice (second time by {key!r})")
-                x = files.read(key)
-                arr[idx] = (x.T if t else x).astype(np_dt, copy=False)
+                buf = _fill(buf, files.read(key), np.asarray(idx, np.int32).reshape(n_idx), transpose=t)
                 filled[idx] = True
-                del x
             if not filled.all():
                 raise CheckpointError(f"param {'/'.join(leaf)} was not completely filled from {path}")
             node = params
             for part in leaf[:-1]:
                 node = node.setdefault(part, {})
-            node[leaf[-1]] = jax.device_put(arr)
-            del arr
+            node[leaf[-1]] = buf
+            del buf
     return params, dtype
+
+
+@functools.partial(jax.jit, static_argnames=("transpose",), donate_argnums=(0,))
+def _fill(buf, x, idx, transpose: bool):
+    """buf [*lead, ...] with one file tensor x written at the lead index idx [n] int32, transposed from
+    HF's [out, in] when `transpose` and cast to buf's dtype on the device (a host-side transpose of a
+    large matrix is a strided copy, several times slower than the file read; the buffer is donated,
+    so the update is in place)."""
+    x = (jnp.swapaxes(x, -1, -2) if transpose else x).astype(buf.dtype)
+    n = idx.shape[0]
+    start = tuple(idx[i] for i in range(n)) + (0,) * x.ndim
+    return jax.lax.dynamic_update_slice(buf, x.reshape((1,) * n + x.shape), start)
 
 
 # =================================================================================================
@@ -319,7 +332,12 @@ def _write_safetensors(fp: str, entries, metadata: dict):
             x = np.ascontiguousarray(produce())
             if tuple(x.shape) != tuple(shape):
                 raise CheckpointError(f"internal: tensor {key!r} has shape {x.shape}, header says {shape}")
-            f.write(x.tobytes())
+            f.write(memoryview(x.reshape(-1).view(np.uint8)))
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _hf_oriented(leaf, transpose: bool, dtype):
+    return (jnp.swapaxes(leaf, -1, -2) if transpose else leaf).astype(dtype)
 
 
 def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None,
@@ -360,9 +378,9 @@ def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tok
                 for part in leaf:
                     node = node[part]
                 host.clear()
-                host.update(leaf=leaf, arr=np.asarray(jax.device_get(node)))
-            x = host["arr"][idx]
-            return (x.T if t else x).astype(np_dt)
+                # in HF orientation and dtype, made on the device: each tensor is then a contiguous slice
+                host.update(leaf=leaf, arr=np.asarray(jax.device_get(_hf_oriented(node, t, np.dtype(np_dt)))))
+            return host["arr"][idx]
         return produce
 
     entries = []
