@@ -23,10 +23,9 @@ import common as C  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from generation_ab import timed_variants  # noqa: E402
+from generation_ab import summary, timed_variants, unstacked_model_and_memory  # noqa: E402
 from timerome_jax.backbone import intervene as iv_lib  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
-from timerome_jax.method import memory as mem_lib  # noqa: E402
 
 LIBRARY = iv_lib.apply_edit
 
@@ -48,23 +47,14 @@ def main(argv=None):
     cfg = C.model_config(args.tiny)
     if not args.tiny:
         cfg = cfg.replace(n_layers=args.layers)
-    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
-    layer = min(19, cfg.n_layers - 1)
-    rng = np.random.default_rng(1)
-    u, v_o, v_t = (rng.standard_normal((400, cfg.d_model)).astype(np.float32) for _ in range(3))
-    mem = mem_lib.build(u, 0.1 * v_o, 0.1 * v_t, lam=0.1 * cfg.d_model, alpha=1.0, q=4, layer=layer,
-                        module="resid", step=-1, fingerprint="probe")
+    up, mem, rng = unstacked_model_and_memory(cfg, args.tiny)
     rec = {"device": jax.devices()[0].device_kind, "layers": cfg.n_layers, "steps": args.steps, "variants": {}}
     toks = {}
     for r in timed_variants(up, cfg, mem, args.steps, model_lib, "apply_edit", {"plain": LIBRARY, "barrier": fenced},
                             args.repeats, rng):
-        name, mn, me, ratios = r["name"], r["no_edit"], r["edit"], r["ratios"]
-        toks[name] = np.asarray(me["out"]).tolist()
-        v = {"compile_s": r["compile_s"], "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
-             "step_ms_edit": 1e3 * me["steady_s"] / args.steps, "n_pairs": len(ratios),
-             "overhead_pct_median_pair": 100 * (float(np.median(ratios)) - 1),
-             "overhead_pct_of_medians": 100 * (me["steady_s"] / mn["steady_s"] - 1)}
-        rec["variants"][name] = v
+        name = r["name"]
+        toks[name] = np.asarray(r["edit"]["out"]).tolist()
+        v = rec["variants"][name] = summary(r, args.steps)
         print(f"[edit_barrier] {name}: {v['step_ms_no_edit']:.3f} -> {v['step_ms_edit']:.3f} ms, overhead "
               f"{v['overhead_pct_median_pair']:.2f}% (pairs) / {v['overhead_pct_of_medians']:.2f}% (medians)", flush=True)
     rec["tokens_equal"] = toks["plain"] == toks["barrier"]

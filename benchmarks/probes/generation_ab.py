@@ -16,8 +16,33 @@ import common as C  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.backbone.intervene import Intervene  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
+from timerome_jax.method import memory as mem_lib  # noqa: E402
+
+
+def unstacked_model_and_memory(cfg, tiny: bool):
+    """(unstacked random params, an |F| = 400, q = 4 memory of random keys at layer 19 resid (or the
+    last layer), numpy Generator for the canvases): what the edit A/B probes time."""
+    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(tiny)), consume=True)
+    layer = min(19, cfg.n_layers - 1)
+    rng = np.random.default_rng(1)
+    u, v_o, v_t = (rng.standard_normal((400, cfg.d_model)).astype(np.float32) for _ in range(3))
+    mem = mem_lib.build(u, 0.1 * v_o, 0.1 * v_t, lam=0.1 * cfg.d_model, alpha=1.0, q=4, layer=layer,
+                        module="resid", step=-1, fingerprint="probe")
+    return up, mem, rng
+
+
+def summary(r: dict, steps: int) -> dict:
+    """One `timed_variants` result -> compile seconds, per-step ms without / with the edit and the
+    overhead (median of the per-pair ratios, ratio of the medians, microseconds per step)."""
+    mn, me, ratios = r["no_edit"], r["edit"], r["ratios"]
+    return {"compile_s": r["compile_s"], "step_ms_no_edit": 1e3 * mn["steady_s"] / steps,
+            "step_ms_edit": 1e3 * me["steady_s"] / steps, "n_pairs": len(ratios),
+            "overhead_pct_median_pair": 100 * (float(np.median(ratios)) - 1),
+            "overhead_pct_of_medians": 100 * (me["steady_s"] / mn["steady_s"] - 1),
+            "overhead_us_per_step": 1e6 * (me["steady_s"] - mn["steady_s"]) / steps}
 
 
 def timed_variants(params, cfg, mem, steps: int, module, attr: str, variants: dict, repeats: int,

@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from generation_ab import timed_variants  # noqa: E402
+from generation_ab import summary, timed_variants, unstacked_model_and_memory  # noqa: E402
 from profile_summary import kernel_summary  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.method import capture as cap_lib  # noqa: E402
@@ -244,25 +244,16 @@ def install_probe(args, cfg, rec):
 
 
 def edit_probe(args, cfg, rec):
-    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
-    layer = min(19, cfg.n_layers - 1)
-    rng = np.random.default_rng(1)
-    u, v_o, v_t = (rng.standard_normal((400, cfg.d_model)).astype(np.float32) for _ in range(3))
-    mem = mem_lib.build(u, 0.1 * v_o, 0.1 * v_t, lam=0.1 * cfg.d_model, alpha=1.0, q=4, layer=layer,
-                        module="resid", step=-1, fingerprint="probe")
+    up, mem, rng = unstacked_model_and_memory(cfg, args.tiny)
     names = [v for v in args.variants.split(",") if v]
     rec["variants"] = {}
     toks = {}
     hlo_dir = os.path.dirname(os.path.abspath(args.out))
     for r in timed_variants(up, cfg, mem, args.steps, mem_lib.EditMemory, "delta", {k: VARIANTS[k] for k in names},
                             args.repeats, rng):
-        name, mn, me, ratios = r["name"], r["no_edit"], r["edit"], r["ratios"]
-        toks[name] = np.asarray(me["out"]).tolist()
-        v = {"compile_s": r["compile_s"], "step_ms_no_edit": 1e3 * mn["steady_s"] / args.steps,
-             "step_ms_edit": 1e3 * me["steady_s"] / args.steps, "n_pairs": len(ratios),
-             "overhead_pct_median_pair": 100 * (float(np.median(ratios)) - 1),
-             "overhead_pct_of_medians": 100 * (me["steady_s"] / mn["steady_s"] - 1),
-             "overhead_us_per_step": 1e6 * (me["steady_s"] - mn["steady_s"]) / args.steps}
+        name = r["name"]
+        toks[name] = np.asarray(r["edit"]["out"]).tolist()
+        v = summary(r, args.steps)
         rec["variants"][name] = v
         if name == "library":
             with gzip.open(os.path.join(hlo_dir, "hlo_edit_library.txt.gz"), "wt") as f:
