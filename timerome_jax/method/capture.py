@@ -333,17 +333,16 @@ def model_fingerprint(params, cfg: ModelConfig, cache: bool = True) -> str:
     cache: computed once per params object whose leaves are all (concrete) jax arrays, which are
     immutable; later calls with the same leaf objects return it without reading the weights.
     NumPy leaves (mutable) are read every time."""
-    cfg_d = {k: v for k, v in cfg.to_dict().items() if k not in _FP_SKIP}
+    ck = _config_key(cfg)
     leaves = jax.tree.leaves(params)
-    cacheable = cache and leaves and all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                                         for x in leaves)
-    if cacheable:
-        ck = json.dumps(cfg_d, sort_keys=True)
+    if cache and leaves:  # the very leaf objects of a cached entry (which were all jax arrays)
         hit = _FINGERPRINTS.get(id(leaves[0]))
         if hit is not None and hit[1] == ck and len(hit[0]) == len(leaves) \
                 and all(r() is x for r, x in zip(hit[0], leaves)):
             return hit[2]
-    fp = _fingerprint(params, cfg, cfg_d)
+    cacheable = cache and leaves and all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                                         for x in leaves)
+    fp = _fingerprint(params, cfg, ck)
     if cacheable:
         key = id(leaves[0])
         _FINGERPRINTS[key] = ([weakref.ref(x) for x in leaves], ck, fp)
@@ -351,9 +350,15 @@ def model_fingerprint(params, cfg: ModelConfig, cache: bool = True) -> str:
     return fp
 
 
-def _fingerprint(params, cfg: ModelConfig, cfg_d: dict) -> str:
+@functools.lru_cache(maxsize=64)
+def _config_key(cfg: ModelConfig) -> str:
+    """The config minus the fields that only change how the model runs, as sorted JSON (once per config)."""
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in _FP_SKIP}, sort_keys=True)
+
+
+def _fingerprint(params, cfg: ModelConfig, cfg_key: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(cfg_d, sort_keys=True).encode())
+    h.update(cfg_key.encode())
     layers = params["layers"]
     flat = [(jax.tree_util.keystr(p), tuple(leaf.shape), leaf) for p, leaf in
             jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "layers"})[0]]
