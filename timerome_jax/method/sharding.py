@@ -155,7 +155,7 @@ def capture(params, cfg: ModelConfig, batch: cap_lib.ClozeBatch, layer: int, mod
     n, n_dev = batch.n, mesh.size
     per_dev = max(1, min(int(chunk), -(-n // n_dev)))
     step = per_dev * n_dev
-    params = replicate(params, mesh)
+    params = replicate(cap_lib.layers_up_to(params, layer), mesh)
     fn = _capture_fn(mesh, cfg, int(layer), m)
     host = jax.tree.map(np.asarray, batch)  # index on the host, then place each call's rows once
     return cap_lib.finish_capture(*cap_lib.chunked(host, n, step, lambda sub: fn(params, shard_rows(sub, mesh))))
