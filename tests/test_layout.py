@@ -18,6 +18,7 @@ from timerome_jax.baselines import lora
 from timerome_jax.baselines import train as T
 from timerome_jax.diffusion import likelihood
 from timerome_jax.editors import locate, states, weights
+from timerome_jax.method import capture
 from timerome_jax.method import facts as F
 from timerome_jax.method import memory as mem_lib
 from timerome_jax.method import screen as sc
@@ -161,6 +162,20 @@ def test_trace_same_with_unstacked(both, fb):
         np.testing.assert_allclose(b.tie_bar, a.tie_bar, rtol=1e-4, atol=1e-5)
         c = sharding.trace(up, CFG, fb, TC, devices=jax.devices()[:1])
         np.testing.assert_allclose(c.tie_bar, a.tie_bar, rtol=1e-4, atol=1e-5)
+
+
+def test_capture_same_with_unstacked_sharded_or_not(both):
+    # the capture hands only layers 0..layer to its jitted call when params are unstacked
+    st, up = both
+    cb = capture.ClozeBatch(*(jnp.asarray(a) for a in (
+        [[5, 6, 7, 8, 9, 0]], [[True] * 5 + [False]], [[1, 2]], [[True, True]], [[3, 4]], [[True, True]],
+        [[5, 6, 7, 10, 11, 0]], [[True] * 5 + [False]], [[3, 4]], [[True, True]])))
+    with jax.default_matmul_precision("highest"):
+        want = capture.capture(st, CFG, cb, 0, "mlp")
+        for got in (capture.capture(up, CFG, cb, 0, "mlp"),
+                    sharding.capture(up, CFG, cb, 0, "mlp", devices=jax.devices()[:1])):
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow  # two screens
