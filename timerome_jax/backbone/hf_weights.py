@@ -243,11 +243,15 @@ def load_params(path: str, cfg: ModelConfig, dtype: Optional[str] = None):
             entries = by_leaf.get(leaf, [])
             n_idx = len(entries[0][1]) if entries else 0
             filled = np.zeros(shape[:n_idx], bool)
-            buf = jnp.zeros(shape, np_dt)  # one preallocated device buffer per stacked leaf
+            # one preallocated device buffer per stacked leaf; a whole-leaf tensor needs none
+            buf = jnp.zeros(shape, np_dt) if n_idx else None
             for key, idx, t in entries:
                 if filled[idx]:
                     raise CheckpointError(f"{leaf} index {idx} is filled twice (second time by {key!r})")
-                buf = _fill(buf, files.read(key), np.asarray(idx, np.int32).reshape(n_idx), transpose=t)
+                if n_idx:
+                    buf = _fill(buf, files.read(key), np.asarray(idx, np.int32).reshape(n_idx), transpose=t)
+                else:
+                    buf = _swap_cast(files.read(key), t, np.dtype(np_dt))
                 filled[idx] = True
             if not filled.all():
                 raise CheckpointError(f"param {'/'.join(leaf)} was not completely filled from {path}")
@@ -336,8 +340,10 @@ def _write_safetensors(fp: str, entries, metadata: dict):
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
-def _hf_oriented(leaf, transpose: bool, dtype):
-    return (jnp.swapaxes(leaf, -1, -2) if transpose else leaf).astype(dtype)
+def _swap_cast(x, transpose: bool, dtype):
+    """x with its last two axes swapped when `transpose` (HF [out, in] <-> ours [in, out]), cast to
+    dtype, on the device."""
+    return (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype)
 
 
 def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None,
@@ -379,7 +385,7 @@ def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tok
                     node = node[part]
                 host.clear()
                 # in HF orientation and dtype, made on the device: each tensor is then a contiguous slice
-                host.update(leaf=leaf, arr=np.asarray(jax.device_get(_hf_oriented(node, t, np.dtype(np_dt)))))
+                host.update(leaf=leaf, arr=np.asarray(jax.device_get(_swap_cast(node, t, np.dtype(np_dt)))))
             return host["arr"][idx]
         return produce
 
