@@ -202,11 +202,7 @@ def finish_capture(uvv, empty) -> tuple:
     uvv = np.asarray(jax.device_get(uvv), np.float32)
     bad = ~np.isfinite(uvv).all(axis=2)  # [N,3]
     if bad.any():
-        empty = np.asarray(jax.device_get(empty))
-        for j, name in enumerate(FIELDS):
-            rows = np.flatnonzero(empty[:, j])
-            if rows.size:
-                raise ValueError(f"capture: facts {rows.tolist()} have no valid {name} positions")
+        _raise_if_empty(np.asarray(jax.device_get(empty)))
         raise ValueError(f"capture: facts {np.flatnonzero(bad.any(axis=1)).tolist()} have non-finite activations "
                          f"(check the weights and the inputs)")
     return uvv[:, 0], uvv[:, 1], uvv[:, 2]
@@ -216,8 +212,13 @@ def check_positions(batch: ClozeBatch) -> None:
     """Raise if a fact of `batch` has no valid subject, object or target position (reads the three
     validity masks on the host; `capture` does this check inside its jitted call instead)."""
     masks = jax.device_get((batch.subj_valid, batch.obj_valid, batch.tgt_valid))
-    for name, valid in zip(FIELDS, masks):
-        rows = np.flatnonzero(~np.asarray(valid).any(axis=1))
+    _raise_if_empty(np.stack([~np.asarray(v).any(axis=1) for v in masks], axis=1))
+
+
+def _raise_if_empty(empty: np.ndarray) -> None:
+    """empty [N,3] bool (no valid subject / object / target position) -> ValueError naming the facts."""
+    for j, name in enumerate(FIELDS):
+        rows = np.flatnonzero(empty[:, j])
         if rows.size:
             raise ValueError(f"capture: facts {rows.tolist()} have no valid {name} positions")
 
