@@ -263,13 +263,20 @@ def load_params(path: str, cfg: ModelConfig, dtype: Optional[str] = None):
     return params, dtype
 
 
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _swap_cast(x, transpose: bool, dtype):
+    """x with its last two axes swapped when `transpose` (HF [out, in] <-> ours [in, out]), cast to
+    dtype, on the device."""
+    return (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("transpose",), donate_argnums=(0,))
 def _fill(buf, x, idx, transpose: bool):
     """buf [*lead, ...] with one file tensor x written at the lead index idx [n] int32, transposed from
     HF's [out, in] when `transpose` and cast to buf's dtype on the device (a host-side transpose of a
     large matrix is a strided copy, several times slower than the file read; the buffer is donated,
     so the update is in place)."""
-    x = (jnp.swapaxes(x, -1, -2) if transpose else x).astype(buf.dtype)
+    x = _swap_cast(x, transpose, buf.dtype)
     n = idx.shape[0]
     start = tuple(idx[i] for i in range(n)) + (0,) * x.ndim
     return jax.lax.dynamic_update_slice(buf, x.reshape((1,) * n + x.shape), start)
@@ -337,13 +344,6 @@ def _write_safetensors(fp: str, entries, metadata: dict):
             if tuple(x.shape) != tuple(shape):
                 raise CheckpointError(f"internal: tensor {key!r} has shape {x.shape}, header says {shape}")
             f.write(memoryview(x.reshape(-1).view(np.uint8)))
-
-
-@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
-def _swap_cast(x, transpose: bool, dtype):
-    """x with its last two axes swapped when `transpose` (HF [out, in] <-> ours [in, out]), cast to
-    dtype, on the device."""
-    return (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype)
 
 
 def save_pretrained(params, cfg: ModelConfig, path: str, tokenizer: Optional[Tokenizer] = None,
