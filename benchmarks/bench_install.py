@@ -70,11 +70,6 @@ def cloze_batch(arrs: dict, n: int) -> cap_lib.ClozeBatch:
 # ------------------------------------------------------------------------------------------------
 
 
-def jax_capture(params, cfg, cb, layer, module, chunk):
-    """capture.capture (results on the host, as pipeline.install uses them)."""
-    return cap_lib.capture(params, cfg, cb, layer, module, chunk=chunk)
-
-
 def jax_solve(u, v_o, v_t, layer, module, alpha, q, fingerprint):
     lam = default_lam(u)
     mem = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=layer, module=module, step=-1,
@@ -284,7 +279,7 @@ def main(argv=None):
         rec["fingerprint_s"] = fpm["steady_s"]
         for n in args.sizes:
             cb = cloze_batch(arrs, n)
-            cap = C.measure(lambda: jax_capture(params, cfg_used, cb, args.layer, m_id, args.chunk),
+            cap = C.measure(lambda: cap_lib.capture(params, cfg_used, cb, args.layer, m_id, chunk=args.chunk),
                             want=args.repeats, deadline=j_deadline)
             u, v_o, v_t = cap["out"]
             sol = C.measure(lambda: jax_solve(u, v_o, v_t, args.layer, m_id, args.alpha, args.q, fp),
@@ -325,14 +320,14 @@ def main(argv=None):
             # a few milliseconds each: many runs, and no soft deadline, cost under a second and steady the medians
             reps = max(args.repeats, 21)
             fpuc = C.measure(lambda: cap_lib.model_fingerprint(up, cfg_used), want=reps, sync=lambda _: None)
-            cap = C.measure(lambda: jax_capture(up, cfg_used, cb, args.layer, m_id, args.chunk),
+            cap = C.measure(lambda: cap_lib.capture(up, cfg_used, cb, args.layer, m_id, chunk=args.chunk),
                             want=reps)
             u_u = cap["out"]
             sol = C.measure(lambda: jax_solve(*u_u, args.layer, m_id, args.alpha, args.q, fpu["out"]),
                             want=reps)
             # the whole install again, capture then solve back to back as a user runs it (the sum of
             # the parts' medians above is the figure's install_s, as in every other row)
-            whole = C.measure(lambda: jax_solve(*jax_capture(up, cfg_used, cb, args.layer, m_id, args.chunk),
+            whole = C.measure(lambda: jax_solve(*cap_lib.capture(up, cfg_used, cb, args.layer, m_id, chunk=args.chunk),
                                                 args.layer, m_id, args.alpha, args.q,
                                                 cap_lib.model_fingerprint(up, cfg_used)),
                               want=reps)
@@ -353,7 +348,7 @@ def main(argv=None):
             n = max(args.sizes)
             cb = cloze_batch(arrs, n)
             with C.maybe_profile(args.profile):
-                jax_capture(params, cfg_used, cb, args.layer, m_id, args.chunk)
+                cap_lib.capture(params, cfg_used, cb, args.layer, m_id, chunk=args.chunk)
             rec["profile"] = {"dir": os.path.abspath(args.profile), "what": f"capture |F|={n}"}
 
     with rec.section("jax"):

@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_install  # noqa: E402
 from generation_ab import summary, timed_variants, unstacked_model_and_memory  # noqa: E402
 from profile_summary import kernel_summary  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
@@ -102,10 +103,8 @@ def old_capture(params, cfg, cb, layer):
 
 
 def solve(u, v_o, v_t, layer):
-    mem = mem_lib.build(u, v_o, v_t, lam=default_lam(u), alpha=1.0, q=4, layer=layer, module="resid",
-                        step=-1, fingerprint="probe")
-    jax.block_until_ready(mem.G)
-    return mem
+    """figure b's solve (`bench_install.jax_solve`) with alpha 1, q 4 at resid."""
+    return bench_install.jax_solve(u, v_o, v_t, layer, "resid", 1.0, 4, "probe")
 
 
 def _setup_install(args, cfg, rec):
@@ -116,23 +115,18 @@ def _setup_install(args, cfg, rec):
     ceil = C.measure_jax(n_mm, reps=4, copy_bytes=copy_bytes)
     rec["ceiling"] = ceil
     floor_s = C.weight_bytes(cfg, layer + 1, head=False) / ceil["copy_bytes_per_s"]
-    rng = np.random.default_rng(2)
-    T = 128 if not args.tiny else 16
-    s_len, o_len = (8, 16) if not args.tiny else (2, 4)
-    to, tt = C.random_tokens(rng, (1, T), cfg), C.random_tokens(rng, (1, T), cfg)
-    j = lambda a: jnp.asarray(np.asarray(a))  # noqa: E731
-    ar = lambda n, lo=0: np.arange(lo, lo + n, dtype=np.int32)[None]  # noqa: E731
-    cb = cap_lib.ClozeBatch(j(to), j(np.ones((1, T), bool)), j(ar(s_len, 3)), j(np.ones((1, s_len), bool)),
-                            j(ar(o_len, T - o_len)), j(np.ones((1, o_len), bool)), j(tt), j(np.ones((1, T), bool)),
-                            j(ar(o_len, T - o_len)), j(np.ones((1, o_len), bool)))
+    # one fact of figure b's layout: two 128-token clozes (prompt 112 + 16 answer tokens), subject of 8
+    T, s_len, o_len = (128, 8, 16) if not args.tiny else (16, 2, 4)
+    cb = bench_install.cloze_batch(bench_install.make_cloze(cfg, 1, T - o_len, o_len, o_len, s_len, 2), 1)
     return layer, up, floor_s, cb
 
 
 def install_parts(args, cfg, rec):
-    """--what install_parts: the install's parts on their own, and two candidate changes, each timed
-    against the library in interleaved pairs (`graph1`: the capture compiled with
-    xla_gpu_graph_min_graph_size=1; `unpack_numpy`: the packed host buffer handed to the jitted unpack
-    directly instead of `device_put` first)."""
+    """--what install_parts: the install's parts on their own (capture on the device only, its
+    transfer back, the solve's host part, the packed transfer + unpack with and without a separate
+    `device_put`), and two compile options for the capture, each timed against the library capture in
+    interleaved pairs (`graph1`: xla_gpu_graph_min_graph_size=1; `cbtypes`: command buffers for
+    fusions, cuBLAS(Lt), custom calls and cuDNN)."""
     layer, up, floor_s, cb = _setup_install(args, cfg, rec)
     m = 0
     upl = cap_lib.layers_up_to(up, layer)
