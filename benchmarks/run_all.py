@@ -5,8 +5,8 @@
     python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, about a minute
 
 One call on ONE GPU, reduced sizes and repeat counts: the default entry (ceiling, a, b, c, d, screen,
-validate) is expected to take about 515 s of one H200 (the `est` values below: ceiling 16, a+screen
-222, b 80, cd 185, validate 100 of which all but 12 s run beside a+screen's untimed compile phase),
+validate) is expected to take about 505 s of one H200 (the `est` values below: ceiling 16, a+screen
+245, b 80, cd 165, validate 80, which runs beside a+screen's untimed compile phase of about 100 s),
 inside --budget-s 540:
 - a + screen: ONE process (`a+screen`: bench_tie --what sweep,screen, one init): ONE timed full TIE
   sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is 8), 16 lanes per chunk
@@ -14,10 +14,10 @@ inside --budget-s 540:
   screen's programs compile in a thread beside the sweep's, its timed calls follow the sweep and are
   compared with it (time and Eq. 5's coordinate);
 - b: |F| = 1, 40, 400 (bench_install's default adds 4000), 3 timed repeats per measurement;
-- c/d: the verdict rows (no edit, edit, gated) in the unstacked layout, in interleaved rounds: 11 at
-  batch 1 (bench_generate --repeats-b1), 3 at batch 32 (--repeats 3); torch hooks 3 interleaved
-  pairs per batch size; the official LLaDA code one generation per batch size; the stacked rows are
-  left out (bench_generate --stacked 1 adds them);
+- c/d: the verdict rows (no edit, edit, gated) in the unstacked layout, in interleaved rounds: 21 at
+  batch 1 (bench_generate --repeats-b1 21: the edit-overhead bar is 1 %), 3 at batch 32 (--repeats
+  3); torch hooks one interleaved pair per batch size (--torch-repeats 1); the official LLaDA code
+  one generation per batch size; the stacked rows are left out (bench_generate --stacked 1 adds them);
 - validate: with --overlap-validate 1 (default) and one GPU, validate_8b starts with a+screen and
   runs beside its init and compile phase; a+screen times nothing until validate has ended (its JSON
   says how long it waited: held_after_compile), so no timed run shares the GPU.
@@ -82,7 +82,7 @@ FIGURES = {
     # timed calls after a's sweep, compared with a's JAX time and coordinate)
     "a+screen": dict(script="bench_tie.py", args=["--what", "sweep,screen", "--facts", "4"],
                      full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json", "tie_screen.json"],
-                     share=30, least=180, est=222, covers=("a", "screen"), overlap_s=88),
+                     share=30, least=180, est=245, covers=("a", "screen"), overlap_s=100),
     # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default); --gate: the
     # default gated install (slot keys + tau_seq) beside it, and the gate calibration once
     "b": dict(script="bench_install.py", args=["--gate"], full_args=["--sizes", "1,40,400"],
@@ -90,8 +90,9 @@ FIGURES = {
     # c/d: the verdict rows in the unstacked layout (the GPU default), the stacked rows left out
     # (bench_generate --stacked 1 adds them)
     "cd": dict(script="bench_generate.py", args=["--gate", "--stacked", "0"],
-               files=["fig_c_generate.json", "fig_d_memory.json"], share=240, least=170, repeats=True,
-               profile="generate", official=True, est=185,
+               full_args=["--repeats-b1", "21", "--torch-repeats", "1"],
+               files=["fig_c_generate.json", "fig_d_memory.json"], share=240, least=150, repeats=True,
+               profile="generate", official=True, est=165,
                split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),
     # screen alone (without a) times its own full sweep for the comparison
     "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
@@ -99,7 +100,7 @@ FIGURES = {
                    least=100, est=170, after="a"),
     # validate times nothing that is a verdict: with --overlap-validate (default) it runs beside
     # a+screen's untimed compile phase when both share a GPU (`run_with_companion`)
-    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=100, est=100,
+    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=80, est=80,
                      needs_official=True, plain=True, host="a+screen"),
     "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
                    least=60, profile="tie_stages", est=120),

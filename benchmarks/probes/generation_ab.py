@@ -45,12 +45,11 @@ def summary(r: dict, steps: int) -> dict:
             "overhead_us_per_step": 1e6 * (me["steady_s"] - mn["steady_s"]) / steps}
 
 
-def timed_variants(params, cfg, mem, steps: int, module, attr: str, variants: dict, repeats: int,
-                   rng: np.random.Generator) -> Iterator[dict]:
-    """For each (name, fn) of `variants`: set module.attr = fn, compile the generation with
-    `Intervene(edit=mem)` (caches cleared, so fn is what gets traced), restore the attribute, and
-    time the program against the no-edit one. Yields {"name", "compile_s", "program" (compiled),
-    "no_edit", "edit" (`measure_pair` results; "out" = tokens), "ratios" (per-pair edit / no edit)}."""
+def compiled_variants(params, cfg, mem, steps: int, module, attr: str, variants: dict,
+                      rng: np.random.Generator) -> tuple[Callable, dict, "Intervene"]:
+    """The batch-1 no-edit generation and one edit program per (name, fn) of `variants` (module.attr
+    = fn while tracing, caches cleared, then restored). Returns (run_base, {name: {"run", "compile_s",
+    "program"}}, the Intervene the edit programs take)."""
     prompt = C.random_tokens(rng, (1, 64), cfg)
     x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
     scfg = sampler.SamplerConfig(steps=steps)
@@ -64,6 +63,7 @@ def timed_variants(params, cfg, mem, steps: int, module, attr: str, variants: di
     base = compiled(None)
     iv = Intervene(edit=mem)
     library = getattr(module, attr)
+    out = {}
     for name, fn in variants.items():
         setattr(module, attr, fn)
         jax.clear_caches()  # the traced program is cached per function, not per what it inlined
@@ -73,9 +73,20 @@ def timed_variants(params, cfg, mem, steps: int, module, attr: str, variants: di
             comp_s = time.perf_counter() - t0
         finally:
             setattr(module, attr, library)
-        run_base: Callable = lambda: base(params, x, pad, pm, sched, key, None)
-        run_edit: Callable = lambda: prog(params, x, pad, pm, sched, key, iv)
+        out[name] = {"run": (lambda p: lambda: p(params, x, pad, pm, sched, key, iv))(prog), "compile_s": comp_s,
+                     "program": prog}
+    return (lambda: base(params, x, pad, pm, sched, key, None)), out, iv
+
+
+def timed_variants(params, cfg, mem, steps: int, module, attr: str, variants: dict, repeats: int,
+                   rng: np.random.Generator) -> Iterator[dict]:
+    """For each (name, fn) of `variants` (`compiled_variants`), time the edit program against the
+    no-edit one in interleaved pairs. Yields {"name", "compile_s", "program" (compiled), "no_edit",
+    "edit" (`measure_pair` results; "out" = tokens), "ratios" (per-pair edit / no edit)}."""
+    run_base, progs, _ = compiled_variants(params, cfg, mem, steps, module, attr, variants, rng)
+    for name, p in progs.items():
         C.block(run_base())
-        C.block(run_edit())
-        mn, me, ratios = C.measure_pair(run_base, run_edit, want=repeats)
-        yield {"name": name, "compile_s": comp_s, "program": prog, "no_edit": mn, "edit": me, "ratios": ratios}
+        C.block(p["run"]())
+        mn, me, ratios = C.measure_pair(run_base, p["run"], want=repeats)
+        yield {"name": name, "compile_s": p["compile_s"], "program": p["program"], "no_edit": mn, "edit": me,
+               "ratios": ratios}

@@ -76,10 +76,7 @@ def delta_topk16(self, h):
 
 
 def delta_rank(self, h):
-    c = _keys(self, h)
-    a = jnp.abs(c)
-    larger = jnp.sum(a[..., None, :] > a[..., :, None], axis=-1, dtype=jnp.int32)
-    return _finish(self, jnp.where((self.q <= 0) | (larger < self.q), c, 0.0), h)
+    return _finish(self, _keep_by_rank(_keys(self, h), self.q), h)
 
 
 def delta_bf16(self, h):
@@ -90,7 +87,43 @@ def delta_bf16(self, h):
     return out.astype(h.dtype)
 
 
-VARIANTS = {"library": LIBRARY_DELTA, "null": delta_null, "dense": delta_dense, "topk16": delta_topk16,
+def _split(x):
+    """f32 x -> (hi, lo) bf16 with hi + lo = x to about 2^-17 relative."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _keep_by_rank(c, q):
+    # keep c_i when fewer than q entries are strictly larger in magnitude: the q-th largest value's
+    # threshold without a sort (ties kept, as top_q); one fused compare-and-count
+    a = jnp.abs(c)
+    larger = jnp.sum(a[..., None, :] > a[..., :, None], axis=-1, dtype=jnp.int32)
+    return jnp.where((q <= 0) | (larger < q), c, 0.0)
+
+
+def _split_products(self, h, keep):
+    # h is bf16 (the model's dtype), so h @ W needs only W's two bf16 halves; c @ Dm three bf16 passes
+    w_hi, w_lo = _split(self.W)
+    c = (jnp.einsum("...d,cd->...c", h, w_hi, preferred_element_type=jnp.float32)
+         + jnp.einsum("...d,cd->...c", h, w_lo, preferred_element_type=jnp.float32))
+    c = keep(jnp.where(self.active, c, jnp.zeros_like(c)), self.q)
+    c_hi, c_lo = _split(c)
+    d_hi, d_lo = _split(self.Dm)
+    ck = jnp.concatenate([c_hi, c_lo, c_hi], axis=-1)
+    dk = jnp.concatenate([d_hi, d_hi, d_lo], axis=0)
+    out = self.alpha * jnp.einsum("...c,cd->...d", ck, dk, preferred_element_type=jnp.float32)
+    return out.astype(h.dtype)
+
+
+def delta_split(self, h):
+    return _split_products(self, h, mem_lib.top_q)
+
+
+def delta_fast(self, h):
+    return _split_products(self, h, _keep_by_rank)
+
+
+VARIANTS = {"library": LIBRARY_DELTA, "library2": LIBRARY_DELTA, "split": delta_split, "fast": delta_fast, "null": delta_null, "dense": delta_dense, "topk16": delta_topk16,
             "rank": delta_rank, "bf16": delta_bf16}
 
 
@@ -259,10 +292,114 @@ def edit_probe(args, cfg, rec):
         rec["tokens_equal_library"] = {k: t == toks["library"] for k, t in toks.items()}
 
 
+def edit_rounds(args, cfg, rec):
+    """--what edit_rounds: every variant's program and the no-edit one compiled first, then all timed
+    in the same interleaved rounds (`common.measure_rounds`), so drifts hit all alike; `library2` is
+    the library compiled a second time (how much two compiles of one program differ). Also each
+    variant's delta on one random bf16 h [1,128,D] against the library's (max |diff| / max |library|)."""
+    from generation_ab import compiled_variants
+
+    up, mem, rng = unstacked_model_and_memory(cfg, args.tiny)
+    names = [v for v in args.variants.split(",") if v]
+    run_base, progs, _ = compiled_variants(up, cfg, mem, args.steps, mem_lib.EditMemory, "delta",
+                                           {k: VARIANTS[k] for k in names}, rng)
+    h = jnp.asarray(rng.standard_normal((1, 128, cfg.d_model)), jnp.bfloat16)
+    ref = np.asarray(jax.jit(LIBRARY_DELTA)(mem, h), np.float32)
+    fns = {"none": run_base, **{k: p["run"] for k, p in progs.items()}}
+    for f in fns.values():
+        C.block(f())
+    res, rounds = C.measure_rounds(fns, want=args.repeats)
+    toks = {k: np.asarray(r["out"]).tolist() for k, r in res.items()}
+    rec["variants"] = {}
+    for k in names:
+        d = np.asarray(jax.jit(VARIANTS[k])(mem, h), np.float32)
+        v = {"compile_s": progs[k]["compile_s"], "step_ms": 1e3 * res[k]["steady_s"] / args.steps,
+             "step_ms_no_edit": 1e3 * res["none"]["steady_s"] / args.steps,
+             "overhead_pct": C.overhead_pct(res["none"], res[k], C.round_ratios(rounds, k, "none")),
+             "delta_rel_diff_to_library": float(np.max(np.abs(d - ref)) / max(np.max(np.abs(ref)), 1e-30)),
+             # in units of the bf16 output's last place (2^-7 of the value's power of two)
+             "delta_max_ulps_to_library": float(np.max(np.abs(d - ref) / np.exp2(np.floor(np.log2(
+                 np.maximum(np.abs(ref), 1e-30))) - 7))),
+             "tokens_equal_library": toks[k] == toks.get("library", toks[k])}
+        rec["variants"][k] = v
+        o = v["overhead_pct"]
+        print(f"[edit_rounds] {k}: {v['step_ms_no_edit']:.3f} -> {v['step_ms']:.3f} ms, overhead {o['paired_median']:.2f}% "
+              f"(rounds) / {o['of_medians']:.2f}% (medians), delta diff {v['delta_rel_diff_to_library']:.2e} "
+              f"({v['delta_max_ulps_to_library']:.1f} ulp)", flush=True)
+    rec["n_rounds"] = len(rounds)
+
+
+def install_b2b(args, cfg, rec):
+    """--what install_b2b: the |F| = 1 install back to back (capture, then solve, then the next
+    capture), variants timed in the same interleaved rounds: `library` (figure b's back-to-back row:
+    the solve waits for its memory on the device), `noblock` (returns the memory as soon as it is
+    dispatched; the next capture's read-back waits for it), `hold` (library, every memory kept
+    alive, so nothing is freed between captures), `nocb` / `nocb_noblock` (the capture compiled
+    without command buffers), and the parts alone (`capture`, `solve`)."""
+    layer, up, floor_s, cb = _setup_install(args, cfg, rec)
+    upl = cap_lib.layers_up_to(up, layer)
+    nocb = cap_lib.capture_chunk.lower(upl, cb, cfg, layer, 0).compile(
+        compiler_options={"xla_gpu_enable_command_buffer": ""})
+    cap = lambda: cap_lib.capture(up, cfg, cb, layer, "resid")  # noqa: E731
+    cap_nocb = lambda: cap_lib.finish_capture(*nocb(upl, cb))  # noqa: E731
+    u, v_o, v_t = cap()
+
+    def build(u_, vo_, vt_):
+        return mem_lib.build(u_, vo_, vt_, lam=default_lam(u_), alpha=1.0, q=4, layer=layer, module="resid",
+                             step=-1, fingerprint="probe")
+
+    held = []
+
+    def hold():
+        held.append(solve(*cap(), layer))
+        return held[-1]
+
+    fns = {"library": lambda: solve(*cap(), layer), "noblock": lambda: build(*cap()), "hold": hold,
+           "nocb": lambda: solve(*cap_nocb(), layer), "nocb_noblock": lambda: build(*cap_nocb()),
+           "capture": cap, "solve": lambda: solve(u, v_o, v_t, layer)}
+    for f in fns.values():
+        f()
+    res, rounds = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
+    rows = {}
+    for k, r in res.items():
+        rows[k] = {"steady_s": r["steady_s"], "n_steady": r["n_steady"], "ratio_to_floor": r["steady_s"] / floor_s}
+        print(f"[b2b] {k}: {1e3 * r['steady_s']:.3f} ms = {rows[k]['ratio_to_floor']:.2f}x floor", flush=True)
+    rec["floor_s"] = floor_s
+    rec["rows"] = rows
+    rec["n_rounds"] = len(rounds)
+
+
+def h2d(args, cfg, rec):
+    """--what h2d: what putting a small memory (|F| = 1: U, Dm, W [1,D], G [1,1], active, four scalars;
+    one packed f32 buffer) on the device costs, in interleaved rounds: the host time of each call
+    (`*_host`: returns when the call does) and the time until its result is on the device (block).
+    `unpack_numpy` is the library (`memory._unpack` on the host buffer), `device_put` a plain
+    transfer, `unpack_device` the unpack of a buffer already on the device (no transfer), `scalar`
+    one 4-byte transfer."""
+    d = cfg.d_model
+    buf = np.random.default_rng(0).standard_normal(3 * d + 1 + 1 + 4).astype(np.float32)
+    dev = jax.device_put(buf)
+    one = np.float32(1.0)
+    first = lambda x: x[0] if isinstance(x, tuple) else x  # noqa: E731
+    calls = {"unpack_numpy": lambda: mem_lib._unpack(buf, 1, d), "device_put": lambda: jax.device_put(buf),
+             "unpack_device": lambda: mem_lib._unpack(dev, 1, d), "scalar": lambda: jax.device_put(one)}
+    fns = {}
+    for k, f in calls.items():
+        fns[k] = (lambda f: lambda: jax.block_until_ready(first(f())))(f)
+        fns[k + "_host"] = f
+    for f in fns.values():
+        f()
+    res, rounds = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
+    rec["rows"] = {k: {"steady_s": r["steady_s"], "n_steady": r["n_steady"]} for k, r in res.items()}
+    for k, r in res.items():
+        print(f"[h2d] {k}: {1e6 * r['steady_s']:.1f} us", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--what", choices=("install", "install_parts", "install_joint", "edit"), required=True)
+    ap.add_argument("--what", choices=("install", "install_parts", "install_joint", "install_b2b", "h2d", "edit", "edit_rounds"),
+                    required=True)
     ap.add_argument("--trace-dir", default="/tmp/probe_trace")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
@@ -273,7 +410,7 @@ def main(argv=None):
     rec = {"device": jax.devices()[0].device_kind, "what": args.what, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     {"install": install_probe, "install_parts": install_parts, "install_joint": install_joint,
-     "edit": edit_probe}[args.what](args, cfg, rec)
+     "install_b2b": install_b2b, "h2d": h2d, "edit": edit_probe, "edit_rounds": edit_rounds}[args.what](args, cfg, rec)
     with open(args.out, "w") as f:
         json.dump(rec, f, indent=1)
     print("RESULT " + json.dumps({k: v for k, v in rec.items() if k in ("rows", "variants")}))
