@@ -5,6 +5,7 @@ edit in interleaved pairs (`common.measure_pair`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -46,10 +47,10 @@ def summary(r: dict, steps: int) -> dict:
 
 
 def compiled_variants(params, cfg, mem, steps: int, module, attr: str, variants: dict,
-                      rng: np.random.Generator) -> tuple[Callable, dict, "Intervene"]:
+                      rng: np.random.Generator) -> tuple[Callable, dict]:
     """The batch-1 no-edit generation and one edit program per (name, fn) of `variants` (module.attr
     = fn while tracing, caches cleared, then restored). Returns (run_base, {name: {"run", "compile_s",
-    "program"}}, the Intervene the edit programs take)."""
+    "program"}})."""
     prompt = C.random_tokens(rng, (1, 64), cfg)
     x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
     scfg = sampler.SamplerConfig(steps=steps)
@@ -73,9 +74,9 @@ def compiled_variants(params, cfg, mem, steps: int, module, attr: str, variants:
             comp_s = time.perf_counter() - t0
         finally:
             setattr(module, attr, library)
-        out[name] = {"run": (lambda p: lambda: p(params, x, pad, pm, sched, key, iv))(prog), "compile_s": comp_s,
+        out[name] = {"run": functools.partial(prog, params, x, pad, pm, sched, key, iv), "compile_s": comp_s,
                      "program": prog}
-    return (lambda: base(params, x, pad, pm, sched, key, None)), out, iv
+    return functools.partial(base, params, x, pad, pm, sched, key, None), out
 
 
 def timed_variants(params, cfg, mem, steps: int, module, attr: str, variants: dict, repeats: int,
@@ -83,7 +84,7 @@ def timed_variants(params, cfg, mem, steps: int, module, attr: str, variants: di
     """For each (name, fn) of `variants` (`compiled_variants`), time the edit program against the
     no-edit one in interleaved pairs. Yields {"name", "compile_s", "program" (compiled), "no_edit",
     "edit" (`measure_pair` results; "out" = tokens), "ratios" (per-pair edit / no edit)}."""
-    run_base, progs, _ = compiled_variants(params, cfg, mem, steps, module, attr, variants, rng)
+    run_base, progs = compiled_variants(params, cfg, mem, steps, module, attr, variants, rng)
     for name, p in progs.items():
         C.block(run_base())
         C.block(p["run"]())

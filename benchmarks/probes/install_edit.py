@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_install  # noqa: E402
-from generation_ab import summary, timed_variants, unstacked_model_and_memory  # noqa: E402
+from generation_ab import compiled_variants, summary, timed_variants, unstacked_model_and_memory  # noqa: E402
 from profile_summary import kernel_summary  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.method import capture as cap_lib  # noqa: E402
@@ -123,8 +123,8 @@ def delta_fast(self, h):
     return _split_products(self, h, _keep_by_rank)
 
 
-VARIANTS = {"library": LIBRARY_DELTA, "library2": LIBRARY_DELTA, "split": delta_split, "fast": delta_fast, "null": delta_null, "dense": delta_dense, "topk16": delta_topk16,
-            "rank": delta_rank, "bf16": delta_bf16}
+VARIANTS = {"library": LIBRARY_DELTA, "library2": LIBRARY_DELTA, "split": delta_split, "fast": delta_fast,
+            "null": delta_null, "dense": delta_dense, "topk16": delta_topk16, "rank": delta_rank, "bf16": delta_bf16}
 
 
 def old_capture(params, cfg, cb, layer):
@@ -138,6 +138,12 @@ def old_capture(params, cfg, cb, layer):
 def solve(u, v_o, v_t, layer):
     """figure b's solve (`bench_install.jax_solve`) with alpha 1, q 4 at resid."""
     return bench_install.jax_solve(u, v_o, v_t, layer, "resid", 1.0, 4, "probe")
+
+
+def build_memory(u, v_o, v_t, layer):
+    """`solve` without waiting for the memory on the device."""
+    return mem_lib.build(u, v_o, v_t, lam=default_lam(u), alpha=1.0, q=4, layer=layer, module="resid", step=-1,
+                         fingerprint="probe")
 
 
 def _setup_install(args, cfg, rec):
@@ -185,9 +191,8 @@ def install_parts(args, cfg, rec):
     to_dev = mem_lib._to_device
     mem_lib._to_device = lambda *xs: xs
     try:
-        rows["solve_host_only"] = C.strip(C.measure(lambda: mem_lib.build(
-            u, v_o, v_t, lam=default_lam(u), alpha=1.0, q=4, layer=layer, module="resid", step=-1,
-            fingerprint="probe"), want=args.repeats, sync=lambda _: None))
+        rows["solve_host_only"] = C.strip(C.measure(lambda: build_memory(u, v_o, v_t, layer), want=args.repeats,
+                                                     sync=lambda _: None))
     finally:
         mem_lib._to_device = to_dev
     c, d = u.shape
@@ -297,12 +302,10 @@ def edit_rounds(args, cfg, rec):
     in the same interleaved rounds (`common.measure_rounds`), so drifts hit all alike; `library2` is
     the library compiled a second time (how much two compiles of one program differ). Also each
     variant's delta on one random bf16 h [1,128,D] against the library's (max |diff| / max |library|)."""
-    from generation_ab import compiled_variants
-
     up, mem, rng = unstacked_model_and_memory(cfg, args.tiny)
     names = [v for v in args.variants.split(",") if v]
-    run_base, progs, _ = compiled_variants(up, cfg, mem, args.steps, mem_lib.EditMemory, "delta",
-                                           {k: VARIANTS[k] for k in names}, rng)
+    run_base, progs = compiled_variants(up, cfg, mem, args.steps, mem_lib.EditMemory, "delta",
+                                        {k: VARIANTS[k] for k in names}, rng)
     h = jnp.asarray(rng.standard_normal((1, 128, cfg.d_model)), jnp.bfloat16)
     ref = np.asarray(jax.jit(LIBRARY_DELTA)(mem, h), np.float32)
     fns = {"none": run_base, **{k: p["run"] for k, p in progs.items()}}
@@ -343,19 +346,14 @@ def install_b2b(args, cfg, rec):
     cap = lambda: cap_lib.capture(up, cfg, cb, layer, "resid")  # noqa: E731
     cap_nocb = lambda: cap_lib.finish_capture(*nocb(upl, cb))  # noqa: E731
     u, v_o, v_t = cap()
-
-    def build(u_, vo_, vt_):
-        return mem_lib.build(u_, vo_, vt_, lam=default_lam(u_), alpha=1.0, q=4, layer=layer, module="resid",
-                             step=-1, fingerprint="probe")
-
     held = []
 
     def hold():
         held.append(solve(*cap(), layer))
         return held[-1]
 
-    fns = {"library": lambda: solve(*cap(), layer), "noblock": lambda: build(*cap()), "hold": hold,
-           "nocb": lambda: solve(*cap_nocb(), layer), "nocb_noblock": lambda: build(*cap_nocb()),
+    fns = {"library": lambda: solve(*cap(), layer), "noblock": lambda: build_memory(*cap(), layer), "hold": hold,
+           "nocb": lambda: solve(*cap_nocb(), layer), "nocb_noblock": lambda: build_memory(*cap_nocb(), layer),
            "capture": cap, "solve": lambda: solve(u, v_o, v_t, layer)}
     for f in fns.values():
         f()
@@ -389,7 +387,7 @@ def h2d(args, cfg, rec):
         fns[k + "_host"] = f
     for f in fns.values():
         f()
-    res, rounds = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
+    res, _ = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
     rec["rows"] = {k: {"steady_s": r["steady_s"], "n_steady": r["n_steady"]} for k, r in res.items()}
     for k, r in res.items():
         print(f"[h2d] {k}: {1e6 * r['steady_s']:.1f} us", flush=True)
