@@ -14,17 +14,19 @@ compile phase of about 95 s), against --budget-s 540: one call fitted in 525 s, 
   so a forward still holds 64 rows, in the unstacked layout (--tie-layout, the GPU default); the
   screen's programs compile in a thread beside the sweep's, its timed calls follow the sweep and are
   compared with it (time and Eq. 5's coordinate);
-- b: |F| = 1, 40, 400 (bench_install's default adds 4000), 3 timed repeats per measurement;
+- b: |F| = 1, 40, 400 (bench_install's default adds 4000), 2 timed repeats per measurement (the
+  |F| = 1 unstacked row takes 21);
 - c/d: the verdict rows (no edit, edit, gated) in the unstacked layout, in interleaved rounds: 21 at
-  batch 1 (bench_generate --repeats-b1 21: the edit-overhead bar is 1 %), 3 at batch 32 (--repeats
-  3); torch hooks one interleaved pair per batch size (--torch-repeats 1); the official LLaDA code
+  batch 1 (bench_generate --repeats-b1 21: the edit-overhead bar is 1 %), 2 at batch 32 (--repeats
+  2); torch hooks one interleaved pair per batch size (--torch-repeats 1); the official LLaDA code
   one generation per batch size; the stacked rows are left out (bench_generate --stacked 1 adds them);
 - validate: with --overlap-validate 1 (default) and one GPU, validate_8b starts with a+screen and
   runs beside its init and compile phase; a+screen times nothing until validate has ended (its JSON
   says how long it waited: held_after_compile), so no timed run shares the GPU.
 Every figure stops taking optional repeats at its soft budget (SHARE, capped so that the jobs still
-to come on its GPU keep their least time, LEAST); the JAX verdict rounds of c are not cut (at least
-9 at batch 1, 3 above). Run a figure alone with more --repeats for tighter numbers.
+to come on its GPU keep their least time, LEAST); the JAX verdict rounds of c are not cut below 9 at
+batch 1 and 3 above (or --repeats, when fewer). Run a figure alone with more --repeats for tighter
+numbers.
 
 --gpus N (default: every visible GPU) runs the figure processes in parallel, one per GPU
 (CUDA_VISIBLE_DEVICES per process), planned by expected seconds at full size (`est` below; `plan`):
@@ -424,7 +426,7 @@ def main(argv=None):
     ap.add_argument("--min-left-s", type=float, default=None,
                     help="skip a figure if less than this is left (60; --tiny 5)")
     ap.add_argument("--repeats-a", type=int, default=1, help="timed full TIE sweeps per framework (figure a)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement in b, c (default 3; "
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per measurement in b, c (default 2; "
                     "the reduced count that fits one call)")
     ap.add_argument("--official-dir", default=None, metavar="PATH",
                     help="folder with the official LLaDA modeling_llada.py + configuration_llada.py (figure c "

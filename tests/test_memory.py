@@ -405,6 +405,48 @@ def test_memory_reaches_the_device_the_same_packed_or_not(monkeypatch):
     assert int(packed.q) == 3 and int(packed.step) == 5 and np.asarray(packed.active).tolist() == [True] * 4 + [False] * 2
 
 
+MEMORY_ARRAYS = ("U", "Dm", "G", "W", "active", "alpha", "q", "lam", "step")
+
+
+@pytest.mark.parametrize("n,extra,lam", [(1, 0, None), (3, 2, None), (5, 0, 1e-6), (M.DEVICE_SOLVE_MAX, 1, 0.3)])
+def test_build_on_device_equals_build(n, extra, lam):
+    # keys sharing a large common component, so at lam 1e-6 U U^T + lam I has a condition number of
+    # ~1e5 and a float32 solve would miss G by ~1e-3; the device solve is float64 like the host's
+    rng = np.random.default_rng(n)
+    u = (rng.normal(size=32) + 0.05 * rng.normal(size=(n, 32))).astype(np.float32)
+    vo, vt = rng.normal(size=(2, n, 32)).astype(np.float32)
+    kw = dict(alpha=-1.5, q=2, layer=1, module="mlp", step=4, capacity=n + extra, fingerprint="x")
+    host = M.build(u, vo, vt, lam=M.default_lam(u) if lam is None else lam, **kw)
+    dev = M.build_on_device(jnp.stack([u, vo, vt], axis=1), lam=lam, **kw)
+    assert isinstance(dev, M.EditMemory) and (dev.layer, dev.module, dev.fingerprint) == (1, 2, "x")
+    for f in MEMORY_ARRAYS:
+        a, b = np.asarray(getattr(host, f)), np.asarray(getattr(dev, f))
+        assert a.dtype == b.dtype and a.shape == b.shape, f
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7 * np.abs(a).max(), err_msg=f)
+    assert np.asarray(dev.active).tolist() == [True] * n + [False] * extra
+
+
+def test_build_on_device_errors():
+    uvv = jnp.ones((3, 3, 8))
+    with pytest.raises(ValueError, match="lam"):
+        M.build_on_device(uvv, 0.0, 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"\[N, 3, D\].*got shape \(3, 8\)"):
+        M.build_on_device(uvv[:, 0], None, 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="capacity 2 is smaller"):
+        M.build_on_device(uvv, None, 1.0, 0, 0, 0, capacity=2)
+    big = jnp.ones((M.DEVICE_SOLVE_MAX + 1, 3, 8))
+    with pytest.raises(ValueError, match=rf"takes 1..{M.DEVICE_SOLVE_MAX} \(use `build`"):
+        M.build_on_device(big, None, 1.0, 0, 0, 0)
+
+
+def test_capture_on_device_then_finish_equals_capture(params):
+    b = cloze_batch()
+    uvv, empty = CAP.capture_on_device(params, CFG, b, 1, "attn")
+    assert isinstance(uvv, jax.Array) and uvv.shape == (5, 3, 32) and empty.shape == (5, 3)
+    for got, want in zip(CAP.finish_capture(uvv, empty), CAP.capture(params, CFG, b, 1, "attn")):
+        np.testing.assert_array_equal(got, want)
+
+
 # --------------------------------------------------------------------------------------------
 # save / load
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The main job end to end on a tiny model: trace -> select -> install -> evaluate, files written
 (the CLI: test_cli.py)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -42,13 +43,32 @@ def test_demo_end_to_end(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_install_timings_and_errors(tiny):
+def test_install_timings_and_errors(tiny, monkeypatch):
     params, cfg, tok = tiny
     facts = F.load_facts(tok, "forget01", tok.eos_id, limit=5)
     coord = tr.Coordinate(1, -1, 0)
     mem, info = pl.install(params, cfg, tok, facts, coord, alpha=1.0, q=2)
     assert info["n_facts"] == 5 and info["capture_s"] > 0 and info["solve_s"] > 0 and info["lam"] > 0
     assert int(mem.layer) == 1 and mem.module == 0
+    # 5 facts: solved on the device behind the capture, equal to the host solve of the same keys
+    assert info["solved_on"] == "device"
+    cb = F.cloze_batch(facts, tok, cfg, pl.DEFAULT_TARGET)
+    u, v_o, v_t = cap_lib.capture(params, cfg, cb, 1, 0)
+    host = mem_lib.build(u, v_o, v_t, lam=pl.default_lam(u), alpha=1.0, q=2, layer=1, module=0)
+    assert info["lam"] == pytest.approx(float(host.lam), rel=1e-6)
+    for f in ("U", "Dm", "G", "W", "active", "lam"):
+        np.testing.assert_allclose(np.asarray(getattr(mem, f)), np.asarray(getattr(host, f)), rtol=1e-6,
+                                   atol=1e-7 * float(np.abs(np.asarray(getattr(host, f))).max()), err_msg=f)
+    # past DEVICE_SOLVE_MAX facts the host solves
+    monkeypatch.setattr(mem_lib, "DEVICE_SOLVE_MAX", 4)
+    mem_h, info_h = pl.install(params, cfg, tok, facts, coord, alpha=1.0, q=2)
+    assert info_h["solved_on"] == "host"
+    np.testing.assert_array_equal(np.asarray(mem_h.G), np.asarray(host.G))
+    # a fact without an object position is named after the device solve was queued, and nothing returned
+    monkeypatch.undo()
+    bad = dataclasses.replace(cb, obj_valid=cb.obj_valid.at[2].set(False))
+    with pytest.raises(ValueError, match=r"facts \[2\] have no valid object positions"):
+        pl.capture_and_build(params, cfg, bad, coord, 1.0, 2)
     with pytest.raises(ValueError, match="lambda must be > 0"):
         pl.install(params, cfg, tok, facts, coord, 1.0, 2, lam=0.0)
     with pytest.raises(ValueError, match="empty"):

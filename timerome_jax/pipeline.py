@@ -5,6 +5,7 @@ Python API (the CLI in `cli.py` is a thin layer over these):
     trace_facts(params, cfg, facts, tcfg)            Stage 1, TIE heatmaps for a list of facts
     trace.select(result.tie_bar, ...)                Stage 2, Eq. 5
     install(params, cfg, tok, facts, coord, ...)     Stage 3, capture + ridge solve -> EditMemory
+    capture_and_build(params, cfg, batch, coord, ...) Stage 3 on a ClozeBatch, without a gate
     evaluate_methods(...)                            no_edit vs edit memories, TOFU metrics,
                                                      bootstrap CIs and paired tests
     demo(...)                                        all of it, writing results/
@@ -75,9 +76,38 @@ def save_trace(result: tr.TraceResult, coord: tr.Coordinate, facts, tcfg, out_di
     return {"npz": str(npz), "png": str(png)}
 
 
-def default_lam(u: np.ndarray, rel: float = 0.1) -> float:
-    """lambda = rel * mean ||u_z||^2: the ridge term on the scale of the keys' Gram matrix."""
-    return float(rel * np.mean(np.sum(np.asarray(u, np.float64) ** 2, -1)))
+default_lam = mem_lib.default_lam
+
+
+def capture_and_build(params, cfg, batch: cap_lib.ClozeBatch, coord: tr.Coordinate, alpha: float, q: int,
+                      lam: Optional[float] = None, capacity: Optional[int] = None, chunk: int = 16):
+    """Eqs. 6-11 without a gate for a `ClozeBatch` of N facts -> (EditMemory, (u, v_o, v_t), info).
+
+    Up to `memory.DEVICE_SOLVE_MAX` facts the float64 solve runs on the device, queued right
+    behind the capture (`memory.build_on_device`), and the keys are read back and checked while it
+    runs; more facts are solved on the host (`memory.build`). Returns once the memory is on the
+    device. u, v_o, v_t [N,D] float32 NumPy; info: capture_s (on the device path: until the keys
+    are back, the solve queued), solve_s (the rest), lam, solved_on ("device" or "host")."""
+    t0 = time.perf_counter()
+    small = batch.n <= mem_lib.DEVICE_SOLVE_MAX
+    if small:
+        uvv, empty = cap_lib.capture_on_device(params, cfg, batch, coord.layer, coord.module, chunk=chunk)
+        fingerprint = cap_lib.model_fingerprint(params, cfg)  # looked up while the capture runs
+        memory = mem_lib.build_on_device(uvv, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
+                                         step=coord.step, capacity=capacity, fingerprint=fingerprint)
+        u, v_o, v_t = cap_lib.finish_capture(uvv, empty)  # raises on facts without valid positions
+    else:
+        u, v_o, v_t = cap_lib.capture(params, cfg, batch, coord.layer, coord.module, chunk=chunk)
+    t1 = time.perf_counter()
+    lam = default_lam(u) if lam is None else float(lam)
+    if not small:
+        memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
+                               step=coord.step, capacity=capacity,
+                               fingerprint=cap_lib.model_fingerprint(params, cfg))
+    jax.block_until_ready(memory.G)
+    info = {"capture_s": t1 - t0, "solve_s": time.perf_counter() - t1, "lam": lam,
+            "solved_on": "device" if small else "host"}
+    return memory, (u, v_o, v_t), info
 
 
 def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinate, alpha: float, q: int,
@@ -93,50 +123,52 @@ def install(params, cfg, tokenizer, facts: Sequence[F.Fact], coord: tr.Coordinat
     `calibration` (None: `gate.calibrate` on TOFU calibration rows at this coordinate); latch: also
     set the sequence latch's threshold (`memory.calibrate_tau_seq`; False: tau_seq = +inf, the
     token gate alone).
-    info: capture_s, solve_s, n_facts, lam, coordinate (+ gate_s, tau, tau_seq (None: no latch),
-    percentile when gated)."""
+    Without a gate: `capture_and_build` (up to `memory.DEVICE_SOLVE_MAX` facts the solve runs on
+    the device behind the capture). info: capture_s, solve_s, install_s, n_facts, lam, solved_on,
+    coordinate (+ gate_s, tau, tau_seq (None: no latch), percentile, calibration_rows when gated)."""
     if not facts:
         raise ValueError("install: the forget set is empty")
     if lam is not None and not lam > 0:
         raise ValueError(f"install: lambda must be > 0, got {lam}")
     t0 = time.perf_counter()
     cb = F.cloze_batch(facts, tokenizer, cfg, target_text)
+    coordinate = {"layer": coord.layer, "step": coord.step, "module": MODULES[coord.module]}
+    if not gate:
+        memory, _, built = capture_and_build(params, cfg, cb, coord, alpha, q, lam=lam, capacity=capacity,
+                                             chunk=chunk)
+        info = {"capture_s": built["capture_s"], "solve_s": built["solve_s"],
+                "install_s": time.perf_counter() - t0, "n_facts": len(facts), "lam": built["lam"],
+                "alpha": alpha, "q": q, "gated": False, "solved_on": built["solved_on"], "coordinate": coordinate}
+        return memory, info
+    if percentile is None and not latch:
+        raise ValueError("install: percentile=None (token gate off) needs latch=True, or nothing is edited")
     u, v_o, v_t = cap_lib.capture(params, cfg, cb, coord.layer, coord.module, chunk=chunk)  # on the host
     t1 = time.perf_counter()
     lam = default_lam(u) if lam is None else float(lam)
-    gate_kw, extra = {}, {}
-    if gate:
-        if calibration is None:
-            calibration = gate_lib.calibrate(params, cfg, tokenizer, coord.layer, coord.module)
-        elif (calibration.layer, calibration.module) != (coord.layer, coord.module):
-            raise ValueError(f"install: the gate calibration is at (layer, module) "
-                             f"({calibration.layer}, {calibration.module}), the edit at ({coord.layer}, {coord.module})")
-        keys = np.asarray(cap_lib.capture_slot_keys(params, cfg, cb, coord.layer, coord.module, chunk=chunk))
-        n_slots = np.asarray(cb.obj_valid).sum(1).astype(np.int32)
-        gate_kw = {"gate_keys": keys, "whitening": calibration.whitening, "gate_n_slots": n_slots}
+    if calibration is None:
+        calibration = gate_lib.calibrate(params, cfg, tokenizer, coord.layer, coord.module)
+    elif (calibration.layer, calibration.module) != (coord.layer, coord.module):
+        raise ValueError(f"install: the gate calibration is at (layer, module) "
+                         f"({calibration.layer}, {calibration.module}), the edit at ({coord.layer}, {coord.module})")
+    if latch and calibration.h_probe is None:
+        raise ValueError("install: latch=True needs a calibration with probe residuals (gate.calibrate)")
+    keys = np.asarray(cap_lib.capture_slot_keys(params, cfg, cb, coord.layer, coord.module, chunk=chunk))
+    n_slots = np.asarray(cb.obj_valid).sum(1).astype(np.int32)
     t2 = time.perf_counter()
     memory = mem_lib.build(u, v_o, v_t, lam=lam, alpha=alpha, q=q, layer=coord.layer, module=coord.module,
                            step=coord.step, capacity=capacity, fingerprint=cap_lib.model_fingerprint(params, cfg),
-                           **gate_kw)
-    if gate:
-        if percentile is None and not latch:
-            raise ValueError("install: percentile=None (token gate off) needs latch=True, or nothing is edited")
-        tau = gate_lib.TAU_OFF if percentile is None else mem_lib.calibrate_tau(memory, calibration.h_thresh, percentile)
-        tau_seq = float("inf")
-        if latch:
-            if calibration.h_probe is None:
-                raise ValueError("install: latch=True needs a calibration with probe residuals (gate.calibrate)")
-            tau_seq = mem_lib.calibrate_tau_seq(memory, calibration.h_probe, calibration.probe_slots)
-        # percentile None: no per-token gate at all (structure), so a step does only the latch's select
-        memory = mem_lib.with_gate(memory, tau=tau, tau_seq=tau_seq, token=percentile is not None)
-        extra = {"gate_s": t2 - t1, "tau": tau, "tau_seq": tau_seq if np.isfinite(tau_seq) else None,
-                 "percentile": percentile,
-                 "calibration_rows": {"whiten": len(calibration.whiten_rows), "thresh": len(calibration.thresh_rows)}}
+                           gate_keys=keys, whitening=calibration.whitening, gate_n_slots=n_slots)
+    tau = gate_lib.TAU_OFF if percentile is None else mem_lib.calibrate_tau(memory, calibration.h_thresh, percentile)
+    tau_seq = mem_lib.calibrate_tau_seq(memory, calibration.h_probe, calibration.probe_slots) if latch else float("inf")
+    # percentile None: no per-token gate at all (structure), so a step does only the latch's select
+    memory = mem_lib.with_gate(memory, tau=tau, tau_seq=tau_seq, token=percentile is not None)
     jax.block_until_ready(memory.G)
     t3 = time.perf_counter()
     info = {"capture_s": t1 - t0, "solve_s": t3 - t2, "install_s": t3 - t0, "n_facts": len(facts), "lam": lam,
-            "alpha": alpha, "q": q, "gated": bool(gate), **extra,
-            "coordinate": {"layer": coord.layer, "step": coord.step, "module": MODULES[coord.module]}}
+            "alpha": alpha, "q": q, "gated": True, "solved_on": "host", "gate_s": t2 - t1, "tau": tau,
+            "tau_seq": tau_seq if np.isfinite(tau_seq) else None, "percentile": percentile,
+            "calibration_rows": {"whiten": len(calibration.whiten_rows), "thresh": len(calibration.thresh_rows)},
+            "coordinate": coordinate}
     return memory, info
 
 
@@ -259,4 +291,4 @@ def print_rows(rows, metrics=("forget_lp", "retain_lp", "ra_lp", "wf_lp", "forge
 
 
 __all__ = ["trace_facts", "save_trace", "install", "with_hparams", "evaluate_methods", "DemoConfig", "demo",
-           "default_lam", "print_rows"]
+           "default_lam", "capture_and_build", "print_rows"]

@@ -43,7 +43,8 @@ from profile_summary import kernel_summary  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.method import capture as cap_lib  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
-from timerome_jax.pipeline import default_lam  # noqa: E402
+from timerome_jax.method.trace import Coordinate  # noqa: E402
+from timerome_jax.pipeline import capture_and_build, default_lam  # noqa: E402
 
 HI = jax.lax.Precision.HIGH
 LIBRARY_DELTA = mem_lib.EditMemory.delta
@@ -367,135 +368,33 @@ def install_b2b(args, cfg, rec):
     rec["n_rounds"] = len(rounds)
 
 
-def _solve_on_device(uvv, rel):
-    """Prototype: Eq. 11 for N facts on the device in float64 (call under jax.enable_x64): uvv [N,3,D]
-    f32 (capture_chunk's output) -> U, Dm [N,D] f32, G [N,N] f32, W [N,D] f32, active, alpha, q, lam, step
-    (the memory's arrays; lam = rel * mean |u|^2 as pipeline.default_lam; G as memory._ridge_inverse)."""
-    f64 = jnp.float64
-    u = uvv[:, 0]
-    n = u.shape[0]
-    u64 = u.astype(f64)
-    lam = rel * jnp.mean(jnp.sum(u64 * u64, -1))
-    K = u64 @ u64.T + lam * jnp.eye(n, dtype=f64)
-    G = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), jnp.eye(n, dtype=f64))
-    G = (0.5 * (G + G.T)).astype(jnp.float32)
-    W = (G.astype(f64) @ u64).astype(jnp.float32)
-    return (u, uvv[:, 2] - uvv[:, 1], G, W, jnp.ones(n, bool), jnp.float32(1.0), jnp.int32(4), lam.astype(jnp.float32),
-            jnp.int32(-1))
-
-
-_solve_on_device_jit = jax.jit(_solve_on_device)
-
-
-def solve_on_device(uvv, rel=0.1):
-    with jax.enable_x64(True):
-        return _solve_on_device_jit(uvv, np.float64(rel))
-
-
-def _ridge_inverse_lapack(U, active, lam):
-    """memory._ridge_inverse through LAPACK potrf + potri directly (no scipy wrappers or input checks)."""
-    import scipy.linalg.lapack as lapack
-
-    C = U.shape[0]
-    idx = np.flatnonzero(active)
-    Ua = U[idx].astype(np.float64)
-    K = Ua @ Ua.T
-    K[np.diag_indices_from(K)] += lam
-    c, info = lapack.dpotrf(K, lower=1)
-    Ga, info2 = lapack.dpotri(c, lower=1)
-    Ga = np.tril(Ga) + np.tril(Ga, -1).T
-    if idx.size == C:
-        return Ga.astype(np.float32)
-    G = np.eye(C, dtype=np.float64) / lam
-    G[np.ix_(idx, idx)] = Ga
-    return G.astype(np.float32)
-
-
 def install_chain(args, cfg, rec):
     """--what install_chain: the |F| = 1 install back to back, in interleaved rounds: `library`
-    (capture, host float64 solve, packed transfer, wait for G); `lapack` (the same with the host
-    solve through LAPACK potrf/potri); `dev_after_check` (capture, its read-back and check, then the
-    float64 solve on the device from the capture's device output: no host-to-device transfer);
-    `dev_chain` (the device solve dispatched right after the capture, before the read-back);
-    `capture` alone. Also a per-segment host timeline of `library` and `dev_chain` (median over
-    the rounds: dispatch, read-back, solve, wait) and the device G against the host G."""
+    (`pipeline.capture_and_build`: the float64 solve on the device, queued behind the capture, the
+    keys read back and checked while it runs), `host` (capture, read-back, host float64 solve,
+    packed transfer: the library before `memory.build_on_device`), and the `capture` alone. Also
+    the two memories' G and W against each other. (`install_chain_s4.json` is this mode's first
+    run, on the prototype of the device solve that became `memory.build_on_device`.)"""
     layer, up, floor_s, cb = _setup_install(args, cfg, rec)
-    upl = cap_lib.layers_up_to(up, layer)
+    coord = Coordinate(layer, -1, 0)
+    lib = lambda: capture_and_build(up, cfg, cb, coord, 1.0, 4)[0]  # noqa: E731
     cap = lambda: cap_lib.capture(up, cfg, cb, layer, "resid")  # noqa: E731
-    u, v_o, v_t = cap()
-    host_mem = solve(u, v_o, v_t, layer)
-    uvv, empty = cap_lib.capture_chunk(upl, cb, cfg, layer, 0)
-    dev = solve_on_device(uvv)
-    rec["G_host"] = float(np.asarray(host_mem.G)[0, 0])
-    rec["G_device"] = float(np.asarray(dev[2])[0, 0])
-    rec["G_rel_diff"] = abs(rec["G_device"] - rec["G_host"]) / abs(rec["G_host"])
-    rec["W_max_rel_diff"] = float(np.max(np.abs(np.asarray(dev[3]) - np.asarray(host_mem.W))) /
-                                  np.max(np.abs(np.asarray(host_mem.W))))
-    rec["lam_host_device"] = [float(np.asarray(host_mem.lam)), float(np.asarray(dev[7]))]
-    print(f"[chain] G host {rec['G_host']:.9g} device {rec['G_device']:.9g} rel {rec['G_rel_diff']:.2e}, "
-          f"W rel {rec['W_max_rel_diff']:.2e}", flush=True)
-    stamps = {"library": [], "dev_chain": []}
-
-    def library_timed():
-        t0 = time.perf_counter()
-        a, e = cap_lib.capture_chunk(upl, cb, cfg, layer, 0)
-        t1 = time.perf_counter()
-        uu, vo, vt = cap_lib.finish_capture(a, e)
-        t2 = time.perf_counter()
-        m = build_memory(uu, vo, vt, layer)
-        t3 = time.perf_counter()
-        jax.block_until_ready(m.G)
-        t4 = time.perf_counter()
-        stamps["library"].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
-        return m
-
-    def dev_chain_timed():
-        t0 = time.perf_counter()
-        a, e = cap_lib.capture_chunk(upl, cb, cfg, layer, 0)
-        t1 = time.perf_counter()
-        m = solve_on_device(a)
-        t2 = time.perf_counter()
-        cap_lib.finish_capture(a, e)
-        t3 = time.perf_counter()
-        jax.block_until_ready(m[2])
-        t4 = time.perf_counter()
-        stamps["dev_chain"].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
-        return m
-
-    def dev_after_check():
-        a, e = cap_lib.capture_chunk(upl, cb, cfg, layer, 0)
-        cap_lib.finish_capture(a, e)
-        return jax.block_until_ready(solve_on_device(a)[2])
-
-    def lapack():
-        orig = mem_lib._ridge_inverse
-        mem_lib._ridge_inverse = _ridge_inverse_lapack
-        try:
-            return solve(*cap(), layer)
-        finally:
-            mem_lib._ridge_inverse = orig
-
-    fns = {"library": lambda: solve(*cap(), layer), "lapack": lapack, "dev_after_check": dev_after_check,
-           "dev_chain": dev_chain_timed, "library_timed": library_timed, "capture": cap}
+    host_mem, dev_mem = solve(*cap(), layer), lib()
+    for f in ("G", "W"):
+        a, b = np.asarray(host_mem.__getattribute__(f)), np.asarray(dev_mem.__getattribute__(f))
+        rec[f"{f}_max_rel_diff"] = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+    print(f"[chain] device vs host solve: G {rec['G_max_rel_diff']:.2e}, W {rec['W_max_rel_diff']:.2e}", flush=True)
+    fns = {"library": lib, "host": lambda: solve(*cap(), layer), "capture": cap}
     for f in fns.values():
         f()
-    for v in stamps.values():
-        v.clear()
     res, rounds = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
     rows = {}
     for k, r in res.items():
         rows[k] = {"steady_s": r["steady_s"], "n_steady": r["n_steady"], "ratio_to_floor": r["steady_s"] / floor_s}
         print(f"[chain] {k}: {1e3 * r['steady_s']:.3f} ms = {rows[k]['ratio_to_floor']:.2f}x floor", flush=True)
-    for k, v in stamps.items():
-        med = np.median(np.asarray(v), axis=0) * 1e6 if v else []
-        names = ("dispatch", "readback", "solve", "wait") if k == "library" else ("dispatch", "solve_dispatch",
-                                                                                   "readback", "wait")
-        rows[f"timeline_{k}_us"] = dict(zip(names, (float(x) for x in med)))
-        print(f"[chain] timeline {k}: " + ", ".join(f"{n} {x:.0f} us" for n, x in zip(names, med)), flush=True)
     rec["floor_s"] = floor_s
     rec["rows"] = rows
     rec["n_rounds"] = len(rounds)
-
 
 def h2d(args, cfg, rec):
     """--what h2d: what putting a small memory (|F| = 1: U, Dm, W [1,D], G [1,1], active, four scalars;

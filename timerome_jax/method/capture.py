@@ -227,17 +227,26 @@ def capture(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Uni
             chunk: int = 16):
     """Eqs. 6-8 at (layer, module), denoising step 0, for every fact of `batch`.
 
-    Returns (u, v_o, v_t), each [N,D] float32 NumPy (the Eq. 11 solve runs on the host in float64).
+    Returns (u, v_o, v_t), each [N,D] float32 NumPy (for the Eq. 11 float64 solve on the host).
     The forward stops at `layer`; facts run in chunks of `chunk` (the last chunk is padded with
     copies of fact 0, so every chunk has one shape and the capture compiles once per batch shape).
     """
+    return finish_capture(*capture_on_device(params, cfg, batch, layer, module, chunk))
+
+
+def capture_on_device(params, cfg: ModelConfig, batch: ClozeBatch, layer: int, module: Union[int, str],
+                      chunk: int = 16):
+    """`capture` without its read-back: (uvv [N,3,D] f32 = u, v_o, v_t per fact; empty [N,3] bool),
+    device arrays, returned as soon as the capture is queued and not yet checked. Work on the keys
+    can be queued behind it (`memory.build_on_device`) before anything waits; `finish_capture(uvv,
+    empty)` then reads them back and raises on facts without valid positions."""
     m = check_capture(cfg, layer, module)
     params = layers_up_to(params, layer)
     n = batch.n
     chunk = max(1, min(int(chunk), n))
     if chunk == n:  # one chunk: no gathers, slices or concatenation (they cost as much as a small capture)
-        return finish_capture(*capture_chunk(params, batch, cfg, int(layer), m))
-    return finish_capture(*chunked(batch, n, chunk, lambda sub: capture_chunk(params, sub, cfg, int(layer), m)))
+        return capture_chunk(params, batch, cfg, int(layer), m)
+    return chunked(batch, n, chunk, lambda sub: capture_chunk(params, sub, cfg, int(layer), m))
 
 
 def chunked(batch, n: int, step: int, run):

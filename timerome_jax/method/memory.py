@@ -16,10 +16,11 @@ count or different hyperparameters but the same capacity and coordinate share on
 Static: the coordinate (layer, module: where the hook sits, so `model.run` applies the edit at that
 layer alone and no other layer pays a per-layer test for it) and the model fingerprint.
 
-Building and editing (build/insert/remove) runs on the host in float64: the keys of different
-facts share a large common residual component, so U U^T is badly conditioned for small lam and a
-float32 Cholesky loses most digits. That is O(|F|^2 H + |F|^3) per call, done once per edit, not
-per forward. The per-forward `delta` is jitted with the forward.
+Building and editing (build/insert/remove) runs in float64: the keys of different facts share a
+large common residual component, so U U^T is badly conditioned for small lam and a float32
+Cholesky loses most digits. That is O(|F|^2 H + |F|^3) per call, done once per edit, not per
+forward, on the host; small sets without a gate can run the same float64 solve on the device
+(`build_on_device`), queued behind their capture. The per-forward `delta` is jitted with the forward.
 """
 from __future__ import annotations
 
@@ -588,6 +589,80 @@ def build(u, v_o, v_t, lam: float, alpha: float, q: int, layer: int, module: Uni
             ns[:n] = g_ns
         gate = _gate_for(K, whitening, tau, gate_on, ns)
     return _assemble(U, Dm, active, lam, alpha, q, layer, module, step, fingerprint, gate)
+
+
+# --------------------------------------------------------------------------------------------
+# Small fact sets: the same float64 solve on the device
+# --------------------------------------------------------------------------------------------
+
+# Sets of up to this many facts may be built on the device (`build_on_device`). At a few facts the
+# host round trip (read the keys back, solve, send the memory over) is a large share of an install,
+# while a device solve queued behind the capture runs right after it; the capture compiles once per
+# fact count up to its chunk (16) anyway, and so does this solve.
+DEVICE_SOLVE_MAX = 16
+DEFAULT_LAM_REL = 0.1
+
+
+def default_lam(u, rel: float = DEFAULT_LAM_REL) -> float:
+    """lambda = rel * mean ||u_z||^2 (u [N,D]): the ridge term on the scale of the keys' Gram matrix."""
+    return float(rel * np.mean(np.sum(np.asarray(u, np.float64) ** 2, -1)))
+
+
+def _enable_x64():
+    # float64 for one call only (a context manager; older JAX has it under jax.experimental)
+    on = getattr(jax, "enable_x64", None)
+    if on is None:
+        from jax.experimental import enable_x64 as on
+        return on()
+    return on(True)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def _solve_on_device(uvv, scalars, capacity: int):
+    """`build`'s solve and assembly without a gate, in float64 on the device (traced and called
+    under `_enable_x64`). uvv [N,3,D] f32 (u, v_o, v_t per fact); scalars [5] f64 = (lam, rel,
+    alpha, q, step), lam <= 0 meaning `default_lam` with rel. Returns the `EditMemory` arrays at
+    `capacity` rows."""
+    f64 = jnp.float64
+    u, v_o, v_t = uvv[:, 0], uvv[:, 1], uvv[:, 2]
+    n, d = u.shape
+    lam_in, rel, alpha, q, step = (scalars[i] for i in range(5))
+    u64 = u.astype(f64)
+    lam = jnp.where(lam_in > 0, lam_in, rel * jnp.mean(jnp.sum(u64 * u64, -1)))
+    K = u64 @ u64.T + lam * jnp.eye(n, dtype=f64)
+    Ga = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), jnp.eye(n, dtype=f64))
+    G = (jnp.eye(capacity, dtype=f64) / lam).at[:n, :n].set(0.5 * (Ga + Ga.T)).astype(jnp.float32)
+    U = jnp.zeros((capacity, d), jnp.float32).at[:n].set(u)
+    Dm = jnp.zeros((capacity, d), jnp.float32).at[:n].set(v_t - v_o)
+    W = (G.astype(f64) @ U.astype(f64)).astype(jnp.float32)
+    return (U, Dm, G, W, jnp.arange(capacity) < n, alpha.astype(jnp.float32), q.astype(jnp.int32),
+            lam.astype(jnp.float32), step.astype(jnp.int32))
+
+
+def build_on_device(uvv, lam: Optional[float], alpha: float, q: int, layer: int, module: Union[int, str],
+                    step: int = -1, capacity: Optional[int] = None, fingerprint: str = "") -> EditMemory:
+    """`build` without a gate for keys and values still on the device: the same Eq. 11 float64
+    solve and assembly, run there (one jitted call; returns as soon as it is queued).
+
+    uvv [N,3,D] float32 jax array: u, v_o, v_t per fact, as `capture.capture_on_device` leaves
+    them; 1 <= N <= `DEVICE_SOLVE_MAX`. lam None = `default_lam` of u (computed on the device); the
+    rest as `build`. Queued right behind a capture, the install needs no host round trip. The
+    arrays equal `build`'s up to float64 summation order (so to the last bit of float32 in practice)."""
+    _check_hparams(1.0 if lam is None else lam, alpha, q)
+    shape = tuple(np.shape(uvv))
+    if len(shape) != 3 or shape[1] != 3:
+        raise ValueError(f"build_on_device: uvv must be [N, 3, D] (u, v_o, v_t per fact), got shape {shape}")
+    n = shape[0]
+    if not 1 <= n <= DEVICE_SOLVE_MAX:
+        raise ValueError(f"build_on_device: {n} facts; the device solve takes 1..{DEVICE_SOLVE_MAX} "
+                         f"(use `build` for more)")
+    cap = n if capacity is None else int(capacity)
+    if cap < n:
+        raise ValueError(f"build_on_device: capacity {cap} is smaller than the number of facts {n}")
+    scalars = np.asarray([0.0 if lam is None else lam, DEFAULT_LAM_REL, alpha, q, step], np.float64)
+    with _enable_x64():
+        arrays = _solve_on_device(uvv, scalars, capacity=cap)
+    return EditMemory(*arrays, layer=_layer_id(layer), module=module_id(module), fingerprint=str(fingerprint))
 
 
 def empty(d_model: int, capacity: int, lam: float, alpha: float, q: int, layer: int,
