@@ -17,7 +17,7 @@ on the host after the read-back (`memory.build`). The parts are timed apart as w
 `capture_and_build` looks up) is timed apart: `fingerprint_s` reads the weights (once per loaded
 model; `capture.model_fingerprint` caches it per params object), `install_s` includes only the
 cached lookup (`fingerprint_cached_s`), and `install_s_first_for_this_model` the full read.
-Floor: max(FLOPs / matmul ceiling, one read of the layers' weights per chunk / copy bandwidth).
+Floor: max(FLOPs / matmul ceiling, one read of the layers' weights per chunk / read bandwidth).
 PyTorch: `torch_ref.hooks.capture_torch` (a forward hook at the layer that stops the forward), same
 chunks with both cloze sequences in one batched forward (as the JAX capture does), masked means in float32 on the device; solve on the GPU in float64 (Cholesky, then
 cholesky_inverse), the same lam rule. Same weights (DLPack views).

@@ -13,7 +13,7 @@ Conventions used by every figure:
   the compile seconds); steady state is the median of calls that compiled nothing.
 - FLOPs: 2 x (matmul parameters) x tokens per forward, + attention 4 T^2 (H hd) per layer per
   sequence, + the LM head 2 D V per token when the logits are computed. The floor of a figure is
-  max(FLOPs / matmul ceiling, weight bytes read / copy ceiling), ceilings measured in the same run
+  max(FLOPs / matmul ceiling, weight bytes read / read bandwidth), ceilings measured in the same run
   by bench_ceiling (the JAX numbers).
 - Records: one JSON per figure, rewritten (atomically) after every section, so a crash keeps what
   was measured before it.
@@ -253,7 +253,7 @@ def tree_bytes(tree) -> int:
 
 
 def floor(flops: float, bytes_: float, ceiling: dict) -> dict:
-    """Floor of a figure: the larger of FLOPs / matmul rate and bytes / copy bandwidth."""
+    """Floor of a figure: the larger of FLOPs / matmul rate and bytes / read bandwidth."""
     t_f = flops / ceiling["matmul_flops_per_s"]
     t_b = bytes_ / ceiling["bytes_per_s"] if ceiling.get("bytes_per_s") else 0.0
     return {"flops": float(flops), "bytes": float(bytes_), "flop_time_s": t_f, "byte_time_s": t_b,
@@ -601,7 +601,8 @@ def default_sizes(tiny: bool) -> tuple[int, int, int]:
 
 
 def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 5) -> dict:
-    """JAX bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, read + written)."""
+    """JAX bf16 matmul rate (FLOP/s), read bandwidth (bytes/s read) and copy bandwidth (bytes/s, read +
+    written)."""
     ka, kb = jax.random.split(jax.random.key(1))
     a = (jax.random.normal(ka, (n, n), jnp.float32) / jnp.sqrt(n)).astype(jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
@@ -626,18 +627,28 @@ def measure_jax(n: int, reps: int = 10, copy_bytes: int = 1 << 31, calls: int = 
     out["matmul_flops_per_s"] = 2 * n ** 3 / out["matmul_s"]
     out["matmul_result_finite"] = bool(jnp.isfinite(r.astype(jnp.float32)).all())
 
+    # both over a 2 GiB bf16 buffer, `reps` dependent passes in one jitted loop (one dispatch and one
+    # wait for all of them, which at ~1 ms a pass would otherwise be a tenth of the time): read =
+    # a float32 sum of the buffer (bytes read once: what streaming the weights is, the floors' bytes);
+    # copy = y <- y + 1 (bytes read + written)
     m = copy_bytes // 2
     x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
-    add = jax.jit(lambda x: x + jnp.bfloat16(1)).lower(x).compile()
-    block(add(x))
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        block(add(x))
-        ts.append(time.perf_counter() - t0)
-    out["copy_bytes"] = 2 * m * 2
-    out["copy_times_s"] = ts
-    out["copy_bytes_per_s"] = out["copy_bytes"] / statistics.median(ts)
+    one = jnp.bfloat16(1)
+    # the factor (s * 0 + 1) ties each pass to the carry, so no pass is hoisted out of the loop
+    read = jax.jit(lambda x: jax.lax.fori_loop(
+        0, reps, lambda i, s: s + jnp.sum(x * (s * 0 + 1).astype(x.dtype), dtype=jnp.float32),
+        jnp.float32(0))).lower(x).compile()
+    copy = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda i, y: y + one, x)).lower(x).compile()
+    for name, prog, moved in (("read", read, 2 * m), ("copy", copy, 2 * m * 2)):
+        block(prog(x))
+        ts = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            block(prog(x))
+            ts.append((time.perf_counter() - t0) / reps)
+        out[f"{name}_bytes"] = moved
+        out[f"{name}_times_s"] = ts
+        out[f"{name}_bytes_per_s"] = moved / statistics.median(ts)
     return out
 
 
@@ -651,7 +662,7 @@ def load_ceiling(path: Optional[str], tiny: bool) -> dict:
         return out
     n, reps, copy_bytes = default_sizes(tiny)
     j = measure_jax(n, reps=reps, copy_bytes=copy_bytes)
-    return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["copy_bytes_per_s"],
+    return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["read_bytes_per_s"],
             "source": "measured in this process (common.measure_jax)"}
 
 

@@ -126,10 +126,11 @@ def write_summary(folder: str) -> str:
     ceil = figs.get("ceiling", {})
     if ceil:
         j, t = ceil.get("jax", {}), ceil.get("torch", {})
-        L += ["## Ceilings (same run)", "", "| | bf16 matmul | copy (read+write) |", "|---|---|---|",
-              f"| JAX (used for floors) | {r((j.get('matmul_flops_per_s') or 0) / 1e12)} TFLOP/s (n={j.get('n')}) | "
+        L += ["## Ceilings (same run)", "", "| | bf16 matmul | read | copy (read+write) |", "|---|---|---|---|",
+              f"| JAX (matmul and read used for floors) | {r((j.get('matmul_flops_per_s') or 0) / 1e12)} TFLOP/s "
+              f"(n={j.get('n')}) | {r((j.get('read_bytes_per_s') or 0) / 1e12)} TB/s | "
               f"{r((j.get('copy_bytes_per_s') or 0) / 1e12)} TB/s |",
-              f"| torch | {r(t['matmul_flops_per_s'] / 1e12) if t else '-'} TFLOP/s | "
+              f"| torch | {r(t['matmul_flops_per_s'] / 1e12) if t else '-'} TFLOP/s | - | "
               f"{r(t['copy_bytes_per_s'] / 1e12) if t else '-'} TB/s |", ""] + _status(ceil) + [""]
 
     a = figs.get("a")

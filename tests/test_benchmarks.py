@@ -142,6 +142,8 @@ def test_every_figure_records_card_versions_knobs_and_ceiling(results):
     assert ceil["status"] == "ok"
     assert ceil["jax"]["matmul_flops_per_s"] > 0 and ceil["torch"]["matmul_flops_per_s"] > 0
     assert ceil["ceiling"]["matmul_flops_per_s"] == ceil["jax"]["matmul_flops_per_s"]
+    # the bytes floors count weights read once: the ceiling is the read bandwidth; the copy is recorded beside it
+    assert ceil["ceiling"]["bytes_per_s"] == ceil["jax"]["read_bytes_per_s"] > 0 and ceil["jax"]["copy_bytes_per_s"] > 0
     for name in ("fig_a_tie", "fig_b_install", "fig_c_generate", "fig_d_memory"):
         fig = results[name]
         assert fig["status"] == "ok", (name, fig["errors"])

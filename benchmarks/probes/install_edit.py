@@ -7,7 +7,7 @@ the Eq. 11 solve), each part timed (median of --repeats), and the same with the 
 handling written out here (`old_*`: three outputs fetched one by one after a host-side validity
 check, and the memory's nine arrays put on the device one by one). The new capture is profiled
 once (`profile_summary.kernel_summary`: kernel time, span and wall). Floor: the first 20 layers'
-weights read once at the copy bandwidth measured here.
+weights read once at the read bandwidth measured here.
 
 --what edit: a batch-1 generation (prompt 64 + 64 new tokens, --steps steps) with an |F| = 400,
 q = 4 edit at layer 19 resid, with variants of `EditMemory.delta` swapped in before tracing, each
@@ -154,7 +154,7 @@ def _setup_install(args, cfg, rec):
     n_mm, _, copy_bytes = C.default_sizes(args.tiny)
     ceil = C.measure_jax(n_mm, reps=4, copy_bytes=copy_bytes)
     rec["ceiling"] = ceil
-    floor_s = C.weight_bytes(cfg, layer + 1, head=False) / ceil["copy_bytes_per_s"]
+    floor_s = C.weight_bytes(cfg, layer + 1, head=False) / ceil["read_bytes_per_s"]
     # one fact of figure b's layout: two 128-token clozes (prompt 112 + 16 answer tokens), subject of 8
     T, s_len, o_len = (128, 8, 16) if not args.tiny else (16, 2, 4)
     cb = bench_install.cloze_batch(bench_install.make_cloze(cfg, 1, T - o_len, o_len, o_len, s_len, 2), 1)

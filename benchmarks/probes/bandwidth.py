@@ -1,0 +1,190 @@
+"""Probe: how much memory bandwidth this card gives, measured several ways (the bytes floors divide by it).
+
+`bench_ceiling` times ONE jitted `x + 1` over a 2 GiB bf16 buffer with the host clock. Here, in one
+process, each way is timed as the median of --calls:
+- `jax_add_single`: that measurement (bytes read + written / host time of one call);
+- `jax_add_chain`: --reps dependent `x + 1` passes inside one jitted `fori_loop` (one dispatch and one
+  wait for all of them), host time / reps;
+- `jax_sum_chain`: --reps reads of the buffer (a float32 sum each, folded into the carry), bytes read
+  / time: the read-only stream a batch-1 generation step is;
+- `jax_gemm_m128`: a [128, 4096] bf16 canvas times k distinct [4096, 12288] weights (about the
+  buffer's bytes in all, each read once): the matmul shape of a batch-1 generation step;
+- `torch_copy`, `torch_sum`: `dst.copy_(src)` and `src.sum(dtype=float32)`, timed with CUDA events.
+Writes --out (JSON): bytes per second of each.
+
+--options: instead, the matmul rows (`jax_gemm_m128`) compiled with XLA option sets that change how
+GEMMs are emitted (split-K autotuning, cuBLAS only, autotune level), and the library's batch-1
+generation at the 8B shape (unstacked, prompt 64 + 64 new tokens, 64 steps) with the default and
+the --gen-options sets: step time and bytes per second of weights read.
+
+    python benchmarks/probes/bandwidth.py --out /tmp/bw.json          # GPU
+    python benchmarks/probes/bandwidth.py --out /tmp/bw.json --tiny   # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def host_timed(fn, calls: int) -> list:
+    C.block(fn())
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        C.block(fn())
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def jax_rows(n_bytes: int, reps: int, calls: int) -> dict:
+    m = n_bytes // 2
+    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
+    one = jnp.bfloat16(1)
+    single = jax.jit(lambda x: x + one)
+    add_chain = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda i, y: y + one, x))
+    # each pass reads x once; the factor (s * 0 + 1) ties it to the carry so no pass is hoisted out of the loop
+    sum_chain = jax.jit(lambda x: jax.lax.fori_loop(
+        0, reps, lambda i, s: s + jnp.sum(x * (s * 0 + 1).astype(x.dtype), dtype=jnp.float32), jnp.float32(0)))
+    # the batch-1 generation step's matmuls: a [128, 4096] canvas times k distinct [4096, 12288] bf16
+    # weights (each read once, n_bytes in all), as one jitted call
+    d, f, t = (64, 256, 16) if n_bytes < (1 << 30) else (4096, 12288, 128)
+    k = max(1, n_bytes // (2 * d * f))
+    # separate arrays, unrolled: a slice of one stacked array inside a loop can be copied out first
+    ws = [jax.random.normal(jax.random.key(10 + i), (d, f), jnp.bfloat16) * 0.02 for i in range(k)]
+    h = jax.random.normal(jax.random.key(4), (t, d), jnp.bfloat16)
+    gemms = jax.jit(lambda h, ws: sum(jnp.dot(h, w, preferred_element_type=jnp.float32) for w in ws))
+    rows = {}
+    for name, fn, per, moved in (("jax_gemm_m128", lambda: gemms(h, ws), 1, 2 * k * d * f),
+                                 ("jax_add_single", lambda: single(x), 1, 2 * n_bytes),
+                                 ("jax_add_chain", lambda: add_chain(x), reps, 2 * n_bytes),
+                                 ("jax_sum_chain", lambda: sum_chain(x), reps, n_bytes)):
+        ts = host_timed(fn, calls)
+        t = statistics.median(ts) / per
+        rows[name] = {"bytes_moved": moved, "time_s": t, "bytes_per_s": moved / t, "times_s": ts, "per_call": per}
+    return rows
+
+
+def torch_rows(n_bytes: int, calls: int) -> dict:
+    import torch
+
+    dev = C.torch_device()
+    src = torch.randn(n_bytes // 2, device=dev).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    rows = {}
+    for name, fn, moved in (("torch_copy", lambda: dst.copy_(src), 2 * n_bytes),
+                            ("torch_sum", lambda: src.sum(dtype=torch.float32), n_bytes)):
+        fn()
+        ts = []
+        for _ in range(calls):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                ts.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+        t = statistics.median(ts)
+        rows[name] = {"bytes_moved": moved, "time_s": t, "bytes_per_s": moved / t, "times_s": ts}
+    return rows
+
+
+OPTION_SETS = {
+    "default": {},
+    "cublas_only": {"xla_gpu_enable_triton_gemm": False},
+    "split_k": {"xla_gpu_enable_split_k_autotuning": True},
+    "autotune4": {"xla_gpu_autotune_level": 4},
+    "cublaslt": {"xla_gpu_enable_cublaslt": True},
+}
+
+
+def options_rows(args) -> dict:
+    import numpy as np
+
+    from timerome_jax.backbone import model as model_lib
+    from timerome_jax.diffusion import sampler
+
+    rows = {}
+    d, f, t = (64, 256, 16) if args.tiny else (4096, 12288, 128)
+    k = max(1, ((16 << 20) if args.tiny else (2048 << 20)) // (2 * d * f))
+    ws = [jax.random.normal(jax.random.key(10 + i), (d, f), jnp.bfloat16) * 0.02 for i in range(k)]
+    h = jax.random.normal(jax.random.key(4), (t, d), jnp.bfloat16)
+    gemms = jax.jit(lambda h, ws: sum(jnp.dot(h, w, preferred_element_type=jnp.float32) for w in ws))
+    for name, opts in OPTION_SETS.items():
+        try:
+            prog = gemms.lower(h, ws).compile(compiler_options=opts)
+        except Exception as e:  # noqa: BLE001 - an option this XLA rejects is a result too
+            rows[f"gemm_{name}"] = {"error": str(e)[:300]}
+            continue
+        ts = host_timed(lambda: prog(h, ws), args.calls)
+        tm = statistics.median(ts)
+        rows[f"gemm_{name}"] = {"time_s": tm, "bytes_per_s": 2 * k * d * f / tm}
+        print(f"[options] gemm {name}: {2 * k * d * f / tm / 1e12:.3f} TB/s", flush=True)
+    del ws
+    cfg = C.model_config(args.tiny)
+    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
+    rng = np.random.default_rng(1)
+    prompt = C.random_tokens(rng, (1, 64), cfg)
+    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
+    scfg = sampler.SamplerConfig(steps=64)
+    sched = sampler.schedule(x, pad, cfg, scfg)
+    key = jax.random.key(3)
+    w_bytes = C.weight_bytes(cfg)
+    for name in ["default"] + [n for n in args.gen_options.split(",") if n and n != "default"]:
+        t0 = time.perf_counter()
+        try:
+            prog = sampler.generate_scan.lower(up, x, pad, pm, sched, key, None, cfg=cfg, scfg=scfg,
+                                               return_history=False).compile(compiler_options=OPTION_SETS[name])
+        except Exception as e:  # noqa: BLE001
+            rows[f"generate_{name}"] = {"error": str(e)[:300]}
+            continue
+        comp = time.perf_counter() - t0
+        ts = host_timed(lambda: prog(up, x, pad, pm, sched, key, None), args.calls)
+        step = statistics.median(ts) / 64
+        rows[f"generate_{name}"] = {"step_s": step, "compile_s": comp, "weight_bytes": w_bytes,
+                                    "bytes_per_s": w_bytes / step}
+        print(f"[options] generate {name}: step {1e3 * step:.3f} ms, {w_bytes / step / 1e12:.3f} TB/s of weights "
+              f"(compile {comp:.1f} s)", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=7)
+    ap.add_argument("--options", action="store_true", help="GEMM / generation under XLA option sets")
+    ap.add_argument("--gen-options", default="split_k,cublas_only", help="option sets for the generation rows")
+    args = ap.parse_args(argv)
+    if args.options:
+        rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "option_sets": OPTION_SETS, "rows": options_rows(args)}
+        with open(args.out, "w") as f:
+            json.dump(rec, f, indent=1)
+        return
+    n_bytes = (16 << 20) if args.tiny else (2048 << 20)
+    rec = {"device": jax.devices()[0].device_kind, "buffer_bytes": n_bytes, "reps": args.reps,
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "rows": {**jax_rows(n_bytes, args.reps, args.calls), **torch_rows(n_bytes, args.calls)}}
+    for k, r in rec["rows"].items():
+        print(f"[bandwidth] {k}: {r['bytes_per_s'] / 1e12:.3f} TB/s ({1e3 * r['time_s']:.3f} ms)", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(rec, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
