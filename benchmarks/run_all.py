@@ -5,10 +5,10 @@
     python3 benchmarks/run_all.py --out /tmp/r --tiny --official-dir .official/llada       # CPU, about a minute
 
 One call on ONE GPU, reduced sizes and repeat counts: the default entry (ceiling, a, b, c, d, screen,
-validate) is expected to take about 540 s of one H200 (the `est` values below, the means of two
-calls: ceiling 21, a+screen 233, b 90, cd 185, validate 85, which runs beside a+screen's untimed
-compile phase of about 95 s), against --budget-s 540: one call fitted in 525 s, the next needed about
-565 s and c/d was killed (benchmarks/results/README.md):
+validate) is expected to take about 470 s of one H200 (the `est` values below, the means of two
+calls: ceiling 17, a+screen 218, b 81, cd 150, validate 72, which runs beside a+screen's untimed
+compile phase of about 85 s), against --budget-s 540: the two calls took 461 and 483 s
+(benchmarks/results/README.md).
 - a + screen: ONE process (`a+screen`: bench_tie --what sweep,screen, one init): ONE timed full TIE
   sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is 8), 16 lanes per chunk
   so a forward still holds 64 rows, in the unstacked layout (--tie-layout, the GPU default); the
@@ -75,7 +75,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 # budget leaves this much for every figure still to come), the expected seconds at full size on one
 # H200 (est), whether it takes --repeats / --profile
 FIGURES = {
-    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=21),
+    "ceiling": dict(script="bench_ceiling.py", args=[], files=["ceiling.json"], share=30, least=15, est=17),
     # figure a at a documented reduced size: 4 facts (the figure's own default is 8), 16 lanes per
     # chunk so a forward still holds 64 rows
     "a": dict(script="bench_tie.py", args=["--what", "sweep", "--facts", "4"],
@@ -85,17 +85,17 @@ FIGURES = {
     # timed calls after a's sweep, compared with a's JAX time and coordinate)
     "a+screen": dict(script="bench_tie.py", args=["--what", "sweep,screen", "--facts", "4"],
                      full_args=["--chunk", "16", "--torch-chunk", "16"], files=["fig_a_tie.json", "tie_screen.json"],
-                     share=30, least=180, est=233, covers=("a", "screen"), overlap_s=95),
+                     share=30, least=180, est=218, covers=("a", "screen"), overlap_s=85),
     # b without |F| = 4000 (about 80 s alone at 8B; bench_install.py runs it by default); --gate: the
     # default gated install (slot keys + tau_seq) beside it, and the gate calibration once
     "b": dict(script="bench_install.py", args=["--gate"], full_args=["--sizes", "1,40,400"],
-              files=["fig_b_install.json"], share=60, least=50, repeats=True, profile="install", est=90),
+              files=["fig_b_install.json"], share=60, least=50, repeats=True, profile="install", est=81),
     # c/d: the verdict rows in the unstacked layout (the GPU default), the stacked rows left out
     # (bench_generate --stacked 1 adds them)
     "cd": dict(script="bench_generate.py", args=["--gate", "--stacked", "0"],
                full_args=["--repeats-b1", "21", "--torch-repeats", "1"],
                files=["fig_c_generate.json", "fig_d_memory.json"], share=240, least=150, repeats=True,
-               profile="generate", official=True, est=185,
+               profile="generate", official=True, est=150,
                split=("--batches", {"full": ["1", "32"], "tiny": ["1", "4"]}, {"1": 0.3})),
     # screen alone (without a) times its own full sweep for the comparison
     "screen": dict(script="bench_tie.py", args=["--what", "screen", "--facts", "4"],
@@ -103,7 +103,7 @@ FIGURES = {
                    least=100, est=170, after="a"),
     # validate times nothing that is a verdict: with --overlap-validate (default) it runs beside
     # a+screen's untimed compile phase when both share a GPU (`run_with_companion`)
-    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=80, est=85,
+    "validate": dict(script="validate_8b.py", args=[], files=["validate_8b.json"], share=0, least=80, est=72,
                      needs_official=True, plain=True, host="a+screen"),
     "stages": dict(script="bench_tie.py", args=["--what", "stages"], files=["tie_stages.json"], share=90,
                    least=60, profile="tie_stages", est=120),
