@@ -333,6 +333,22 @@ def edit_rounds(args, cfg, rec):
     rec["n_rounds"] = len(rounds)
 
 
+def rounds_against_floor(fns: dict, args, rec: dict, floor_s: float, tag: str) -> None:
+    """Each of `fns` once (compiles), then all timed in interleaved rounds (`common.measure_rounds`,
+    no extra sync: each returns its result ready); rec gets floor_s, rows (median, runs, ratio to
+    the floor) and n_rounds."""
+    for f in fns.values():
+        f()
+    res, rounds = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
+    rows = {}
+    for k, r in res.items():
+        rows[k] = {"steady_s": r["steady_s"], "n_steady": r["n_steady"], "ratio_to_floor": r["steady_s"] / floor_s}
+        print(f"[{tag}] {k}: {1e3 * r['steady_s']:.3f} ms = {rows[k]['ratio_to_floor']:.2f}x floor", flush=True)
+    rec["floor_s"] = floor_s
+    rec["rows"] = rows
+    rec["n_rounds"] = len(rounds)
+
+
 def install_b2b(args, cfg, rec):
     """--what install_b2b: the |F| = 1 install back to back (capture, then solve, then the next
     capture), variants timed in the same interleaved rounds: `library` (figure b's back-to-back row:
@@ -356,16 +372,7 @@ def install_b2b(args, cfg, rec):
     fns = {"library": lambda: solve(*cap(), layer), "noblock": lambda: build_memory(*cap(), layer), "hold": hold,
            "nocb": lambda: solve(*cap_nocb(), layer), "nocb_noblock": lambda: build_memory(*cap_nocb(), layer),
            "capture": cap, "solve": lambda: solve(u, v_o, v_t, layer)}
-    for f in fns.values():
-        f()
-    res, rounds = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
-    rows = {}
-    for k, r in res.items():
-        rows[k] = {"steady_s": r["steady_s"], "n_steady": r["n_steady"], "ratio_to_floor": r["steady_s"] / floor_s}
-        print(f"[b2b] {k}: {1e3 * r['steady_s']:.3f} ms = {rows[k]['ratio_to_floor']:.2f}x floor", flush=True)
-    rec["floor_s"] = floor_s
-    rec["rows"] = rows
-    rec["n_rounds"] = len(rounds)
+    rounds_against_floor(fns, args, rec, floor_s, "b2b")
 
 
 def install_chain(args, cfg, rec):
@@ -381,20 +388,12 @@ def install_chain(args, cfg, rec):
     cap = lambda: cap_lib.capture(up, cfg, cb, layer, "resid")  # noqa: E731
     host_mem, dev_mem = solve(*cap(), layer), lib()
     for f in ("G", "W"):
-        a, b = np.asarray(host_mem.__getattribute__(f)), np.asarray(dev_mem.__getattribute__(f))
+        a, b = np.asarray(getattr(host_mem, f)), np.asarray(getattr(dev_mem, f))
         rec[f"{f}_max_rel_diff"] = float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
     print(f"[chain] device vs host solve: G {rec['G_max_rel_diff']:.2e}, W {rec['W_max_rel_diff']:.2e}", flush=True)
     fns = {"library": lib, "host": lambda: solve(*cap(), layer), "capture": cap}
-    for f in fns.values():
-        f()
-    res, rounds = C.measure_rounds(fns, want=args.repeats, sync=lambda _: None)
-    rows = {}
-    for k, r in res.items():
-        rows[k] = {"steady_s": r["steady_s"], "n_steady": r["n_steady"], "ratio_to_floor": r["steady_s"] / floor_s}
-        print(f"[chain] {k}: {1e3 * r['steady_s']:.3f} ms = {rows[k]['ratio_to_floor']:.2f}x floor", flush=True)
-    rec["floor_s"] = floor_s
-    rec["rows"] = rows
-    rec["n_rounds"] = len(rounds)
+    rounds_against_floor(fns, args, rec, floor_s, "chain")
+
 
 def h2d(args, cfg, rec):
     """--what h2d: what putting a small memory (|F| = 1: U, Dm, W [1,D], G [1,1], active, four scalars;
