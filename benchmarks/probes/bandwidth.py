@@ -12,6 +12,9 @@ process, each way is timed as the median of --calls:
 - `torch_copy`, `torch_sum`: `dst.copy_(src)` and `src.sum(dtype=float32)`, timed with CUDA events.
 Writes --out (JSON): bytes per second of each.
 
+--split-k: instead, the three matmul shapes of a batch-1 step, each as one dot and split over K into
+2, 4, 8 partial products (`split_k_rows`).
+
 --options: instead, the matmul rows (`jax_gemm_m128`) compiled with XLA option sets that change how
 GEMMs are emitted (split-K autotuning, cuBLAS only, autotune level), and the library's batch-1
 generation at the 8B shape (unstacked, prompt 64 + 64 new tokens, 64 steps) with the default and
@@ -58,7 +61,7 @@ def jax_rows(n_bytes: int, reps: int, calls: int) -> dict:
     # the batch-1 generation step's matmuls: a [128, 4096] canvas times k distinct [4096, 12288] bf16
     # weights (each read once, n_bytes in all), as one jitted call
     d, f, t = (64, 256, 16) if n_bytes < (1 << 30) else (4096, 12288, 128)
-    k = max(1, n_bytes // (2 * d * f))
+    k = max(1, min(n_bytes // (2 * d * f), 64))
     # separate arrays, unrolled: a slice of one stacked array inside a loop can be copied out first
     ws = [jax.random.normal(jax.random.key(10 + i), (d, f), jnp.bfloat16) * 0.02 for i in range(k)]
     h = jax.random.normal(jax.random.key(4), (t, d), jnp.bfloat16)
@@ -161,6 +164,36 @@ def options_rows(args) -> dict:
     return rows
 
 
+def split_k_rows(args) -> dict:
+    """--split-k: the three matmul shapes of a batch-1 step ([128, K] x [K, N] for (K, N) = (4096,
+    4096): q, k, v, o; (4096, 12288): gate, up; (12288, 4096): down), each over distinct weights (about
+    2 GiB), as one dot and split into s partial products over K (a batched dot [s, 128, K/s] x
+    [s, K/s, N], float32 partials summed): bytes of weights read per second."""
+    rows = {}
+    t = 16 if args.tiny else 128
+    shapes = [(64, 64), (64, 256), (256, 64)] if args.tiny else [(4096, 4096), (4096, 12288), (12288, 4096)]
+    total = (1 << 20) if args.tiny else (2048 << 20)
+    for kk, n in shapes:
+        k = max(1, total // (2 * kk * n))
+        ws = [jax.random.normal(jax.random.key(10 + i), (kk, n), jnp.bfloat16) * 0.02 for i in range(k)]
+        h = jax.random.normal(jax.random.key(4), (t, kk), jnp.bfloat16)
+        for s in (1, 2, 4, 8):
+            def one(h, w, s=s):
+                if s == 1:
+                    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+                parts = jnp.einsum("tsk,skn->stn", h.reshape(t, s, kk // s), w.reshape(s, kk // s, n),
+                                   preferred_element_type=jnp.float32)
+                return parts.sum(0)
+            prog = jax.jit(lambda h, ws, one=one: sum(one(h, w) for w in ws))
+            ts = host_timed(lambda: prog(h, ws), args.calls)
+            tm = statistics.median(ts)
+            name = f"K{kk}_N{n}_s{s}"
+            rows[name] = {"time_s": tm, "bytes_per_s": 2 * k * kk * n / tm, "matrices": k}
+            print(f"[split_k] {name}: {2 * k * kk * n / tm / 1e12:.3f} TB/s", flush=True)
+        del ws
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -169,7 +202,14 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=7)
     ap.add_argument("--options", action="store_true", help="GEMM / generation under XLA option sets")
     ap.add_argument("--gen-options", default="split_k,cublas_only", help="option sets for the generation rows")
+    ap.add_argument("--split-k", action="store_true", help="the step's matmul shapes split over K")
     args = ap.parse_args(argv)
+    if args.split_k:
+        rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "rows": split_k_rows(args)}
+        with open(args.out, "w") as f:
+            json.dump(rec, f, indent=1)
+        return
     if args.options:
         rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "option_sets": OPTION_SETS, "rows": options_rows(args)}
