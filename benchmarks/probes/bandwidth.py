@@ -3,10 +3,10 @@
 `bench_ceiling` times ONE jitted `x + 1` over a 2 GiB bf16 buffer with the host clock. Here, in one
 process, each way is timed as the median of --calls:
 - `jax_add_single`: that measurement (bytes read + written / host time of one call);
-- `jax_add_chain`: --reps dependent `x + 1` passes inside one jitted `fori_loop` (one dispatch and one
-  wait for all of them), host time / reps;
-- `jax_sum_chain`: --reps reads of the buffer (a float32 sum each, folded into the carry), bytes read
-  / time: the read-only stream a batch-1 generation step is;
+- `jax_add_chain`, `jax_sum_chain`: bench_ceiling's copy and read (`common.measure_jax`): --reps
+  dependent `x + 1` passes, or --reps float32 sums of the buffer (bytes read: the read-only stream a
+  batch-1 generation step is), inside one jitted `fori_loop` (one dispatch and one wait for all of
+  them), host time / reps;
 - `jax_gemm_m128`: a [128, 4096] bf16 canvas times k distinct [4096, 12288] weights (about the
   buffer's bytes in all, each read once): the matmul shape of a batch-1 generation step;
 - `torch_copy`, `torch_sum`: `dst.copy_(src)` and `src.sum(dtype=float32)`, timed with CUDA events.
@@ -49,31 +49,38 @@ def host_timed(fn, calls: int) -> list:
     return ts
 
 
-def jax_rows(n_bytes: int, reps: int, calls: int) -> dict:
-    m = n_bytes // 2
-    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
-    one = jnp.bfloat16(1)
-    single = jax.jit(lambda x: x + one)
-    add_chain = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda i, y: y + one, x))
-    # each pass reads x once; the factor (s * 0 + 1) ties it to the carry so no pass is hoisted out of the loop
-    sum_chain = jax.jit(lambda x: jax.lax.fori_loop(
-        0, reps, lambda i, s: s + jnp.sum(x * (s * 0 + 1).astype(x.dtype), dtype=jnp.float32), jnp.float32(0)))
-    # the batch-1 generation step's matmuls: a [128, 4096] canvas times k distinct [4096, 12288] bf16
-    # weights (each read once, n_bytes in all), as one jitted call
-    d, f, t = (64, 256, 16) if n_bytes < (1 << 30) else (4096, 12288, 128)
-    k = max(1, min(n_bytes // (2 * d * f), 64))
-    # separate arrays, unrolled: a slice of one stacked array inside a loop can be copied out first
+def canvas_and_weights(t: int, d: int, f: int, total_bytes: int):
+    """A [t, d] bf16 canvas and k distinct [d, f] bf16 weights (about total_bytes in all, at most 64),
+    as separate arrays: a matmul chain over them reads each weight once (a slice of one stacked
+    array inside a loop can be copied out first)."""
+    k = max(1, min(total_bytes // (2 * d * f), 64))
     ws = [jax.random.normal(jax.random.key(10 + i), (d, f), jnp.bfloat16) * 0.02 for i in range(k)]
-    h = jax.random.normal(jax.random.key(4), (t, d), jnp.bfloat16)
-    gemms = jax.jit(lambda h, ws: sum(jnp.dot(h, w, preferred_element_type=jnp.float32) for w in ws))
+    return jax.random.normal(jax.random.key(4), (t, d), jnp.bfloat16), ws
+
+
+def gemm_chain(h, ws):
+    """sum_i h @ ws[i] in float32 (unrolled)."""
+    return sum(jnp.dot(h, w, preferred_element_type=jnp.float32) for w in ws)
+
+
+def jax_rows(n_bytes: int, reps: int, calls: int, tiny: bool) -> dict:
+    # the batch-1 generation step's matmuls: a [128, 4096] canvas times distinct [4096, 12288] weights
+    h, ws = canvas_and_weights(*((16, 64, 256) if tiny else (128, 4096, 12288)), n_bytes)
+    gemms = jax.jit(gemm_chain)
+    x = jax.random.normal(jax.random.key(2), (n_bytes // 2,), jnp.bfloat16)
+    single = jax.jit(lambda x: x + jnp.bfloat16(1))
     rows = {}
-    for name, fn, per, moved in (("jax_gemm_m128", lambda: gemms(h, ws), 1, 2 * k * d * f),
-                                 ("jax_add_single", lambda: single(x), 1, 2 * n_bytes),
-                                 ("jax_add_chain", lambda: add_chain(x), reps, 2 * n_bytes),
-                                 ("jax_sum_chain", lambda: sum_chain(x), reps, n_bytes)):
+    for name, fn, moved in (("jax_gemm_m128", lambda: gemms(h, ws), sum(w.nbytes for w in ws)),
+                            ("jax_add_single", lambda: single(x), 2 * n_bytes)):
         ts = host_timed(fn, calls)
-        t = statistics.median(ts) / per
-        rows[name] = {"bytes_moved": moved, "time_s": t, "bytes_per_s": moved / t, "times_s": ts, "per_call": per}
+        t = statistics.median(ts)
+        rows[name] = {"bytes_moved": moved, "time_s": t, "bytes_per_s": moved / t, "times_s": ts, "per_call": 1}
+    # the chained passes are bench_ceiling's (common.measure_jax): times per pass
+    ceil = C.measure_jax(C.default_sizes(tiny)[0], reps=reps, copy_bytes=n_bytes, calls=calls)
+    for name, kind in (("jax_add_chain", "copy"), ("jax_sum_chain", "read")):
+        ts = ceil[f"{kind}_times_s"]
+        rows[name] = {"bytes_moved": ceil[f"{kind}_bytes"], "time_s": statistics.median(ts),
+                      "bytes_per_s": ceil[f"{kind}_bytes_per_s"], "times_s": ts, "per_call": reps}
     return rows
 
 
@@ -121,11 +128,10 @@ def options_rows(args) -> dict:
     from timerome_jax.diffusion import sampler
 
     rows = {}
-    d, f, t = (64, 256, 16) if args.tiny else (4096, 12288, 128)
-    k = max(1, ((16 << 20) if args.tiny else (2048 << 20)) // (2 * d * f))
-    ws = [jax.random.normal(jax.random.key(10 + i), (d, f), jnp.bfloat16) * 0.02 for i in range(k)]
-    h = jax.random.normal(jax.random.key(4), (t, d), jnp.bfloat16)
-    gemms = jax.jit(lambda h, ws: sum(jnp.dot(h, w, preferred_element_type=jnp.float32) for w in ws))
+    h, ws = canvas_and_weights(*((16, 64, 256) if args.tiny else (128, 4096, 12288)),
+                               (16 << 20) if args.tiny else (2048 << 20))
+    w_total = sum(w.nbytes for w in ws)
+    gemms = jax.jit(gemm_chain)
     for name, opts in OPTION_SETS.items():
         try:
             prog = gemms.lower(h, ws).compile(compiler_options=opts)
@@ -134,8 +140,8 @@ def options_rows(args) -> dict:
             continue
         ts = host_timed(lambda: prog(h, ws), args.calls)
         tm = statistics.median(ts)
-        rows[f"gemm_{name}"] = {"time_s": tm, "bytes_per_s": 2 * k * d * f / tm}
-        print(f"[options] gemm {name}: {2 * k * d * f / tm / 1e12:.3f} TB/s", flush=True)
+        rows[f"gemm_{name}"] = {"time_s": tm, "bytes_per_s": w_total / tm}
+        print(f"[options] gemm {name}: {w_total / tm / 1e12:.3f} TB/s", flush=True)
     del ws
     cfg = C.model_config(args.tiny)
     up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
@@ -174,9 +180,8 @@ def split_k_rows(args) -> dict:
     shapes = [(64, 64), (64, 256), (256, 64)] if args.tiny else [(4096, 4096), (4096, 12288), (12288, 4096)]
     total = (1 << 20) if args.tiny else (2048 << 20)
     for kk, n in shapes:
-        k = max(1, total // (2 * kk * n))
-        ws = [jax.random.normal(jax.random.key(10 + i), (kk, n), jnp.bfloat16) * 0.02 for i in range(k)]
-        h = jax.random.normal(jax.random.key(4), (t, kk), jnp.bfloat16)
+        h, ws = canvas_and_weights(t, kk, n, total)
+        k = len(ws)
         for s in (1, 2, 4, 8):
             def one(h, w, s=s):
                 if s == 1:
@@ -219,7 +224,7 @@ def main(argv=None):
     n_bytes = (16 << 20) if args.tiny else (2048 << 20)
     rec = {"device": jax.devices()[0].device_kind, "buffer_bytes": n_bytes, "reps": args.reps,
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "rows": {**jax_rows(n_bytes, args.reps, args.calls), **torch_rows(n_bytes, args.calls)}}
+           "rows": {**jax_rows(n_bytes, args.reps, args.calls, args.tiny), **torch_rows(n_bytes, args.calls)}}
     for k, r in rec["rows"].items():
         print(f"[bandwidth] {k}: {r['bytes_per_s'] / 1e12:.3f} TB/s ({1e3 * r['time_s']:.3f} ms)", flush=True)
     with open(args.out, "w") as f:
