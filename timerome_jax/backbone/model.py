@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timerome_jax.backbone import gemm
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, apply_shift, read
 
@@ -76,8 +77,8 @@ def apply_rope(x, cos, sin, rot_dim: int):
     return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
 
 
-def _mm(x, w, dt):
-    return jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+def _mm(x, w, dt, impl: str = "xla"):
+    return gemm.matmul(x.astype(dt), w.astype(dt), impl).astype(dt)
 
 
 def attention(q, k, v, pad_mask, cfg: ModelConfig):
@@ -103,7 +104,8 @@ def attn_block(lp, x, cos, sin, pad_mask, cfg: ModelConfig):
     dt = cdtype(cfg)
     b, t, _ = x.shape
     n = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-    q, k, v = _mm(n, lp["wq"], dt), _mm(n, lp["wk"], dt), _mm(n, lp["wv"], dt)
+    mi = cfg.matmul_impl
+    q, k, v = _mm(n, lp["wq"], dt, mi), _mm(n, lp["wk"], dt, mi), _mm(n, lp["wv"], dt, mi)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -114,11 +116,11 @@ def attn_block(lp, x, cos, sin, pad_mask, cfg: ModelConfig):
         k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
     q, k = apply_rope(q, cos, sin, cfg.rot_dim), apply_rope(k, cos, sin, cfg.rot_dim)
     o = attention(q, k, v, pad_mask, cfg).reshape(b, t, cfg.n_heads * cfg.head_dim)
-    return _mm(o, lp["wo"], dt)
+    return _mm(o, lp["wo"], dt, mi)
 
 
-def swiglu(x, w_gate, w_up, w_down, dt):
-    return _mm(jax.nn.silu(_mm(x, w_gate, dt)) * _mm(x, w_up, dt), w_down, dt)
+def swiglu(x, w_gate, w_up, w_down, dt, impl: str = "xla"):
+    return _mm(jax.nn.silu(_mm(x, w_gate, dt, impl)) * _mm(x, w_up, dt, impl), w_down, dt, impl)
 
 
 def mlp_block(lp, h, cfg: ModelConfig):
@@ -126,7 +128,7 @@ def mlp_block(lp, h, cfg: ModelConfig):
     dt = cdtype(cfg)
     m = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
     if not cfg.is_moe:
-        return swiglu(m, lp["w_gate"], lp["w_up"], lp["w_down"], dt)
+        return swiglu(m, lp["w_gate"], lp["w_up"], lp["w_down"], dt, cfg.matmul_impl)
     # Softmax router in float32, top-k, no renormalisation unless the config asks for it. Experts are
     # evaluated densely and weighted by a (mostly zero) routing matrix: simple and exact; the
     # wasted expert FLOPs only matter at LLaDA-MoE scale.
