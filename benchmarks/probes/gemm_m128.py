@@ -1,5 +1,5 @@
 """Probe: few-row GEMMs (a 128-token canvas times each weight) by XLA, cuBLAS (torch), the library's
-Pallas split-K kernel (`gemm.small_m_matmul`) and JAX's Mosaic GPU Hopper matmul, and the batch-1
+Pallas split-K kernel (`small_m_matmul`) and JAX's Mosaic GPU Hopper matmul, and the batch-1
 generation step with `matmul_impl` "xla" and "pallas".
 
 For each weight shape of a batch-1 step ([4096, 4096]: q, k, v, o; [4096, 12288]: gate, up;
@@ -25,13 +25,83 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from timerome_jax.backbone import gemm  # noqa: E402
 from probes.bandwidth import canvas_and_weights, host_timed  # noqa: E402
 
-T = gemm.Tiles
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """block_n: output columns per program; split_k: programs per output block along K;
+    block_k: K rows of the weight per loop iteration; num_warps, num_stages: Triton's."""
+
+    block_n: int
+    split_k: int
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def fits(m: int, k: int, n: int, tiles: Tiles) -> bool:
+    """Whether the kernel takes this shape with these tiles (else `matmul` uses XLA's dot)."""
+    per_program = k // tiles.split_k if k % tiles.split_k == 0 else 0
+    return (n % tiles.block_n == 0 and per_program > 0
+            and per_program % tiles.block_k == 0)
+
+
+def _padded_rows(m: int) -> int:
+    """Triton blocks are powers of two (at least 16): the row count the kernel runs on."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def _split_k_kernel(x_ref, w_ref, o_ref, *, block_k: int):
+    m, k_part = x_ref.shape
+    block_n = w_ref.shape[1]
+
+    def body(i, acc):
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.float32)
+
+    o_ref[...] = jax.lax.fori_loop(0, k_part // block_k, body, jnp.zeros((m, block_n), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def small_m_matmul(x: jax.Array, w: jax.Array, tiles: Tiles, interpret: bool = False) -> jax.Array:
+    """x [M, K] @ w [K, N] -> [M, N] float32 with the split-K kernel (`fits` must hold).
+
+    interpret=True runs the kernel through Pallas' interpreter (CPU tests)."""
+    m, k = x.shape
+    k2, n = w.shape
+    if k != k2:
+        raise ValueError(f"small_m_matmul: x {x.shape} and w {w.shape} do not chain")
+    if not fits(m, k, n, tiles):
+        raise ValueError(f"small_m_matmul: {tiles} does not fit x {x.shape} @ w {w.shape}")
+    mp = _padded_rows(m)
+    xp = jnp.pad(x.astype(w.dtype), ((0, mp - m), (0, 0))) if mp != m else x.astype(w.dtype)
+    s, bn = tiles.split_k, tiles.block_n
+    k_part = k // s
+    parts = pl.pallas_call(
+        functools.partial(_split_k_kernel, block_k=tiles.block_k),
+        out_shape=jax.ShapeDtypeStruct((s, mp, n), jnp.float32),
+        grid=(n // bn, s),
+        in_specs=[pl.BlockSpec((mp, k_part), lambda j, i: (0, i)),
+                  pl.BlockSpec((k_part, bn), lambda j, i: (i, j))],
+        out_specs=pl.BlockSpec((None, mp, bn), lambda j, i: (i, 0, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        name="small_m_matmul",
+    )(xp, w)
+    out = parts[0] if s == 1 else jnp.sum(parts, axis=0)
+    return out[:m]
+
+
+
+T = Tiles
 SWEEP = {
     (4096, 4096): [T(128, 4), T(128, 8), T(128, 4, 128, 4, 3), T(128, 8, 128, 8, 3), T(64, 2), T(64, 4),
                    T(64, 4, 128), T(256, 8, 64, 8, 3), T(128, 2), T(64, 8), T(128, 16), T(128, 8, 64, 4, 6)],
@@ -69,9 +139,9 @@ def chain_rows(t, kk, n, total, calls, tiles_list, interpret, deadline) -> dict:
 
     record("xla", lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32))
     for tl in tiles_list:
-        if gemm.fits(t, kk, n, tl):
+        if fits(t, kk, n, tl):
             record(f"pallas_n{tl.block_n}_s{tl.split_k}_k{tl.block_k}_w{tl.num_warps}_st{tl.num_stages}",
-                   lambda h, w, tl=tl: gemm.small_m_matmul(h, w, tl, interpret=interpret))
+                   lambda h, w, tl=tl: small_m_matmul(h, w, tl, interpret=interpret))
     if not interpret:
         mosaic_rows(record)
         rows.update(torch_row(h, ws, calls))
@@ -112,51 +182,82 @@ def torch_row(h, ws, calls) -> dict:
     return {"torch_mm": {"time_s": tm, "bytes_per_s": w_bytes / tm}}
 
 
-def step_rows(args, best: dict) -> dict:
+def fair_rows(calls: int, tiny: bool) -> dict:
+    """XLA and torch.mm over distinct weights, each product kept as its own bf16 [128, N] output
+    (no float32 sum between them, as in a forward): weight bytes per second."""
+    t = 16 if tiny else 128
+    total = (1 << 20) if tiny else (2048 << 20)
+    shapes = [(64, 64), (64, 128)] if tiny else [(4096, 4096), (4096, 12288), (4096, 24576), (12288, 4096),
+                                                 (4096, 126464)]
+    rows = {}
+    for kk, n in shapes:
+        h, ws = canvas_and_weights(t, kk, n, total)
+        w_bytes = sum(w.nbytes for w in ws)
+        prog = jax.jit(lambda h, ws: [jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype) for w in ws])
+        tm = statistics.median(host_timed(lambda: prog(h, ws), calls))
+        rows[f"K{kk}_N{n}_xla"] = {"time_s": tm, "bytes_per_s": w_bytes / tm, "matrices": len(ws)}
+        print(f"[fair] K{kk} N{n} xla: {w_bytes / tm / 1e12:.3f} TB/s", flush=True)
+        if C.on_gpu():
+            rows[f"K{kk}_N{n}_torch"] = torch_row(h, ws, calls)["torch_mm"]
+    return rows
+
+
+def fuse(params) -> dict:
+    """Unstacked params with each layer's wq|wk|wv and w_gate|w_up concatenated along columns."""
+    out = dict(params)
+    out["layers"] = []
+    for lp in params["layers"]:
+        lp = dict(lp)
+        lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=1)
+        lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=1)
+        out["layers"].append(lp)
+    return out
+
+
+def step_rows(args) -> dict:
+    """The library's batch-1 generation (unstacked), with separate and with fused projections."""
     import numpy as np
 
     from timerome_jax.backbone import model as model_lib
     from timerome_jax.diffusion import sampler
 
-    cfg0 = C.model_config(args.tiny)
-    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg0, C.default_init_std(args.tiny)), consume=True)
+    cfg = C.model_config(args.tiny)
+    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
+    fused = fuse(up)
     rng = np.random.default_rng(1)
-    prompt = C.random_tokens(rng, (1, 64), cfg0)
-    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg0)
+    prompt = C.random_tokens(rng, (1, 64), cfg)
+    x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
     scfg = sampler.SamplerConfig(steps=64)
-    sched = sampler.schedule(x, pad, cfg0, scfg)
+    sched = sampler.schedule(x, pad, cfg, scfg)
     key = jax.random.key(3)
-    w_bytes = C.weight_bytes(cfg0)
-    rows, tokens = {}, {}
-    variants = [("xla", "xla", {}), ("pallas_default", "pallas", {}), ("pallas_best", "pallas", best)]
-    for name, impl, tuned in variants:
-        if name == "pallas_best" and not tuned:
-            continue
-        cfg = cfg0.replace(matmul_impl=impl)
-        saved = dict(gemm.TUNED)
-        gemm.TUNED.update(tuned)  # the sweep's tiles for this row only
-        jax.clear_caches()  # the traces hold the tiles chosen when they were made
+    w_bytes = C.weight_bytes(cfg)
+    rows, tokens, progs = {}, {}, {}
+    variants = [("separate", up, {}), ("fused", fused, {})]
+    if C.on_gpu():
+        variants.append(("fused_cublas_only", fused, {"xla_gpu_enable_triton_gemm": False}))
+    for name, p, opts in variants:
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            prog = sampler.generate_scan.lower(up, x, pad, pm, sched, key, None, cfg=cfg, scfg=scfg,
-                                               return_history=False).compile()
-            comp = time.perf_counter() - t0
-            out = prog(up, x, pad, pm, sched, key, None)
-            tokens[name] = np.asarray(jax.tree.leaves(out)[0])
-            ts = host_timed(lambda: prog(up, x, pad, pm, sched, key, None), args.calls)
+            progs[name] = sampler.generate_scan.lower(p, x, pad, pm, sched, key, None, cfg=cfg, scfg=scfg,
+                                                      return_history=False).compile(compiler_options=opts)
         except Exception as e:  # noqa: BLE001
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-            print(f"[step] {name}: {rows[name]['error'][:200]}", flush=True)
             continue
-        finally:
-            gemm.TUNED.clear()
-            gemm.TUNED.update(saved)
-        step = statistics.median(ts) / 64
-        same = bool(np.array_equal(tokens[name], tokens["xla"])) if "xla" in tokens else None
-        rows[name] = {"step_s": step, "compile_s": comp, "weight_bytes": w_bytes, "bytes_per_s": w_bytes / step,
-                      "tokens_equal_xla": same, "tiles": {f"{k}": str(v) for k, v in tuned.items()}}
+        rows[name] = {"compile_s": time.perf_counter() - t0, "options": opts}
+        tokens[name] = np.asarray(jax.tree.leaves(progs[name](p, x, pad, pm, sched, key, None))[0])
+    # interleaved rounds, so that drift between the variants cancels
+    ts = {name: [] for name in progs}
+    for _ in range(args.calls):
+        for name, p, _opts in variants:
+            if name in progs:
+                ts[name] += host_timed(lambda: progs[name](p, x, pad, pm, sched, key, None), 1)
+    for name in progs:
+        step = statistics.median(ts[name]) / 64
+        same = bool(np.array_equal(tokens[name], tokens["separate"]))
+        rows[name].update(step_s=step, weight_bytes=w_bytes, bytes_per_s=w_bytes / step, tokens_equal_separate=same,
+                          step_times_s=[t / 64 for t in ts[name]])
         print(f"[step] {name}: {1e3 * step:.3f} ms, {w_bytes / step / 1e12:.3f} TB/s of weights, "
-              f"tokens = xla: {same} (compile {comp:.1f} s)", flush=True)
+              f"tokens = separate: {same} (compile {rows[name]['compile_s']:.1f} s)", flush=True)
     return rows
 
 
@@ -165,31 +266,26 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--calls", type=int, default=7)
-    ap.add_argument("--budget-s", type=float, default=330.0, help="stop sweeping after this many seconds")
-    ap.add_argument("--no-step", action="store_true")
+    ap.add_argument("--pallas", action="store_true", help="the kernel sweep (else: fair chains and the step)")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="stop the sweep after this many seconds")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    deadline = t_start + args.budget_s
-    rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "shapes": {}, "best": {}}
-    t = 16 if args.tiny else 128
-    total = (1 << 20) if args.tiny else (2048 << 20)
-    best = {}
-    for (kk, n), tiles_list in (TINY_SWEEP if args.tiny else SWEEP).items():
-        rows = chain_rows(t, kk, n, total, args.calls, tiles_list, args.tiny, deadline)
-        rec["shapes"][f"K{kk}_N{n}"] = rows
-        timed = {k: r for k, r in rows.items() if k.startswith("pallas") and "bytes_per_s" in r}
-        if timed:
-            name = max(timed, key=lambda k: timed[k]["bytes_per_s"])
-            idx = [f"pallas_n{tl.block_n}_s{tl.split_k}_k{tl.block_k}_w{tl.num_warps}_st{tl.num_stages}"
-                   for tl in tiles_list].index(name)
-            best[(kk, n)] = tiles_list[idx]
-            rec["best"][f"K{kk}_N{n}"] = {"name": name, "bytes_per_s": timed[name]["bytes_per_s"],
-                                          "xla_bytes_per_s": rows.get("xla", {}).get("bytes_per_s")}
-        with open(args.out, "w") as f:
-            json.dump(rec, f, indent=1)
-    if not args.no_step:
-        rec["step"] = step_rows(args, best)
+    rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if args.pallas:
+        rec.update(shapes={}, best={})
+        t = 16 if args.tiny else 128
+        total = (1 << 20) if args.tiny else (2048 << 20)
+        for (kk, n), tiles_list in (TINY_SWEEP if args.tiny else SWEEP).items():
+            rows = chain_rows(t, kk, n, total, args.calls, tiles_list, args.tiny, t_start + args.budget_s)
+            rec["shapes"][f"K{kk}_N{n}"] = rows
+            timed = {k: r for k, r in rows.items() if k.startswith("pallas") and "bytes_per_s" in r}
+            if timed:
+                name = max(timed, key=lambda k: timed[k]["bytes_per_s"])
+                rec["best"][f"K{kk}_N{n}"] = {"name": name, "bytes_per_s": timed[name]["bytes_per_s"],
+                                              "xla_bytes_per_s": rows.get("xla", {}).get("bytes_per_s")}
+    else:
+        rec["fair"] = fair_rows(args.calls, args.tiny)
+        rec["step"] = step_rows(args)
     rec["wall_s"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:
         json.dump(rec, f, indent=1)

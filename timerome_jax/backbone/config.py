@@ -36,9 +36,6 @@ class ModelConfig:
     dtype:         activation/compute dtype ("float32" or "bfloat16"). Norms, softmax, router and
                    logits always run in float32.
     attn_impl:     "xla" (CPU, fp32, tests) or "cudnn" (GPU, bf16).
-    matmul_impl:   "xla" or "pallas": the dense projections of few-row forwards (at most
-                   `gemm.MAX_ROWS` tokens in all, bf16 weights) through `gemm.small_m_matmul`, a
-                   split-K GEMM for GPUs; everything else stays XLA's dot.
     layer_unroll:  layers per iteration of the layer `lax.scan` (1 = a rolled loop; >= n_layers =
                    fully unrolled). A run-time choice like attn_impl: it never changes a number.
     """
@@ -68,7 +65,6 @@ class ModelConfig:
     max_seq_len: int = 4096
     dtype: str = "float32"
     attn_impl: str = "xla"
-    matmul_impl: str = "xla"
     layer_unroll: int = 1
 
     def __post_init__(self):
@@ -80,8 +76,6 @@ class ModelConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.attn_impl not in ("xla", "cudnn"):
             raise ValueError(f"attn_impl must be 'xla' or 'cudnn', got {self.attn_impl!r}")
-        if self.matmul_impl not in ("xla", "pallas"):
-            raise ValueError(f"matmul_impl must be 'xla' or 'pallas', got {self.matmul_impl!r}")
         if int(self.layer_unroll) != self.layer_unroll or self.layer_unroll < 1:
             raise ValueError(f"layer_unroll must be an integer >= 1, got {self.layer_unroll!r}")
         if self.n_experts and not (0 < self.n_experts_per_tok <= self.n_experts and self.d_expert > 0):

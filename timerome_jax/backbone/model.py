@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timerome_jax.backbone import gemm
 from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, apply_shift, read
 
@@ -77,8 +76,8 @@ def apply_rope(x, cos, sin, rot_dim: int):
     return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
 
 
-def _mm(x, w, dt, impl: str = "xla"):
-    return gemm.matmul(x.astype(dt), w.astype(dt), impl).astype(dt)
+def _mm(x, w, dt):
+    return jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32).astype(dt)
 
 
 def attention(q, k, v, pad_mask, cfg: ModelConfig):
@@ -104,8 +103,11 @@ def attn_block(lp, x, cos, sin, pad_mask, cfg: ModelConfig):
     dt = cdtype(cfg)
     b, t, _ = x.shape
     n = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-    mi = cfg.matmul_impl
-    q, k, v = _mm(n, lp["wq"], dt, mi), _mm(n, lp["wk"], dt, mi), _mm(n, lp["wv"], dt, mi)
+    if "wqkv" in lp:  # fused projections (`fuse_projections`): one matmul, its columns split
+        qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q, k, v = jnp.split(_mm(n, lp["wqkv"], dt), [qd, qd + kvd], axis=-1)
+    else:
+        q, k, v = _mm(n, lp["wq"], dt), _mm(n, lp["wk"], dt), _mm(n, lp["wv"], dt)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -116,19 +118,22 @@ def attn_block(lp, x, cos, sin, pad_mask, cfg: ModelConfig):
         k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
     q, k = apply_rope(q, cos, sin, cfg.rot_dim), apply_rope(k, cos, sin, cfg.rot_dim)
     o = attention(q, k, v, pad_mask, cfg).reshape(b, t, cfg.n_heads * cfg.head_dim)
-    return _mm(o, lp["wo"], dt, mi)
+    return _mm(o, lp["wo"], dt)
 
 
-def swiglu(x, w_gate, w_up, w_down, dt, impl: str = "xla"):
-    return _mm(jax.nn.silu(_mm(x, w_gate, dt, impl)) * _mm(x, w_up, dt, impl), w_down, dt, impl)
+def swiglu(x, w_gate, w_up, w_down, dt):
+    return _mm(jax.nn.silu(_mm(x, w_gate, dt)) * _mm(x, w_up, dt), w_down, dt)
 
 
 def mlp_block(lp, h, cfg: ModelConfig):
     """MLP sub-layer output (before the residual add). h [B,T,D] -> [B,T,D]."""
     dt = cdtype(cfg)
     m = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
+    if "w_gate_up" in lp:  # fused projections (`fuse_projections`)
+        gate, up = jnp.split(_mm(m, lp["w_gate_up"], dt), 2, axis=-1)
+        return _mm(jax.nn.silu(gate) * up, lp["w_down"], dt)
     if not cfg.is_moe:
-        return swiglu(m, lp["w_gate"], lp["w_up"], lp["w_down"], dt, cfg.matmul_impl)
+        return swiglu(m, lp["w_gate"], lp["w_up"], lp["w_down"], dt)
     # Softmax router in float32, top-k, no renormalisation unless the config asks for it. Experts are
     # evaluated densely and weighted by a (mostly zero) routing matrix: simple and exact; the
     # wasted expert FLOPs only matter at LLaDA-MoE scale.

@@ -326,7 +326,7 @@ def capture_residuals(params, cfg: ModelConfig, tokens, pad, layer: int, module:
 # --------------------------------------------------------------------------------------------
 
 # fields that change how the model is run, not which model it is
-_FP_SKIP = ("dtype", "attn_impl", "matmul_impl", "layer_unroll", "max_seq_len")
+_FP_SKIP = ("dtype", "attn_impl", "layer_unroll", "max_seq_len")
 
 
 # id(first leaf) -> ([weakref to every leaf], config key, fingerprint): jax arrays are immutable, so
