@@ -182,9 +182,20 @@ def torch_row(h, ws, calls) -> dict:
     return {"torch_mm": {"time_s": tm, "bytes_per_s": w_bytes / tm}}
 
 
-def fair_rows(calls: int, tiny: bool) -> dict:
-    """XLA and torch.mm over distinct weights, each product kept as its own bf16 [128, N] output
-    (no float32 sum between them, as in a forward): weight bytes per second."""
+OPTION_SETS = {
+    "default": {},
+    "cublas_only": {"xla_gpu_enable_triton_gemm": False},
+    "autotune0": {"xla_gpu_autotune_level": 0},
+    "autotune0_cublas_only": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
+    "cublaslt_autotune0": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False,
+                           "xla_gpu_enable_cublaslt": True},
+}
+
+
+def fair_rows(calls: int, tiny: bool, option_sets) -> dict:
+    """XLA (compiled with each of option_sets) and torch.mm over distinct weights, each product kept
+    as its own bf16 [128, N] output (no float32 sum between them, as in a forward): weight bytes per
+    second."""
     t = 16 if tiny else 128
     total = (1 << 20) if tiny else (2048 << 20)
     shapes = [(64, 64), (64, 128)] if tiny else [(4096, 4096), (4096, 12288), (4096, 24576), (12288, 4096),
@@ -193,12 +204,73 @@ def fair_rows(calls: int, tiny: bool) -> dict:
     for kk, n in shapes:
         h, ws = canvas_and_weights(t, kk, n, total)
         w_bytes = sum(w.nbytes for w in ws)
-        prog = jax.jit(lambda h, ws: [jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype) for w in ws])
-        tm = statistics.median(host_timed(lambda: prog(h, ws), calls))
-        rows[f"K{kk}_N{n}_xla"] = {"time_s": tm, "bytes_per_s": w_bytes / tm, "matrices": len(ws)}
-        print(f"[fair] K{kk} N{n} xla: {w_bytes / tm / 1e12:.3f} TB/s", flush=True)
+        chain = jax.jit(lambda h, ws: [jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype) for w in ws])
+        for opt in option_sets:
+            try:
+                prog = chain.lower(h, ws).compile(compiler_options=OPTION_SETS[opt] if C.on_gpu() else {})
+            except Exception as e:  # noqa: BLE001 - an option this XLA rejects is a result too
+                rows[f"K{kk}_N{n}_xla_{opt}"] = {"error": str(e)[:300]}
+                continue
+            tm = statistics.median(host_timed(lambda: prog(h, ws), calls))
+            rows[f"K{kk}_N{n}_xla_{opt}"] = {"time_s": tm, "bytes_per_s": w_bytes / tm, "matrices": len(ws)}
+            print(f"[fair] K{kk} N{n} xla {opt}: {w_bytes / tm / 1e12:.3f} TB/s", flush=True)
         if C.on_gpu():
             rows[f"K{kk}_N{n}_torch"] = torch_row(h, ws, calls)["torch_mm"]
+    return rows
+
+
+FORMS = {
+    # name: (weight as stored from a [K, N] one, product of h [M, K] and the stored weight -> [M, N])
+    "dot": (lambda w: w, lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)),
+    "dot_swapped": (lambda w: w, lambda h, w: jnp.dot(w.T, h.T, preferred_element_type=jnp.float32).T),
+    "nk_dot": (lambda w: w.T.copy(), lambda h, w: jnp.dot(h, w.T, preferred_element_type=jnp.float32)),
+    "nk_swapped": (lambda w: w.T.copy(), lambda h, w: jnp.dot(w, h.T, preferred_element_type=jnp.float32).T),
+}
+
+
+def form_rows(calls: int, tiny: bool) -> dict:
+    """--forms: each shape's product written four ways (FORMS: weight [K, N] or stored transposed
+    [N, K]; h @ w or (w^T h^T)^T), over about 6 GiB of distinct weights per call (so that dispatch is
+    small next to it), bf16 outputs, host time; torch.mm beside them with events and host time."""
+    import numpy as np
+    import torch
+
+    t = 16 if tiny else 128
+    total = (1 << 20) if tiny else (6 << 30)
+    shapes = [(64, 64)] if tiny else [(4096, 4096), (4096, 12288), (4096, 24576), (12288, 4096)]
+    rows = {}
+    for kk, n in shapes:
+        k = max(1, min(total // (2 * kk * n), 256))
+        h = jax.random.normal(jax.random.key(4), (t, kk), jnp.bfloat16)
+        base = [jax.random.normal(jax.random.key(10 + i), (kk, n), jnp.bfloat16) * 0.02 for i in range(k)]
+        w_bytes = sum(w.nbytes for w in base)
+        for name, (store, prod) in FORMS.items():
+            ws = [jax.block_until_ready(store(w)) for w in base] if name.startswith("nk") else base
+            prog = jax.jit(lambda h, ws, prod=prod: [prod(h, w).astype(h.dtype) for w in ws])
+            tm = statistics.median(host_timed(lambda: prog(h, ws), calls))
+            rows[f"K{kk}_N{n}_{name}"] = {"time_s": tm, "bytes_per_s": w_bytes / tm, "matrices": k}
+            print(f"[forms] K{kk} N{n} {name}: {w_bytes / tm / 1e12:.3f} TB/s", flush=True)
+            ws = None
+        if C.on_gpu():
+            th = torch.from_numpy(np.array(h.astype(jnp.float32))).cuda().to(torch.bfloat16)
+            tw = [torch.from_dlpack(w) for w in base]
+            for tname, fn in (("torch_mm", lambda: [torch.mm(th, w) for w in tw]),
+                              ("torch_mm_nk", lambda: [torch.mm(th, w.T) for w in twt])):
+                twt = [w.T.contiguous() for w in tw] if tname.endswith("nk") else None
+                fn()
+                torch.cuda.synchronize()
+                ts = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t0)
+                tm = statistics.median(ts)
+                rows[f"K{kk}_N{n}_{tname}"] = {"time_s": tm, "bytes_per_s": w_bytes / tm, "matrices": k}
+                print(f"[forms] K{kk} N{n} {tname} (host time): {w_bytes / tm / 1e12:.3f} TB/s", flush=True)
+                del twt
+            del tw
+        del base
     return rows
 
 
@@ -232,9 +304,8 @@ def step_rows(args) -> dict:
     key = jax.random.key(3)
     w_bytes = C.weight_bytes(cfg)
     rows, tokens, progs = {}, {}, {}
-    variants = [("separate", up, {}), ("fused", fused, {})]
-    if C.on_gpu():
-        variants.append(("fused_cublas_only", fused, {"xla_gpu_enable_triton_gemm": False}))
+    variants = [("separate", up, {})] + [(f"fused_{opt}", fused, OPTION_SETS[opt] if C.on_gpu() else {})
+                                         for opt in args.option_sets.split(",")]
     for name, p, opts in variants:
         t0 = time.perf_counter()
         try:
@@ -267,11 +338,15 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--calls", type=int, default=7)
     ap.add_argument("--pallas", action="store_true", help="the kernel sweep (else: fair chains and the step)")
+    ap.add_argument("--forms", action="store_true", help="the products written four ways, and torch.mm")
+    ap.add_argument("--option-sets", default="default", help=f"XLA option sets, of {list(OPTION_SETS)}")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop the sweep after this many seconds")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if args.pallas:
+    if args.forms:
+        rec["forms"] = form_rows(args.calls, args.tiny)
+    elif args.pallas:
         rec.update(shapes={}, best={})
         t = 16 if args.tiny else 128
         total = (1 << 20) if args.tiny else (2048 << 20)
@@ -284,7 +359,7 @@ def main(argv=None):
                 rec["best"][f"K{kk}_N{n}"] = {"name": name, "bytes_per_s": timed[name]["bytes_per_s"],
                                               "xla_bytes_per_s": rows.get("xla", {}).get("bytes_per_s")}
     else:
-        rec["fair"] = fair_rows(args.calls, args.tiny)
+        rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
         rec["step"] = step_rows(args)
     rec["wall_s"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:
