@@ -125,7 +125,8 @@ def test_lora_and_full_finetuning_combine_across_layouts(both):
     chex.assert_trees_all_equal(ad_s, ad_u)
     ad_s["B"] = jax.tree.map(lambda b: b + 0.1, ad_s["B"])
     merged = lora.merge(up, ad_s)
-    assert model.layout_of(merged) == "unstacked" and merged["layers"][0]["wk"] is up["layers"][0]["wk"]
+    assert model.layout_of(merged) == "unstacked" and merged["layers"][0]["wo"] is up["layers"][0]["wo"]
+    np.testing.assert_array_equal(model.layer_weight(merged, "wk", 1), model.layer_weight(up, "wk", 1))
     chex.assert_trees_all_close(model.stack(merged), lora.merge(st, ad_s), rtol=1e-6, atol=1e-6)
     tcfg = T.TrainConfig(mode="full", targets=("w_down", "wo"))
     tr_s, _ = T.split_trainable(st, jax.random.key(0), tcfg)

@@ -1,4 +1,4 @@
-"""Unstacked layers (`model.unstack`): the same numbers as the stacked tree in every mode of `run`
+"""Unstacked layers (`model.unstack`, fused projections): the same numbers as the stacked tree in every mode of `run`
 (plain, patch, shift, read, stop_layer, edit), identical generations with and without an edit, one
 compile for a new edit memory, and the same model fingerprint."""
 import chex
@@ -31,7 +31,12 @@ def test_unstack_roundtrip_and_run_identical():
     params = model.init_params(jax.random.key(0), CFG, std=0.3)
     up = model.unstack(params)
     assert isinstance(up["layers"], list) and len(up["layers"]) == CFG.n_layers
-    assert up["layers"][1]["wq"].shape == params["layers"]["wq"].shape[1:]
+    assert model.layer_shapes(up) == model.layer_shapes(params)
+    qd, kvd = CFG.n_heads * CFG.head_dim, CFG.n_kv_heads * CFG.head_dim
+    assert up["layers"][1]["wqkv"].shape == (CFG.d_model, qd + 2 * kvd) and "wq" not in up["layers"][1]
+    assert up["layers"][1]["w_gate_up"].shape == (CFG.d_model, 2 * CFG.d_ff) and "w_up" not in up["layers"][1]
+    np.testing.assert_array_equal(up["layers"][1]["wqkv"][:, qd:qd + kvd], params["layers"]["wk"][1])
+    np.testing.assert_array_equal(up["layers"][1]["w_gate_up"][:, CFG.d_ff:], params["layers"]["w_up"][1])
     chex.assert_trees_all_equal(model.stack(up), params)
     tok = jax.random.randint(jax.random.key(1), (2, 10), 2, 60)
     pad = jnp.ones((2, 10), bool).at[0, :3].set(False)
@@ -55,8 +60,10 @@ def test_unstack_roundtrip_and_run_identical():
     assert b.logits is None
     chex.assert_trees_all_equal(a, b)
     assert cap_lib.model_fingerprint(params, CFG) == cap_lib.model_fingerprint(up, CFG)
-    changed = model.unstack(params)
-    changed["layers"][2]["wq"] = changed["layers"][2]["wq"].at[-1].add(1.0)
+    for name in ("wq", "wv", "w_up"):  # a change in any part of a fused matrix changes the id
+        w = model.layer_weight(up, name, 2)
+        changed = model.with_layer_weight(up, name, 2, w.at[-1].add(1.0))
+        assert cap_lib.model_fingerprint(changed, CFG) != cap_lib.model_fingerprint(params, CFG)
     assert cap_lib.model_fingerprint(changed, CFG) != cap_lib.model_fingerprint(params, CFG)
 
 
@@ -78,3 +85,17 @@ def test_generate_identical_and_one_compile_for_new_memories(monkeypatch):
         S.generate(up, CFG, scfg, x, pad, pm, 0, Intervene(edit=memory(seed, layer=2)))
     assert S.generate_scan._cache_size() == before + 1  # new facts are data, not a new program
     chex.clear_trace_counter()
+
+
+def test_unstack_fuses_dense_projections_only():
+    moe = CFG.replace(family="llada_moe", n_experts=4, n_experts_per_tok=2, d_expert=16, qk_norm=True)
+    params = model.init_params(jax.random.key(3), moe, std=0.3)
+    up = model.unstack(params)
+    lp = up["layers"][0]
+    assert "wqkv" in lp and lp["w_gate"].shape == (4, 32, 16) and "w_gate_up" not in lp  # experts stay apart
+    assert model.layer_shapes(up) == model.layer_shapes(params)
+    chex.assert_trees_all_equal(model.stack(up), params)
+    tok = jax.random.randint(jax.random.key(1), (2, 10), 2, 60)
+    np.testing.assert_allclose(run(up, tok, moe, None, Intervene(), 0).logits,
+                               run(params, tok, moe.replace(layer_unroll=moe.n_layers), None, Intervene(), 0).logits,
+                               rtol=1e-6, atol=1e-6)

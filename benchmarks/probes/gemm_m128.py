@@ -306,14 +306,25 @@ def step_rows(args) -> dict:
     rows, tokens, progs = {}, {}, {}
     variants = [("separate", up, {})] + [(f"fused_{opt}", fused, OPTION_SETS[opt] if C.on_gpu() else {})
                                          for opt in args.option_sets.split(",")]
+    if args.bf16_out:
+        variants += [("separate_bf16_out", up, {}), ("fused_bf16_out", fused, {})]
     for name, p, opts in variants:
         t0 = time.perf_counter()
+        mm = model_lib._mm
+        if name.endswith("bf16_out"):  # experiment: the GEMM writes the compute dtype itself
+            model_lib._mm = lambda x, w, dt: jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt),
+                                                        preferred_element_type=dt)
+            jax.clear_caches()
         try:
             progs[name] = sampler.generate_scan.lower(p, x, pad, pm, sched, key, None, cfg=cfg, scfg=scfg,
                                                       return_history=False).compile(compiler_options=opts)
         except Exception as e:  # noqa: BLE001
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             continue
+        finally:
+            if model_lib._mm is not mm:
+                model_lib._mm = mm
+                jax.clear_caches()
         rows[name] = {"compile_s": time.perf_counter() - t0, "options": opts}
         tokens[name] = np.asarray(jax.tree.leaves(progs[name](p, x, pad, pm, sched, key, None))[0])
     # interleaved rounds, so that drift between the variants cancels
@@ -339,6 +350,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=7)
     ap.add_argument("--pallas", action="store_true", help="the kernel sweep (else: fair chains and the step)")
     ap.add_argument("--forms", action="store_true", help="the products written four ways, and torch.mm")
+    ap.add_argument("--bf16-out", action="store_true", help="also the step with bf16-output GEMMs")
     ap.add_argument("--option-sets", default="default", help=f"XLA option sets, of {list(OPTION_SETS)}")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop the sweep after this many seconds")
     args = ap.parse_args(argv)
@@ -359,7 +371,8 @@ def main(argv=None):
                 rec["best"][f"K{kk}_N{n}"] = {"name": name, "bytes_per_s": timed[name]["bytes_per_s"],
                                               "xla_bytes_per_s": rows.get("xla", {}).get("bytes_per_s")}
     else:
-        rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
+        if not args.bf16_out:
+            rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
         rec["step"] = step_rows(args)
     rec["wall_s"] = time.perf_counter() - t_start
     with open(args.out, "w") as f:

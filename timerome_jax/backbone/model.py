@@ -13,11 +13,15 @@ Params layout (plain dicts; layers stacked on a leading axis L and run with `lax
     lm_head    [D, V]   (absent when tie_embeddings)
 
 Unstacked layout (`unstack`): the same tree with `layers` a Python list of L per-layer dicts
-(separate arrays, no leading axis). `run` accepts either; the unstacked one runs an unrolled layer
-loop that reads each layer's own arrays, with no per-iteration copy of a layer out of the stack
-(the batch-1 generation path; benchmarks/bench_generate.py times both layouts). Code that reads or
+(separate arrays, no leading axis), in which a dense layer holds its projections that read the same
+input side by side: wqkv [D, H*hd + 2*Hkv*hd] = wq|wk|wv and w_gate_up [D, 2F] = w_gate|w_up
+(columns concatenated; `FUSED`). `run` accepts either layout; the unstacked one runs an unrolled
+layer loop that reads each layer's own arrays, with no per-iteration copy of a layer out of the
+stack, and one wide matmul where the stacked layout runs three or two (the batch-1 generation
+path: a 128-token canvas streams wide weights faster; docs/performance.md). Code that reads or
 writes layer weights goes through `n_layers`, `layer_shapes`, `layer_params`, `layer_weight`,
-`stacked_weight`, `with_layer_weight`, `with_stacked_weights`, so it works with either layout;
+`stacked_weight`, `with_layer_weight`, `with_stacked_weights`, which speak of the separate
+matrices (wq, w_gate, ...) in either layout, so it works with either;
 `to_layout` converts (`checkpoint.load_model(layout="auto")` gives unstacked params on GPU,
 stacked elsewhere).
 
@@ -37,6 +41,9 @@ from timerome_jax.backbone.config import ModelConfig
 from timerome_jax.backbone.intervene import Intervene, apply_edit, apply_patch, apply_shift, read
 
 RESID, ATTN, MLP = 0, 1, 2
+
+# unstacked dense layers: fused matrix -> the separate matrices whose columns it concatenates
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 
 
 class Out(NamedTuple):
@@ -103,7 +110,7 @@ def attn_block(lp, x, cos, sin, pad_mask, cfg: ModelConfig):
     dt = cdtype(cfg)
     b, t, _ = x.shape
     n = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-    if "wqkv" in lp:  # fused projections (`fuse_projections`): one matmul, its columns split
+    if "wqkv" in lp:  # fused (unstacked layout, `fuse_layer`): one matmul, its columns split
         qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         q, k, v = jnp.split(_mm(n, lp["wqkv"], dt), [qd, qd + kvd], axis=-1)
     else:
@@ -129,7 +136,7 @@ def mlp_block(lp, h, cfg: ModelConfig):
     """MLP sub-layer output (before the residual add). h [B,T,D] -> [B,T,D]."""
     dt = cdtype(cfg)
     m = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
-    if "w_gate_up" in lp:  # fused projections (`fuse_projections`)
+    if "w_gate_up" in lp:  # fused (unstacked layout, `fuse_layer`)
         gate, up = jnp.split(_mm(m, lp["w_gate_up"], dt), 2, axis=-1)
         return _mm(jax.nn.silu(gate) * up, lp["w_down"], dt)
     if not cfg.is_moe:
@@ -291,7 +298,11 @@ def unstack(params, consume: bool = False) -> dict:
             if isinstance(a, jax.Array):
                 a.delete()
     out = dict(params)
-    out["layers"] = [{k: v[l] for k, v in per.items()} for l in range(n)]
+    out["layers"] = []
+    for l in range(n):  # fused layer by layer, each layer's slices dropped as soon as it is fused
+        out["layers"].append(fuse_layer({k: v[l] for k, v in per.items()}))
+        for v in per.values():
+            v[l] = None
     return out
 
 
@@ -301,7 +312,39 @@ def stack(params) -> dict:
     if not isinstance(layers, (list, tuple)):
         return params
     out = dict(params)
-    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[unfuse_layer(lp) for lp in layers])
+    return out
+
+
+def fuse_layer(lp: dict) -> dict:
+    """One layer's dict with each `FUSED` group of 2-D matrices (a dense layer's) replaced by its
+    column concatenation; MoE experts ([E, D, F]) and layers already fused pass through."""
+    out = dict(lp)
+    for fused, parts in FUSED.items():
+        if all(p in lp and lp[p].ndim == 2 for p in parts):
+            out[fused] = jnp.concatenate([out.pop(p) for p in parts], axis=1)
+    return out
+
+
+def fused_columns(lp: dict) -> dict:
+    """{separate matrix name: (fused name, first column, end column)} for the fused matrices of one
+    layer's dict (empty when it holds none); widths from wo [H*hd, D] and w_down [F, D]."""
+    cols = {}
+    if "wqkv" in lp:
+        qd = lp["wo"].shape[0]
+        kvd = (lp["wqkv"].shape[1] - qd) // 2
+        cols.update(wq=("wqkv", 0, qd), wk=("wqkv", qd, qd + kvd), wv=("wqkv", qd + kvd, qd + 2 * kvd))
+    if "w_gate_up" in lp:
+        f = lp["w_down"].shape[0]
+        cols.update(w_gate=("w_gate_up", 0, f), w_up=("w_gate_up", f, 2 * f))
+    return cols
+
+
+def unfuse_layer(lp: dict) -> dict:
+    """Inverse of `fuse_layer`: the separate matrices as column slices of the fused ones."""
+    cols = fused_columns(lp)
+    out = {k: v for k, v in lp.items() if k not in FUSED}
+    out.update({name: lp[f][:, a:b] for name, (f, a, b) in cols.items()})
     return out
 
 
@@ -352,13 +395,16 @@ def layer_params(params, l: int) -> dict:
     """Layer l's weights as a dict of arrays without the layer axis (e.g. wq [D, H*hd]), either layout."""
     l = _check_layer(params, l)
     layers = params["layers"]
-    return layers[l] if is_unstacked(params) else jax.tree.map(lambda a: a[l], layers)
+    return unfuse_layer(layers[l]) if is_unstacked(params) else jax.tree.map(lambda a: a[l], layers)
 
 
 def layer_shapes(params) -> dict:
     """{weight name: shape of one layer's array (no layer axis)}, either layout; reads no data."""
     if is_unstacked(params):
-        return {k: tuple(v.shape) for k, v in params["layers"][0].items()}
+        lp = params["layers"][0]
+        shapes = {k: tuple(v.shape) for k, v in lp.items() if k not in FUSED}
+        shapes.update({name: (lp[f].shape[0], b - a) for name, (f, a, b) in fused_columns(lp).items()})
+        return shapes
     return {k: tuple(v.shape[1:]) for k, v in params["layers"].items()}
 
 
@@ -372,7 +418,14 @@ def layer_weight(params, name: str, l: int) -> jax.Array:
     (stacked: only that leaf is sliced)."""
     l = _check_layer(params, l)
     _check_name(params, name)
-    return params["layers"][l][name] if is_unstacked(params) else params["layers"][name][l]
+    if not is_unstacked(params):
+        return params["layers"][name][l]
+    lp = params["layers"][l]
+    cols = fused_columns(lp)
+    if name in cols:
+        f, a, b = cols[name]
+        return lp[f][:, a:b]
+    return lp[name]
 
 
 def stacked_weight(params, name: str) -> jax.Array:
@@ -381,7 +434,7 @@ def stacked_weight(params, name: str) -> jax.Array:
     _check_name(params, name)
     if not is_unstacked(params):
         return params["layers"][name]
-    return jnp.stack([lp[name] for lp in params["layers"]])
+    return jnp.stack([layer_weight(params, name, l) for l in range(n_layers(params))])
 
 
 def with_layer_weight(params, name: str, l: int, value) -> dict:
@@ -395,7 +448,7 @@ def with_layer_weight(params, name: str, l: int, value) -> dict:
     out = dict(params)
     if is_unstacked(params):
         out["layers"] = list(params["layers"])
-        out["layers"][l] = dict(params["layers"][l], **{name: value})
+        out["layers"][l] = _with_parts(params["layers"][l], {name: value})
     else:
         out["layers"] = dict(params["layers"], **{name: params["layers"][name].at[l].set(value)})
     return out
@@ -412,9 +465,22 @@ def with_stacked_weights(params, weights: dict) -> dict:
                              f"got {tuple(w.shape)}")
     out = dict(params)
     if is_unstacked(params):
-        out["layers"] = [dict(lp, **{n: w[l] for n, w in weights.items()}) for l, lp in enumerate(params["layers"])]
+        out["layers"] = [_with_parts(lp, {n: w[l] for n, w in weights.items()}) for l, lp in enumerate(params["layers"])]
     else:
         out["layers"] = dict(params["layers"], **weights)
+    return out
+
+
+def _with_parts(lp: dict, values: dict) -> dict:
+    """One unstacked layer's dict with the named separate matrices set (a fused one's columns are
+    rewritten in a new array of the fused matrix's dtype; other matrices are taken as given)."""
+    out, cols = dict(lp), fused_columns(lp)
+    for name, v in values.items():
+        if name in cols:
+            f, a, b = cols[name]
+            out[f] = out[f].at[:, a:b].set(jnp.asarray(v, out[f].dtype))
+        else:
+            out[name] = v
     return out
 
 

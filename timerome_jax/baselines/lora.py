@@ -64,11 +64,13 @@ def merge(params, adapter: dict):
     """New params (same layout) with W + scale * A @ B on the adapter's matrices (A [L,Din,r],
     B [L,r,Dout]; the input tree is not modified)."""
     A, B, scale = adapter["A"], adapter["B"], adapter["scale"]
-    if model.is_unstacked(params):  # per layer: no [L, ...] stack of the weights is built
-        layers = [dict(lp, **{n: _merged(lp[n], A[n][l], B[n][l], scale) for n in A})
-                  for l, lp in enumerate(params["layers"])]
-    else:
-        layers = dict(params["layers"], **{n: _merged(params["layers"][n], A[n], B[n], scale) for n in A})
+    if model.is_unstacked(params):  # layer by layer: no [L, ...] stack of the weights is built
+        out = params
+        for l in range(model.n_layers(params)):
+            for n in A:
+                out = model.with_layer_weight(out, n, l, _merged(model.layer_weight(params, n, l), A[n][l], B[n][l], scale))
+        return out
+    layers = dict(params["layers"], **{n: _merged(params["layers"][n], A[n], B[n], scale) for n in A})
     return dict(params, layers=layers)
 
 

@@ -373,15 +373,19 @@ def _fingerprint(params, cfg: ModelConfig, cfg_key: str) -> str:
     flat = [(jax.tree_util.keystr(p), tuple(leaf.shape), leaf) for p, leaf in
             jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "layers"})[0]]
     if isinstance(layers, (list, tuple)):  # unstacked (`model.unstack`): the stacked layout's id
-        for p, _ in jax.tree_util.tree_flatten_with_path(layers[0])[0]:
-            per = [functools.reduce(lambda t, k: t[k.key], p, lp) for lp in layers]
-            flat.append((f"['layers']{jax.tree_util.keystr(p)}", (len(per),) + tuple(per[0].shape), per))
+        cols = model_lib.fused_columns(layers[0])
+        for name, shape in model_lib.layer_shapes(params).items():
+            # a fused matrix's part is read as (fused array, columns): sliced inside the jitted gather
+            per = [(lp[cols[name][0]], cols[name][1:]) if name in cols else (lp[name], None) for lp in layers]
+            flat.append((f"['layers']['{name}']", (len(per),) + shape, per))
     else:
         flat += [(f"['layers']{jax.tree_util.keystr(p)}", tuple(leaf.shape), leaf)
                  for p, leaf in jax.tree_util.tree_flatten_with_path(layers)[0]]
     flat = sorted(flat, key=lambda t: t[0])
     # every row in one jitted gather and one transfer (row by row it was ~30 ms of syncs at 8B)
-    rows = jax.device_get(_fingerprint_rows([leaf for _, _, leaf in flat]))
+    leaves = [[a for a, _ in leaf] if isinstance(leaf, list) else leaf for _, _, leaf in flat]
+    columns = tuple(tuple(c for _, c in leaf) if isinstance(leaf, list) else None for _, _, leaf in flat)
+    rows = jax.device_get(_fingerprint_rows(leaves, columns))
     for (path, shape, _), leaf_rows in zip(flat, rows):
         h.update(f"{path}{shape}".encode())
         for r in leaf_rows:
@@ -389,10 +393,13 @@ def _fingerprint(params, cfg: ModelConfig, cfg_key: str) -> str:
     return f"{cfg.family}-{h.hexdigest()[:24]}"
 
 
-@jax.jit
-def _fingerprint_rows(leaves):
-    def rows(leaf):
+@functools.partial(jax.jit, static_argnames="columns")
+def _fingerprint_rows(leaves, columns):
+    """columns[i]: for a list leaf (one layer's array per entry), each entry's (first, end) columns
+    (a part of a fused matrix) or None (the whole array); None for other leaves."""
+    def rows(leaf, cols):
         if isinstance(leaf, (list, tuple)):  # one layer's arrays per entry: rows of the virtual stack
+            leaf = [a if c is None else a[..., c[0]:c[1]] for a, c in zip(leaf, cols)]
             n, rest = len(leaf), leaf[0].shape[:-1]
             picks = [(0, tuple(0 for _ in rest)), (n // 2, tuple(s // 2 for s in rest)),
                      (n - 1, tuple(s - 1 for s in rest))]
@@ -404,4 +411,4 @@ def _fingerprint_rows(leaves):
         idx = [tuple(0 for _ in lead), tuple(s // 2 for s in lead), tuple(s - 1 for s in lead)]
         return [leaf[i].astype(jnp.bfloat16) for i in idx]
 
-    return [rows(leaf) for leaf in leaves]
+    return [rows(leaf, cols) for leaf, cols in zip(leaves, columns)]
