@@ -164,12 +164,19 @@ def shared_state_dict(params, cfg: ModelConfig, dev):
     unstacked = model_lib.is_unstacked(params)
     sd = {}
     for name, (path, idx, transpose) in hf_weights.key_map(cfg).items():
+        cols = None
         if unstacked and path[0] == "layers":  # layer idx[0]'s own array, then the rest of idx
+            fused = model_lib.fused_columns(params["layers"][idx[0]])
+            if path[1] in fused:  # a part of a fused matrix: its columns
+                f, a, b = fused[path[1]]
+                path, cols = (path[0], f) + tuple(path[2:]), (a, b)
             path, idx = ("layers", idx[0]) + tuple(path[1:]), idx[1:]
         t = leaves[tuple(path)]
         for i in idx:
             t = t[i]
-        sd[name] = t.T if transpose else t  # a view: torch's matmuls take transposed operands as is
+        if cols is not None:
+            t = t[:, cols[0]:cols[1]]
+        sd[name] = t.T if transpose else t  # a view: torch's matmuls take transposed/sliced operands as is
     return sd, "+".join(sorted(how))
 
 
