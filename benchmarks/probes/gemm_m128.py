@@ -1,14 +1,18 @@
-"""Probe: few-row GEMMs (a 128-token canvas times each weight) by XLA, cuBLAS (torch), the library's
-Pallas split-K kernel (`small_m_matmul`) and JAX's Mosaic GPU Hopper matmul, and the batch-1
-generation step with `matmul_impl` "xla" and "pallas".
+"""Probe: the batch-1 step's matmuls (a 128-token canvas times each weight) and the step itself.
 
-For each weight shape of a batch-1 step ([4096, 4096]: q, k, v, o; [4096, 12288]: gate, up;
-[12288, 4096]: down; and the [4096, 126464] LM head), a [128, K] bf16 canvas is multiplied by
-distinct weights (about 2 GiB in all, each read once) inside one jitted call, the float32 products
-summed; time = the median host time of --calls calls; the row's figure is weight bytes per second.
-Each kernel row also records its max relative error against XLA's product on the first weight.
-The step rows time the library's `sampler.generate_scan` (unstacked, prompt 64 + 64 new tokens,
-64 steps) at the 8B shape; "pallas_best" runs it with the sweep's fastest tiles per shape.
+Default: bf16-output GEMM chains over distinct weights (about 2 GiB per call, each product kept, as
+in a forward) for the step's shapes and the fused ones ([4096, 12288] = q|k|v, [4096, 24576] =
+gate|up), compiled under --option-sets, beside torch.mm (cuBLAS) on the same weights; then the
+library's batch-1 generation (`sampler.generate_scan`, unstacked, prompt 64 + 64 new tokens, 64
+steps, 8B shape) with separate matrices (`model.unfuse_layer`) and with the fused ones
+(`model.unstack`), in interleaved rounds, each fused program under an option set.
+--bf16-out: the step rows only, also with GEMMs that write bf16 themselves (a patched `model._mm`).
+--forms: each product written four ways (weight [K, N] or stored [N, K]; h @ w or (w^T h^T)^T).
+--pallas: a Pallas (Triton) split-K GEMM (`small_m_matmul`, below) over a tile sweep and JAX's
+Mosaic GPU Hopper matmul against XLA, float32 products summed over the chain. (The step with that
+kernel was timed while the library had it as `matmul_impl="pallas"`, commit 2540868:
+results/probes_h200/gemm_m128_pallas.json.)
+Figures: weight bytes per second (median host time of --calls calls); step time per step.
 
     python benchmarks/probes/gemm_m128.py --out /tmp/gemm.json          # GPU
     python benchmarks/probes/gemm_m128.py --out /tmp/gemm.json --tiny   # CPU smoke (interpreter)
@@ -274,28 +278,17 @@ def form_rows(calls: int, tiny: bool) -> dict:
     return rows
 
 
-def fuse(params) -> dict:
-    """Unstacked params with each layer's wq|wk|wv and w_gate|w_up concatenated along columns."""
-    out = dict(params)
-    out["layers"] = []
-    for lp in params["layers"]:
-        lp = dict(lp)
-        lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=1)
-        lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=1)
-        out["layers"].append(lp)
-    return out
-
-
 def step_rows(args) -> dict:
-    """The library's batch-1 generation (unstacked), with separate and with fused projections."""
+    """The library's batch-1 generation (unstacked), with separate (`model.unfuse_layer`) and with
+    fused projections (what `model.unstack` gives)."""
     import numpy as np
 
     from timerome_jax.backbone import model as model_lib
     from timerome_jax.diffusion import sampler
 
     cfg = C.model_config(args.tiny)
-    up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
-    fused = fuse(up)
+    fused = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
+    up = dict(fused, layers=[model_lib.unfuse_layer(lp) for lp in fused["layers"]])
     rng = np.random.default_rng(1)
     prompt = C.random_tokens(rng, (1, 64), cfg)
     x, pad, pm = sampler.make_canvas(prompt.tolist(), 64, cfg)
