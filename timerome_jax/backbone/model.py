@@ -279,7 +279,8 @@ def forward(params, tokens, cfg: ModelConfig, pad_mask=None, intervene: Optional
 
 
 def unstack(params, consume: bool = False) -> dict:
-    """The same params with `layers` as a list of L per-layer dicts ([D, F] etc., no leading axis).
+    """The same params with `layers` as a list of L per-layer dicts ([D, F] etc., no leading axis),
+    each dense layer's q|k|v and gate|up matrices concatenated (`fuse_layer`).
 
     The arrays are new (sliced copies): drop the stacked tree afterwards to keep one copy in
     memory. consume=True deletes each stacked [L, ...] leaf as soon as it is sliced, so the peak is
@@ -392,7 +393,8 @@ def _check_layer(params, l) -> int:
 
 
 def layer_params(params, l: int) -> dict:
-    """Layer l's weights as a dict of arrays without the layer axis (e.g. wq [D, H*hd]), either layout."""
+    """Layer l's weights as a dict of arrays without the layer axis (e.g. wq [D, H*hd]), either layout
+    (unstacked: the separate matrices sliced out of the fused ones, `unfuse_layer`)."""
     l = _check_layer(params, l)
     layers = params["layers"]
     return unfuse_layer(layers[l]) if is_unstacked(params) else jax.tree.map(lambda a: a[l], layers)
