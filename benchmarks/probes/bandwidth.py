@@ -84,6 +84,27 @@ def jax_rows(n_bytes: int, reps: int, calls: int, tiny: bool) -> dict:
     return rows
 
 
+def torch_timed(fn, calls: int) -> list:
+    """Seconds per call of fn (one warm-up call first): CUDA events on a GPU, else the host clock."""
+    import torch
+
+    fn()
+    ts = []
+    for _ in range(calls):
+        if torch.cuda.is_available():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return ts
+
+
 def torch_rows(n_bytes: int, calls: int) -> dict:
     import torch
 
@@ -93,20 +114,7 @@ def torch_rows(n_bytes: int, calls: int) -> dict:
     rows = {}
     for name, fn, moved in (("torch_copy", lambda: dst.copy_(src), 2 * n_bytes),
                             ("torch_sum", lambda: src.sum(dtype=torch.float32), n_bytes)):
-        fn()
-        ts = []
-        for _ in range(calls):
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
+        ts = torch_timed(fn, calls)
         t = statistics.median(ts)
         rows[name] = {"bytes_moved": moved, "time_s": t, "bytes_per_s": moved / t, "times_s": ts}
     return rows
@@ -118,6 +126,10 @@ OPTION_SETS = {
     "split_k": {"xla_gpu_enable_split_k_autotuning": True},
     "autotune4": {"xla_gpu_autotune_level": 4},
     "cublaslt": {"xla_gpu_enable_cublaslt": True},
+    "autotune0": {"xla_gpu_autotune_level": 0},
+    "autotune0_cublas_only": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
+    "cublaslt_autotune0": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False,
+                           "xla_gpu_enable_cublaslt": True},
 }
 
 
@@ -142,7 +154,7 @@ def options_rows(args) -> dict:
         tm = statistics.median(ts)
         rows[f"gemm_{name}"] = {"time_s": tm, "bytes_per_s": w_total / tm}
         print(f"[options] gemm {name}: {w_total / tm / 1e12:.3f} TB/s", flush=True)
-    del ws
+    ws = None
     cfg = C.model_config(args.tiny)
     up = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
     rng = np.random.default_rng(1)
@@ -195,7 +207,7 @@ def split_k_rows(args) -> dict:
             name = f"K{kk}_N{n}_s{s}"
             rows[name] = {"time_s": tm, "bytes_per_s": 2 * k * kk * n / tm, "matrices": k}
             print(f"[split_k] {name}: {2 * k * kk * n / tm / 1e12:.3f} TB/s", flush=True)
-        del ws
+        ws = None
     return rows
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
-from probes.bandwidth import canvas_and_weights, host_timed  # noqa: E402
+from probes.bandwidth import OPTION_SETS, canvas_and_weights, host_timed, torch_timed  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
@@ -170,30 +170,10 @@ def torch_row(h, ws, calls) -> dict:
     dev = C.torch_device()
     th = torch.from_numpy(np.asarray(h.astype(jnp.float32))).to(dev).to(torch.bfloat16)
     tw = [torch.from_dlpack(w) for w in ws]
-    fn = lambda: [torch.mm(th, w) for w in tw]  # noqa: E731
-    fn()
-    ts = []
-    for _ in range(calls):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    tm = statistics.median(ts)
+    tm = statistics.median(torch_timed(lambda: [torch.mm(th, w) for w in tw], calls))
     w_bytes = sum(w.nbytes for w in ws)
     print(f"[gemm] torch.mm: {w_bytes / tm / 1e12:.3f} TB/s", flush=True)
     return {"torch_mm": {"time_s": tm, "bytes_per_s": w_bytes / tm}}
-
-
-OPTION_SETS = {
-    "default": {},
-    "cublas_only": {"xla_gpu_enable_triton_gemm": False},
-    "autotune0": {"xla_gpu_autotune_level": 0},
-    "autotune0_cublas_only": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
-    "cublaslt_autotune0": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False,
-                           "xla_gpu_enable_cublaslt": True},
-}
 
 
 def fair_rows(calls: int, tiny: bool, option_sets) -> dict:
