@@ -144,7 +144,8 @@ def pareto_plot(rows: list[dict], path, title: str = "") -> None:
     ax.set_xlabel("−ΔForgetLP vs no_edit (nats; right = more forgetting)")
     ax.set_ylabel("ΔRetainLP vs no_edit (nats; up = better utility)")
     ax.set_title(title or "Forget / utility trade-off")
-    ax.legend(fontsize=6, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # a run whose methods were all skipped plots no point
+        ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
