@@ -258,6 +258,17 @@ def form_rows(calls: int, tiny: bool) -> dict:
     return rows
 
 
+def rope_by_reverse(x, cos, sin, rot_dim: int):
+    """`model.apply_rope` with rotate_half as a reversal of the two halves times (-1, 1) instead of a
+    concatenate (the same numbers): an elementwise op that XLA may fuse with its siblings."""
+    xr, xp = x[..., :rot_dim].astype(jnp.float32), x[..., rot_dim:]
+    half = rot_dim // 2
+    pairs = xr.reshape(*xr.shape[:-1], 2, half)
+    rot = (pairs[..., ::-1, :] * jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]).reshape(xr.shape)
+    out = (xr * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
+    return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
+
+
 def step_rows(args) -> dict:
     """The library's batch-1 generation (unstacked), with separate (`model.unfuse_layer`) and with
     fused projections (what `model.unstack` gives)."""
@@ -281,12 +292,18 @@ def step_rows(args) -> dict:
                                          for opt in args.option_sets.split(",")]
     if args.bf16_out:
         variants += [("separate_bf16_out", up, {}), ("fused_bf16_out", fused, {})]
+    if args.rope_reverse:
+        variants += [("fused_rope_reverse", fused, {})]
+    # experiments: a model function replaced while that variant is traced
+    patches = {"bf16_out": ("_mm", lambda x, w, dt: jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt),
+                                                                preferred_element_type=dt)),
+               "rope_reverse": ("apply_rope", rope_by_reverse)}
     for name, p, opts in variants:
         t0 = time.perf_counter()
-        mm = model_lib._mm
-        if name.endswith("bf16_out"):  # experiment: the GEMM writes the compute dtype itself
-            model_lib._mm = lambda x, w, dt: jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt),
-                                                        preferred_element_type=dt)
+        patch = next((v for k, v in patches.items() if name.endswith(k)), None)
+        saved = getattr(model_lib, patch[0]) if patch else None
+        if patch:
+            setattr(model_lib, patch[0], patch[1])
             jax.clear_caches()
         try:
             progs[name] = sampler.generate_scan.lower(p, x, pad, pm, sched, key, None, cfg=cfg, scfg=scfg,
@@ -295,9 +312,15 @@ def step_rows(args) -> dict:
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             continue
         finally:
-            if model_lib._mm is not mm:
-                model_lib._mm = mm
+            if patch:
+                setattr(model_lib, patch[0], saved)
                 jax.clear_caches()
+        if args.hlo_dir:
+            import gzip
+
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with gzip.open(os.path.join(args.hlo_dir, f"step_{name}.hlo.txt.gz"), "wt") as f:
+                f.write(progs[name].as_text())
         rows[name] = {"compile_s": time.perf_counter() - t0, "options": opts}
         tokens[name] = np.asarray(jax.tree.leaves(progs[name](p, x, pad, pm, sched, key, None))[0])
     # interleaved rounds, so that drift between the variants cancels
@@ -324,6 +347,8 @@ def main(argv=None):
     ap.add_argument("--pallas", action="store_true", help="the kernel sweep (else: fair chains and the step)")
     ap.add_argument("--forms", action="store_true", help="the products written four ways, and torch.mm")
     ap.add_argument("--bf16-out", action="store_true", help="also the step with bf16-output GEMMs")
+    ap.add_argument("--rope-reverse", action="store_true", help="also the step with `rope_by_reverse`")
+    ap.add_argument("--hlo-dir", default=None, help="write each step program's optimized HLO here")
     ap.add_argument("--option-sets", default="default", help=f"XLA option sets, of {list(OPTION_SETS)}")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop the sweep after this many seconds")
     args = ap.parse_args(argv)
@@ -344,7 +369,7 @@ def main(argv=None):
                 rec["best"][f"K{kk}_N{n}"] = {"name": name, "bytes_per_s": timed[name]["bytes_per_s"],
                                               "xla_bytes_per_s": rows.get("xla", {}).get("bytes_per_s")}
     else:
-        if not args.bf16_out:
+        if not (args.bf16_out or args.rope_reverse):
             rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
         rec["step"] = step_rows(args)
     rec["wall_s"] = time.perf_counter() - t_start
