@@ -7,6 +7,8 @@ library's batch-1 generation (`sampler.generate_scan`, unstacked, prompt 64 + 64
 steps, 8B shape) with separate matrices (`model.unfuse_layer`) and with the fused ones
 (`model.unstack`), in interleaved rounds, each fused program under an option set.
 --bf16-out: the step rows only, also with GEMMs that write bf16 themselves (a patched `model._mm`).
+--rope-reverse: the step rows only, also with `rope_by_reverse` in place of `model.apply_rope` (the
+same numbers without a concatenate); --hlo-dir writes each step program's optimized HLO.
 --forms: each product written four ways (weight [K, N] or stored [N, K]; h @ w or (w^T h^T)^T).
 --pallas: a Pallas (Triton) split-K GEMM (`small_m_matmul`, below) over a tile sweep and JAX's
 Mosaic GPU Hopper matmul against XLA, float32 products summed over the chain. (The step with that
