@@ -90,8 +90,7 @@ def main(argv=None) -> dict:
     rec = C.Record(os.path.join(args.out, "ceiling.json"), "ceiling", "bf16 matmul, read and copy ceilings", args)
     with rec.section("jax"):
         rec["jax"] = C.measure_jax(n, reps, copy_bytes)
-        rec["ceiling"] = {"matmul_flops_per_s": rec["jax"]["matmul_flops_per_s"],
-                          "bytes_per_s": rec["jax"]["read_bytes_per_s"], "bytes": "read", "from": "jax"}
+        rec["ceiling"] = C.ceiling_of(rec["jax"])
     if not args.skip_torch:
         with rec.section("torch"):
             rec["torch"] = measure_torch(n, reps, copy_bytes)

@@ -668,9 +668,15 @@ def load_ceiling(path: Optional[str], tiny: bool) -> dict:
         out["source"] = os.path.abspath(path)
         return out
     n, reps, copy_bytes = default_sizes(tiny)
-    j = measure_jax(n, reps=reps, copy_bytes=copy_bytes)
-    return {"matmul_flops_per_s": j["matmul_flops_per_s"], "bytes_per_s": j["read_bytes_per_s"],
-            "source": "measured in this process (common.measure_jax)"}
+    return dict(ceiling_of(measure_jax(n, reps=reps, copy_bytes=copy_bytes)),
+                source="measured in this process (common.measure_jax)")
+
+
+def ceiling_of(jax_rates: dict) -> dict:
+    """The floors' ceiling from `measure_jax`'s rates: the matmul rate and the READ bandwidth (a
+    floor's bytes are weights read once)."""
+    return {"matmul_flops_per_s": jax_rates["matmul_flops_per_s"], "bytes_per_s": jax_rates["read_bytes_per_s"],
+            "bytes": "read", "from": "jax"}
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

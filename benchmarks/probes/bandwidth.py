@@ -26,7 +26,6 @@ the --gen-options sets: step time and bytes per second of weights read.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+from timerome_jax.io import write_json  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -221,27 +221,18 @@ def main(argv=None):
     ap.add_argument("--gen-options", default="split_k,cublas_only", help="option sets for the generation rows")
     ap.add_argument("--split-k", action="store_true", help="the step's matmul shapes split over K")
     args = ap.parse_args(argv)
+    rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.split_k:
-        rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "rows": split_k_rows(args)}
-        with open(args.out, "w") as f:
-            json.dump(rec, f, indent=1)
-        return
-    if args.options:
-        rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "option_sets": OPTION_SETS, "rows": options_rows(args)}
-        with open(args.out, "w") as f:
-            json.dump(rec, f, indent=1)
-        return
-    n_bytes = (16 << 20) if args.tiny else (2048 << 20)
-    rec = {"device": jax.devices()[0].device_kind, "buffer_bytes": n_bytes, "reps": args.reps,
-           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "rows": {**jax_rows(n_bytes, args.reps, args.calls, args.tiny), **torch_rows(n_bytes, args.calls)}}
-    for k, r in rec["rows"].items():
-        print(f"[bandwidth] {k}: {r['bytes_per_s'] / 1e12:.3f} TB/s ({1e3 * r['time_s']:.3f} ms)", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(rec, f, indent=1)
-
+        rec["rows"] = split_k_rows(args)
+    elif args.options:
+        rec.update(option_sets=OPTION_SETS, rows=options_rows(args))
+    else:
+        n_bytes = (16 << 20) if args.tiny else (2048 << 20)
+        rec.update(buffer_bytes=n_bytes, reps=args.reps,
+                   rows={**jax_rows(n_bytes, args.reps, args.calls, args.tiny), **torch_rows(n_bytes, args.calls)})
+        for k, r in rec["rows"].items():
+            print(f"[bandwidth] {k}: {r['bytes_per_s'] / 1e12:.3f} TB/s ({1e3 * r['time_s']:.3f} ms)", flush=True)
+    write_json(args.out, rec)
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,6 @@ Figures: weight bytes per second (median host time of --calls calls); step time 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+from timerome_jax.io import write_json  # noqa: E402
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
@@ -375,8 +375,7 @@ def main(argv=None):
             rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
         rec["step"] = step_rows(args)
     rec["wall_s"] = time.perf_counter() - t_start
-    with open(args.out, "w") as f:
-        json.dump(rec, f, indent=1)
+    write_json(args.out, rec)
 
 
 if __name__ == "__main__":

@@ -341,11 +341,20 @@ def fused_columns(lp: dict) -> dict:
     return cols
 
 
+def _part(lp: dict, name: str, cols: dict) -> jax.Array:
+    """Separate matrix `name` of one unstacked layer's dict: its columns of the fused matrix when
+    `cols` (the layer's `fused_columns`) has it, else the array itself."""
+    if name in cols:
+        f, a, b = cols[name]
+        return lp[f][:, a:b]
+    return lp[name]
+
+
 def unfuse_layer(lp: dict) -> dict:
     """Inverse of `fuse_layer`: the separate matrices as column slices of the fused ones."""
     cols = fused_columns(lp)
     out = {k: v for k, v in lp.items() if k not in FUSED}
-    out.update({name: lp[f][:, a:b] for name, (f, a, b) in cols.items()})
+    out.update({name: _part(lp, name, cols) for name in cols})
     return out
 
 
@@ -423,11 +432,7 @@ def layer_weight(params, name: str, l: int) -> jax.Array:
     if not is_unstacked(params):
         return params["layers"][name][l]
     lp = params["layers"][l]
-    cols = fused_columns(lp)
-    if name in cols:
-        f, a, b = cols[name]
-        return lp[f][:, a:b]
-    return lp[name]
+    return _part(lp, name, fused_columns(lp))
 
 
 def stacked_weight(params, name: str) -> jax.Array:

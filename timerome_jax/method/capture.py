@@ -370,23 +370,22 @@ def _fingerprint(params, cfg: ModelConfig, cfg_key: str) -> str:
     h = hashlib.sha256()
     h.update(cfg_key.encode())
     layers = params["layers"]
-    flat = [(jax.tree_util.keystr(p), tuple(leaf.shape), leaf) for p, leaf in
+    # (path, shape, leaf, columns): columns = (first, end) of a fused matrix's part, else None
+    flat = [(jax.tree_util.keystr(p), tuple(leaf.shape), leaf, None) for p, leaf in
             jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "layers"})[0]]
     if isinstance(layers, (list, tuple)):  # unstacked (`model.unstack`): the stacked layout's id
         cols = model_lib.fused_columns(layers[0])
         for name, shape in model_lib.layer_shapes(params).items():
-            # a fused matrix's part is read as (fused array, columns): sliced inside the jitted gather
-            per = [(lp[cols[name][0]], cols[name][1:]) if name in cols else (lp[name], None) for lp in layers]
-            flat.append((f"['layers']['{name}']", (len(per),) + shape, per))
+            # a fused matrix's part: the fused arrays, sliced inside the jitted gather
+            key, part = (cols[name][0], cols[name][1:]) if name in cols else (name, None)
+            flat.append((f"['layers']['{name}']", (len(layers),) + shape, [lp[key] for lp in layers], part))
     else:
-        flat += [(f"['layers']{jax.tree_util.keystr(p)}", tuple(leaf.shape), leaf)
+        flat += [(f"['layers']{jax.tree_util.keystr(p)}", tuple(leaf.shape), leaf, None)
                  for p, leaf in jax.tree_util.tree_flatten_with_path(layers)[0]]
     flat = sorted(flat, key=lambda t: t[0])
     # every row in one jitted gather and one transfer (row by row it was ~30 ms of syncs at 8B)
-    leaves = [[a for a, _ in leaf] if isinstance(leaf, list) else leaf for _, _, leaf in flat]
-    columns = tuple(tuple(c for _, c in leaf) if isinstance(leaf, list) else None for _, _, leaf in flat)
-    rows = jax.device_get(_fingerprint_rows(leaves, columns))
-    for (path, shape, _), leaf_rows in zip(flat, rows):
+    rows = jax.device_get(_fingerprint_rows([t[2] for t in flat], tuple(t[3] for t in flat)))
+    for (path, shape, _, _), leaf_rows in zip(flat, rows):
         h.update(f"{path}{shape}".encode())
         for r in leaf_rows:
             h.update(np.asarray(r).view(np.uint16).tobytes())
@@ -395,11 +394,12 @@ def _fingerprint(params, cfg: ModelConfig, cfg_key: str) -> str:
 
 @functools.partial(jax.jit, static_argnames="columns")
 def _fingerprint_rows(leaves, columns):
-    """columns[i]: for a list leaf (one layer's array per entry), each entry's (first, end) columns
-    (a part of a fused matrix) or None (the whole array); None for other leaves."""
+    """columns[i]: (first, end) columns of every entry of list leaf i (a part of a fused matrix), or
+    None (whole arrays)."""
     def rows(leaf, cols):
         if isinstance(leaf, (list, tuple)):  # one layer's arrays per entry: rows of the virtual stack
-            leaf = [a if c is None else a[..., c[0]:c[1]] for a, c in zip(leaf, cols)]
+            if cols is not None:
+                leaf = [a[..., cols[0]:cols[1]] for a in leaf]
             n, rest = len(leaf), leaf[0].shape[:-1]
             picks = [(0, tuple(0 for _ in rest)), (n // 2, tuple(s // 2 for s in rest)),
                      (n - 1, tuple(s - 1 for s in rest))]
