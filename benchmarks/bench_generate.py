@@ -9,7 +9,8 @@ random bf16 weights. Edit: `memory.build` from random keys/values, |F| = 400 fac
 19 resid, every step (k* = -1).
 JAX (`jax` rows, the ones the verdicts use): the unstacked layer layout (`model.unstack`: one array
 per layer, an unrolled layer loop; what `load_model(layout="auto")` gives on a GPU),
-`sampler.generate` (one jitted scan over the steps) with `Intervene(edit=memory)`; every program is
+`sampler.generate` (one jitted scan over the steps, its GEMMs on cuBLAS, attention unmasked: the
+canvases have no padding) with `Intervene(edit=memory)`; every program is
 compiled ahead, in parallel threads (XLA compiles without the GIL); at batch 1 each runs once
 untimed before the timing (at larger batch sizes the first round is timed, --first-run-untimed). No edit, edit and (--gate) the gated edit are timed in interleaved rounds (no edit, edit,
 gated, no edit, ...): --repeats-b1 rounds at batch 1 (a generation there is well under a second and
@@ -261,7 +262,8 @@ def main(argv=None):
     for B in args.batches:
         prompts = C.random_tokens(rng, (B, args.prompt_len), cfg)
         x, pad, pm = sampler.make_canvas([list(p) for p in prompts], args.gen_len, cfg)
-        canv[B] = (x, pad, pm, sampler.schedule(x, pad, cfg, scfg))
+        # as `sampler.generate` does: the schedule sees the pad mask, attention only where it masks something
+        canv[B] = (x, model_lib.attention_mask(pad), pm, sampler.schedule(x, pad, cfg, scfg))
         fl = C.forward_flops(cfg, B * args.steps, T)
         fe = edit_flops(cfg, mem, B * T * args.steps)
         per_b[str(B)] = {"batch": B, "flops": fl, "edit_flops": fe,

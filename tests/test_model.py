@@ -219,3 +219,29 @@ def test_read_pos_semantics(models):
     emb = model.embed(params, tok, cfg)
     np.testing.assert_allclose(r[0], emb + a[0] + m[0], rtol=1e-5, atol=1e-5)
     assert model.run(params, tok, cfg).acts is None
+
+
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_rope_equals_hf_rotate_half(rot_dim):
+    """`apply_rope` writes rotate_half as the halves reversed times (-1, 1): bit-equal to HF's
+    concatenate form, full and partial rotary (the rest of each head passes through)."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (B, T, 4, 8), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    cos, sin = model.rope_tables(pos, rot_dim, 1e4)
+    xr, half = x[..., :rot_dim], rot_dim // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    want = jnp.concatenate([xr * cos[:, :, None] + rotated * sin[:, :, None], x[..., rot_dim:]], axis=-1)
+    np.testing.assert_array_equal(model.apply_rope(x, cos, sin, rot_dim), want)
+
+
+def test_attention_mask_drops_a_mask_that_masks_nothing(models):
+    """`attention_mask` hands None for an all-True mask (and None), the mask itself otherwise; the
+    forward without a mask equals the one with the all-True mask."""
+    params, cfg = models["llada"]
+    full = np.ones((B, T), bool)
+    padded = full.copy()
+    padded[1, :3] = False
+    assert model.attention_mask(full) is None and model.attention_mask(None) is None
+    assert model.attention_mask(padded) is padded
+    tok = _tokens(cfg, 6)
+    np.testing.assert_array_equal(model.forward(params, tok, cfg, None), model.forward(params, tok, cfg, jnp.asarray(full)))

@@ -380,6 +380,26 @@ def test_generate_compiles_once(params, monkeypatch):
     chex.clear_trace_counter()
 
 
+def test_generate_drops_the_attention_mask_without_padding(params, monkeypatch):
+    """A canvas without padding runs attention unmasked (`model.attention_mask`), the same tokens as
+    the jitted scan given the all-True mask; a padded canvas keeps its mask."""
+    seen = []
+    scan = S.generate_scan
+    monkeypatch.setattr(S, "generate_scan", lambda *a, **k: seen.append(a[2]) or scan(*a, **k))
+    scfg = S.SamplerConfig(steps=4)
+    rng = np.random.default_rng(8)
+    x, pad, prm = S.make_canvas([list(rng.integers(2, MASK, 4))], 4, CFG)
+    assert np.asarray(pad).all()
+    out = S.generate(params, CFG, scfg, x, pad, prm, 0)
+    assert seen[-1] is None
+    masked = scan(params, x, jnp.asarray(pad), prm, S.schedule(x, pad, CFG, scfg), S.as_key(0), None, cfg=CFG,
+                  scfg=scfg, return_history=False)
+    np.testing.assert_array_equal(out, masked)
+    x, pad, prm = S.make_canvas([list(rng.integers(2, MASK, n)) for n in (4, 2)], 4, CFG)
+    S.generate(params, CFG, scfg, x, pad, prm, 0)
+    np.testing.assert_array_equal(seen[-1], pad)
+
+
 @pytest.mark.slow
 def test_jitted_step_accepts_traced_step_and_intervention(params):
     """One compiled step serves every step; an edit keyed to a step changes only that step."""

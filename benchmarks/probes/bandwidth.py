@@ -130,6 +130,11 @@ OPTION_SETS = {
     "autotune0_cublas_only": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
     "cublaslt_autotune0": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False,
                            "xla_gpu_enable_cublaslt": True},
+    "triton_on": {"xla_gpu_enable_triton_gemm": True},
+    "pdl_off": {"xla_gpu_enable_pdl": False},
+    "triton_mof": {"xla_gpu_unsupported_enable_triton_multi_output_fusion": True},
+    "heroless": {"xla_gpu_experimental_enable_triton_heroless_priority_fusion": True},
+    "cudnn_gemm": {"xla_gpu_cudnn_gemm_fusion_level": 2},
 }
 
 

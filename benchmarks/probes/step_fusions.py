@@ -7,20 +7,25 @@ below writes the layer differently (`dense_forward`, the fused unstacked layout,
 and replaces `model.forward` while the library's batch-1 generation (`sampler.generate_scan`,
 prompt 64 + 64 new tokens, 64 steps) is traced, so the sampler around it is the library's.
 
-Variant flags (joined with "+"; "copy" is the library's layer written here):
-- rope_reverse: rotate_half as a reversal of the two halves times (-1, 1), no concatenate;
+Variant flags (joined with "+"; "lib" is the library itself, "copy" the layer written here with
+float32 GEMM outputs cast to bf16; all under the options the library compiles generation with,
+`sampler.GENERATION_COMPILER_OPTIONS`):
+- rope_concat: rotate_half as a concatenate (the library's form before it became a reversal);
 - rope_qk: RoPE once over q|k ([B, T, 2H, hd]), then split;
-- resid_f32: the residual added to the float32 GEMM output before the one cast to bf16 (a GEMM
-  epilogue can take it);
-- resid_bf16dot: GEMMs that write bf16, then the bf16 residual add (cuBLAS's beta = 1 form);
+- resid_f32: the residual added to the float32 GEMM output before the one cast to bf16;
+- resid_dt: the sub-layer's last GEMM writes bf16 itself, then the bf16 residual add;
+- dt_all: every GEMM writes bf16 itself (the library's `model._mm`);
 - swiglu_f32: silu(gate) * up from the float32 GEMM output, one cast after;
-- @OPTSET: compiled with that option set of `probes.bandwidth.OPTION_SETS`.
+- mask: attention with the all-True key mask (the library drops it: `model.attention_mask`);
+- @OPTSET: compiled with that option set of `probes.bandwidth.OPTION_SETS` (e.g. triton_on: XLA's
+  Triton GEMMs back on, as before the library turned them off).
 Per variant: compile time, step time (interleaved rounds, median), tokens equal to the library's,
 kernels per step and the top kernels of one profiled generation; --hlo-dir gets each program's
 optimized HLO (gzip). Writes --out (JSON).
 
     python benchmarks/probes/step_fusions.py --out /tmp/fus.json --hlo-dir /tmp/hlo --trace-dir /tmp/tr   # GPU
     python benchmarks/probes/step_fusions.py --out /tmp/fus.json --tiny                                   # CPU
+    python benchmarks/probes/step_fusions.py --out /tmp/fus32.json --batch 32 --steps 8 --calls 3         # batch 32
 """
 from __future__ import annotations
 
@@ -45,18 +50,15 @@ from probes.profile_summary import kernel_summary  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
 
-DEFAULT_VARIANTS = ("lib,copy,rope_reverse,rope_qk,rope_qk+rope_reverse,resid_f32,resid_bf16dot,swiglu_f32,"
-                    "rope_reverse+resid_f32,rope_qk+rope_reverse+resid_f32,resid_bf16dot@cublas_only,resid_f32@cublas_only,"
-                    "rope_reverse+resid_f32+swiglu_f32")
+DEFAULT_VARIANTS = ("lib,lib@triton_on,copy+dt_all,copy+resid_dt,copy,copy+resid_dt+mask,copy+rope_concat,"
+                    "copy+rope_concat+mask@triton_on")
 
 
-def rope_by_reverse(x, cos, sin, rot_dim: int):
-    """`model.apply_rope` with rotate_half as a reversal of the two halves times (-1, 1) instead of a
-    concatenate (the same numbers)."""
+def rope_by_concat(x, cos, sin, rot_dim: int):
+    """RoPE with HF's rotate_half as a concatenate (the same numbers as `model.apply_rope`)."""
     xr, xp = x[..., :rot_dim].astype(jnp.float32), x[..., rot_dim:]
     half = rot_dim // 2
-    pairs = xr.reshape(*xr.shape[:-1], 2, half)
-    rot = (pairs[..., ::-1, :] * jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]).reshape(xr.shape)
+    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
     out = (xr * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
     return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
 
@@ -65,11 +67,18 @@ def _dot32(x, w, dt):
     return jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
 
+def _dot_dt(x, w, dt, flags):
+    """x @ w in dt: written in dt by the GEMM (dt_all) or a float32 output cast."""
+    if "dt_all" in flags:
+        return jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=dt)
+    return _dot32(x, w, dt).astype(dt)
+
+
 def _proj_residual(h, x, w, dt, flags):
     """h + x @ w, written as the flags say."""
     if "resid_f32" in flags:
         return (h.astype(jnp.float32) + _dot32(x, w, dt)).astype(dt)
-    if "resid_bf16dot" in flags:
+    if "resid_dt" in flags or "dt_all" in flags:
         return h + jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=dt)
     return h + _dot32(x, w, dt).astype(dt)
 
@@ -79,9 +88,9 @@ def dense_layer(lp, h, cos, sin, pad_mask, cfg, flags):
     dt = model_lib.cdtype(cfg)
     b, t, _ = h.shape
     hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    rope = rope_by_reverse if "rope_reverse" in flags else model_lib.apply_rope
+    rope = rope_by_concat if "rope_concat" in flags else model_lib.apply_rope
     n = model_lib.rms_norm(h, lp["attn_norm"], cfg.norm_eps)
-    y = _dot32(n, lp["wqkv"], dt).astype(dt)
+    y = _dot_dt(n, lp["wqkv"], dt, flags)
     if "rope_qk" in flags:
         qk = rope(y[..., :(nh + nkv) * hd].reshape(b, t, nh + nkv, hd), cos, sin, cfg.rot_dim)
         q, k = qk[:, :, :nh], qk[:, :, nh:]
@@ -91,15 +100,14 @@ def dense_layer(lp, h, cos, sin, pad_mask, cfg, flags):
         q = rope(q.reshape(b, t, nh, hd), cos, sin, cfg.rot_dim)
         k = rope(k.reshape(b, t, nkv, hd), cos, sin, cfg.rot_dim)
         v = v.reshape(b, t, nkv, hd)
-    o = model_lib.attention(q, k, v, pad_mask, cfg).reshape(b, t, nh * hd)
+    o = model_lib.attention(q, k, v, pad_mask if "mask" in flags else None, cfg).reshape(b, t, nh * hd)
     h = _proj_residual(h, o, lp["wo"], dt, flags)
     m = model_lib.rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
-    gu = _dot32(m, lp["w_gate_up"], dt)
     if "swiglu_f32" in flags:
-        gate, up = jnp.split(gu, 2, axis=-1)
+        gate, up = jnp.split(_dot32(m, lp["w_gate_up"], dt), 2, axis=-1)
         act = (jax.nn.silu(gate) * up).astype(dt)
     else:
-        gate, up = jnp.split(gu.astype(dt), 2, axis=-1)
+        gate, up = jnp.split(_dot_dt(m, lp["w_gate_up"], dt, flags), 2, axis=-1)
         act = jax.nn.silu(gate) * up
     return _proj_residual(h, act, lp["w_down"], dt, flags)
 
@@ -121,7 +129,7 @@ def parse_variant(name: str):
     """'a+b@opt' -> (frozenset({'a', 'b'}), option-set name)."""
     body, _, opt = name.partition("@")
     flags = frozenset(f for f in body.split("+") if f)
-    known = {"lib", "copy", "rope_reverse", "rope_qk", "resid_f32", "resid_bf16dot", "swiglu_f32"}
+    known = {"lib", "copy", "rope_concat", "rope_qk", "resid_f32", "resid_dt", "swiglu_f32", "mask", "dt_all"}
     if flags - known or (opt and opt not in OPTION_SETS):
         raise ValueError(f"unknown variant {name!r}: flags of {sorted(known)}, option sets of {list(OPTION_SETS)}")
     return flags, opt or "default"
@@ -136,19 +144,21 @@ def main(argv=None):
     ap.add_argument("--hlo-dir", default=None)
     ap.add_argument("--trace-dir", default=None, help="profile one generation per variant here")
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     cfg = C.model_config(args.tiny)
     params = model_lib.unstack(C.init_params(jax.random.key(0), cfg, C.default_init_std(args.tiny)), consume=True)
     rng = np.random.default_rng(1)
     n_prompt, n_new = (8, 8) if args.tiny else (64, 64)
-    x, pad, pm = sampler.make_canvas(C.random_tokens(rng, (1, n_prompt), cfg).tolist(), n_new, cfg)
+    x, pad, pm = sampler.make_canvas(C.random_tokens(rng, (args.batch, n_prompt), cfg).tolist(), n_new, cfg)
     scfg = sampler.SamplerConfig(steps=args.steps if not args.tiny else 8)
     sched = sampler.schedule(x, pad, cfg, scfg)
     key = jax.random.key(3)
-    rec = {"device": jax.devices()[0].device_kind, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    lib_pad = model_lib.attention_mask(pad)  # what `sampler.generate` hands the jitted scan
+    rec = {"device": jax.devices()[0].device_kind, "batch": args.batch, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "shape": C.shape_info(cfg), "steps": scfg.steps, "weight_bytes": C.weight_bytes(cfg), "variants": {}}
-    progs, tokens = {}, {}
+    progs, tokens, pads = {}, {}, {}
     saved = model_lib.forward
     for name in args.variants.split(","):
         flags, opt = parse_variant(name)
@@ -158,7 +168,8 @@ def main(argv=None):
             model_lib.forward = functools.partial(dense_forward, flags=flags)
         jax.clear_caches()
         try:
-            progs[name] = sampler.generate_scan.lower(params, x, pad, pm, sched, key, None, cfg=cfg, scfg=scfg,
+            pads[name] = lib_pad if "lib" in flags else pad
+            progs[name] = sampler.generate_scan.lower(params, x, pads[name], pm, sched, key, None, cfg=cfg, scfg=scfg,
                                                       return_history=False).compile(
                 compiler_options=OPTION_SETS[opt] if C.on_gpu() else {})
         except Exception as e:  # noqa: BLE001 - a variant this XLA rejects is a result too
@@ -172,12 +183,12 @@ def main(argv=None):
             os.makedirs(args.hlo_dir, exist_ok=True)
             with gzip.open(os.path.join(args.hlo_dir, f"{name.replace('@', '_at_')}.hlo.txt.gz"), "wt") as f:
                 f.write(progs[name].as_text())
-        tokens[name] = np.asarray(progs[name](params, x, pad, pm, sched, key, None))
+        tokens[name] = np.asarray(progs[name](params, x, pads[name], pm, sched, key, None))
         if args.trace_dir:
             d = os.path.join(args.trace_dir, name.replace("@", "_at_"))
             os.makedirs(d, exist_ok=True)
             with jax.profiler.trace(d, create_perfetto_trace=True):
-                C.block(progs[name](params, x, pad, pm, sched, key, None))
+                C.block(progs[name](params, x, pads[name], pm, sched, key, None))
             s = kernel_summary(d, top=30)
             row["profile"] = {"kernels_per_step": s["events"] / scfg.steps,
                               "kernel_us_per_step": s["kernel_us_total"] / scfg.steps,
@@ -191,7 +202,7 @@ def main(argv=None):
     ts = {name: [] for name in progs}
     for _ in range(args.calls):  # interleaved, so that drift between the variants cancels
         for name, prog in progs.items():
-            ts[name] += host_timed(lambda: prog(params, x, pad, pm, sched, key, None), 1)
+            ts[name] += host_timed(lambda: prog(params, x, pads[name], pm, sched, key, None), 1)
     ref = tokens.get("lib")
     for name in progs:
         step = statistics.median(ts[name]) / scfg.steps

@@ -77,14 +77,30 @@ def apply_rope(x, cos, sin, rot_dim: int):
     """x [B,T,N,hd]; rotate the first rot_dim dims in float32 (half split), pass the rest through."""
     xr, xp = x[..., :rot_dim].astype(jnp.float32), x[..., rot_dim:]
     half = rot_dim // 2
-    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    # HF's rotate_half, concat(-x2, x1), written as the two halves reversed times (-1, 1): the same
+    # numbers, and an elementwise op that XLA fuses with q's, k's and v's other consumers of the qkv
+    # product (a concatenate is a kernel of its own on GPU)
+    halves = xr.reshape(*xr.shape[:-1], 2, half)
+    rot = (halves[..., ::-1, :] * jnp.asarray([[-1.0], [1.0]], jnp.float32)).reshape(xr.shape)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     out = (xr * c + rot * s).astype(x.dtype)
     return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
 
 
 def _mm(x, w, dt):
-    return jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+    """x @ w in dt, written in dt by the product itself (on GPU accumulated in float32 and rounded
+    once, as a float32 product cast to dt would be): half the bytes of a float32 output, and a GEMM
+    that writes dt can take the residual add after a sub-layer's last product as its epilogue."""
+    return jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt), preferred_element_type=dt)
+
+
+def attention_mask(pad_mask):
+    """pad_mask, or None when it masks nothing (a host check of a concrete [B,T] bool array; None
+    stays None). Attention without a mask is the same function, and on GPU cuDNN's unmasked kernel is
+    the faster one: callers that hold the canvas before jitting (`sampler.generate`) pass this."""
+    if pad_mask is None:
+        return None
+    return None if bool(np.all(np.asarray(pad_mask))) else pad_mask
 
 
 def attention(q, k, v, pad_mask, cfg: ModelConfig):

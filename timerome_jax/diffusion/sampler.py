@@ -408,8 +408,16 @@ def _generate_entry(params, x, pad_mask, prompt_mask, sched, key, intervene, cfg
     return _generate_impl(params, x, pad_mask, prompt_mask, sched, key, intervene, cfg, scfg, return_history)
 
 
-generate_scan = jax.jit(_generate_entry, static_argnames=("cfg", "scfg", "return_history"))
-generate_scan.__doc__ = """Jitted core of `generate` with a precomputed `Schedule` (cfg/scfg/return_history static)."""
+# The generation program's GEMMs go to cuBLAS on GPU (XLA's Triton GEMMs off; other backends ignore
+# the option). At batch 1 a step is a chain of few-row, weight-streaming products: cuBLAS takes the
+# residual add that follows a sub-layer's last product as its epilogue, where the Triton GEMMs left
+# it (and their split-K reduction) to kernels of their own. docs/performance.md has the measurements.
+GENERATION_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+generate_scan = jax.jit(_generate_entry, static_argnames=("cfg", "scfg", "return_history"),
+                        compiler_options=GENERATION_COMPILER_OPTIONS)
+generate_scan.__doc__ = """Jitted core of `generate` with a precomputed `Schedule` (cfg/scfg/return_history static).
+pad_mask [B,T] bool, or None when the canvas has no padding (`model.attention_mask`)."""
 
 
 def generate(params, cfg: ModelConfig, scfg: SamplerConfig, x, pad_mask, prompt_mask, key,
@@ -418,7 +426,8 @@ def generate(params, cfg: ModelConfig, scfg: SamplerConfig, x, pad_mask, prompt_
 
     x [B,T] int32 canvas (e.g. from `make_canvas`); pad_mask, prompt_mask [B,T] bool; key: PRNG key
     (an int is taken as a seed), split inside the scan carry. Inputs of the same shapes share one
-    compiled program. Returns x_final [B,T] int32, or (x_final, history [steps,B,T]) where
+    compiled program, one for canvases with padding and one for those without (their attention runs
+    unmasked: `model.attention_mask`). Returns x_final [B,T] int32, or (x_final, history [steps,B,T]) where
     history[i] is the canvas after step i.
     """
     x = jnp.asarray(x, jnp.int32)
@@ -430,7 +439,7 @@ def generate(params, cfg: ModelConfig, scfg: SamplerConfig, x, pad_mask, prompt_
     if x.shape[1] > cfg.max_seq_len:
         raise ValueError(f"generate: canvas length {x.shape[1]} exceeds cfg.max_seq_len={cfg.max_seq_len}")
     sched = schedule(x, pad_mask, cfg, scfg)
-    return generate_scan(params, x, pad_mask, prompt_mask, sched, as_key(key), intervene,
+    return generate_scan(params, x, model.attention_mask(pad_mask), prompt_mask, sched, as_key(key), intervene,
                          cfg=cfg, scfg=scfg, return_history=bool(return_history))
 
 
