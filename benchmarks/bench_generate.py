@@ -350,9 +350,12 @@ def main(argv=None):
         variants = {"no_edit": None, "edit": ive}
         if giv is not None:
             variants["gated"] = giv
-        prime = jax.jit(lambda p, t, pad, gm, e: model_lib.prime_edit(p, t, cfg_used, pad, gm, e))
+        # the gated rows' probe and single step, compiled as the library compiles them inside generation
+        opts = sampler.GENERATION_COMPILER_OPTIONS
+        prime = jax.jit(lambda p, t, pad, gm, e: model_lib.prime_edit(p, t, cfg_used, pad, gm, e), compiler_options=opts)
         step_fn = jax.jit(lambda p, t, pad, pm, sched, e: sampler.denoise_step(p, cfg_used, scfg, t, pad, pm, sched,
-                                                                               jnp.int32(0), key, e)[0])
+                                                                               jnp.int32(0), key, e)[0],
+                          compiler_options=opts)
 
         def gen_program(p, B, iv):
             x, pad, pm, sched = canv[B]
