@@ -57,6 +57,8 @@ def compiled_variants(params, cfg, mem, steps: int, module, attr: str, variants:
     sched = sampler.schedule(x, pad, cfg, scfg)
     key = jax.random.key(3)
 
+    pad = model_lib.attention_mask(pad)  # as `sampler.generate` hands it to the jitted scan
+
     def compiled(iv):
         return sampler.generate_scan.lower(params, x, pad, pm, sched, key, iv, cfg=cfg, scfg=scfg,
                                            return_history=False).compile()
