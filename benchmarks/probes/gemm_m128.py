@@ -6,9 +6,8 @@ gate|up), compiled under --option-sets, beside torch.mm (cuBLAS) on the same wei
 library's batch-1 generation (`sampler.generate_scan`, unstacked, prompt 64 + 64 new tokens, 64
 steps, 8B shape) with separate matrices (`model.unfuse_layer`) and with the fused ones
 (`model.unstack`), in interleaved rounds, each fused program under an option set.
---bf16-out: the step rows only, also with GEMMs that write bf16 themselves (a patched `model._mm`).
---rope-reverse: the step rows only, also with `rope_by_reverse` in place of `model.apply_rope` (the
-same numbers without a concatenate); --hlo-dir writes each step program's optimized HLO.
+--bf16-out: the step rows only, also with GEMMs that write bf16 themselves (a patched `model._mm`; the
+library's `_mm` is that form now, so the two rows measure the same code).
 --forms: each product written four ways (weight [K, N] or stored [N, K]; h @ w or (w^T h^T)^T).
 --pallas: a Pallas (Triton) split-K GEMM (`small_m_matmul`, below) over a tile sweep and JAX's
 Mosaic GPU Hopper matmul against XLA, float32 products summed over the chain. (The step with that
@@ -260,17 +259,6 @@ def form_rows(calls: int, tiny: bool) -> dict:
     return rows
 
 
-def rope_by_reverse(x, cos, sin, rot_dim: int):
-    """`model.apply_rope` with rotate_half as a reversal of the two halves times (-1, 1) instead of a
-    concatenate (the same numbers): an elementwise op that XLA may fuse with its siblings."""
-    xr, xp = x[..., :rot_dim].astype(jnp.float32), x[..., rot_dim:]
-    half = rot_dim // 2
-    pairs = xr.reshape(*xr.shape[:-1], 2, half)
-    rot = (pairs[..., ::-1, :] * jnp.asarray([-1.0, 1.0], jnp.float32)[:, None]).reshape(xr.shape)
-    out = (xr * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
-    return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
-
-
 def step_rows(args) -> dict:
     """The library's batch-1 generation (unstacked), with separate (`model.unfuse_layer`) and with
     fused projections (what `model.unstack` gives)."""
@@ -294,12 +282,9 @@ def step_rows(args) -> dict:
                                          for opt in args.option_sets.split(",")]
     if args.bf16_out:
         variants += [("separate_bf16_out", up, {}), ("fused_bf16_out", fused, {})]
-    if args.rope_reverse:
-        variants += [("fused_rope_reverse", fused, {})]
     # experiments: a model function replaced while that variant is traced
     patches = {"bf16_out": ("_mm", lambda x, w, dt: jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt),
-                                                                preferred_element_type=dt)),
-               "rope_reverse": ("apply_rope", rope_by_reverse)}
+                                                                preferred_element_type=dt))}
     for name, p, opts in variants:
         t0 = time.perf_counter()
         patch = next((v for k, v in patches.items() if name.endswith(k)), None)
@@ -317,12 +302,6 @@ def step_rows(args) -> dict:
             if patch:
                 setattr(model_lib, patch[0], saved)
                 jax.clear_caches()
-        if args.hlo_dir:
-            import gzip
-
-            os.makedirs(args.hlo_dir, exist_ok=True)
-            with gzip.open(os.path.join(args.hlo_dir, f"step_{name}.hlo.txt.gz"), "wt") as f:
-                f.write(progs[name].as_text())
         rows[name] = {"compile_s": time.perf_counter() - t0, "options": opts}
         tokens[name] = np.asarray(jax.tree.leaves(progs[name](p, x, pad, pm, sched, key, None))[0])
     # interleaved rounds, so that drift between the variants cancels
@@ -349,8 +328,6 @@ def main(argv=None):
     ap.add_argument("--pallas", action="store_true", help="the kernel sweep (else: fair chains and the step)")
     ap.add_argument("--forms", action="store_true", help="the products written four ways, and torch.mm")
     ap.add_argument("--bf16-out", action="store_true", help="also the step with bf16-output GEMMs")
-    ap.add_argument("--rope-reverse", action="store_true", help="also the step with `rope_by_reverse`")
-    ap.add_argument("--hlo-dir", default=None, help="write each step program's optimized HLO here")
     ap.add_argument("--option-sets", default="default", help=f"XLA option sets, of {list(OPTION_SETS)}")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop the sweep after this many seconds")
     args = ap.parse_args(argv)
@@ -371,7 +348,7 @@ def main(argv=None):
                 rec["best"][f"K{kk}_N{n}"] = {"name": name, "bytes_per_s": timed[name]["bytes_per_s"],
                                               "xla_bytes_per_s": rows.get("xla", {}).get("bytes_per_s")}
     else:
-        if not (args.bf16_out or args.rope_reverse):
+        if not args.bf16_out:
             rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
         rec["step"] = step_rows(args)
     rec["wall_s"] = time.perf_counter() - t_start
