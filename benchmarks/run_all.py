@@ -7,7 +7,7 @@
 One call on ONE GPU, reduced sizes and repeat counts: the default entry (ceiling, a, b, c, d, screen,
 validate) is expected to take about 470 s of one H200 (the `est` values below, the means of two
 calls: ceiling 17, a+screen 218, b 81, cd 150, validate 72, which runs beside a+screen's untimed
-compile phase of about 85 s), against --budget-s 540: three calls took 461, 483 and 491 s
+compile phase of about 85 s), against --budget-s 540: four calls took 461, 483, 491 and 452 s
 (benchmarks/results/README.md).
 - a + screen: ONE process (`a+screen`: bench_tie --what sweep,screen, one init): ONE timed full TIE
   sweep per framework (--repeats-a 1) on 4 facts (the figure's own default is 8), 16 lanes per chunk
