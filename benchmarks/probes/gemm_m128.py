@@ -6,8 +6,6 @@ gate|up), compiled under --option-sets, beside torch.mm (cuBLAS) on the same wei
 library's batch-1 generation (`sampler.generate_scan`, unstacked, prompt 64 + 64 new tokens, 64
 steps, 8B shape) with separate matrices (`model.unfuse_layer`) and with the fused ones
 (`model.unstack`), in interleaved rounds, each fused program under an option set.
---bf16-out: the step rows only, also with GEMMs that write bf16 themselves (a patched `model._mm`; the
-library's `_mm` is that form now, so the two rows measure the same code).
 --forms: each product written four ways (weight [K, N] or stored [N, K]; h @ w or (w^T h^T)^T).
 --pallas: a Pallas (Triton) split-K GEMM (`small_m_matmul`, below) over a tile sweep and JAX's
 Mosaic GPU Hopper matmul against XLA, float32 products summed over the chain. (The step with that
@@ -280,28 +278,14 @@ def step_rows(args) -> dict:
     rows, tokens, progs = {}, {}, {}
     variants = [("separate", up, {})] + [(f"fused_{opt}", fused, OPTION_SETS[opt] if C.on_gpu() else {})
                                          for opt in args.option_sets.split(",")]
-    if args.bf16_out:
-        variants += [("separate_bf16_out", up, {}), ("fused_bf16_out", fused, {})]
-    # experiments: a model function replaced while that variant is traced
-    patches = {"bf16_out": ("_mm", lambda x, w, dt: jnp.einsum("...d,df->...f", x.astype(dt), w.astype(dt),
-                                                                preferred_element_type=dt))}
     for name, p, opts in variants:
         t0 = time.perf_counter()
-        patch = next((v for k, v in patches.items() if name.endswith(k)), None)
-        saved = getattr(model_lib, patch[0]) if patch else None
-        if patch:
-            setattr(model_lib, patch[0], patch[1])
-            jax.clear_caches()
         try:
             progs[name] = sampler.generate_scan.lower(p, x, pad, pm, sched, key, None, cfg=cfg, scfg=scfg,
                                                       return_history=False).compile(compiler_options=opts)
         except Exception as e:  # noqa: BLE001
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             continue
-        finally:
-            if patch:
-                setattr(model_lib, patch[0], saved)
-                jax.clear_caches()
         rows[name] = {"compile_s": time.perf_counter() - t0, "options": opts}
         tokens[name] = np.asarray(jax.tree.leaves(progs[name](p, x, pad, pm, sched, key, None))[0])
     # interleaved rounds, so that drift between the variants cancels
@@ -327,7 +311,6 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=7)
     ap.add_argument("--pallas", action="store_true", help="the kernel sweep (else: fair chains and the step)")
     ap.add_argument("--forms", action="store_true", help="the products written four ways, and torch.mm")
-    ap.add_argument("--bf16-out", action="store_true", help="also the step with bf16-output GEMMs")
     ap.add_argument("--option-sets", default="default", help=f"XLA option sets, of {list(OPTION_SETS)}")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop the sweep after this many seconds")
     args = ap.parse_args(argv)
@@ -348,8 +331,7 @@ def main(argv=None):
                 rec["best"][f"K{kk}_N{n}"] = {"name": name, "bytes_per_s": timed[name]["bytes_per_s"],
                                               "xla_bytes_per_s": rows.get("xla", {}).get("bytes_per_s")}
     else:
-        if not args.bf16_out:
-            rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
+        rec["fair"] = fair_rows(args.calls, args.tiny, args.option_sets.split(","))
         rec["step"] = step_rows(args)
     rec["wall_s"] = time.perf_counter() - t_start
     write_json(args.out, rec)
