@@ -409,9 +409,10 @@ def _generate_entry(params, x, pad_mask, prompt_mask, sched, key, intervene, cfg
 
 
 # The generation program's GEMMs go to cuBLAS on GPU (XLA's Triton GEMMs off: a field of XLA's debug
-# options, which the CPU backend accepts and ignores; the test suite compiles with it on CPU). At batch 1 a step is a chain of few-row, weight-streaming products: cuBLAS takes the
-# residual add that follows a sub-layer's last product as its epilogue, where the Triton GEMMs left
-# it (and their split-K reduction) to kernels of their own. docs/performance.md has the measurements.
+# options, which the CPU backend accepts and ignores; the test suite compiles with it on CPU). At
+# batch 1 a step is a chain of few-row, weight-streaming products: cuBLAS takes the residual add that
+# follows a sub-layer's last product as its epilogue, where the Triton GEMMs left it (and their
+# split-K reduction) to kernels of their own. docs/performance.md has the measurements.
 GENERATION_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 generate_scan = jax.jit(_generate_entry, static_argnames=("cfg", "scfg", "return_history"),
