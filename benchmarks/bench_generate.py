@@ -10,9 +10,9 @@ random bf16 weights. Edit: `memory.build` from random keys/values, |F| = 400 fac
 JAX (`jax` rows, the ones the verdicts use): the unstacked layer layout (`model.unstack`: one array
 per layer, an unrolled layer loop; what `load_model(layout="auto")` gives on a GPU),
 `sampler.generate` (one jitted scan over the steps, its GEMMs on cuBLAS, attention unmasked: the
-canvases have no padding) with `Intervene(edit=memory)`; every program is
-compiled ahead, in parallel threads (XLA compiles without the GIL); at batch 1 each runs once
-untimed before the timing (at larger batch sizes the first round is timed, --first-run-untimed). No edit, edit and (--gate) the gated edit are timed in interleaved rounds (no edit, edit,
+canvases have no padding) with `Intervene(edit=memory)`; every program is compiled ahead
+(--compile-order: in parallel threads, XLA compiles without the GIL, or one after another); at
+batch 1 each runs once untimed before the timing (at larger batch sizes the first round is timed, --first-run-untimed). No edit, edit and (--gate) the gated edit are timed in interleaved rounds (no edit, edit,
 gated, no edit, ...): --repeats-b1 rounds at batch 1 (a generation there is well under a second and
 the 1 % bar is small against the run-to-run noise), --repeats rounds at the other batch sizes. The
 edit's overhead is reported from the medians and as the median of the per-round ratios.
@@ -104,6 +104,32 @@ def overhead(res: dict, base: str, other: str, ratios: list, prefix: str = "edit
     return {prefix: o["of_medians"], prefix + "_paired_median": o["paired_median"], prefix + "_n_pairs": o["n_pairs"]}
 
 
+def kernel_profile(fns: dict, trace_dir: str, steps: int) -> dict:
+    """Trace one call of each zero-argument generation in fns (name -> fn) under trace_dir/name and
+    return per name its device kernels per step (count, summed time, the top 20) and, when there
+    is a "no_edit" entry, the kernels whose summed time each other variant changes most."""
+    summaries, out = {}, {}
+    for name, fn in fns.items():
+        d = os.path.join(trace_dir, name)
+        os.makedirs(d, exist_ok=True)
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            C.block(fn())
+        summaries[name] = s = C.kernel_summary(d, top=400)
+        out[name] = {"kernels_per_step": s["events"] / steps, "kernel_us_per_step": s["kernel_us_total"] / steps,
+                     "span_us_per_step": s["span_us"] / steps,
+                     "top_per_step": [{"name": k["name"], "us": round(k["us"] / steps, 2), "count": k["count"] / steps}
+                                      for k in s["top"][:20]]}
+        print(f"[c] kernels of {name}: {out[name]['kernels_per_step']:.0f} per step, "
+              f"{out[name]['kernel_us_per_step']:.1f} us per step", flush=True)
+    if "no_edit" in summaries:
+        for name in summaries:
+            if name != "no_edit":
+                out[f"diff_{name}_vs_no_edit"] = [
+                    {**d, "us_per_step_change": round((d["us_other"] - d["us_base"]) / steps, 2)}
+                    for d in C.kernel_diff(summaries["no_edit"], summaries[name], top=15)]
+    return out
+
+
 def torch_generate(model, x0, steps: int, mask_id: int, edit=None):
     """The low-confidence sampler (one block, temperature 0) as a torch loop; EditHook when edit."""
     import torch
@@ -156,9 +182,9 @@ def official_part(args, params, cfg, canv, per_b, toks, deadline, rc):
             omodel(x0)  # warm-up
         C.torch_sync()
         with torch.no_grad():
-            fwd = C.measure(lambda: omodel(x0).logits, want=args.repeats, deadline=deadline,
+            fwd = C.measure(lambda m=omodel, x=x0: m(x).logits, want=args.repeats, deadline=deadline,
                             sync=lambda _: C.torch_sync())
-        gen = C.measure(lambda: official_generate(omodel, x0, args.steps, cfg.mask_token_id),
+        gen = C.measure(lambda m=omodel, x=x0: official_generate(m, x, args.steps, cfg.mask_token_id),
                         want=args.official_repeats, deadline=deadline, sync=lambda _: C.torch_sync())
         toks[("official", "no_edit", B)] = gen["out"].cpu().numpy()
         per_b[str(B)]["official"] = {"forward": {**C.strip(fwd), "forward_ms": 1e3 * fwd["steady_s"]},
@@ -173,9 +199,14 @@ def official_part(args, params, cfg, canv, per_b, toks, deadline, rc):
 def parse(argv=None):
     ap = C.base_parser(__doc__)
     ap.add_argument("--batches", default=None, help="comma list (1,32; --tiny 1,4)")
-    ap.add_argument("--compile-no-edit-first", action="store_true",
-                    help="compile each batch size's no-edit program alone before the others (whose GEMMs then reuse "
-                         "its autotuning, timed on an otherwise idle GPU); default: all in parallel threads")
+    ap.add_argument("--compile-order", choices=("parallel", "no-edit-first", "sequential"), default="parallel",
+                    help="how the JAX programs compile: parallel (default: all at once in threads; XLA autotunes "
+                         "each GEMM shape once per process, timing the candidates on a GPU the other compiles keep "
+                         "busy), no-edit-first (each batch size's no-edit program alone, then the rest in parallel) "
+                         "or sequential (one after another, each autotuned on an idle GPU)")
+    ap.add_argument("--kernel-profile", default=None, metavar="DIR",
+                    help="after the batch-1 rounds, trace one generation of each variant there and record its "
+                         "device kernels per step and the kernels the edit changes most (default: not run)")
     ap.add_argument("--prompt-len", type=int, default=None, help="64; --tiny 8")
     ap.add_argument("--gen-len", type=int, default=None, help="64; --tiny 8")
     ap.add_argument("--steps", type=int, default=None, help="64; --tiny 8")
@@ -382,9 +413,10 @@ def main(argv=None):
         if args.stacked:
             programs.update({(B, "stacked_" + name): gen_program(params, B, iv) for B in args.batches
                              for name, iv in (("no_edit", None), ("edit", ive))})
-        comps, wall = compile_all(programs, first=[(B, "no_edit") for B in args.batches]
-                                  if args.compile_no_edit_first else ())
-        rc["compile_wall_s_all_programs_in_parallel"] = wall
+        first = {"parallel": [], "no-edit-first": [(B, "no_edit") for B in args.batches],
+                 "sequential": list(programs)}[args.compile_order]
+        comps, wall = compile_all(programs, first=first)
+        rc["compile"] = {"order": args.compile_order, "wall_s_all_programs": wall}
         rc["programs_compiled"] = len(programs)
 
         for B in args.batches:
@@ -404,7 +436,7 @@ def main(argv=None):
             for name in variants:
                 m = ms[name]
                 toks[("jax", name, B)] = np.asarray(m["out"])
-                res[name] = {**C.strip(m), "compile_wall_s_in_parallel": comps[(B, name)][1],
+                res[name] = {**C.strip(m), "compile_wall_s": comps[(B, name)][1],
                              "compile_s": comps[(B, name)][2], "first_run_untimed_s": first.get(name),
                              "first_round_timed": not untimed_first,
                              "step_ms": 1e3 * m["steady_s"] / args.steps,
@@ -412,6 +444,8 @@ def main(argv=None):
                              "ratio_to_floor": C.ratio(m["steady_s"], per_b[str(B)]["floor" if name == "no_edit"
                                                                                    else "floor_with_edit"]["floor_s"])}
             res.update(overhead(res, "no_edit", "edit", C.round_ratios(rounds, "edit", "no_edit")))
+            if args.kernel_profile and B == 1:
+                res["kernel_profile"] = kernel_profile(fns, args.kernel_profile, args.steps)
             if args.profile and B == max(args.batches):
                 with C.maybe_profile(args.profile):
                     C.block(fns["edit"]())
@@ -481,7 +515,7 @@ def main(argv=None):
                 res = {}
                 for name, m in ms.items():
                     toks[("jax_stacked", name, B)] = np.asarray(m["out"])
-                    res[name] = {**C.strip(m), "compile_wall_s_in_parallel": comps[(B, "stacked_" + name)][1],
+                    res[name] = {**C.strip(m), "compile_wall_s": comps[(B, "stacked_" + name)][1],
                                  "step_ms": 1e3 * m["steady_s"] / args.steps,
                                  "new_tokens_per_s": B * args.gen_len / m["steady_s"],
                                  "ratio_to_floor": C.ratio(m["steady_s"], per_b[str(B)]["floor" if name == "no_edit"

@@ -21,9 +21,12 @@ Conventions used by every figure:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime as _dt
 import functools
+import glob
+import gzip
 import json
 import os
 import platform
@@ -726,6 +729,40 @@ def maybe_profile(path: Optional[str]):
     os.makedirs(path, exist_ok=True)
     with jax.profiler.trace(path):
         yield
+
+
+def kernel_summary(trace_dir: str, top: int = 15) -> dict:
+    """Sum the complete events of the newest perfetto trace in trace_dir by name, for the device
+    (GPU stream) processes when there are any, else for every process."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)[-1]
+    with gzip.open(path) as f:
+        tr = json.load(f)
+    events = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M"
+              and e.get("name") == "process_name"}
+    dev = {p for p, n in pnames.items() if "/device:GPU" in n or "stream" in n.lower()}
+    xs = [e for e in events if e.get("ph") == "X" and (not dev or e["pid"] in dev)]
+    tot = collections.Counter()
+    cnt = collections.Counter()
+    for e in xs:
+        tot[e["name"]] += float(e.get("dur", 0.0))
+        cnt[e["name"]] += 1
+    span = (max(e["ts"] + e.get("dur", 0.0) for e in xs) - min(e["ts"] for e in xs)) if xs else 0.0
+    return {"trace": path, "device_processes": sorted(pnames[p] for p in dev), "events": len(xs),
+            "kernel_us_total": sum(tot.values()), "span_us": span,
+            "top": [{"name": n[:120], "us": round(t, 1), "count": cnt[n]} for n, t in tot.most_common(top)]}
+
+
+def kernel_diff(base: dict, other: dict, top: int = 25) -> list:
+    """The kernels whose summed time differs most between two `kernel_summary` results (pass a large
+    `top` to both): [{name, us_base, us_other, count_base, count_other}], largest |change| first."""
+    a = {k["name"]: k for k in base["top"]}
+    b = {k["name"]: k for k in other["top"]}
+    rows = [{"name": n, "us_base": a.get(n, {}).get("us", 0.0), "us_other": b.get(n, {}).get("us", 0.0),
+             "count_base": a.get(n, {}).get("count", 0), "count_other": b.get(n, {}).get("count", 0)}
+            for n in set(a) | set(b)]
+    rows.sort(key=lambda d: (-abs(d["us_other"] - d["us_base"]), d["name"]))
+    return rows[:top]
 
 
 def with_attn_fallback(rec: Record, cfg: ModelConfig, run: Callable[[ModelConfig], None]):

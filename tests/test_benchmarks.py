@@ -19,12 +19,13 @@ BENCH = os.path.join(REPO, "benchmarks")
 
 
 # one run serves every test here: --gate adds the gated rows of figures b and c to the same JSON
-# (test_gate_rows_...), --stacked 1 the stacked rows of c; --repeats 1 still leaves >= 1 steady run
+# (test_gate_rows_...), --stacked 1 the stacked rows of c, --kernel-profile c's batch-1 kernel table; --repeats 1 still leaves >= 1 steady run
 # after the compile run, which is all the assertions use. It starts right after collection (conftest.EarlyProcess) and runs beside the
 # in-process tests.
 RUN_ALL = EarlyProcess(__name__, "results", lambda out: [
     sys.executable, os.path.join(BENCH, "run_all.py"), "--tiny", "--out", out, "--repeats", "1",
-    "--figure-args", "b=--gate", "--figure-args", "cd=--gate --stacked 1"],
+    "--figure-args", "b=--gate", "--figure-args",
+    f"cd=--gate --stacked 1 --compile-order sequential --kernel-profile {os.path.join(out, 'kernel_traces')}"],
     env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
@@ -291,6 +292,22 @@ def test_stage_variant_full_is_the_library_lane_loop():
                                          stage="body_only"))
     np.testing.assert_array_equal(full, ref)
     assert body.shape == ref.shape and np.isfinite(body).all() and not np.allclose(body, ref)
+
+
+def test_bench_generate_records_its_compile_order_and_batch1_kernels(results):
+    """--compile-order is recorded with the compile wall time; --kernel-profile traces one batch-1
+    generation per variant (and no other batch size) and lists what the edit changes."""
+    c = results["fig_c_generate"]
+    assert c["compile"]["order"] == "sequential" and c["compile"]["wall_s_all_programs"] > 0
+    kp = c["batches"]["1"]["jax"]["kernel_profile"]
+    for name in ("no_edit", "edit", "gated"):
+        assert kp[name]["kernels_per_step"] > 0 and kp[name]["kernel_us_per_step"] > 0 and kp[name]["top_per_step"]
+    for name in ("edit", "gated"):
+        diff = kp[f"diff_{name}_vs_no_edit"]
+        assert diff and {"name", "us_base", "us_other", "us_per_step_change"} <= set(diff[0])
+        changes = [abs(d["us_other"] - d["us_base"]) for d in diff]
+        assert changes == sorted(changes, reverse=True)
+    assert all("kernel_profile" not in row["jax"] for B, row in c["batches"].items() if B != "1")
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ LLaDA-8B shape, random bf16 weights, unstacked layout (the GPU default).
 the Eq. 11 solve), each part timed (median of --repeats), and the same with the previous host
 handling written out here (`old_*`: three outputs fetched one by one after a host-side validity
 check, and the memory's nine arrays put on the device one by one). The new capture is profiled
-once (`profile_summary.kernel_summary`: kernel time, span and wall). Floor: the first 20 layers'
+once (`common.kernel_summary`: kernel time, span and wall). Floor: the first 20 layers'
 weights read once at the read bandwidth measured here.
 
 --what edit: a batch-1 generation (prompt 64 + 64 new tokens, --steps steps) with an |F| = 400,
@@ -39,7 +39,6 @@ import numpy as np  # noqa: E402
 
 import bench_install  # noqa: E402
 from generation_ab import compiled_variants, summary, timed_variants, unstacked_model_and_memory  # noqa: E402
-from profile_summary import kernel_summary  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.method import capture as cap_lib  # noqa: E402
 from timerome_jax.method import memory as mem_lib  # noqa: E402
@@ -269,7 +268,7 @@ def install_probe(args, cfg, rec):
     os.makedirs(d, exist_ok=True)
     with jax.profiler.trace(d, create_perfetto_trace=True):
         new_cap()
-    s = kernel_summary(d)
+    s = C.kernel_summary(d)
     s.pop("trace", None)
     rec["profile_capture"] = s
     print(f"[install] capture profile: kernels {s['kernel_us_total'] / 1e3:.2f} ms over a {s['span_us'] / 1e3:.2f} ms "

@@ -16,9 +16,6 @@ q = 4 edit at --layer (resid, every step), and the kernels whose summed time the
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import os
 import sys
@@ -37,28 +34,6 @@ from timerome_jax.diffusion import sampler  # noqa: E402
 from timerome_jax.method import capture as cap_lib  # noqa: E402
 
 
-def kernel_summary(trace_dir: str, top: int = 15) -> dict:
-    """Sum the complete events of the newest perfetto trace in trace_dir by name, for the device
-    (GPU stream) processes when there are any, else for every process."""
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)[-1]
-    with gzip.open(path) as f:
-        tr = json.load(f)
-    events = tr["traceEvents"] if isinstance(tr, dict) else tr
-    pnames = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M"
-              and e.get("name") == "process_name"}
-    dev = {p for p, n in pnames.items() if "/device:GPU" in n or "stream" in n.lower()}
-    xs = [e for e in events if e.get("ph") == "X" and (not dev or e["pid"] in dev)]
-    tot = collections.Counter()
-    cnt = collections.Counter()
-    for e in xs:
-        tot[e["name"]] += float(e.get("dur", 0.0))
-        cnt[e["name"]] += 1
-    span = (max(e["ts"] + e.get("dur", 0.0) for e in xs) - min(e["ts"] for e in xs)) if xs else 0.0
-    return {"trace": path, "device_processes": sorted(pnames[p] for p in dev), "events": len(xs),
-            "kernel_us_total": sum(tot.values()), "span_us": span,
-            "top": [{"name": n[:120], "us": round(t, 1), "count": cnt[n]} for n, t in tot.most_common(top)]}
-
-
 def profiled(name: str, fn, trace_dir: str, rec: dict):
     C.block(fn())  # compile + warm
     C.block(fn())
@@ -68,7 +43,7 @@ def profiled(name: str, fn, trace_dir: str, rec: dict):
     with jax.profiler.trace(d, create_perfetto_trace=True):
         C.block(fn())
     wall = time.perf_counter() - t0
-    s = kernel_summary(d)
+    s = C.kernel_summary(d)
     s["wall_us_under_profiler"] = 1e6 * wall
     t0 = time.perf_counter()
     C.block(fn())
@@ -129,21 +104,17 @@ def edit_profile(args, cfg, layer, params, rng):
     profiled("generate_b1_unstacked_no_edit", lambda: sampler.generate(up, cfg, scfg, x, pad, pm, 0), args.trace_dir, rec)
     profiled("generate_b1_unstacked_edit", lambda: sampler.generate(up, cfg, scfg, x, pad, pm, 0, iv), args.trace_dir,
              rec)
-    a = {k["name"]: k for k in kernel_summary(os.path.join(args.trace_dir, "generate_b1_unstacked_no_edit"), 400)["top"]}
-    b = {k["name"]: k for k in kernel_summary(os.path.join(args.trace_dir, "generate_b1_unstacked_edit"), 400)["top"]}
-    diff = [{"name": n, "us_no_edit": a.get(n, {}).get("us", 0.0), "us_edit": b.get(n, {}).get("us", 0.0),
-             "count_no_edit": a.get(n, {}).get("count", 0), "count_edit": b.get(n, {}).get("count", 0)}
-            for n in set(a) | set(b)]
-    diff.sort(key=lambda d: -abs(d["us_edit"] - d["us_no_edit"]))
-    rec["kernel_diff_top"] = diff[:25]
+    diff = C.kernel_diff(*(C.kernel_summary(os.path.join(args.trace_dir, f"generate_b1_unstacked_{n}"), 400)
+                           for n in ("no_edit", "edit")))
+    rec["kernel_diff_top"] = diff
     e, n = rec["generate_b1_unstacked_edit"], rec["generate_b1_unstacked_no_edit"]
     rec["per_step_us"] = {"wall_no_edit": n["wall_us"] / args.steps, "wall_edit": e["wall_us"] / args.steps,
                           "kernels_no_edit": n["kernel_us_total"] / args.steps,
                           "kernels_edit": e["kernel_us_total"] / args.steps}
     print("[profile] per step (us):", json.dumps(rec["per_step_us"]), flush=True)
     for d in diff[:12]:
-        print(f"[profile]   {d['name'][:70]}: {d['us_no_edit']:.0f} -> {d['us_edit']:.0f} us "
-              f"({d['count_no_edit']} -> {d['count_edit']})", flush=True)
+        print(f"[profile]   {d['name'][:70]}: {d['us_base']:.0f} -> {d['us_other']:.0f} us "
+              f"({d['count_base']} -> {d['count_other']})", flush=True)
     with open(args.out, "w") as f:
         json.dump(rec, f, indent=1)
 

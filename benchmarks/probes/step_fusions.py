@@ -46,7 +46,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from probes.bandwidth import OPTION_SETS, host_timed  # noqa: E402
-from probes.profile_summary import kernel_summary  # noqa: E402
 from timerome_jax.backbone import model as model_lib  # noqa: E402
 from timerome_jax.diffusion import sampler  # noqa: E402
 
@@ -189,7 +188,7 @@ def main(argv=None):
             os.makedirs(d, exist_ok=True)
             with jax.profiler.trace(d, create_perfetto_trace=True):
                 C.block(progs[name](params, x, pads[name], pm, sched, key, None))
-            s = kernel_summary(d, top=30)
+            s = C.kernel_summary(d, top=30)
             row["profile"] = {"kernels_per_step": s["events"] / scfg.steps,
                               "kernel_us_per_step": s["kernel_us_total"] / scfg.steps,
                               "span_us_per_step": s["span_us"] / scfg.steps,
