@@ -12,8 +12,8 @@ per layer, an unrolled layer loop; what `load_model(layout="auto")` gives on a G
 `sampler.generate` (one jitted scan over the steps, its GEMMs on cuBLAS, attention unmasked: the
 canvases have no padding) with `Intervene(edit=memory)`; every program is compiled ahead
 (--compile-order: in parallel threads, XLA compiles without the GIL, or one after another); at
-batch 1 each runs once untimed before the timing (at larger batch sizes the first round is timed, --first-run-untimed). No edit, edit and (--gate) the gated edit are timed in interleaved rounds (no edit, edit,
-gated, no edit, ...): --repeats-b1 rounds at batch 1 (a generation there is well under a second and
+batch 1 each runs once untimed before the timing (at larger batch sizes the first round is timed, --first-run-untimed). No edit, edit and (--gate) the gated edit are timed in interleaved rounds (each program once per
+round, in an order drawn from --seed, after --idle-gap-s of idle): --repeats-b1 rounds at batch 1 (a generation there is well under a second and
 the 1 % bar is small against the run-to-run noise), --repeats rounds at the other batch sizes. The
 edit's overhead is reported from the medians and as the median of the per-round ratios.
 JAX stacked (`jax_stacked` rows, --stacked 1; off by default): no edit and edit in the stacked
@@ -226,6 +226,10 @@ def parse(argv=None):
                     help="which JAX programs run once untimed before their rounds: b1 (default: batch 1 only; above, "
                          "a generation takes seconds and its first execution's one-time costs are a small part of the "
                          "first round, which is timed and kept in times_s, and the medians are over all rounds) or all")
+    ap.add_argument("--idle-gap-s", type=float, default=0.05,
+                    help="untimed idle seconds before each timed JAX generation, and each round's order drawn from "
+                         "--seed (default 0.05: back-to-back batch-1 generations slow down every third call or so "
+                         "on an H200, which a fixed round order pins on one program; docs/performance.md)")
     ap.add_argument("--official-repeats", type=int, default=1,
                     help="timed generations of the official code per batch size (default 1; not a verdict)")
     ap.add_argument("--official-dir", default=None, metavar="PATH",
@@ -431,7 +435,8 @@ def main(argv=None):
             fns = {name: (lambda c=comps[(B, name)][0], iv=iv: c(up, x, pad, pm, sched, key, iv))
                    for name, iv in variants.items()}
             # the verdict rows: past the soft budget still at least 9 rounds at batch 1, 3 above
-            ms, rounds = C.measure_rounds(fns, want=rounds_for(B), deadline=j_deadline, at_least=9 if B == 1 else 3)
+            ms, rounds = C.measure_rounds(fns, want=rounds_for(B), deadline=j_deadline, at_least=9 if B == 1 else 3,
+                                          gap_s=args.idle_gap_s, shuffle_seed=args.seed + B)
             ma = {name: C.memory_analysis(comps[(B, name)][0]) for name in variants}
             for name in variants:
                 m = ms[name]
@@ -462,7 +467,8 @@ def main(argv=None):
                 C.block(s_gated(up, x, pad, pm, sched, piv))
                 se, sg, s_ratios = C.measure_pair(lambda: s_edit(up, x, pad, pm, sched, ive),
                                                   lambda: s_gated(up, x, pad, pm, sched, piv),
-                                                  want=max(args.repeats, 5), deadline=j_deadline)
+                                                  want=max(args.repeats, 5), deadline=j_deadline,
+                                                  gap_s=args.idle_gap_s, shuffle_seed=args.seed + B)
                 # (b) the probe (`model.prime_edit`: layers 0..l on the canvas + the sequence score), once
                 # per generation, and amortised over its steps
                 pr = C.measure(lambda: comps[(B, "prime")][0](up, x, pad, sched.gen_mask, giv),
@@ -511,7 +517,8 @@ def main(argv=None):
                        for name, iv in (("no_edit", None), ("edit", ive))}
                 for f in fns.values():
                     C.block(f())  # first execution
-                ms, rounds = C.measure_rounds(fns, want=args.repeats, deadline=j_deadline)
+                ms, rounds = C.measure_rounds(fns, want=args.repeats, deadline=j_deadline, gap_s=args.idle_gap_s,
+                                              shuffle_seed=args.seed + B)
                 res = {}
                 for name, m in ms.items():
                     toks[("jax_stacked", name, B)] = np.asarray(m["out"])

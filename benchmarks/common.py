@@ -370,20 +370,29 @@ def measure(fn: Callable, *, want: int = 5, deadline: Optional[float] = None, sy
 
 
 def measure_rounds(fns: dict, *, want: int = 5, deadline: Optional[float] = None,
-                   sync: Callable = block, at_least: int = 1) -> tuple[dict, list]:
+                   sync: Callable = block, at_least: int = 1, gap_s: float = 0.0,
+                   shuffle_seed: Optional[int] = None) -> tuple[dict, list]:
     """Time the callables of `fns` (name -> fn) in rounds, each round calling every one in turn
     (a, b, c, a, b, c, ...), so all get the same number of runs and drifts (clocks, temperature)
     hit all alike; for small differences such as an edit's overhead. Stops after `want` rounds in
     which every call was steady (no XLA compilation inside), or past `deadline` once there are
     `at_least` (capped at want).
+    gap_s: idle seconds before each call, untimed (back-to-back GPU calls can slow periodically;
+    see docs/performance.md). shuffle_seed: call each round's functions in an order drawn from this
+    seed, so that a disturbance with the period of a round does not always hit the same one.
     Returns ({name: result as `measure` gives, marked interleaved}, [{name: seconds} per steady round])."""
     rs = {k: {"times": [], "comp": [], "out": None} for k in fns}
     rounds = []
     watch = CompileWatch.get()
+    names = list(fns)
+    order_rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
     for _ in range(max(want, 1) + 2):  # + 2: room for calls that compiled
         this = {}
-        for k, f in fns.items():
+        for i in (range(len(names)) if order_rng is None else order_rng.permutation(len(names))):
+            k, f = names[i], fns[names[i]]
             r = rs[k]
+            if gap_s > 0:
+                time.sleep(gap_s)
             r["out"], dt, n_comp, secs = _timed(f, sync, watch)
             if n_comp:
                 r["comp"].append({"wall_s": dt, "compile_s": secs, "n_compilations": n_comp})
@@ -418,10 +427,12 @@ def overhead_pct(res_base: dict, res_other: dict, ratios: list) -> dict:
 
 
 def measure_pair(fa: Callable, fb: Callable, *, want: int = 5, deadline: Optional[float] = None,
-                 sync: Callable = block) -> tuple[dict, dict, list]:
-    """`measure_rounds` of two: fa and fb alternately (a, b, a, b, ...).
+                 sync: Callable = block, gap_s: float = 0.0,
+                 shuffle_seed: Optional[int] = None) -> tuple[dict, dict, list]:
+    """`measure_rounds` of two: fa and fb alternately (a, b, a, b, ...; gap_s and shuffle_seed as there).
     Returns (result of fa, result of fb, per-pair ratios t_b / t_a over steady pairs)."""
-    res, rounds = measure_rounds({"a": fa, "b": fb}, want=want, deadline=deadline, sync=sync)
+    res, rounds = measure_rounds({"a": fa, "b": fb}, want=want, deadline=deadline, sync=sync, gap_s=gap_s,
+                                 shuffle_seed=shuffle_seed)
     return res["a"], res["b"], round_ratios(rounds, "b", "a")
 
 

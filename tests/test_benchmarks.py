@@ -336,3 +336,24 @@ def test_gate_rows_of_bench_generate_and_bench_install(results):
         assert g["install_s"] > row["jax"]["install_s"] - row["jax"]["solve"]["steady_s"]
         assert g["install_s_with_calibration"] == pytest.approx(g["install_s"] + b["gate_calibration_s"])
     assert "Gated install" in results["summary"] and "probe" in results["summary"]
+
+
+def test_measure_rounds_calls_each_once_per_round_in_a_seeded_order():
+    """With shuffle_seed, every round calls every function once, the order changes between rounds and
+    repeats with the seed; gap_s idles before each call outside the timed interval."""
+    sys.path.insert(0, BENCH)
+    import common as C
+
+    def run(seed, gap=0.0):
+        log = []
+        fns = {k: (lambda k=k: log.append(k)) for k in "abc"}
+        res, rounds = C.measure_rounds(fns, want=12, sync=lambda _: None, gap_s=gap, shuffle_seed=seed)
+        return log, res, rounds
+
+    log, res, rounds = run(0)
+    per_round = [log[i:i + 3] for i in range(0, len(log), 3)]
+    assert len(rounds) == 12 and all(sorted(r) == ["a", "b", "c"] for r in per_round)
+    assert len({tuple(r) for r in per_round}) > 1 and run(0)[0] == log and run(1)[0] != log
+    assert run(None)[0] == list("abc") * 12
+    _, res, _ = run(0, gap=0.01)
+    assert all(t < 0.01 for k in "abc" for t in res[k]["times_s"])
