@@ -16,7 +16,8 @@ compile phase of about 85 s), against --budget-s 540: four calls took 461, 483, 
   compared with it (time and Eq. 5's coordinate);
 - b: |F| = 1, 40, 400 (bench_install's default adds 4000), 2 timed repeats per measurement (the
   |F| = 1 unstacked row takes 21);
-- c/d: the verdict rows (no edit, edit, gated) in the unstacked layout, in interleaved rounds: 21 at
+- c/d: the verdict rows (no edit, edit, gated) in the unstacked layout, in interleaved rounds (each
+  in an order drawn from the seed, 50 ms idle before each call: bench_generate --idle-gap-s): 21 at
   batch 1 (bench_generate --repeats-b1 21: the edit-overhead bar is 1 %), 2 at batch 32 (--repeats
   2); torch hooks one interleaved pair per batch size (--torch-repeats 1); the official LLaDA code
   one generation per batch size; the stacked rows are left out (bench_generate --stacked 1 adds them);

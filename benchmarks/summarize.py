@@ -216,7 +216,9 @@ def write_summary(folder: str) -> str:
               f"JAX rows: the {c.get('jax_layout', 'stacked')} layer layout. Edit overhead: from the medians, and "
               "[median of the per-round ratios] (runs interleaved no edit / edit / gated; JAX rounds "
               f"{(sh.get('rounds') or {}).get('batch_1', '?')} at batch 1, "
-              f"{(sh.get('rounds') or {}).get('other_batches', '?')} above).",
+              f"{(sh.get('rounds') or {}).get('other_batches', '?')} above"
+              + (f", each round in a seeded random order, {1e3 * kn['idle_gap_s']:.0f} ms idle before each call"
+                 if (kn := c.get("knobs") or {}).get("idle_gap_s") else "") + ").",
               "",
               "| batch | floor | JAX step no edit / edit | / floor | edit overhead | torch step no edit / edit | torch overhead | "
               "JAX tok/s (edit) | torch tok/s (edit) | JAX/torch throughput | JAX compile | runs (JAX, torch) |",
@@ -235,6 +237,17 @@ def write_summary(folder: str) -> str:
                      f"{r(thr.get('no_edit'))} / {r(thr.get('edit'))} | {s(jn.get('compile_s'))} | "
                      f"{n_of(jn)}, {n_of(tn)} |")
         L.append("")
+        for bsz, row in c.get("batches", {}).items():
+            kp = row.get("jax", {}).get("kernel_profile")
+            if kp and "no_edit" in kp:
+                base = kp["no_edit"]["kernel_us_per_step"]
+                L += [f"Device kernels per step at batch {bsz} (`--kernel-profile`, one traced generation each): "
+                      + ", ".join(f"{name.replace('_', ' ')} {kp[name]['kernel_us_per_step']:.0f} us in "
+                                  f"{kp[name]['kernels_per_step']:.0f} kernels"
+                                  + ("" if name == "no_edit" else
+                                     f" ({kp[name]['kernel_us_per_step'] - base:+.0f} us = "
+                                     f"{100 * (kp[name]['kernel_us_per_step'] / base - 1):+.2f} %)")
+                                  for name in kp if not name.startswith("diff_")) + ".", ""]
         rows = [(b, row) for b, row in c.get("batches", {}).items() if "jax_stacked" in row or "official" in row]
         if rows:
             L += ["Stacked layer layout (`--stacked 1`; not a verdict) and the official LLaDA code (`--official-dir`):", "",
