@@ -12,9 +12,11 @@ per layer, an unrolled layer loop; what `load_model(layout="auto")` gives on a G
 `sampler.generate` (one jitted scan over the steps, its GEMMs on cuBLAS, attention unmasked: the
 canvases have no padding) with `Intervene(edit=memory)`; every program is compiled ahead
 (--compile-order: in parallel threads, XLA compiles without the GIL, or one after another); at
-batch 1 each runs once untimed before the timing (at larger batch sizes the first round is timed, --first-run-untimed). No edit, edit and (--gate) the gated edit are timed in interleaved rounds (each program once per
-round, in an order drawn from --seed, after --idle-gap-s of idle): --repeats-b1 rounds at batch 1 (a generation there is well under a second and
-the 1 % bar is small against the run-to-run noise), --repeats rounds at the other batch sizes. The
+batch 1 each runs once untimed before the timing (at larger batch sizes the first round is timed,
+--first-run-untimed). No edit, edit and (--gate) the gated edit are timed in interleaved rounds
+(each program once per round, in an order drawn from --seed, after --idle-gap-s of idle):
+--repeats-b1 rounds at batch 1 (a generation there is well under a second and the 1 % bar is small
+against the run-to-run noise), --repeats rounds at the other batch sizes. The
 edit's overhead is reported from the medians and as the median of the per-round ratios.
 JAX stacked (`jax_stacked` rows, --stacked 1; off by default): no edit and edit in the stacked
 layout (one [L, ...] array per weight, a layer `lax.scan`), --repeats interleaved pairs, tokens

@@ -19,9 +19,9 @@ BENCH = os.path.join(REPO, "benchmarks")
 
 
 # one run serves every test here: --gate adds the gated rows of figures b and c to the same JSON
-# (test_gate_rows_...), --stacked 1 the stacked rows of c, --kernel-profile c's batch-1 kernel table; --repeats 1 still leaves >= 1 steady run
-# after the compile run, which is all the assertions use. It starts right after collection (conftest.EarlyProcess) and runs beside the
-# in-process tests.
+# (test_gate_rows_...), --stacked 1 the stacked rows of c, --kernel-profile c's batch-1 kernel table;
+# --repeats 1 still leaves >= 1 steady run after the compile run, which is all the assertions use.
+# It starts right after collection (conftest.EarlyProcess) and runs beside the in-process tests.
 RUN_ALL = EarlyProcess(__name__, "results", lambda out: [
     sys.executable, os.path.join(BENCH, "run_all.py"), "--tiny", "--out", out, "--repeats", "1",
     "--figure-args", "b=--gate", "--figure-args",
