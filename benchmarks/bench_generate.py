@@ -112,15 +112,8 @@ def kernel_profile(fns: dict, trace_dir: str, steps: int) -> dict:
     is a "no_edit" entry, the kernels whose summed time each other variant changes most."""
     summaries, out = {}, {}
     for name, fn in fns.items():
-        d = os.path.join(trace_dir, name)
-        os.makedirs(d, exist_ok=True)
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            C.block(fn())
-        summaries[name] = s = C.kernel_summary(d, top=400)
-        out[name] = {"kernels_per_step": s["events"] / steps, "kernel_us_per_step": s["kernel_us_total"] / steps,
-                     "span_us_per_step": s["span_us"] / steps,
-                     "top_per_step": [{"name": k["name"], "us": round(k["us"] / steps, 2), "count": k["count"] / steps}
-                                      for k in s["top"][:20]]}
+        summaries[name] = C.traced_kernels(fn, os.path.join(trace_dir, name), top=400)
+        out[name] = C.kernels_per_step(summaries[name], steps, top=20)
         print(f"[c] kernels of {name}: {out[name]['kernels_per_step']:.0f} per step, "
               f"{out[name]['kernel_us_per_step']:.1f} us per step", flush=True)
     if "no_edit" in summaries:

@@ -388,9 +388,9 @@ def measure_rounds(fns: dict, *, want: int = 5, deadline: Optional[float] = None
     order_rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
     for _ in range(max(want, 1) + 2):  # + 2: room for calls that compiled
         this = {}
-        for i in (range(len(names)) if order_rng is None else order_rng.permutation(len(names))):
-            k, f = names[i], fns[names[i]]
-            r = rs[k]
+        order = names if order_rng is None else [names[i] for i in order_rng.permutation(len(names))]
+        for k in order:
+            f, r = fns[k], rs[k]
             if gap_s > 0:
                 time.sleep(gap_s)
             r["out"], dt, n_comp, secs = _timed(f, sync, watch)
@@ -762,6 +762,23 @@ def kernel_summary(trace_dir: str, top: int = 15) -> dict:
     return {"trace": path, "device_processes": sorted(pnames[p] for p in dev), "events": len(xs),
             "kernel_us_total": sum(tot.values()), "span_us": span,
             "top": [{"name": n[:120], "us": round(t, 1), "count": cnt[n]} for n, t in tot.most_common(top)]}
+
+
+def traced_kernels(fn: Callable, trace_dir: str, top: int = 15) -> dict:
+    """`kernel_summary` of one call of fn (blocked on its result) traced into trace_dir."""
+    os.makedirs(trace_dir, exist_ok=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        block(fn())
+    return kernel_summary(trace_dir, top)
+
+
+def kernels_per_step(summary: dict, steps: int, top: Optional[int] = None) -> dict:
+    """A `kernel_summary` of a whole generation divided by its steps: kernels, kernel and span
+    microseconds per step, and the first `top` kernels (all when None) per step."""
+    return {"kernels_per_step": summary["events"] / steps, "kernel_us_per_step": summary["kernel_us_total"] / steps,
+            "span_us_per_step": summary["span_us"] / steps,
+            "top_per_step": [{"name": k["name"], "us": round(k["us"] / steps, 2), "count": k["count"] / steps}
+                             for k in summary["top"][:top]]}
 
 
 def kernel_diff(base: dict, other: dict, top: int = 25) -> list:

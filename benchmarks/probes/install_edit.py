@@ -264,11 +264,7 @@ def install_probe(args, cfg, rec):
         print(f"[install] {k}: {1e3 * v['steady_s']:.3f} ms = {v['ratio_to_floor']:.2f}x floor", flush=True)
     rec["floor_s"] = floor_s
     rec["rows"] = rows
-    d = os.path.join(args.trace_dir, "capture_new")
-    os.makedirs(d, exist_ok=True)
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        new_cap()
-    s = C.kernel_summary(d)
+    s = C.traced_kernels(new_cap, os.path.join(args.trace_dir, "capture_new"))
     s.pop("trace", None)
     rec["profile_capture"] = s
     print(f"[install] capture profile: kernels {s['kernel_us_total'] / 1e3:.2f} ms over a {s['span_us'] / 1e3:.2f} ms "

@@ -184,16 +184,9 @@ def main(argv=None):
                 f.write(progs[name].as_text())
         tokens[name] = np.asarray(progs[name](params, x, pads[name], pm, sched, key, None))
         if args.trace_dir:
-            d = os.path.join(args.trace_dir, name.replace("@", "_at_"))
-            os.makedirs(d, exist_ok=True)
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                C.block(progs[name](params, x, pads[name], pm, sched, key, None))
-            s = C.kernel_summary(d, top=30)
-            row["profile"] = {"kernels_per_step": s["events"] / scfg.steps,
-                              "kernel_us_per_step": s["kernel_us_total"] / scfg.steps,
-                              "span_us_per_step": s["span_us"] / scfg.steps,
-                              "top_per_step": [{"name": k["name"], "us": round(k["us"] / scfg.steps, 2),
-                                                "count": k["count"] / scfg.steps} for k in s["top"]]}
+            s = C.traced_kernels(lambda: progs[name](params, x, pads[name], pm, sched, key, None),
+                                 os.path.join(args.trace_dir, name.replace("@", "_at_")), top=30)
+            row["profile"] = C.kernels_per_step(s, scfg.steps)
         print(f"[fus] {name}: compiled in {row['compile_s']:.1f} s"
               + (f", {row['profile']['kernels_per_step']:.0f} kernels / step, "
                  f"{row['profile']['kernel_us_per_step'] / 1e3:.3f} ms of kernels / step" if "profile" in row else ""),
